@@ -1,0 +1,145 @@
+//! The admin port: health for load balancers, metrics for Prometheus, and operator views.
+//!
+//! It listens apart from the client API so that it can stay on a private address; when the
+//! admin key's variable is set, everything but the health probes requires that key.
+
+use crate::body::GatewayBody;
+use crate::config;
+use crate::keys::hash_key;
+use crate::live::{Live, LiveState};
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub live: Live,
+    pub metrics: PrometheusHandle,
+    /// Set when shutdown begins, so `/readyz` turns load balancers away before we stop.
+    pub draining: Arc<AtomicBool>,
+    pub config_path: Option<PathBuf>,
+}
+
+impl Admin {
+    pub async fn handle<B>(self, req: Request<B>) -> Result<Response<GatewayBody>, Infallible> {
+        Ok(self.route(&req))
+    }
+
+    fn route<B>(&self, req: &Request<B>) -> Response<GatewayBody> {
+        let path = req.uri().path();
+        match (req.method(), path) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") if self.draining.load(Ordering::Relaxed) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            }
+            (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
+            _ if !self.authorized(req) => json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"error": {"message": "admin key required", "type": "invalid_request_error", "code": "invalid_api_key", "param": null}}),
+            ),
+            (&Method::GET, "/metrics") => {
+                let mut resp = Response::new(GatewayBody::full(Bytes::from(self.metrics.render())));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            }
+            (&Method::GET, "/admin/backends") => json(StatusCode::OK, backends(&self.live.load())),
+            (&Method::POST, "/admin/reload") => match self.reload() {
+                Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
+                Err(message) => json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": "invalid_config", "param": null}}),
+                ),
+            },
+            _ => json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": {"message": format!("unknown admin path {path}"), "type": "invalid_request_error", "code": "unknown_url", "param": null}}),
+            ),
+        }
+    }
+
+    fn authorized<B>(&self, req: &Request<B>) -> bool {
+        let live = self.live.load();
+        let Some(expected) = &live.config.server.admin_key else {
+            return true;
+        };
+        let presented = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Comparing hashes keeps the comparison's timing independent of the key's prefix.
+        presented.is_some_and(|p| hash_key(p) == hash_key(expected.expose()))
+    }
+
+    /// Re-reads the config file and swaps it in whole; a bad file keeps the running config.
+    pub fn reload(&self) -> Result<(), String> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or("this gateway was not started from a config file")?;
+        let config = config::load(path, &config::process_env).map_err(|e| e.to_string())?;
+        if !config.missing_keys.is_empty() {
+            return Err(config.missing_keys.join("; "));
+        }
+        let old = self.live.load();
+        if config.server.listen != old.config.server.listen
+            || config.server.admin_listen != old.config.server.admin_listen
+        {
+            tracing::warn!(
+                "listen addresses changed in the config; they take effect at the next restart"
+            );
+        }
+        self.live
+            .store(Arc::new(LiveState::build(config, Some(&old))));
+        tracing::info!(path = %path.display(), "config reloaded");
+        Ok(())
+    }
+}
+
+fn backends(live: &LiveState) -> serde_json::Value {
+    serde_json::Value::Array(
+        live.backends
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "name": &*b.cfg.name,
+                    "url": b.cfg.base_url,
+                    "hosting": b.cfg.hosting.as_str(),
+                    "region": b.cfg.region.as_deref(),
+                    "up": b.state.is_up(),
+                    "in_flight": b.state.in_flight(),
+                    "max_concurrency": b.cfg.max_concurrency,
+                    "models": b.cfg.models.iter().map(|m| serde_json::json!({"name": &*m.name, "aliases": m.aliases.iter().map(|a| &**a).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<GatewayBody> {
+    let mut resp = Response::new(GatewayBody::full(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<GatewayBody> {
+    let mut resp = Response::new(GatewayBody::full(Bytes::from(
+        serde_json::to_vec(&value).unwrap_or_default(),
+    )));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

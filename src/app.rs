@@ -1,0 +1,177 @@
+//! Builds a running gateway from a validated config, and owns its shutdown.
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::live::{Live, LiveState};
+use crate::pipeline::Gateway;
+use crate::server::limits::InFlightLimitLayer;
+use crate::server::request_id::RequestIdLayer;
+use crate::server::{self, ServeOptions};
+use arc_swap::ArcSwap;
+use hyper_util::service::TowerToHyperService;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower::ServiceBuilder;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("backend keys are missing:\n  - {}", .0.join("\n  - "))]
+    MissingKeys(Vec<String>),
+}
+
+/// A gateway serving its client and admin ports.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub live: Live,
+    pub admin: Admin,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Binds the configured addresses and starts serving.
+pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
+    let bind = |addr: SocketAddr| {
+        server::bind(addr, config.server.listen_backlog)
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let client = bind(config.server.listen)?;
+    let admin = bind(config.server.admin_listen)?;
+    start_on(config, config_path, client, admin).await
+}
+
+/// Starts on listeners the caller bound (tests bind port 0).
+pub async fn start_on(
+    config: Config,
+    config_path: Option<PathBuf>,
+    client: TcpListener,
+    admin_listener: TcpListener,
+) -> Result<Running, StartError> {
+    if !config.missing_keys.is_empty() {
+        return Err(StartError::MissingKeys(config.missing_keys));
+    }
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let handle = crate::metrics::install();
+    let opts = ServeOptions {
+        header_read_timeout: config.server.header_read_timeout,
+        shutdown_grace: config.server.shutdown_grace,
+    };
+    let max_in_flight = config.server.max_in_flight;
+    let live: Live = Arc::new(ArcSwap::from_pointee(LiveState::build(config, None)));
+    let (shutdown, signal) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    // The layers every request passes, outermost first.
+    let service = ServiceBuilder::new()
+        // First, so even a shed request's response carries an id to quote.
+        .layer(RequestIdLayer)
+        // Before any work: shedding must cost nothing.
+        .layer(InFlightLimitLayer::new(max_in_flight))
+        .service(Gateway::new(live.clone()));
+    let service = TowerToHyperService::new(service);
+
+    let admin = Admin {
+        live: live.clone(),
+        metrics: handle.clone(),
+        draining: Arc::new(AtomicBool::new(false)),
+        config_path,
+    };
+    let admin_service = {
+        let admin = admin.clone();
+        hyper::service::service_fn(move |req| admin.clone().handle(req))
+    };
+
+    let addr = client.local_addr().expect("bound listener has an address");
+    let admin_addr = admin_listener
+        .local_addr()
+        .expect("bound listener has an address");
+    let mut tasks = vec![
+        tokio::spawn(server::serve(
+            client,
+            service,
+            opts,
+            stopped(signal.clone()),
+        )),
+        tokio::spawn(server::serve(
+            admin_listener,
+            admin_service,
+            opts,
+            stopped(signal.clone()),
+        )),
+    ];
+    let upkeep = tokio::spawn(crate::metrics::upkeep(handle));
+    tasks.push(tokio::spawn(async move {
+        stopped(signal).await;
+        upkeep.abort();
+    }));
+    #[cfg(unix)]
+    if admin.config_path.is_some() {
+        let admin = admin.clone();
+        let mut stop = shutdown.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => if let Err(e) = admin.reload() {
+                        tracing::error!("reload refused, keeping the running config: {e}");
+                    },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }));
+    }
+    tracing::info!(%addr, %admin_addr, "tollgate listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        live,
+        admin,
+        shutdown,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (up to the grace period), and returns
+    /// when every connection is closed.
+    pub async fn shutdown(self) {
+        self.admin.draining.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+pub async fn terminate_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

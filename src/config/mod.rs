@@ -1,0 +1,224 @@
+//! The config file as users write it (`config/tollgate.toml`).
+//!
+//! These types mirror the TOML exactly so that a typo is an error that names the field
+//! (`deny_unknown_fields`), and every default is a named const. [`validate`] turns them into
+//! a [`Config`] whose fields need no "not yet checked" states.
+
+mod validate;
+
+pub use validate::{
+    load, parse, parse_key_hash, process_env, validate, Backend, BackendModel, Budget, Config,
+    ConfigError, ConfigErrors, GpuCost, Hosting, OnDisconnect, Protocol, Server, Team, Window,
+};
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_ADMIN_KEY_ENV: &str = "TOLLGATE_ADMIN_KEY";
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_REQUEST_TIMEOUT_S: f64 = 600.0;
+pub const DEFAULT_HEADER_READ_TIMEOUT_S: f64 = 30.0;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
+pub const DEFAULT_SHUTDOWN_GRACE_S: f64 = 30.0;
+pub const DEFAULT_CONNECT_TIMEOUT_S: f64 = 5.0;
+pub const DEFAULT_STREAM_IDLE_TIMEOUT_S: f64 = 120.0;
+pub const DEFAULT_POOL_IDLE_TIMEOUT_S: f64 = 90.0;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub routing: RawRouting,
+    #[serde(default)]
+    pub backend: Vec<RawBackend>,
+    #[serde(default)]
+    pub team: Vec<RawTeam>,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// Client API address.
+    pub listen: String,
+    /// Address of /metrics, /healthz, /readyz and /admin/*.
+    pub admin_listen: String,
+    /// Environment variable holding the admin key; unset means the admin port is open.
+    pub admin_key_env: String,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// Whole-request limit for non-streaming responses (streams use the backend's idle timeout).
+    pub request_timeout_s: f64,
+    /// A client must send a request's headers within this time; also closes idle keep-alive
+    /// connections, since hyper arms it while waiting for the next request.
+    pub header_read_timeout_s: f64,
+    /// Requests in flight at once; past it the gateway answers 503 instead of queueing.
+    pub max_in_flight: usize,
+    /// Listen backlog: large enough that a burst of new connections never waits on a SYN retry.
+    pub listen_backlog: u32,
+    /// How long shutdown waits for in-flight requests before closing them.
+    pub shutdown_grace_s: f64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.into(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            admin_key_env: DEFAULT_ADMIN_KEY_ENV.into(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            request_timeout_s: DEFAULT_REQUEST_TIMEOUT_S,
+            header_read_timeout_s: DEFAULT_HEADER_READ_TIMEOUT_S,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            listen_backlog: DEFAULT_LISTEN_BACKLOG,
+            shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    /// `sqlite://path` (embedded) or `postgres://…` (fleet).
+    pub ledger: String,
+    /// `local` or `redis://…`.
+    pub budgets: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            ledger: "sqlite://data/tollgate.db".into(),
+            budgets: "local".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRouting {
+    /// `marginal` or `rate_card`.
+    pub self_hosted_cost: String,
+    /// Backends tried for one request, first included.
+    pub max_attempts: u32,
+}
+
+impl Default for RawRouting {
+    fn default() -> Self {
+        Self {
+            self_hosted_cost: "marginal".into(),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub name: String,
+    /// `openai` or `anthropic`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Server root; the request path (`/v1/chat/completions`) is appended.
+    pub url: String,
+    /// Environment variable with the backend's own key, sent as `Authorization: Bearer`.
+    pub api_key_env: Option<String>,
+    /// `self_hosted` or `commercial`.
+    pub hosting: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Requests this backend serves at once (a GPU server's batch size).
+    pub max_concurrency: Option<u32>,
+    pub gpu: Option<RawGpu>,
+    pub egress_usd_per_gb: Option<f64>,
+    /// `cancel` or `drain`; default by hosting.
+    pub on_disconnect: Option<String>,
+    pub connect_timeout_s: Option<f64>,
+    /// Longest silence between two stream events before the stream is cut.
+    pub stream_idle_timeout_s: Option<f64>,
+    pub pool_idle_timeout_s: Option<f64>,
+    pub models: Vec<RawModel>,
+}
+
+fn default_protocol() -> String {
+    "openai".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGpu {
+    pub hourly_usd: f64,
+    #[serde(default = "one_u32")]
+    pub count: u32,
+    #[serde(default = "one_f64")]
+    pub fraction: f64,
+    pub tokens_per_second: Option<f64>,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+fn one_f64() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub name: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    pub context_window: Option<u64>,
+    pub max_output_tokens: Option<u64>,
+    #[serde(default)]
+    pub features: Vec<String>,
+    pub input_usd_per_mtok: Option<f64>,
+    pub output_usd_per_mtok: Option<f64>,
+    pub cached_input_usd_per_mtok: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTeam {
+    pub name: String,
+    /// `sha256:<hex>` hashes of the team's keys (`tollgate key new --team NAME`).
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Tag keys callers of this team may set per request.
+    #[serde(default)]
+    pub request_tags: Vec<String>,
+    /// Data residency: only backends in these regions; empty means any.
+    #[serde(default)]
+    pub regions: Vec<String>,
+    #[serde(default)]
+    pub budgets: Vec<RawBudget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub window: String,
+    pub tokens: Option<u64>,
+    pub usd: Option<f64>,
+    pub soft_ratio: Option<f64>,
+    #[serde(default)]
+    pub fail_open: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// Tag keys that become metric labels; everything else stays out to bound cardinality.
+    pub tag_labels: Vec<String>,
+}

@@ -1,0 +1,128 @@
+use super::*;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+const MINIMAL: &str = r#"
+[[backend]]
+name = "llama"
+url = "http://127.0.0.1:8001/"
+hosting = "self_hosted"
+models = [{ name = "meta-llama/Llama-3.1-8B-Instruct", aliases = ["chat-small"] }]
+
+[[team]]
+name = "search"
+keys = ["sha256:96cfb4baad3d112787dbe4c4d2d81b26260bd5a340fc29bba1b4b3fde0ad86fa"]
+"#;
+
+fn errors_of(text: &str) -> Vec<String> {
+    match parse(text, "t.toml", &no_env) {
+        Ok(_) => vec![],
+        Err(e) => e.errors.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse(MINIMAL, "t.toml", &no_env).unwrap();
+    assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+    assert_eq!(c.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    let b = &c.backends[0];
+    assert_eq!(b.base_url, "http://127.0.0.1:8001");
+    assert_eq!(
+        b.on_disconnect,
+        OnDisconnect::Cancel,
+        "self-hosted defaults to cancel"
+    );
+    assert_eq!(c.teams[0].key_hashes.len(), 1);
+}
+
+#[test]
+fn the_design_example_is_valid() {
+    let text = include_str!("../../../config/tollgate.toml");
+    let c = parse(text, "tollgate.toml", &|_| Some("sk-test".into())).unwrap();
+    assert!(c.missing_keys.is_empty());
+    assert_eq!(
+        c.backends[1].on_disconnect,
+        OnDisconnect::Drain,
+        "commercial defaults to drain"
+    );
+}
+
+#[test]
+fn a_missing_backend_key_is_reported_not_fatal() {
+    let text = include_str!("../../../config/tollgate.toml");
+    let c = parse(text, "tollgate.toml", &no_env).unwrap();
+    assert_eq!(
+        c.missing_keys,
+        vec!["backend[1].api_key_env names $OPENAI_API_KEY, which is not set"]
+    );
+}
+
+#[test]
+fn errors_name_the_field() {
+    let bad = MINIMAL.replace(
+        "aliases = [\"chat-small\"]",
+        "context_window = 0, features = [\"telepathy\"]",
+    );
+    let errs = errors_of(&bad);
+    assert!(
+        errs.contains(&"backend[0].models[0].context_window must be > 0".to_string()),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("backend[0].models[0].features[0] must be one of")),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn unknown_fields_are_refused_with_their_name() {
+    let errs = errors_of(&format!("{MINIMAL}\n[server]\nlistn = \"127.0.0.1:1\"\n"));
+    assert!(errs[0].contains("unknown field `listn`"), "{errs:?}");
+}
+
+#[test]
+fn bad_urls_keys_and_duplicates_are_refused() {
+    let bad = MINIMAL
+        .replace("http://127.0.0.1:8001/", "ftp://x")
+        .replace("sha256:96cf", "md5:96cf")
+        + "\n[[team]]\nname = \"search\"\n";
+    let errs = errors_of(&bad);
+    assert!(
+        errs.iter().any(|e| e.starts_with("backend[0].url")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("team[0].keys[0] must be `sha256:`")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.contains(&"team[1].name `search` is used by another team".to_string()),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_key_shared_by_two_teams_is_refused() {
+    let dup = format!(
+        "{MINIMAL}\n[[team]]\nname = \"other\"\nkeys = [\"sha256:96cfb4baad3d112787dbe4c4d2d81b26260bd5a340fc29bba1b4b3fde0ad86fa\"]\n"
+    );
+    assert_eq!(
+        errors_of(&dup),
+        vec!["team[1].keys[0] is also a key of team `search`"]
+    );
+}
+
+#[test]
+fn url_credentials_would_leak_and_are_refused() {
+    let errs =
+        errors_of(&MINIMAL.replace("http://127.0.0.1:8001/", "https://user:pw@api.example.com"));
+    assert!(
+        errs[0].starts_with("backend[0].url must not carry credentials"),
+        "{errs:?}"
+    );
+}

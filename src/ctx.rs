@@ -1,0 +1,46 @@
+//! What the gateway knows about one request as it moves through the phases.
+
+use crate::auth::Principal;
+use http::HeaderValue;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The client API endpoints that are proxied (as opposed to answered locally).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+        }
+    }
+}
+
+/// A request id, kept as a header value because that is how it leaves the gateway.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub HeaderValue);
+
+impl RequestId {
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or("")
+    }
+}
+
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub id: RequestId,
+    pub started: Instant,
+    pub endpoint: Endpoint,
+    pub principal: Arc<Principal>,
+    pub requested_model: Arc<str>,
+    pub stream: bool,
+    pub backend: Option<Arc<str>>,
+    pub served_model: Option<Arc<str>>,
+}

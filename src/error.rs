@@ -1,0 +1,196 @@
+//! Every way a request can fail, and the one place that decides its status code and body.
+//!
+//! Bodies follow OpenAI's `{"error":{"message","type","code","param"}}` so SDKs raise their
+//! usual exceptions (`AuthenticationError` on 401, `NotFoundError` on 404, …). Messages about
+//! bad input say exactly what was wrong; internal and upstream failures say nothing internal
+//! (the real error is logged once, server-side).
+
+use crate::body::GatewayBody;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("missing API key: send `Authorization: Bearer <key>` or `x-api-key`")]
+    MissingKey,
+    #[error("invalid API key")]
+    InvalidKey,
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("could not read the request body")]
+    BodyRead,
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("{message}")]
+    InvalidField {
+        param: &'static str,
+        message: String,
+    },
+    #[error("the model `{0}` does not exist or you do not have access to it")]
+    UnknownModel(Arc<str>),
+    #[error("no backend can serve `{model}` for you: {reason}")]
+    NoEligibleBackend { model: Arc<str>, reason: String },
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: http::Method, path: String },
+    #[error("unknown path {0}")]
+    UnknownPath(String),
+    #[error("the gateway is at its in-flight limit; retry shortly")]
+    Overloaded,
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error("backend `{backend}` could not be reached")]
+    UpstreamConnect { backend: Arc<str> },
+    #[error("backend `{backend}` did not answer in time")]
+    UpstreamTimeout { backend: Arc<str> },
+    #[error("backend `{backend}` failed")]
+    UpstreamFailed { backend: Arc<str> },
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+}
+
+impl GatewayError {
+    /// The only place that maps errors to status codes; no `_` arm, so a new variant must decide.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::MissingKey | GatewayError::InvalidKey => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyRead
+            | GatewayError::MalformedJson(_)
+            | GatewayError::InvalidField { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::UnknownModel(_) | GatewayError::UnknownPath(_) => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::Overloaded
+            | GatewayError::ShuttingDown
+            | GatewayError::NoEligibleBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::UpstreamConnect { .. } | GatewayError::UpstreamFailed { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A bounded, field-less name for metric labels and logs; error text never becomes a label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GatewayError::MissingKey => "missing_key",
+            GatewayError::InvalidKey => "invalid_key",
+            GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::BodyTooLarge { .. } => "body_too_large",
+            GatewayError::BodyRead => "body_read",
+            GatewayError::MalformedJson(_) => "malformed_json",
+            GatewayError::InvalidField { .. } => "invalid_field",
+            GatewayError::UnknownModel(_) => "unknown_model",
+            GatewayError::NoEligibleBackend { .. } => "no_eligible_backend",
+            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
+            GatewayError::UnknownPath(_) => "unknown_path",
+            GatewayError::Overloaded => "overloaded",
+            GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::UpstreamConnect { .. } => "upstream_connect",
+            GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
+            GatewayError::UpstreamFailed { .. } => "upstream_failed",
+        }
+    }
+
+    /// OpenAI's `type` and `code` fields, as its SDKs and clients expect them.
+    fn openai_type_and_code(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            GatewayError::MissingKey | GatewayError::InvalidKey => {
+                ("invalid_request_error", Some("invalid_api_key"))
+            }
+            GatewayError::UnknownModel(_) => ("invalid_request_error", Some("model_not_found")),
+            GatewayError::UnknownPath(_) => ("invalid_request_error", Some("unknown_url")),
+            GatewayError::Forbidden(_) => ("permission_error", None),
+            GatewayError::BodyTooLarge { .. } => {
+                ("invalid_request_error", Some("request_too_large"))
+            }
+            GatewayError::BodyRead
+            | GatewayError::MalformedJson(_)
+            | GatewayError::InvalidField { .. }
+            | GatewayError::MethodNotAllowed { .. } => ("invalid_request_error", None),
+            GatewayError::Overloaded | GatewayError::ShuttingDown => {
+                ("server_error", Some("overloaded"))
+            }
+            GatewayError::NoEligibleBackend { .. } => ("server_error", Some("no_eligible_backend")),
+            GatewayError::UpstreamConnect { .. }
+            | GatewayError::UpstreamFailed { .. }
+            | GatewayError::UpstreamTimeout { .. } => ("upstream_error", Some(self.kind())),
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::InvalidField { param, .. } => Some(param),
+            GatewayError::UnknownModel(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GatewayError::Overloaded | GatewayError::ShuttingDown => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI error body as bytes; also used for the error event that ends a broken stream.
+    pub fn body_json(&self) -> Vec<u8> {
+        let (kind, code) = self.openai_type_and_code();
+        serde_json::to_vec(&serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": kind,
+                "code": code,
+                "param": self.param(),
+            }
+        }))
+        .unwrap_or_default()
+    }
+
+    pub fn into_response(self) -> Response<GatewayBody> {
+        let mut resp = Response::new(GatewayBody::full(Bytes::from(self.body_json())));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(after) = self.retry_after() {
+            headers.insert(RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_openai_shaped() {
+        let e = GatewayError::UnknownModel("gpt-9".into());
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        let v: serde_json::Value = serde_json::from_slice(&e.body_json()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["param"], "model");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    }
+
+    #[test]
+    fn upstream_errors_say_nothing_internal() {
+        let e = GatewayError::UpstreamConnect {
+            backend: "llama".into(),
+        };
+        let text = String::from_utf8(e.body_json()).unwrap();
+        assert!(!text.contains("127.0.0.1"), "{text}");
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+    }
+
+    #[test]
+    fn shed_load_says_when_to_retry() {
+        let resp = GatewayError::Overloaded.into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[RETRY_AFTER], "1");
+    }
+}

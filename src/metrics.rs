@@ -1,0 +1,78 @@
+//! Metric names, their help text and buckets, set up once at start.
+//!
+//! Labels come only from bounded sets: configured team, backend and model names, status codes
+//! and error kinds. Caller-chosen strings (an unknown model name, a tag value) never become a
+//! label, so a misbehaving client cannot blow up the exposition.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "tollgate_request_duration_seconds";
+pub const BACKEND_IN_FLIGHT: &str = "tollgate_backend_in_flight";
+pub const BACKEND_UP: &str = "tollgate_backend_up";
+pub const UPSTREAM_ERRORS_TOTAL: &str = "tollgate_upstream_errors_total";
+pub const REJECTED_TOTAL: &str = "tollgate_rejected_total";
+pub const IN_FLIGHT: &str = "tollgate_in_flight";
+
+/// Latency buckets from 5 ms (a cached answer) to 10 minutes (a long generation).
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// The process-wide recorder. `metrics` allows one global recorder, and tests start many
+/// gateways in one process, so every gateway shares this handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first; then ours stays unused
+            // and /metrics shows what this handle saw.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Histogram upkeep drains buckets that would otherwise grow until the next scrape.
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+fn describe() {
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Client requests finished, by team, model, backend and status."
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from request received to last response byte sent."
+    );
+    describe_gauge!(BACKEND_IN_FLIGHT, "Requests in flight to each backend.");
+    describe_gauge!(
+        BACKEND_UP,
+        "1 while a backend is considered reachable, 0 while it is marked down."
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS_TOTAL,
+        "Upstream failures by backend and kind."
+    );
+    describe_counter!(
+        REJECTED_TOTAL,
+        "Requests refused before reaching a backend, by error kind."
+    );
+    describe_gauge!(IN_FLIGHT, "Client requests in flight in the gateway.");
+}

@@ -1,0 +1,436 @@
+//! A simulated LLM server speaking OpenAI's wire format over real HTTP: JSON and SSE
+//! responses with `usage`, `stream_options.include_usage`, token-by-token timing and a
+//! concurrency cap that queues like a GPU server's batch (and answers 429 past its queue).
+//!
+//! It is the upstream of the demo, the tests and the benchmarks, and users can run it
+//! (`tollgate simulate`) to try a config. Faults can be switched on at run time through
+//! [`Knobs`] to exercise the gateway's error paths.
+
+mod stream;
+
+use crate::server::{self, ServeOptions};
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use stream::{SimBody, TokenStream};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Model ids served; an empty list accepts any model.
+    pub models: Vec<String>,
+    /// When set, requests must carry `Authorization: Bearer <api_key>`.
+    pub api_key: Option<String>,
+    /// Requests generating at once (a GPU server's batch size).
+    pub max_concurrency: usize,
+    /// Requests waiting for a slot; past it, 429.
+    pub max_queue: usize,
+    pub time_to_first_token: Duration,
+    pub token_interval: Duration,
+    /// Tokens generated when the request sets no lower `max_tokens`.
+    pub completion_tokens: u32,
+    pub embedding_dims: usize,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            models: Vec::new(),
+            api_key: None,
+            max_concurrency: 64,
+            max_queue: 1024,
+            time_to_first_token: Duration::ZERO,
+            token_interval: Duration::ZERO,
+            completion_tokens: 16,
+            embedding_dims: 16,
+        }
+    }
+}
+
+/// Faults that tests switch on while the simulator runs; zero means off.
+#[derive(Debug, Default)]
+pub struct Knobs {
+    /// Answer every request with this status and an OpenAI error body.
+    pub fail_status: AtomicU16,
+    /// Wait this long before sending response headers.
+    pub headers_delay_ms: AtomicU64,
+    /// Drop the connection after this many streamed tokens.
+    pub break_after_tokens: AtomicU32,
+    /// Pause this long before this token index (1-based) of a stream; with `stall_before_token`.
+    pub stall_ms: AtomicU64,
+    pub stall_before_token: AtomicU32,
+}
+
+/// What the simulator saw, for tests to assert on.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub streams_completed: AtomicU64,
+    /// Streams whose client (the gateway) went away before the end.
+    pub streams_cancelled: AtomicU64,
+    pub tokens_generated: AtomicU64,
+    pub generating: AtomicUsize,
+    pub peak_generating: AtomicUsize,
+    pub last_headers: Mutex<Option<HeaderMap>>,
+    pub last_body: Mutex<Option<Bytes>>,
+}
+
+struct State {
+    cfg: SimConfig,
+    knobs: Arc<Knobs>,
+    stats: Arc<Stats>,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+/// A running simulator.
+pub struct Sim {
+    pub addr: SocketAddr,
+    pub knobs: Arc<Knobs>,
+    pub stats: Arc<Stats>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sim {
+    /// Starts on an ephemeral loopback port.
+    pub async fn spawn(cfg: SimConfig) -> std::io::Result<Sim> {
+        let listener = server::bind(SocketAddr::from(([127, 0, 0, 1], 0)), 4096)?;
+        Ok(Self::start(listener, cfg))
+    }
+
+    pub fn start(listener: TcpListener, cfg: SimConfig) -> Sim {
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
+        let knobs = Arc::new(Knobs::default());
+        let stats = Arc::new(Stats::default());
+        let state = Arc::new(State {
+            slots: Arc::new(Semaphore::new(cfg.max_concurrency.max(1))),
+            cfg,
+            knobs: knobs.clone(),
+            stats: stats.clone(),
+            waiting: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+        });
+        let (shutdown, mut rx) = watch::channel(false);
+        let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+        let opts = ServeOptions {
+            shutdown_grace: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let task = tokio::spawn(server::serve(listener, service, opts, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        Sim {
+            addr,
+            knobs,
+            stats,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting and closes connections (after a one-second grace).
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<SimBody>, Infallible> {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    *state.stats.last_headers.lock().unwrap() = Some(req.headers().clone());
+    Ok(respond(&state, req).await.unwrap_or_else(|e| e))
+}
+
+type Reply = Result<Response<SimBody>, Response<SimBody>>;
+
+async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    if let Some(key) = &state.cfg.api_key {
+        let ok = req
+            .headers()
+            .get(AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes() == format!("Bearer {key}").as_bytes());
+        if !ok {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "Incorrect API key provided.",
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ));
+        }
+    }
+    let kind = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/health") => {
+            return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+        }
+        (&Method::GET, "/v1/models") => {
+            let data: Vec<Value> = state
+                .cfg
+                .models
+                .iter()
+                .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "sim"}))
+                .collect();
+            return Ok(json_response(
+                StatusCode::OK,
+                &json!({"object": "list", "data": data}),
+            ));
+        }
+        (&Method::POST, "/v1/chat/completions") => Kind::Chat,
+        (&Method::POST, "/v1/completions") => Kind::Completion,
+        (&Method::POST, "/v1/embeddings") => Kind::Embedding,
+        _ => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "Unknown request URL",
+                "invalid_request_error",
+                Some("unknown_url"),
+            ))
+        }
+    };
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "could not read body",
+                "invalid_request_error",
+                None,
+            )
+        })?
+        .to_bytes();
+    *state.stats.last_body.lock().unwrap() = Some(body.clone());
+    let v: Value = serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("We could not parse the JSON body of your request: {e}"),
+            "invalid_request_error",
+            None,
+        )
+    })?;
+    let model = v["model"].as_str().unwrap_or_default().to_string();
+    if !state.cfg.models.is_empty() && !state.cfg.models.contains(&model) {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            &format!("The model `{model}` does not exist or you do not have access to it."),
+            "invalid_request_error",
+            Some("model_not_found"),
+        ));
+    }
+
+    let delay = state.knobs.headers_delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    match state.knobs.fail_status.load(Ordering::Relaxed) {
+        0 => {}
+        code => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut resp = error(
+                status,
+                "The simulated server failed as configured.",
+                "server_error",
+                None,
+            );
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("2"));
+            }
+            return Err(resp);
+        }
+    }
+
+    // Queue for a generation slot like a batching server; refuse past the queue.
+    if state.waiting.fetch_add(1, Ordering::Relaxed)
+        >= state.cfg.max_queue + state.cfg.max_concurrency
+    {
+        state.waiting.fetch_sub(1, Ordering::Relaxed);
+        let mut resp = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "The server is busy.",
+            "rate_limit_error",
+            Some("rate_limit_exceeded"),
+        );
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return Err(resp);
+    }
+    let permit = state
+        .slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore is never closed");
+    let slot = stream::Slot::new(permit, state.stats.clone());
+    state.waiting.fetch_sub(1, Ordering::Relaxed);
+
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if kind == Kind::Embedding {
+        return Ok(embeddings(&state.cfg, &v, &model));
+    }
+    let prompt_tokens = match kind {
+        Kind::Chat => chat_prompt_tokens(&v["messages"]),
+        _ => text_tokens(&v["prompt"]),
+    };
+    let cap = v["max_completion_tokens"]
+        .as_u64()
+        .or(v["max_tokens"].as_u64());
+    let n = match cap {
+        Some(c) if c < state.cfg.completion_tokens as u64 => c as u32,
+        _ => state.cfg.completion_tokens,
+    };
+    let gen = TokenStream {
+        kind,
+        id: format!(
+            "{}-sim{id}",
+            if kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            }
+        ),
+        created,
+        model,
+        prompt_tokens,
+        completion_tokens: n,
+        finish_reason: if cap.is_some_and(|c| c <= n as u64) {
+            "length"
+        } else {
+            "stop"
+        },
+        include_usage: v["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false),
+    };
+    if v["stream"].as_bool().unwrap_or(false) {
+        let body = SimBody::stream(gen, &state.cfg, &state.knobs, slot);
+        let mut resp = Response::new(body);
+        let h = resp.headers_mut();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        h.insert("cache-control", HeaderValue::from_static("no-cache"));
+        Ok(resp)
+    } else {
+        let total = state.cfg.time_to_first_token + state.cfg.token_interval * n;
+        if !total.is_zero() {
+            tokio::time::sleep(total).await;
+        }
+        state
+            .stats
+            .tokens_generated
+            .fetch_add(n as u64, Ordering::Relaxed);
+        drop(slot);
+        Ok(json_response(StatusCode::OK, &gen.full_response()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Chat,
+    Completion,
+    Embedding,
+}
+
+/// A rough count (4 bytes a token plus OpenAI's per-message overhead): the simulator only
+/// needs to be consistent, the gateway trusts whatever `usage` says.
+fn chat_prompt_tokens(messages: &Value) -> u32 {
+    let Some(list) = messages.as_array() else {
+        return 0;
+    };
+    3 + list
+        .iter()
+        .map(|m| 3 + text_tokens(&m["content"]) + if m.get("name").is_some() { 1 } else { 0 })
+        .sum::<u32>()
+}
+
+fn text_tokens(v: &Value) -> u32 {
+    match v {
+        Value::String(s) => (s.len() as u32).div_ceil(4),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| text_tokens(if p.is_object() { &p["text"] } else { p }))
+            .sum(),
+        _ => 0,
+    }
+}
+
+fn embeddings(cfg: &SimConfig, v: &Value, model: &str) -> Response<SimBody> {
+    let inputs: Vec<&Value> = match &v["input"] {
+        Value::Array(items) if items.iter().all(|i| i.is_string()) => items.iter().collect(),
+        other => vec![other],
+    };
+    let base64 = v["encoding_format"].as_str() == Some("base64");
+    let mut prompt_tokens = 0;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            prompt_tokens += text_tokens(input).max(1);
+            let seed = input
+                .to_string()
+                .bytes()
+                .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+            let vector: Vec<f32> = (0..cfg.embedding_dims)
+                .map(|d| {
+                    ((seed.wrapping_add((d as u32).wrapping_mul(2654435761)) % 2000) as f32
+                        / 1000.0)
+                        - 1.0
+                })
+                .collect();
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+                Value::String(stream::base64(&bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}),
+    )
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<SimBody> {
+    let mut resp = Response::new(SimBody::full(Bytes::from(
+        serde_json::to_vec(v).unwrap_or_default(),
+    )));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response<SimBody> {
+    json_response(
+        status,
+        &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+    )
+}

@@ -1,0 +1,6 @@
+//! Talking to backends: the pooled client, one forwarding attempt, and the streaming body.
+
+pub mod client;
+pub mod forward;
+pub mod headers;
+pub mod stream;
