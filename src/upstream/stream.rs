@@ -116,7 +116,12 @@ impl Body for UpstreamBody {
         let mut this = self.as_mut().project();
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Deadline::Idle(d) = *this.deadline {
+                if this.inner.is_end_stream() {
+                    // A body of known length ends with its last frame: hyper will not poll
+                    // again, so this is the end of the request.
+                    *this.done = true;
+                    this.completion.complete();
+                } else if let Deadline::Idle(d) = *this.deadline {
                     this.timer.reset(Instant::now() + d);
                 }
                 Poll::Ready(Some(Ok(frame)))

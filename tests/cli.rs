@@ -1,0 +1,201 @@
+//! The `tollgate` binary as a user runs it.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+fn tollgate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("OPENAI_API_KEY");
+    c
+}
+
+#[test]
+fn check_prints_the_routing_table() {
+    let out = tollgate()
+        .args(["check", "--config", "config/tollgate.toml"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("warning: backend[1].api_key_env names $OPENAI_API_KEY, which is not set"),
+        "{stdout}"
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("chat-small"))
+        .expect("chat-small row");
+    assert!(
+        row.contains("llama-onprem") && row.contains("meta-llama/Llama-3.1-8B-Instruct"),
+        "{row}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("openai") && l.contains("gpt-4o-mini")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_names_the_bad_field_and_fails() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    let text = std::fs::read_to_string("config/tollgate.toml")
+        .unwrap()
+        .replace("context_window = 131072", "context_window = 0");
+    std::fs::write(&path, text).unwrap();
+    let out = tollgate()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("backend[0].models[0].context_window must be > 0"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn key_new_prints_a_key_and_its_hash() {
+    let out = tollgate()
+        .args(["key", "new", "--team", "search"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let key = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("key:  "))
+        .unwrap();
+    let hash = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("hash: "))
+        .unwrap();
+    assert_eq!(
+        tollgate::config::parse_key_hash(hash),
+        Some(tollgate::keys::hash_key(key))
+    );
+    assert!(stdout.contains("name = \"search\""));
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let out = tollgate()
+        .args(["demo", "--requests-per-team", "8"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("24/24 requests answered"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("search") && l.contains("llama-onprem")),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_and_exits_cleanly_on_sigterm() {
+    let (text, sims, _) = Harness::new()
+        .backend(Backend::sim("llama", "m").alias("chat-small"))
+        .team("search", SEARCH_KEY)
+        .render()
+        .await;
+    let dir = std::env::temp_dir().join(format!("tollgate-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tollgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = tollgate()
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .env("TOLLGATE_LOG", "tollgate=info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Keep draining the child's stderr, or its logging would hit a closed pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let line = strip_ansi(&line);
+            // "tollgate listening addr=127.0.0.1:PORT admin_addr=…"
+            if let Some(addr) = line
+                .split(" addr=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+            {
+                let _ = tx.send(addr.to_string());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let addr =
+        tokio::task::spawn_blocking(move || rx.recv_timeout(std::time::Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .expect("the gateway logs its address");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {SEARCH_KEY}"))
+        .body(http_body_util::Full::<bytes::Bytes>::from(chat(
+            "chat-small",
+            false,
+        )))
+        .unwrap();
+    assert_eq!(client.request(req).await.unwrap().status(), 200);
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let log = log.join().unwrap();
+    assert!(status.success(), "exit status {status:?}\n{log}");
+    assert!(log.contains("shutting down"), "{log}");
+    drop(sims);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

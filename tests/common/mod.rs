@@ -1,0 +1,334 @@
+//! Test harness: simulated backends and a gateway on loopback, wired by a config written
+//! exactly as a user would write it.
+//!
+//! ```ignore
+//! let h = Harness::new()
+//!     .backend(Backend::sim("llama", "meta-llama/Llama-3.1-8B-Instruct").alias("chat-small"))
+//!     .team("search", SEARCH_KEY)
+//!     .start()
+//!     .await;
+//! ```
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use tollgate::app::{self, Running};
+use tollgate::sim::{Sim, SimConfig};
+
+pub const SEARCH_KEY: &str = "tg-test-search";
+pub const OTHER_KEY: &str = "tg-test-other";
+
+pub struct Backend {
+    name: String,
+    model: String,
+    aliases: Vec<String>,
+    region: Option<String>,
+    extra: String,
+    sim: Option<SimConfig>,
+    url: Option<String>,
+    api_key: Option<String>,
+}
+
+impl Backend {
+    /// A backend served by a fresh simulator that serves `model`.
+    pub fn sim(name: &str, model: &str) -> Self {
+        Self {
+            name: name.into(),
+            model: model.into(),
+            aliases: vec![],
+            region: None,
+            extra: String::new(),
+            sim: Some(SimConfig {
+                models: vec![model.into()],
+                ..Default::default()
+            }),
+            url: None,
+            api_key: None,
+        }
+    }
+
+    /// A backend at a fixed URL with no simulator (e.g. a closed port).
+    pub fn at(name: &str, model: &str, url: &str) -> Self {
+        Self {
+            sim: None,
+            url: Some(url.into()),
+            ..Self::sim(name, model)
+        }
+    }
+
+    pub fn alias(mut self, a: &str) -> Self {
+        self.aliases.push(a.into());
+        self
+    }
+
+    pub fn region(mut self, r: &str) -> Self {
+        self.region = Some(r.into());
+        self
+    }
+
+    /// Extra TOML lines for the `[[backend]]` table.
+    pub fn toml(mut self, lines: &str) -> Self {
+        self.extra.push_str(lines);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn config(mut self, f: impl FnOnce(&mut SimConfig)) -> Self {
+        f(self
+            .sim
+            .as_mut()
+            .expect("only simulated backends have a SimConfig"));
+        self
+    }
+
+    /// The simulator requires this key, and the gateway gets it from `api_key_env`.
+    pub fn api_key(mut self, key: &str) -> Self {
+        self.api_key = Some(key.into());
+        if let Some(s) = self.sim.as_mut() {
+            s.api_key = Some(key.into());
+        }
+        self
+    }
+}
+
+#[derive(Default)]
+pub struct Harness {
+    backends: Vec<Backend>,
+    teams: Vec<(String, String, String)>,
+    server: String,
+}
+
+pub struct Gateway {
+    pub running: Option<Running>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub sims: HashMap<String, Sim>,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+    pub config_text: String,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn backend(mut self, b: Backend) -> Self {
+        self.backends.push(b);
+        self
+    }
+
+    pub fn team(self, name: &str, key: &str) -> Self {
+        self.team_toml(name, key, "")
+    }
+
+    pub fn team_toml(mut self, name: &str, key: &str, extra: &str) -> Self {
+        self.teams.push((name.into(), key.into(), extra.into()));
+        self
+    }
+
+    /// Extra TOML lines for `[server]`.
+    pub fn server(mut self, lines: &str) -> Self {
+        self.server.push_str(lines);
+        self.server.push('\n');
+        self
+    }
+
+    pub async fn start(self) -> Gateway {
+        let (text, sims, env) = self.render().await;
+        let cfg = tollgate::config::parse(&text, "test.toml", &|v| env.get(v).cloned())
+            .unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
+        let bind = || tollgate::server::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
+        let running = app::start_on(cfg, None, bind(), bind())
+            .await
+            .expect("gateway starts");
+        Gateway {
+            addr: running.addr,
+            admin: running.admin_addr,
+            running: Some(running),
+            sims,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            config_text: text,
+        }
+    }
+
+    /// The config text, the simulators it points at, and the environment it needs.
+    pub async fn render(self) -> (String, HashMap<String, Sim>, HashMap<String, String>) {
+        let mut text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n",
+            self.server
+        );
+        let mut sims = HashMap::new();
+        let mut env = HashMap::new();
+        for b in self.backends {
+            let url = match b.sim {
+                Some(cfg) => {
+                    let sim = Sim::spawn(cfg).await.unwrap();
+                    let url = sim.url();
+                    sims.insert(b.name.clone(), sim);
+                    url
+                }
+                None => b.url.unwrap(),
+            };
+            text.push_str(&format!(
+                "\n[[backend]]\nname = \"{}\"\nurl = \"{url}\"\nhosting = \"self_hosted\"\n",
+                b.name
+            ));
+            if let Some(r) = &b.region {
+                text.push_str(&format!("region = \"{r}\"\n"));
+            }
+            if let Some(k) = &b.api_key {
+                let var = format!("KEY_{}", b.name.to_uppercase().replace('-', "_"));
+                text.push_str(&format!("api_key_env = \"{var}\"\n"));
+                env.insert(var, k.clone());
+            }
+            text.push_str(&b.extra);
+            let aliases: Vec<String> = b.aliases.iter().map(|a| format!("\"{a}\"")).collect();
+            text.push_str(&format!(
+                "models = [{{ name = \"{}\", aliases = [{}] }}]\n",
+                b.model,
+                aliases.join(", ")
+            ));
+        }
+        for (name, key, extra) in self.teams {
+            let hash = tollgate::keys::hex(&tollgate::keys::hash_key(&key));
+            text.push_str(&format!(
+                "\n[[team]]\nname = \"{name}\"\nkeys = [\"sha256:{hash}\"]\n{extra}\n"
+            ));
+        }
+        (text, sims, env)
+    }
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts an OpenAI-style error body and returns its `error` object.
+    pub fn error(&self, status: u16) -> serde_json::Value {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text());
+        let e = self.json()["error"].clone();
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+        assert!(e["type"].is_string(), "{e}");
+        e
+    }
+
+    /// `data:` payloads of an SSE body, in order.
+    pub fn events(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Gateway {
+    pub fn sim(&self, name: &str) -> &Sim {
+        &self.sims[name]
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
+        let resp = self.client.request(req).await.expect("gateway answers");
+        collect(resp).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: impl Into<Bytes>) -> Reply {
+        self.send(self.request(path, key, body)).await
+    }
+
+    pub fn request(&self, path: &str, key: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+        Request::post(self.url(path))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> Reply {
+        let req = Request::get(self.url(path))
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::default())
+            .unwrap();
+        self.send(req).await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        let req = Request::get(format!("http://{}{path}", self.admin))
+            .body(Full::default())
+            .unwrap();
+        self.send(req).await
+    }
+
+    /// Sends and returns the response with its body not yet read.
+    pub async fn open(
+        &self,
+        path: &str,
+        key: &str,
+        body: impl Into<Bytes>,
+    ) -> http::Response<Incoming> {
+        self.client
+            .request(self.request(path, key, body))
+            .await
+            .expect("gateway answers")
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+pub async fn collect(resp: http::Response<Incoming>) -> Reply {
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub fn chat(model: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does a gateway meter?"}],
+    })
+    .to_string()
+}
+
+/// One backend `llama` (alias `chat-small`) and team `search`: the common case.
+pub async fn basic() -> Gateway {
+    Harness::new()
+        .backend(Backend::sim("llama", "meta-llama/Llama-3.1-8B-Instruct").alias("chat-small"))
+        .team("search", SEARCH_KEY)
+        .start()
+        .await
+}

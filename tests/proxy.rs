@@ -1,0 +1,208 @@
+//! Proxy hygiene: what crosses the gateway and what does not, cancellation, connection
+//! limits and timeouts.
+
+mod common;
+
+use common::*;
+use http_body_util::{BodyExt, Full};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn the_caller_key_stays_here_and_the_backend_key_is_injected() {
+    let gw = Harness::new()
+        .backend(
+            Backend::sim("openai", "gpt-4o-mini")
+                .alias("chat-small")
+                .api_key("sk-backend-secret"),
+        )
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            SEARCH_KEY,
+            chat("chat-small", false),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        200,
+        "the simulator accepted the backend's key: {}",
+        r.text()
+    );
+    let seen = gw
+        .sim("openai")
+        .stats
+        .last_headers
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert_eq!(seen["authorization"], "Bearer sk-backend-secret");
+    let all: String = seen.iter().map(|(k, v)| format!("{k}: {v:?}\n")).collect();
+    assert!(
+        !all.contains(SEARCH_KEY),
+        "client key leaked upstream:\n{all}"
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_do_not_cross() {
+    let gw = basic().await;
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {SEARCH_KEY}"))
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret-for-next-hop-only")
+        .header("te", "trailers")
+        .header("x-tollgate-tags", "project=a")
+        .header("x-end-to-end", "kept")
+        .body(Full::from(chat("chat-small", false)))
+        .unwrap();
+    let r = gw.send(req).await;
+    assert_eq!(r.status, 200);
+    let seen = gw
+        .sim("llama")
+        .stats
+        .last_headers
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert!(!seen.contains_key("x-hop"), "{seen:?}");
+    assert!(!seen.contains_key("te"));
+    assert!(!seen.contains_key("x-tollgate-tags"));
+    assert_eq!(seen["x-end-to-end"], "kept");
+    assert_eq!(
+        seen["x-request-id"], r.headers["x-tollgate-request-id"],
+        "the backend can correlate logs"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_cancels_the_upstream_stream() {
+    let gw = Harness::new()
+        .backend(Backend::sim("llama", "m").alias("chat-small").config(|c| {
+            c.token_interval = Duration::from_millis(20);
+            c.completion_tokens = 500;
+        }))
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    let resp = gw
+        .open("/v1/chat/completions", SEARCH_KEY, chat("chat-small", true))
+        .await;
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    let sim = gw.sim("llama");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.stats.streams_cancelled.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "upstream kept generating after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(sim.stats.tokens_generated.load(Ordering::Relaxed) < 100);
+    assert_eq!(
+        sim.stats.generating.load(Ordering::Relaxed),
+        0,
+        "the GPU slot is free again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let gw = Harness::new()
+        .backend(Backend::sim("llama", "m"))
+        .team("search", SEARCH_KEY)
+        .server("header_read_timeout_s = 5")
+        .start()
+        .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // Paused time jumps to the timeout; the read ends when the gateway closes.
+    let n = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf)).await;
+    assert!(
+        n.is_ok(),
+        "connection still open after the header read timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_of_new_connections_is_accepted_without_syn_retries() {
+    let gw = basic().await;
+    let addr = gw.addr;
+    let req = format!(
+        "GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SEARCH_KEY}\r\nconnection: close\r\n\r\n"
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..256 {
+        let req = req.clone();
+        tasks.spawn(async move {
+            let started = Instant::now();
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.unwrap();
+            assert!(
+                buf.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&buf)
+            );
+            started.elapsed()
+        });
+    }
+    let mut slowest = Duration::ZERO;
+    while let Some(t) = tasks.join_next().await {
+        slowest = slowest.max(t.unwrap());
+    }
+    // A dropped SYN is retried after one second; every connection must beat that.
+    assert!(
+        slowest < Duration::from_millis(900),
+        "slowest connection took {slowest:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_streams_then_stops_accepting() {
+    let mut gw = Harness::new()
+        .backend(Backend::sim("llama", "m").alias("chat-small").config(|c| {
+            c.token_interval = Duration::from_millis(20);
+            c.completion_tokens = 25;
+        }))
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    let resp = gw
+        .open("/v1/chat/completions", SEARCH_KEY, chat("chat-small", true))
+        .await;
+    let running = gw.running.take().unwrap();
+    let admin = running.admin.clone();
+    let stopping = tokio::spawn(running.shutdown());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        admin.draining.load(Ordering::Relaxed),
+        "/readyz reports draining"
+    );
+    let r = collect(resp).await;
+    assert_eq!(
+        r.events().last().unwrap(),
+        "[DONE]",
+        "the in-flight stream completed"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("shutdown finishes")
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(gw.addr).await.is_err(),
+        "no longer accepting"
+    );
+}
