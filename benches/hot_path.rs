@@ -1,1 +1,96 @@
-fn main() {}
+//! The gateway's own per-request work before a byte goes upstream: authenticate, parse the
+//! body, resolve the model, prepare the upstream headers. Upstream time is excluded; this is
+//! what `tollgate_overhead_seconds` will measure in production.
+//!
+//! Run: `cargo bench --bench hot_path`
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::{HeaderMap, HeaderValue};
+use std::hint::black_box;
+use tollgate::api::openai;
+use tollgate::live::LiveState;
+
+const KEY: &str = "tg-bench-key";
+
+fn config() -> tollgate::config::Config {
+    let hash = tollgate::keys::hex(&tollgate::keys::hash_key(KEY));
+    let mut text = String::from("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n");
+    // 50 backends, 10 teams: a sizeable deployment, so map lookups are not flattered.
+    for i in 0..50 {
+        text.push_str(&format!(
+            "[[backend]]\nname = \"b{i}\"\nurl = \"http://127.0.0.1:{}\"\nhosting = \"commercial\"\nmodels = [{{ name = \"model-{i}\", aliases = [\"chat-small\"] }}]\n",
+            9000 + i
+        ));
+    }
+    for t in 0..10 {
+        let k = if t == 0 { hash.clone() } else { tollgate::keys::hex(&tollgate::keys::hash_key(&format!("other-{t}"))) };
+        text.push_str(&format!("[[team]]\nname = \"team{t}\"\nkeys = [\"sha256:{k}\"]\n"));
+    }
+    tollgate::config::parse(&text, "bench", &|_| None).unwrap()
+}
+
+fn body(prompt_bytes: usize) -> Bytes {
+    let content = "lorem ipsum dolor sit amet ".repeat(prompt_bytes / 27 + 1);
+    Bytes::from(
+        serde_json::json!({
+            "model": "chat-small",
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": &content[..prompt_bytes]}],
+            "max_tokens": 256, "temperature": 0.2, "stream": true,
+        })
+        .to_string(),
+    )
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _guard = rt.enter();
+    let live = LiveState::build(config(), None);
+    let mut headers = HeaderMap::new();
+    headers.insert("authorization", HeaderValue::from_str(&format!("Bearer {KEY}")).unwrap());
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.insert("user-agent", HeaderValue::from_static("OpenAI/Python 1.0"));
+    let principal = live.keys.authenticate(&headers).unwrap();
+
+    c.bench_function("auth", |b| b.iter(|| live.keys.authenticate(black_box(&headers)).unwrap()));
+    c.bench_function("resolve_among_50", |b| b.iter(|| live.router.resolve(black_box("chat-small"), &principal).unwrap()));
+    c.bench_function("upstream_headers", |b| {
+        let id = HeaderValue::from_static("req_0000000000000000");
+        b.iter(|| {
+            let mut h = headers.clone();
+            tollgate::upstream::headers::to_upstream(&mut h, Some("sk-backend"), &id);
+            h
+        })
+    });
+
+    let mut group = c.benchmark_group("parse");
+    for size in [1024, 8 * 1024, 100 * 1024] {
+        let body = body(size);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
+            b.iter(|| openai::parse(black_box(body)).unwrap().stream)
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("hot_path");
+    for size in [1024, 8 * 1024] {
+        let body = body(size);
+        group.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
+            let id = HeaderValue::from_static("req_0000000000000000");
+            b.iter(|| {
+                let p = live.keys.authenticate(&headers).unwrap();
+                let s = openai::parse(body).unwrap();
+                let c = live.router.resolve(&s.model, &p).unwrap();
+                let out = openai::with_model(body, s.model_span.clone(), &c.model);
+                let mut h = headers.clone();
+                tollgate::upstream::headers::to_upstream(&mut h, None, &id);
+                (out, h)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
