@@ -15,7 +15,8 @@ const KEY: &str = "tg-bench-key";
 
 fn config() -> tollgate::config::Config {
     let hash = tollgate::keys::hex(&tollgate::keys::hash_key(KEY));
-    let mut text = String::from("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n");
+    let mut text =
+        String::from("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n");
     // 50 backends, 10 teams: a sizeable deployment, so map lookups are not flattered.
     for i in 0..50 {
         text.push_str(&format!(
@@ -24,8 +25,14 @@ fn config() -> tollgate::config::Config {
         ));
     }
     for t in 0..10 {
-        let k = if t == 0 { hash.clone() } else { tollgate::keys::hex(&tollgate::keys::hash_key(&format!("other-{t}"))) };
-        text.push_str(&format!("[[team]]\nname = \"team{t}\"\nkeys = [\"sha256:{k}\"]\n"));
+        let k = if t == 0 {
+            hash.clone()
+        } else {
+            tollgate::keys::hex(&tollgate::keys::hash_key(&format!("other-{t}")))
+        };
+        text.push_str(&format!(
+            "[[team]]\nname = \"team{t}\"\nkeys = [\"sha256:{k}\"]\n"
+        ));
     }
     tollgate::config::parse(&text, "bench", &|_| None).unwrap()
 }
@@ -43,17 +50,31 @@ fn body(prompt_bytes: usize) -> Bytes {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     let live = LiveState::build(config(), None);
     let mut headers = HeaderMap::new();
-    headers.insert("authorization", HeaderValue::from_str(&format!("Bearer {KEY}")).unwrap());
+    headers.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {KEY}")).unwrap(),
+    );
     headers.insert("content-type", HeaderValue::from_static("application/json"));
     headers.insert("user-agent", HeaderValue::from_static("OpenAI/Python 1.0"));
     let principal = live.keys.authenticate(&headers).unwrap();
 
-    c.bench_function("auth", |b| b.iter(|| live.keys.authenticate(black_box(&headers)).unwrap()));
-    c.bench_function("resolve_among_50", |b| b.iter(|| live.router.resolve(black_box("chat-small"), &principal).unwrap()));
+    c.bench_function("auth", |b| {
+        b.iter(|| live.keys.authenticate(black_box(&headers)).unwrap())
+    });
+    c.bench_function("resolve_among_50", |b| {
+        b.iter(|| {
+            live.router
+                .resolve(black_box("chat-small"), &principal)
+                .unwrap()
+        })
+    });
     c.bench_function("upstream_headers", |b| {
         let id = HeaderValue::from_static("req_0000000000000000");
         b.iter(|| {

@@ -44,7 +44,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "tollgate-loadgen", about = "HTTP/1.1 load generator for benches/loadtest.sh")]
+#[command(
+    name = "tollgate-loadgen",
+    about = "HTTP/1.1 load generator for benches/loadtest.sh"
+)]
 struct Args {
     /// Target, e.g. http://127.0.0.1:8080/v1/chat/completions (plain http only).
     #[arg(long)]
@@ -107,6 +110,8 @@ struct Tally {
     truncated: u64,
     /// Open loop: requests that left later than scheduled because their connection was busy.
     late: u64,
+    /// The first error seen, to say what went wrong.
+    first_error: Option<String>,
 }
 
 impl Tally {
@@ -117,6 +122,9 @@ impl Tally {
         self.events += other.events;
         self.truncated += other.truncated;
         self.late += other.late;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
     }
 
     fn errors(&self) -> u64 {
@@ -161,8 +169,8 @@ fn target(args: &Args) -> anyhow::Result<Target> {
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&(authority.host(), port))?
         .next()
         .context("--url host does not resolve")?;
-    let body = std::fs::read(&args.body)
-        .with_context(|| format!("reading {}", args.body.display()))?;
+    let body =
+        std::fs::read(&args.body).with_context(|| format!("reading {}", args.body.display()))?;
     let mut headers = vec![(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
@@ -249,10 +257,21 @@ fn record(tally: &mut Tally, t: &Target, outcome: &anyhow::Result<Outcome>, took
             tally.events += events;
             if t.stream && !done {
                 tally.truncated += 1;
+                tally
+                    .first_error
+                    .get_or_insert_with(|| "stream ended without data: [DONE]".into());
             }
         }
-        Ok(Outcome::Status(_)) => tally.non_2xx += 1,
-        Err(_) => tally.transport += 1,
+        Ok(Outcome::Status(code)) => {
+            tally.non_2xx += 1;
+            tally
+                .first_error
+                .get_or_insert_with(|| format!("status {code}"));
+        }
+        Err(e) => {
+            tally.transport += 1;
+            tally.first_error.get_or_insert_with(|| format!("{e:#}"));
+        }
     }
 }
 
@@ -481,6 +500,9 @@ async fn hold(args: &Args, t: Arc<Target>, n: usize) -> anyhow::Result<String> {
                 opened.add_permits(1);
                 if !resp.status().is_success() {
                     tally.non_2xx += 1;
+                    tally
+                        .first_error
+                        .get_or_insert_with(|| format!("status {}", resp.status()));
                 }
                 let mut body = resp.into_body();
                 let mut sse = SseCounter::default();
@@ -497,12 +519,15 @@ async fn hold(args: &Args, t: Arc<Target>, n: usize) -> anyhow::Result<String> {
                 Ok(())
             }
             .await;
-            if result.is_err() {
+            if let Err(e) = result {
                 tally.transport += 1;
+                tally.first_error.get_or_insert_with(|| format!("{e:#}"));
                 // Whoever waits for all streams to open must not wait for a failed one.
                 opened.add_permits(1);
             }
-            tally.latencies_us.push(started.elapsed().as_micros() as u64);
+            tally
+                .latencies_us
+                .push(started.elapsed().as_micros() as u64);
             tally
         }));
     }
@@ -578,6 +603,9 @@ fn summary(
         } else {
             0.0
         });
+    }
+    if let Some(e) = &tally.first_error {
+        v["first_error"] = json!(e);
     }
     if let (Some(obj), serde_json::Value::Object(more)) = (v.as_object_mut(), extra) {
         obj.extend(more);

@@ -4,6 +4,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::live::{Live, LiveState};
 use crate::pipeline::Gateway;
+use crate::server::catch_panic::CatchPanicLayer;
 use crate::server::limits::InFlightLimitLayer;
 use crate::server::request_id::RequestIdLayer;
 use crate::server::{self, ServeOptions};
@@ -81,6 +82,9 @@ pub async fn start_on(
         .layer(RequestIdLayer)
         // Before any work: shedding must cost nothing.
         .layer(InFlightLimitLayer::new(max_in_flight))
+        // Innermost: a panic in a phase becomes a 500 that still carries the request id and
+        // releases the in-flight permit.
+        .layer(CatchPanicLayer)
         .service(Gateway::new(live.clone()));
     let service = TowerToHyperService::new(service);
 

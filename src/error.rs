@@ -39,16 +39,14 @@ pub enum GatewayError {
     UnknownPath(String),
     #[error("the gateway is at its in-flight limit; retry shortly")]
     Overloaded,
-    #[error("the gateway is shutting down")]
-    ShuttingDown,
     #[error("backend `{backend}` could not be reached")]
     UpstreamConnect { backend: Arc<str> },
     #[error("backend `{backend}` did not answer in time")]
     UpstreamTimeout { backend: Arc<str> },
     #[error("backend `{backend}` failed")]
     UpstreamFailed { backend: Arc<str> },
-    #[error("forbidden: {0}")]
-    Forbidden(String),
+    #[error("internal error")]
+    Internal,
 }
 
 impl GatewayError {
@@ -56,20 +54,20 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::MissingKey | GatewayError::InvalidKey => StatusCode::UNAUTHORIZED,
-            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyRead
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidField { .. } => StatusCode::BAD_REQUEST,
             GatewayError::UnknownModel(_) | GatewayError::UnknownPath(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::Overloaded
-            | GatewayError::ShuttingDown
-            | GatewayError::NoEligibleBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Overloaded | GatewayError::NoEligibleBackend { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::UpstreamConnect { .. } | GatewayError::UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -78,7 +76,6 @@ impl GatewayError {
         match self {
             GatewayError::MissingKey => "missing_key",
             GatewayError::InvalidKey => "invalid_key",
-            GatewayError::Forbidden(_) => "forbidden",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::BodyRead => "body_read",
             GatewayError::MalformedJson(_) => "malformed_json",
@@ -88,10 +85,10 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::UnknownPath(_) => "unknown_path",
             GatewayError::Overloaded => "overloaded",
-            GatewayError::ShuttingDown => "shutting_down",
             GatewayError::UpstreamConnect { .. } => "upstream_connect",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamFailed { .. } => "upstream_failed",
+            GatewayError::Internal => "internal",
         }
     }
 
@@ -103,7 +100,6 @@ impl GatewayError {
             }
             GatewayError::UnknownModel(_) => ("invalid_request_error", Some("model_not_found")),
             GatewayError::UnknownPath(_) => ("invalid_request_error", Some("unknown_url")),
-            GatewayError::Forbidden(_) => ("permission_error", None),
             GatewayError::BodyTooLarge { .. } => {
                 ("invalid_request_error", Some("request_too_large"))
             }
@@ -111,10 +107,9 @@ impl GatewayError {
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidField { .. }
             | GatewayError::MethodNotAllowed { .. } => ("invalid_request_error", None),
-            GatewayError::Overloaded | GatewayError::ShuttingDown => {
-                ("server_error", Some("overloaded"))
-            }
+            GatewayError::Overloaded => ("server_error", Some("overloaded")),
             GatewayError::NoEligibleBackend { .. } => ("server_error", Some("no_eligible_backend")),
+            GatewayError::Internal => ("server_error", None),
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamFailed { .. }
             | GatewayError::UpstreamTimeout { .. } => ("upstream_error", Some(self.kind())),
@@ -131,7 +126,7 @@ impl GatewayError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            GatewayError::Overloaded | GatewayError::ShuttingDown => Some(Duration::from_secs(1)),
+            GatewayError::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

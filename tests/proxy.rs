@@ -206,3 +206,23 @@ async fn shutdown_finishes_in_flight_streams_then_stops_accepting() {
         "no longer accepting"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let gw = Harness::new()
+        .backend(Backend::sim("llama", "m"))
+        .team("search", SEARCH_KEY)
+        .server("header_read_timeout_s = 5")
+        .start()
+        .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req =
+        format!("GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SEARCH_KEY}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // Nothing more is sent: the gateway must not keep the connection forever.
+    let rest = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf)).await;
+    assert!(rest.is_ok(), "idle keep-alive connection still open");
+}

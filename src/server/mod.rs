@@ -6,6 +6,7 @@
 //!        shutdown ─► stop accepting ─► conns finish in-flight requests ─► (grace) ─► close
 //! ```
 
+pub mod catch_panic;
 pub mod limits;
 pub mod request_id;
 
