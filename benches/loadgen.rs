@@ -338,6 +338,11 @@ async fn closed_loop(args: &Args, t: Arc<Target>) -> anyhow::Result<String> {
             let mut conn: Option<SendRequest<Full<Bytes>>> = None;
             while Instant::now() < end {
                 let sent = Instant::now();
+                // A server that closed the connection cleanly (say, `connection: close`
+                // after its last request) is no error: connect again.
+                if conn.as_ref().is_some_and(|c| c.is_closed()) {
+                    conn = None;
+                }
                 let outcome = match conn.as_mut() {
                     Some(c) => exchange(&t, c, false).await,
                     None => match connect(&t).await {
@@ -404,6 +409,11 @@ async fn open_loop(args: &Args, t: Arc<Target>, rate: f64) -> anyhow::Result<Str
                 }
                 let sent = Instant::now();
                 let from = if was_idle { sent } else { scheduled };
+                // A server that closed the connection cleanly (say, `connection: close`
+                // after its last request) is no error: connect again.
+                if conn.as_ref().is_some_and(|c| c.is_closed()) {
+                    conn = None;
+                }
                 let outcome = match conn.as_mut() {
                     Some(c) => exchange(&t, c, false).await,
                     None => match connect(&t).await {
@@ -544,7 +554,7 @@ async fn hold(args: &Args, t: Arc<Target>, n: usize) -> anyhow::Result<String> {
         "hold",
         &tally,
         elapsed,
-        json!({"streams": n, "all_open_after_ms": open_after.as_secs_f64() * 1e3}),
+        json!({"connections": n, "all_open_after_ms": (open_after.as_secs_f64() * 1e4).round() / 10.0}),
     ))
 }
 

@@ -2,6 +2,8 @@
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::ledger::{Ledger, LedgerError};
+use crate::tokens::Tokenizers;
 use crate::live::{Live, LiveState};
 use crate::pipeline::Gateway;
 use crate::server::catch_panic::CatchPanicLayer;
@@ -28,6 +30,8 @@ pub enum StartError {
     },
     #[error("backend keys are missing:\n  - {}", .0.join("\n  - "))]
     MissingKeys(Vec<String>),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
 }
 
 /// A gateway serving its client and admin ports.
@@ -36,6 +40,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub live: Live,
     pub admin: Admin,
+    pub ledger: Arc<Ledger>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -65,6 +70,9 @@ pub async fn start_on(
         tracing::warn!("{w}");
     }
     let handle = crate::metrics::install();
+    let ledger = Ledger::open(&config.ledger_url, config.ledger_fsync)?;
+    // Loading the encoders takes a moment; do it now, not on the first request to need them.
+    let _ = tokio::task::spawn_blocking(Tokenizers::shared).await;
     let opts = ServeOptions {
         header_read_timeout: config.server.header_read_timeout,
         shutdown_grace: config.server.shutdown_grace,
@@ -85,7 +93,7 @@ pub async fn start_on(
         // Innermost: a panic in a phase becomes a 500 that still carries the request id and
         // releases the in-flight permit.
         .layer(CatchPanicLayer)
-        .service(Gateway::new(live.clone()));
+        .service(Gateway::new(live.clone(), ledger.clone()));
     let service = TowerToHyperService::new(service);
 
     let admin = Admin {
@@ -148,6 +156,7 @@ pub async fn start_on(
         admin_addr,
         live,
         admin,
+        ledger,
         shutdown,
         tasks,
     })
@@ -162,6 +171,9 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Every response has ended, so every record is queued: write them all before exit.
+        let ledger = self.ledger;
+        let _ = tokio::task::spawn_blocking(move || ledger.close()).await;
     }
 }
 

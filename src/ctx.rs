@@ -1,6 +1,9 @@
 //! What the gateway knows about one request as it moves through the phases.
 
 use crate::auth::Principal;
+use crate::tags::Tags;
+use crate::tokens::Counter;
+use bytes::Bytes;
 use http::HeaderValue;
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,8 +42,15 @@ pub struct RequestCtx {
     pub started: Instant,
     pub endpoint: Endpoint,
     pub principal: Arc<Principal>,
+    pub tags: Tags,
     pub requested_model: Arc<str>,
     pub stream: bool,
+    /// The client's body as received (shared, not copied): counted locally when needed.
+    pub body: Bytes,
+    pub counter: Counter,
     pub backend: Option<Arc<str>>,
     pub served_model: Option<Arc<str>>,
+    /// Bytes sent upstream, for egress.
+    pub upstream_request_bytes: u64,
+    pub attempts: u32,
 }

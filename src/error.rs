@@ -45,6 +45,8 @@ pub enum GatewayError {
     UpstreamTimeout { backend: Arc<str> },
     #[error("backend `{backend}` failed")]
     UpstreamFailed { backend: Arc<str> },
+    #[error("the gateway cannot record usage right now, so it serves no billable requests; retry shortly")]
+    LedgerUnavailable,
     #[error("internal error")]
     Internal,
 }
@@ -68,6 +70,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -89,6 +92,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamFailed { .. } => "upstream_failed",
             GatewayError::Internal => "internal",
+            GatewayError::LedgerUnavailable => "ledger_unavailable",
         }
     }
 
@@ -110,6 +114,7 @@ impl GatewayError {
             GatewayError::Overloaded => ("server_error", Some("overloaded")),
             GatewayError::NoEligibleBackend { .. } => ("server_error", Some("no_eligible_backend")),
             GatewayError::Internal => ("server_error", None),
+            GatewayError::LedgerUnavailable => ("server_error", Some("ledger_unavailable")),
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamFailed { .. }
             | GatewayError::UpstreamTimeout { .. } => ("upstream_error", Some(self.kind())),
@@ -126,7 +131,7 @@ impl GatewayError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            GatewayError::Overloaded => Some(Duration::from_secs(1)),
+            GatewayError::Overloaded | GatewayError::LedgerUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -3,28 +3,32 @@
 //! Modules are declared in the order a request meets them:
 //!
 //! ```text
-//! accept ─ limits ─ authenticate ─ parse ─ route ─ forward ─┐
-//!                                                           │
-//! client ◄── stream / body (x-tollgate-* headers) ◄─────────┘
-//!                       └─► record (metrics)
+//! accept ─ limits ─ authenticate ─ tag ─ parse & estimate ─ route ─ forward ─┐
+//!                                                                           │
+//! client ◄── stream / body (x-tollgate-* headers) ◄── meter (usage, cost) ◄──┘
+//!                                  └─► record: ledger (committed before the last byte), metrics
 //! ```
 
-pub mod admin;
-pub mod api;
-pub mod app;
-pub mod auth;
-pub mod body;
 pub mod config;
-pub mod ctx;
-pub mod demo;
-pub mod error;
-pub mod keys;
-pub mod live;
-pub mod metrics;
-pub mod pipeline;
-pub mod record;
-pub mod route;
 pub mod secret;
+pub mod app;
+pub mod live;
 pub mod server;
-pub mod sim;
+pub mod ctx;
+pub mod pipeline;
+pub mod auth;
+pub mod tags;
+pub mod api;
+pub mod tokens;
+pub mod route;
 pub mod upstream;
+pub mod body;
+pub mod meter;
+pub mod record;
+pub mod ledger;
+pub mod metrics;
+pub mod error;
+pub mod admin;
+pub mod keys;
+pub mod sim;
+pub mod demo;

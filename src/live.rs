@@ -5,6 +5,7 @@
 //! or the new one, never a mix. A bad file keeps the old snapshot.
 
 use crate::auth::KeyTable;
+use crate::config::prices::Catalog;
 use crate::config::Config;
 use crate::route::health::BackendState;
 use crate::route::{RouteBackend, Router};
@@ -48,7 +49,7 @@ impl LiveState {
             .collect();
         Self {
             keys: KeyTable::new(&config.teams),
-            router: Router::new(&backends),
+            router: Router::new(&backends, &Catalog::builtin()),
             backends,
             config: Arc::new(config),
         }

@@ -16,6 +16,9 @@ pub const BACKEND_UP: &str = "tollgate_backend_up";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "tollgate_upstream_errors_total";
 pub const REJECTED_TOTAL: &str = "tollgate_rejected_total";
 pub const IN_FLIGHT: &str = "tollgate_in_flight";
+pub const TOKENS_TOTAL: &str = "tollgate_tokens_total";
+pub const UNPRICED_REQUESTS_TOTAL: &str = "tollgate_unpriced_requests_total";
+pub const LEDGER_ERRORS_TOTAL: &str = "tollgate_ledger_errors_total";
 
 /// Latency buckets from 5 ms (a cached answer) to 10 minutes (a long generation).
 const DURATION_BUCKETS: &[f64] = &[
@@ -75,4 +78,10 @@ fn describe() {
         "Requests refused before reaching a backend, by error kind."
     );
     describe_gauge!(IN_FLIGHT, "Client requests in flight in the gateway.");
+    describe_counter!(TOKENS_TOTAL, "Tokens metered, by team, model, backend and direction (prompt, completion).");
+    describe_counter!(
+        UNPRICED_REQUESTS_TOTAL,
+        "Successful requests to a model with no price anywhere (config or catalog): cost unknown, not zero."
+    );
+    describe_counter!(LEDGER_ERRORS_TOTAL, "Failed ledger commits; while they fail, billable requests get 503.");
 }

@@ -5,18 +5,25 @@
 //! route path ─ authenticate ─ read body (limit) ─ parse ─ route ─ forward ─ stream back
 //! ```
 
+use crate::api::openai::BodyEdits;
 use crate::api::{models, openai};
 use crate::body::GatewayBody;
+use crate::config::OnDisconnect;
 use crate::ctx::{Endpoint, RequestCtx, RequestId};
 use crate::error::GatewayError;
+use crate::ledger::Ledger;
 use crate::live::{Live, LiveState};
+use crate::meter::{self, format_usd, sse::SseObserver};
 use crate::metrics as m;
-use crate::record::{Completion, Outcome};
+use crate::record::{Completion, Generated, Outcome, Settled, Status};
+use crate::route::Candidate;
 use crate::server::limits::read_body;
 use crate::server::request_id::next_id;
+use crate::tags;
 use crate::upstream::forward;
 use crate::upstream::headers::strip_hop_by_hop;
-use crate::upstream::stream::{Deadline, UpstreamBody};
+use crate::upstream::stream::UpstreamBody;
+use std::sync::Arc;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
@@ -28,15 +35,20 @@ use std::time::Instant;
 
 pub static X_TOLLGATE_BACKEND: HeaderName = HeaderName::from_static("x-tollgate-backend");
 pub static X_TOLLGATE_MODEL: HeaderName = HeaderName::from_static("x-tollgate-model");
+pub static X_TOLLGATE_PROMPT_TOKENS: HeaderName = HeaderName::from_static("x-tollgate-prompt-tokens");
+pub static X_TOLLGATE_COMPLETION_TOKENS: HeaderName = HeaderName::from_static("x-tollgate-completion-tokens");
+pub static X_TOLLGATE_TOKEN_SOURCE: HeaderName = HeaderName::from_static("x-tollgate-token-source");
+pub static X_TOLLGATE_COST_USD: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
 
 #[derive(Clone)]
 pub struct Gateway {
     live: Live,
+    ledger: Arc<Ledger>,
 }
 
 impl Gateway {
-    pub fn new(live: Live) -> Self {
-        Self { live }
+    pub fn new(live: Live, ledger: Arc<Ledger>) -> Self {
+        Self { live, ledger }
     }
 }
 
@@ -54,6 +66,7 @@ impl tower::Service<Request<Incoming>> for Gateway {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         // One snapshot per request: a reload mid-request cannot mix two configs.
         let live = self.live.load_full();
+        let gw = self.clone();
         Box::pin(async move {
             let started = Instant::now();
             let id = req
@@ -61,7 +74,7 @@ impl tower::Service<Request<Incoming>> for Gateway {
                 .get::<RequestId>()
                 .cloned()
                 .unwrap_or_else(next_id);
-            Ok(match dispatch(&live, req, id.clone(), started).await {
+            Ok(match dispatch(&gw, &live, req, id.clone(), started).await {
                 Ok(resp) => resp,
                 Err(e) => {
                     if e.status().is_server_error() {
@@ -78,6 +91,7 @@ impl tower::Service<Request<Incoming>> for Gateway {
 }
 
 async fn dispatch(
+    gw: &Gateway,
     live: &LiveState,
     req: Request<Incoming>,
     id: RequestId,
@@ -105,10 +119,11 @@ async fn dispatch(
         }
         (_, path) => return Err(GatewayError::UnknownPath(truncate(path, 200))),
     };
-    proxy(live, endpoint, req, id, started).await
+    proxy(gw, live, endpoint, req, id, started).await
 }
 
 async fn proxy(
+    gw: &Gateway,
     live: &LiveState,
     endpoint: Endpoint,
     req: Request<Incoming>,
@@ -120,74 +135,204 @@ async fn proxy(
 
     let principal = live.keys.authenticate(&parts.headers)?;
 
-    let content_length = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let content_length = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
     let body = read_body(body, content_length, server.max_body_bytes).await?;
     let summary = openai::parse(&body)?;
+    let tags = tags::collect(&principal.team, &parts.headers, summary.metadata.as_ref(), summary.user.as_deref())?;
 
     let candidate = live.router.resolve(&summary.model, &principal)?;
-    let upstream_body = if *candidate.model == *summary.model {
-        body.clone()
-    } else {
-        openai::with_model(&body, summary.model_span.clone(), &candidate.model)
-    };
+    // A request that could not be recorded must not be served.
+    if !gw.ledger.is_healthy() {
+        return Err(GatewayError::LedgerUnavailable);
+    }
+    let backend = &candidate.backend.cfg;
+    let mut edits = BodyEdits::default();
+    if *candidate.model != *summary.model {
+        edits.set_model(&summary, &candidate.model);
+    }
+    let ask_usage = summary.stream && !summary.include_usage && backend.stream_usage && endpoint != Endpoint::Embeddings;
+    if ask_usage {
+        edits.request_stream_usage(&body, &summary);
+    }
+    let upstream_body = edits.apply(&body);
 
     let ctx = RequestCtx {
         id,
         started,
         endpoint,
         principal,
+        tags,
         requested_model: summary.model.into(),
         stream: summary.stream,
-        backend: Some(candidate.backend.cfg.name.clone()),
+        body: body.clone(),
+        counter: candidate.counter,
+        backend: Some(backend.name.clone()),
         served_model: Some(candidate.model.clone()),
+        upstream_request_bytes: upstream_body.len() as u64,
+        attempts: 1,
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or(endpoint.path(), |p| p.as_str());
-    let in_flight = candidate.backend.state.enter();
-    let upstream = forward::send(
-        &candidate,
-        path,
-        parts.headers,
-        upstream_body,
-        &ctx.id.0,
-        server.request_timeout,
-    )
-    .await;
-    let upstream = match upstream {
-        Ok(resp) => resp,
-        Err(e) => {
-            Completion::new(ctx, e.status().as_u16(), in_flight)
-                .finish(Outcome::Complete(e.status().as_u16()));
-            return Err(e);
-        }
-    };
-
-    let (mut parts, incoming) = upstream.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(
-        X_TOLLGATE_BACKEND.clone(),
-        candidate.backend.name_header.clone(),
+    let path = parts.uri.path_and_query().map_or(endpoint.path(), |p| p.as_str()).to_string();
+    let completion = Completion::new(
+        ctx,
+        candidate.price.clone(),
+        backend.egress_usd_per_gb,
+        gw.ledger.clone(),
+        candidate.backend.state.enter(),
     );
-    parts
-        .headers
-        .insert(X_TOLLGATE_MODEL.clone(), candidate.model_header.clone());
-    let sse = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let deadline = if sse {
-        Deadline::Idle(candidate.backend.cfg.stream_idle_timeout)
-    } else {
-        Deadline::At((started + server.request_timeout).into())
+    let exchange = Exchange {
+        candidate,
+        path,
+        headers: parts.headers,
+        body: upstream_body,
+        completion,
+        request_timeout: server.request_timeout,
+        max_response_bytes: server.max_response_bytes,
+        strip_usage: ask_usage,
     };
-    let completion = Completion::new(ctx, parts.status.as_u16(), in_flight);
-    let body = UpstreamBody::new(incoming, deadline, sse, completion);
-    Ok(Response::from_parts(parts, GatewayBody::upstream(body)))
+    match exchange.candidate.backend.cfg.on_disconnect {
+        // Commercial providers bill a request the client abandoned: run the exchange on its
+        // own task so it reaches the provider's usage even if this future is dropped.
+        OnDisconnect::Drain => tokio::spawn(exchange.run()).await.unwrap_or(Err(GatewayError::Internal)),
+        OnDisconnect::Cancel => exchange.run().await,
+    }
+}
+
+/// One request's trip to its backend and back, from sending to a metered response.
+struct Exchange {
+    candidate: Candidate,
+    path: String,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+    completion: Completion,
+    request_timeout: std::time::Duration,
+    max_response_bytes: u64,
+    /// The gateway asked for stream usage the client did not: hide it from the client.
+    strip_usage: bool,
+}
+
+impl Exchange {
+    async fn run(self) -> Result<Response<GatewayBody>, GatewayError> {
+        let Exchange { candidate, path, headers, body, completion, request_timeout, max_response_bytes, strip_usage } =
+            self;
+        let (request_id, started) = {
+            let ctx = completion.ctx().expect("not settled yet");
+            (ctx.id.0.clone(), ctx.started)
+        };
+        let upstream = match forward::send(&candidate, &path, headers, body, &request_id, request_timeout).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                let settled = completion.finish(failure(Status::UpstreamError, e.status().as_u16())).await;
+                let _ = settled;
+                return Err(e);
+            }
+        };
+
+        let (mut parts, incoming) = upstream.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(X_TOLLGATE_BACKEND.clone(), candidate.backend.name_header.clone());
+        parts.headers.insert(X_TOLLGATE_MODEL.clone(), candidate.model_header.clone());
+        let sse = parts.headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let status = parts.status.as_u16();
+
+        if sse && parts.status.is_success() {
+            let cfg = &candidate.backend.cfg;
+            let body = UpstreamBody::new(
+                incoming,
+                cfg.stream_idle_timeout,
+                SseObserver::new(strip_usage),
+                completion,
+                cfg.on_disconnect,
+                status,
+            );
+            return Ok(Response::from_parts(parts, GatewayBody::upstream(body)));
+        }
+
+        // A JSON answer (or an upstream error) is read whole: its usage decides the headers.
+        let deadline = tokio::time::Instant::from_std(started + request_timeout);
+        let bytes = match read_response(incoming, max_response_bytes, deadline).await {
+            Ok(b) => b,
+            Err(e) => {
+                let backend = candidate.backend.cfg.name.clone();
+                let (kind, err) = match e {
+                    ReadError::Timeout => ("timeout", GatewayError::UpstreamTimeout { backend }),
+                    ReadError::TooLarge | ReadError::Body => ("body", GatewayError::UpstreamFailed { backend }),
+                };
+                forward::count_error(&candidate.backend.cfg.name, kind);
+                let _ = completion.finish(failure(Status::UpstreamBroken, err.status().as_u16())).await;
+                return Err(err);
+            }
+        };
+        let ok = parts.status.is_success();
+        let usage = if ok { meter::usage_of(&bytes) } else { None };
+        let outcome = Outcome {
+            status: if ok { Status::Ok } else { Status::UpstreamError },
+            http_status: status,
+            usage,
+            generated: (ok && usage.is_none()).then(|| generated_text(&bytes)),
+            response_bytes: bytes.len() as u64,
+            first_token_at: None,
+        };
+        let settled = completion.finish(outcome).await.map_err(|_| GatewayError::LedgerUnavailable)?;
+        if !settled.committed {
+            return Err(GatewayError::LedgerUnavailable);
+        }
+        if ok {
+            set_usage_headers(&mut parts.headers, &settled);
+        }
+        parts.headers.remove(CONTENT_LENGTH);
+        Ok(Response::from_parts(parts, GatewayBody::full(bytes)))
+    }
+}
+
+fn failure(status: Status, http_status: u16) -> Outcome {
+    Outcome { status, http_status, usage: None, generated: None, response_bytes: 0, first_token_at: None }
+}
+
+fn set_usage_headers(h: &mut http::HeaderMap, s: &Settled) {
+    if let Some(u) = s.usage {
+        h.insert(X_TOLLGATE_PROMPT_TOKENS.clone(), HeaderValue::from(u.prompt));
+        h.insert(X_TOLLGATE_COMPLETION_TOKENS.clone(), HeaderValue::from(u.completion));
+        h.insert(X_TOLLGATE_TOKEN_SOURCE.clone(), HeaderValue::from_static(u.source.as_str()));
+    }
+    if s.priced {
+        if let Ok(v) = HeaderValue::from_str(&format_usd(s.cost_nusd)) {
+            h.insert(X_TOLLGATE_COST_USD.clone(), v);
+        }
+    }
+}
+
+/// The generated text of a JSON answer, for a local count when it carries no usage.
+fn generated_text(json: &[u8]) -> Generated {
+    let v: serde_json::Value = serde_json::from_slice(json).unwrap_or_default();
+    let mut text = String::new();
+    for c in v["choices"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        for t in [&c["message"]["content"], &c["message"]["reasoning_content"], &c["text"]] {
+            if let Some(s) = t.as_str() {
+                text.push_str(s);
+            }
+        }
+        for call in c["message"]["tool_calls"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            text.push_str(call["function"]["name"].as_str().unwrap_or(""));
+            text.push_str(call["function"]["arguments"].as_str().unwrap_or(""));
+        }
+    }
+    Generated { text, overflow_bytes: 0 }
+}
+
+enum ReadError {
+    Timeout,
+    TooLarge,
+    Body,
+}
+
+async fn read_response(body: Incoming, limit: u64, deadline: tokio::time::Instant) -> Result<bytes::Bytes, ReadError> {
+    use http_body_util::{BodyExt, Limited};
+    match tokio::time::timeout_at(deadline, Limited::new(body, limit as usize).collect()).await {
+        Err(_) => Err(ReadError::Timeout),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
+        Ok(Err(_)) => Err(ReadError::Body),
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -1,90 +1,288 @@
-//! The completion guard: whatever way a proxied request ends (finished, upstream broke,
-//! client went away), its outcome is recorded exactly once.
+//! The completion guard: however a request ends (finished, refused upstream, upstream broke,
+//! client went away), its usage and cost are settled and its ledger record written, once.
 //!
-//! The guard travels inside the response body, so the end of the body is the end of the
-//! request; dropping it unfinished means the client closed the connection.
+//! ```text
+//! finish(outcome) ─► usage: upstream's, else counted here (off the runtime when large)
+//!                 ─► cost = tokens x prices (+ egress)      ─► metrics
+//!                 ─► ledger record ─► Settled (committed?) ─► last bytes to the client
+//! ```
+//!
+//! Dropping a guard that was never finished records the request as `client_closed`: the
+//! caller's future or body was dropped because the client left.
 
+use crate::config::prices::Price;
 use crate::ctx::RequestCtx;
+use crate::ledger::{Ledger, Record};
+use crate::meter::{self, TokenSource, Usage};
 use crate::metrics as m;
 use crate::route::health::InFlight;
+use crate::tokens::{count_chat_prompt, ChatPrompt, Tokenizers};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
 
-/// How a proxied request ended.
+/// How a request ended, in the ledger's `status` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The response was sent in full with this status.
-    Complete(u16),
-    /// The client closed the connection before the response ended.
+pub enum Status {
+    /// The upstream answered 2xx and the client got all of it.
+    Ok,
+    /// The client left before the end.
     ClientClosed,
     /// The upstream failed or went silent after the response had started.
     UpstreamBroken,
+    /// The upstream answered with an error status (passed through), or could not be reached.
+    UpstreamError,
 }
 
-impl Outcome {
-    /// The `status` label: a status code or one of two words, a bounded set.
-    fn label(self) -> std::borrow::Cow<'static, str> {
+impl Status {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::Complete(code) => code.to_string().into(),
-            Outcome::ClientClosed => "client_closed".into(),
-            Outcome::UpstreamBroken => "upstream_broken".into(),
+            Status::Ok => "ok",
+            Status::ClientClosed => "client_closed",
+            Status::UpstreamBroken => "upstream_broken",
+            Status::UpstreamError => "upstream_error",
         }
     }
 }
 
+/// Text the model generated, for a local count when the upstream reports no usage.
+#[derive(Debug, Default)]
+pub struct Generated {
+    pub text: String,
+    /// Bytes past what was kept; counted at 4 bytes a token.
+    pub overflow_bytes: u64,
+}
+
 #[derive(Debug)]
+pub struct Outcome {
+    pub status: Status,
+    pub http_status: u16,
+    /// The upstream's own usage, when it reported one.
+    pub usage: Option<Usage>,
+    pub generated: Option<Generated>,
+    pub response_bytes: u64,
+    pub first_token_at: Option<Instant>,
+}
+
+/// A request's final figures.
+#[derive(Debug, Clone, Copy)]
+pub struct Settled {
+    pub usage: Option<Usage>,
+    pub cost_nusd: i64,
+    pub priced: bool,
+    /// The record reached the ledger; when false the response must not complete normally.
+    pub committed: bool,
+}
+
+/// Everything needed to settle a request; travels with the response.
 pub struct Completion {
-    ctx: RequestCtx,
-    status: u16,
+    /// Taken when settled, so a request settles once.
+    job: Option<Job>,
     _in_flight: Option<InFlight>,
-    done: bool,
+}
+
+struct Job {
+    ctx: RequestCtx,
+    price: Option<Arc<Price>>,
+    egress_usd_per_gb: Option<f64>,
+    ledger: Arc<Ledger>,
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completion").field("settled", &self.job.is_none()).finish()
+    }
 }
 
 // === impl Completion ===
 
 impl Completion {
-    pub fn new(ctx: RequestCtx, status: u16, in_flight: InFlight) -> Self {
-        Self {
-            ctx,
-            status,
-            _in_flight: Some(in_flight),
-            done: false,
-        }
+    pub fn new(
+        ctx: RequestCtx,
+        price: Option<Arc<Price>>,
+        egress_usd_per_gb: Option<f64>,
+        ledger: Arc<Ledger>,
+        in_flight: InFlight,
+    ) -> Self {
+        Self { job: Some(Job { ctx, price, egress_usd_per_gb, ledger }), _in_flight: Some(in_flight) }
     }
 
-    pub fn ctx(&self) -> &RequestCtx {
-        &self.ctx
+    /// The request's context; `None` once settled.
+    pub fn ctx(&self) -> Option<&RequestCtx> {
+        self.job.as_ref().map(|j| &j.ctx)
     }
 
-    /// The response ended normally.
-    pub fn complete(&mut self) {
-        self.finish(Outcome::Complete(self.status));
+    /// Settles the request; the receiver resolves once its record is committed.
+    pub fn finish(mut self, outcome: Outcome) -> oneshot::Receiver<Settled> {
+        let (tx, rx) = oneshot::channel();
+        self.settle(outcome, Some(tx));
+        rx
     }
 
-    pub fn finish(&mut self, outcome: Outcome) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
-        }
+    /// Settles without waiting for the ledger (nobody is left to tell).
+    pub fn finish_detached(mut self, outcome: Outcome) {
+        self.settle(outcome, None);
+    }
+
+    fn settle(&mut self, outcome: Outcome, reply: Option<oneshot::Sender<Settled>>) {
         self._in_flight = None;
-        let ctx = &self.ctx;
-        let backend = ctx.backend.clone().unwrap_or_else(|| "".into());
-        let model = ctx
-            .served_model
-            .clone()
-            .unwrap_or_else(|| ctx.requested_model.clone());
-        let labels = [
-            metrics::Label::new("team", ctx.principal.team.name.clone()),
-            metrics::Label::new("model", model),
-            metrics::Label::new("backend", backend),
-            metrics::Label::new("status", outcome.label()),
-        ];
-        metrics::counter!(m::REQUESTS_TOTAL, labels.iter()).increment(1);
-        metrics::histogram!(m::REQUEST_DURATION_SECONDS, labels.iter())
-            .record(ctx.started.elapsed().as_secs_f64());
-        tracing::debug!(request_id = ctx.id.as_str(), ?outcome, "request finished");
+        let Some(Job { ctx, price, egress_usd_per_gb, ledger }) = self.job.take() else { return };
+        let job = Settle { ctx, price, egress_usd_per_gb, ledger, outcome, ended: Instant::now() };
+        if job.outcome.usage.is_some() || job.local_count_bytes() <= crate::tokens::INLINE_COUNT_MAX_BYTES {
+            job.run(reply);
+        } else {
+            // A large prompt or answer to count: off the async runtime, behind the semaphore.
+            tokio::spawn(async move {
+                let tok = Tokenizers::shared();
+                let bytes = job.local_count_bytes();
+                let job = tok.off_runtime(bytes, move |_| job.with_local_usage()).await;
+                job.run(reply);
+            });
+        }
     }
 }
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        self.finish(Outcome::ClientClosed);
+        if self.job.is_some() {
+            let outcome = Outcome {
+                status: Status::ClientClosed,
+                http_status: 499,
+                usage: None,
+                generated: None,
+                response_bytes: 0,
+                first_token_at: None,
+            };
+            self.settle(outcome, None);
+        }
     }
+}
+
+struct Settle {
+    ctx: RequestCtx,
+    price: Option<Arc<Price>>,
+    egress_usd_per_gb: Option<f64>,
+    ledger: Arc<Ledger>,
+    outcome: Outcome,
+    ended: Instant,
+}
+
+impl Settle {
+    fn local_count_bytes(&self) -> usize {
+        self.ctx.body.len() + self.outcome.generated.as_ref().map_or(0, |g| g.text.len())
+    }
+
+    /// Counts locally what the upstream did not report.
+    fn with_local_usage(mut self) -> Self {
+        if self.outcome.usage.is_none() {
+            self.outcome.usage = Some(local_usage(&self.ctx, self.outcome.generated.as_ref()));
+        }
+        self
+    }
+
+    fn run(self, reply: Option<oneshot::Sender<Settled>>) {
+        let this = self.with_local_usage();
+        let ctx = &this.ctx;
+        let o = &this.outcome;
+        let usage = o.usage.expect("with_local_usage fills it");
+        // The provider bills what it generated; an upstream that refused the request (or could
+        // not be reached) bills nothing, but the prompt's tokens are still recorded.
+        let billable = o.status != Status::UpstreamError;
+        let egress_bytes = ctx.upstream_request_bytes + o.response_bytes;
+        let cost_nusd = if billable {
+            meter::cost_nusd(this.price.as_deref(), &usage, egress_bytes, this.egress_usd_per_gb)
+        } else {
+            0
+        };
+        let priced = this.price.is_some();
+        let team = ctx.principal.team.name.clone();
+        let backend = ctx.backend.clone();
+        let model = ctx.served_model.clone().unwrap_or_else(|| ctx.requested_model.clone());
+        record_metrics(&team, &model, backend.as_deref().unwrap_or(""), o, &usage, priced || !billable, ctx);
+
+        let ended_at_us = now_us();
+        let latency = this.ended.duration_since(ctx.started);
+        let record = Record {
+            id: ctx.id.as_str().to_string(),
+            started_at_us: ended_at_us - latency.as_micros() as i64,
+            ended_at_us,
+            team,
+            key_id: ctx.principal.key_id.clone(),
+            tags: serde_json::to_string(&ctx.tags).unwrap_or_else(|_| "{}".into()),
+            endpoint: ctx.endpoint.path(),
+            requested_model: ctx.requested_model.clone(),
+            backend,
+            served_model: ctx.served_model.clone(),
+            prompt_tokens: Some(usage.prompt),
+            completion_tokens: Some(usage.completion),
+            cached_tokens: Some(usage.cached),
+            cache_write_tokens: Some(usage.cache_write),
+            reasoning_tokens: Some(usage.reasoning),
+            token_source: Some(usage.source),
+            cost_nusd,
+            priced,
+            egress_bytes,
+            status: o.status.as_str(),
+            http_status: o.http_status,
+            attempts: ctx.attempts,
+            latency_ms: latency.as_secs_f64() * 1e3,
+            ttft_ms: o.first_token_at.map(|t| t.duration_since(ctx.started).as_secs_f64() * 1e3),
+            stream: ctx.stream,
+        };
+        let settled = Settled { usage: Some(usage), cost_nusd, priced, committed: false };
+        let reply = reply.map(|tx| -> Box<dyn FnOnce(bool) + Send> {
+            Box::new(move |committed| {
+                let _ = tx.send(Settled { committed, ..settled });
+            })
+        });
+        this.ledger.submit(record, reply);
+    }
+}
+
+fn local_usage(ctx: &RequestCtx, generated: Option<&Generated>) -> Usage {
+    let tok = Tokenizers::shared();
+    let counter = ctx.counter;
+    let prompt = ChatPrompt::parse(ctx.endpoint, &ctx.body)
+        .map(|p| counter.scale(count_chat_prompt(&tok, counter.encoding, &p)))
+        .unwrap_or(0);
+    let completion = generated.map_or(0, |g| {
+        counter.scale(tok.count(counter.encoding, &g.text)) + g.overflow_bytes.div_ceil(4)
+    });
+    Usage { prompt, completion, cached: 0, cache_write: 0, reasoning: 0, source: TokenSource::Local }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record_metrics(
+    team: &Arc<str>,
+    model: &Arc<str>,
+    backend: &str,
+    o: &Outcome,
+    usage: &Usage,
+    priced: bool,
+    ctx: &RequestCtx,
+) {
+    let label = |k: &'static str, v: metrics::SharedString| metrics::Label::new(k, v);
+    let base = || {
+        vec![
+            label("team", team.clone().into()),
+            label("model", model.clone().into()),
+            label("backend", backend.to_string().into()),
+        ]
+    };
+    let mut with_status = base();
+    with_status.push(label("status", o.status.as_str().into()));
+    metrics::counter!(m::REQUESTS_TOTAL, with_status.clone()).increment(1);
+    metrics::histogram!(m::REQUEST_DURATION_SECONDS, with_status).record(ctx.started.elapsed().as_secs_f64());
+    for (direction, n) in [("prompt", usage.prompt), ("completion", usage.completion)] {
+        let mut l = base();
+        l.push(label("direction", direction.into()));
+        metrics::counter!(m::TOKENS_TOTAL, l).increment(n);
+    }
+    if !priced && o.status == Status::Ok {
+        metrics::counter!(m::UNPRICED_REQUESTS_TOTAL, base()).increment(1);
+    }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }

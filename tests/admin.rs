@@ -29,7 +29,7 @@ async fn health_ready_and_metrics() {
                 && l.contains("backend=\"llama\"")
         })
         .unwrap_or_else(|| panic!("no request counter for search/llama in:\n{text}"));
-    assert!(line.contains("status=\"200\""), "{line}");
+    assert!(line.contains("status=\"ok\""), "{line}");
     assert!(
         text.contains("tollgate_request_duration_seconds_bucket"),
         "{text}"

@@ -51,7 +51,11 @@ async fn the_caller_key_stays_here_and_the_backend_key_is_injected() {
 
 #[tokio::test]
 async fn hop_by_hop_headers_do_not_cross() {
-    let gw = basic().await;
+    let gw = Harness::new()
+        .backend(Backend::sim("llama", "m").alias("chat-small"))
+        .team_toml("search", SEARCH_KEY, "request_tags = [\"project\"]")
+        .start()
+        .await;
     let req = http::Request::post(gw.url("/v1/chat/completions"))
         .header("authorization", format!("Bearer {SEARCH_KEY}"))
         .header("connection", "keep-alive, x-hop")

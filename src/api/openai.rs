@@ -16,6 +16,14 @@ pub struct RequestSummary<'a> {
     /// Byte range of the model's JSON string (quotes included) within the body.
     pub model_span: Range<usize>,
     pub stream: bool,
+    /// `stream_options.include_usage` as the client sent it.
+    pub include_usage: bool,
+    /// Byte range of the `stream_options` value, when present.
+    pub stream_options_span: Option<Range<usize>>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub user: Option<Cow<'a, str>>,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_output_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -23,6 +31,24 @@ struct Head<'a> {
     #[serde(borrow)]
     model: Option<&'a RawValue>,
     stream: Option<bool>,
+    // `null` too, so that its place is known and can be replaced.
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    stream_options: Option<&'a RawValue>,
+    #[serde(borrow)]
+    metadata: Option<&'a RawValue>,
+    #[serde(borrow)]
+    user: Option<Cow<'a, str>>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+}
+
+fn some_raw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
 }
 
 pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
@@ -48,13 +74,92 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
             message: "`model` must not be empty".into(),
         });
     }
-    // `raw` borrows from `body`, so its position is a pointer difference.
-    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    let include_usage = match head.stream_options {
+        Some(raw) if raw.get() != "null" => {
+            serde_json::from_str::<StreamOptions>(raw.get())
+                .map_err(|_| GatewayError::InvalidField {
+                    param: "stream_options",
+                    message: "`stream_options` must be an object".into(),
+                })?
+                .include_usage
+                .unwrap_or(false)
+        }
+        _ => false,
+    };
+    let metadata = match head.metadata {
+        Some(raw) if raw.get() != "null" => Some(serde_json::from_str(raw.get()).map_err(|_| {
+            GatewayError::InvalidField { param: "metadata", message: "`metadata` must be an object".into() }
+        })?),
+        _ => None,
+    };
     Ok(RequestSummary {
         model,
-        model_span: start..start + raw.get().len(),
+        model_span: span_of(body, raw),
         stream: head.stream.unwrap_or(false),
+        include_usage,
+        stream_options_span: head.stream_options.map(|raw| span_of(body, raw)),
+        metadata,
+        user: head.user,
+        max_output_tokens: head.max_completion_tokens.or(head.max_tokens),
     })
+}
+
+/// `raw` borrows from `body`, so its position is a pointer difference.
+fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    start..start + raw.get().len()
+}
+
+/// Edits to make to a request body before it goes upstream.
+#[derive(Debug, Default)]
+pub struct BodyEdits {
+    edits: Vec<(Range<usize>, Vec<u8>)>,
+}
+
+impl BodyEdits {
+    pub fn is_empty(&self) -> bool {
+        self.edits.is_empty()
+    }
+
+    pub fn set_model(&mut self, summary: &RequestSummary<'_>, model: &str) {
+        let quoted = serde_json::to_vec(model).unwrap_or_default();
+        self.edits.push((summary.model_span.clone(), quoted));
+    }
+
+    /// Asks the upstream for a final usage event on a stream (`stream_options.include_usage`).
+    pub fn request_stream_usage(&mut self, body: &[u8], summary: &RequestSummary<'_>) {
+        match &summary.stream_options_span {
+            Some(span) => {
+                let mut opts: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
+                opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+                self.edits.push((span.clone(), serde_json::to_vec(&opts).unwrap_or_default()));
+            }
+            None => {
+                // Right after the opening brace; the object has at least `model`, so the comma is valid.
+                let at = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
+                self.edits.push((at..at, br#""stream_options":{"include_usage":true},"#.to_vec()));
+            }
+        }
+    }
+
+    /// The body with every edit applied, in one copy.
+    pub fn apply(mut self, body: &Bytes) -> Bytes {
+        if self.edits.is_empty() {
+            return body.clone();
+        }
+        self.edits.sort_by_key(|(r, _)| r.start);
+        let added: usize = self.edits.iter().map(|(_, b)| b.len()).sum();
+        let mut out = BytesMut::with_capacity(body.len() + added);
+        let mut at = 0;
+        for (range, bytes) in &self.edits {
+            out.extend_from_slice(&body[at..range.start]);
+            out.extend_from_slice(bytes);
+            at = range.end;
+        }
+        out.extend_from_slice(&body[at..]);
+        out.freeze()
+    }
 }
 
 fn json_error(e: serde_json::Error) -> GatewayError {
@@ -65,16 +170,6 @@ fn json_error(e: serde_json::Error) -> GatewayError {
         },
         _ => GatewayError::MalformedJson(e.to_string()),
     }
-}
-
-/// The body with its `model` value replaced; the caller only calls this when the name differs.
-pub fn with_model(body: &Bytes, span: Range<usize>, model: &str) -> Bytes {
-    let quoted = serde_json::to_string(model).unwrap_or_default();
-    let mut out = BytesMut::with_capacity(body.len() - span.len() + quoted.len());
-    out.extend_from_slice(&body[..span.start]);
-    out.extend_from_slice(quoted.as_bytes());
-    out.extend_from_slice(&body[span.end..]);
-    out.freeze()
 }
 
 #[cfg(test)]
@@ -95,10 +190,42 @@ mod tests {
     fn rewrites_only_the_model() {
         let body = Bytes::from_static(br#"{"model":"chat-small","n":1}"#);
         let s = parse(&body).unwrap();
-        let out = with_model(&body, s.model_span, "meta-llama/Llama \"3\"");
+        let mut edits = BodyEdits::default();
+        edits.set_model(&s, "meta-llama/Llama \"3\"");
+        let out = edits.apply(&body);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "meta-llama/Llama \"3\"");
         assert_eq!(v["n"], 1);
+    }
+
+    #[test]
+    fn asks_for_stream_usage_with_or_without_stream_options() {
+        for body in [
+            &br#"{"model":"m","stream":true}"#[..],
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+            br#"{"model":"m","stream":true,"stream_options":null}"#,
+        ] {
+            let body = Bytes::copy_from_slice(body);
+            let s = parse(&body).unwrap();
+            assert!(!s.include_usage);
+            let mut edits = BodyEdits::default();
+            edits.request_stream_usage(&body, &s);
+            edits.set_model(&s, "served");
+            let out = edits.apply(&body);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+            assert_eq!(v["stream_options"]["include_usage"], true, "{v}");
+            assert_eq!(v["model"], "served");
+        }
+    }
+
+    #[test]
+    fn reads_tags_sources_and_output_cap() {
+        let s = parse(br#"{"model":"m","metadata":{"project":"a"},"user":"u","max_tokens":9,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(s.metadata.unwrap()["project"], "a");
+        assert_eq!(s.user.as_deref(), Some("u"));
+        assert_eq!(s.max_output_tokens, Some(9));
+        assert!(s.include_usage);
+        assert!(parse(br#"{"model":"m","metadata":[1]}"#).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! (`deny_unknown_fields`), and every default is a named const. [`validate`] turns them into
 //! a [`Config`] whose fields need no "not yet checked" states.
 
+pub mod prices;
 mod validate;
 
 pub use validate::{
@@ -27,6 +28,7 @@ pub const DEFAULT_CONNECT_TIMEOUT_S: f64 = 5.0;
 pub const DEFAULT_STREAM_IDLE_TIMEOUT_S: f64 = 120.0;
 pub const DEFAULT_POOL_IDLE_TIMEOUT_S: f64 = 90.0;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +69,8 @@ pub struct RawServer {
     pub listen_backlog: u32,
     /// How long shutdown waits for in-flight requests before closing them.
     pub shutdown_grace_s: f64,
+    /// Largest non-streaming upstream response; it is read whole to meter it before replying.
+    pub max_response_bytes: u64,
 }
 
 impl Default for RawServer {
@@ -81,6 +85,7 @@ impl Default for RawServer {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             listen_backlog: DEFAULT_LISTEN_BACKLOG,
             shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -92,6 +97,8 @@ pub struct RawStore {
     pub ledger: String,
     /// `local` or `redis://…`.
     pub budgets: String,
+    /// fsync each ledger group commit: survives power loss, not only a killed process.
+    pub fsync: bool,
 }
 
 impl Default for RawStore {
@@ -99,6 +106,7 @@ impl Default for RawStore {
         Self {
             ledger: "sqlite://data/tollgate.db".into(),
             budgets: "local".into(),
+            fsync: false,
         }
     }
 }
@@ -146,6 +154,9 @@ pub struct RawBackend {
     /// Longest silence between two stream events before the stream is cut.
     pub stream_idle_timeout_s: Option<f64>,
     pub pool_idle_timeout_s: Option<f64>,
+    /// Ask for `stream_options.include_usage` on streams (the server supports it).
+    #[serde(default = "yes")]
+    pub stream_usage: bool,
     pub models: Vec<RawModel>,
 }
 
@@ -162,6 +173,10 @@ pub struct RawGpu {
     #[serde(default = "one_f64")]
     pub fraction: f64,
     pub tokens_per_second: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one_u32() -> u32 {

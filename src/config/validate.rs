@@ -15,6 +15,7 @@ use std::time::Duration;
 pub struct Config {
     pub server: Server,
     pub ledger_url: String,
+    pub ledger_fsync: bool,
     pub budget_store: String,
     pub self_hosted_cost: String,
     pub max_attempts: u32,
@@ -39,6 +40,7 @@ pub struct Server {
     pub max_in_flight: usize,
     pub listen_backlog: u32,
     pub shutdown_grace: Duration,
+    pub max_response_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +123,7 @@ pub struct Backend {
     pub connect_timeout: Duration,
     pub stream_idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    pub stream_usage: bool,
     pub models: Vec<BackendModel>,
 }
 
@@ -292,6 +295,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
         max_in_flight: s.max_in_flight,
         listen_backlog: s.listen_backlog,
         shutdown_grace: c.seconds("server.shutdown_grace_s", s.shutdown_grace_s),
+        max_response_bytes: s.max_response_bytes,
     };
     if s.max_body_bytes == 0 {
         c.err("server.max_body_bytes", "must be > 0");
@@ -520,6 +524,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
             connect_timeout,
             stream_idle_timeout,
             pool_idle_timeout,
+            stream_usage: b.stream_usage,
             models,
         }));
     }
@@ -614,6 +619,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
         Ok(Config {
             server,
             ledger_url: raw.store.ledger,
+            ledger_fsync: raw.store.fsync,
             budget_store: raw.store.budgets,
             self_hosted_cost: raw.routing.self_hosted_cost,
             max_attempts: raw.routing.max_attempts,

@@ -7,7 +7,9 @@
 pub mod health;
 
 use crate::auth::Principal;
+use crate::config::prices::{self, Catalog, Price};
 use crate::config::Backend;
+use crate::tokens::{Counter, Encoding};
 use crate::error::GatewayError;
 use crate::upstream::client::UpstreamClient;
 use health::BackendState;
@@ -44,6 +46,9 @@ pub struct Candidate {
     /// The name the backend knows the model by (the request may have used an alias).
     pub model: Arc<str>,
     pub model_header: HeaderValue,
+    /// `None`: served, but unpriced (counted and flagged, never priced at 0).
+    pub price: Option<Arc<Price>>,
+    pub counter: Counter,
 }
 
 /// Config names are printable (validated), so this only falls back for odd Unicode.
@@ -57,7 +62,7 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(backends: &[Arc<RouteBackend>]) -> Self {
+    pub fn new(backends: &[Arc<RouteBackend>], catalog: &Catalog) -> Self {
         let mut by_name: HashMap<Arc<str>, Vec<Candidate>> = HashMap::new();
         for b in backends {
             for m in &b.cfg.models {
@@ -65,6 +70,8 @@ impl Router {
                     backend: b.clone(),
                     model: m.name.clone(),
                     model_header: header_value(&m.name),
+                    price: prices::resolve(&b.cfg, m, catalog).map(Arc::new),
+                    counter: Encoding::for_model(&m.name),
                 };
                 for name in std::iter::once(&m.name).chain(&m.aliases) {
                     by_name

@@ -1,104 +1,150 @@
-//! Pass-through of an upstream response body, frame by frame, as it arrives.
+//! Pass-through of an upstream SSE stream, event by event, as it arrives.
 //!
-//! Nothing is buffered: each frame hyper hands us goes straight to the client connection,
-//! and hyper's writer gathers frames that are ready together into one write. What this layer
-//! adds is time and accounting:
+//! Nothing waits for more than the rest of its own event: each event goes to the client
+//! connection once its blank line arrives, and hyper's writer gathers events that are ready
+//! together into one write. This layer adds time, metering and the ending:
 //!
 //! ```text
-//!  upstream ──frame──► UpstreamBody ──frame──► client
-//!                        │  timer: reset on every frame (streams) or a fixed deadline
-//!                        │  silent too long / upstream broke:
-//!                        │     SSE  -> one `data: {"error":…}` event, then end
-//!                        │     JSON -> abort, so the client sees a truncated body
-//!                        └─ Completion guard: recorded once at end, error, or drop
+//!  upstream ──frame──► SseObserver (usage, text, [DONE] held) ──events──► client
+//!     │ silent > stream_idle_timeout, or broke: settle as upstream_broken, error event
+//!     │ ended: settle ─► ledger commit ─► `: tollgate {cost…}` ─► `data: [DONE]` ─► end
+//!     └ client left: cancel (drop upstream) or drain (read on for the provider's usage),
+//!       as the backend's on_disconnect says; the record is written either way
 //! ```
-//!
-//! Dropping this body (the client went away) drops the upstream body, which closes the
-//! upstream connection: a self-hosted server stops generating.
 
-use crate::body::BodyError;
+use crate::config::OnDisconnect;
 use crate::error::GatewayError;
-use crate::record::{Completion, Outcome};
+use crate::meter::sse::SseObserver;
+use crate::meter::format_usd;
+use crate::record::{Completion, Generated, Outcome, Settled, Status};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-/// When the body must have made progress by.
-#[derive(Debug, Clone, Copy)]
-pub enum Deadline {
-    /// A stream: at most this long between two frames.
-    Idle(Duration),
-    /// A plain response: the whole body by this instant.
-    At(Instant),
+use crate::body::BodyError;
+
+enum State {
+    Streaming,
+    /// Waiting for the record to be committed before the last bytes.
+    Settling { rx: oneshot::Receiver<Settled>, status: Status, error: Option<GatewayError> },
+    Done,
 }
 
-pin_project! {
-    pub struct UpstreamBody {
-        #[pin]
-        inner: Incoming,
-        #[pin]
-        timer: Sleep,
-        deadline: Deadline,
-        sse: bool,
-        done: bool,
-        completion: Completion,
-    }
+pub struct UpstreamBody {
+    inner: Option<Incoming>,
+    timer: Pin<Box<Sleep>>,
+    idle: Duration,
+    observer: SseObserver,
+    state: State,
+    completion: Option<Completion>,
+    on_disconnect: OnDisconnect,
+    backend: Arc<str>,
+    http_status: u16,
+    response_bytes: u64,
+    first_token_at: Option<std::time::Instant>,
 }
 
 // === impl UpstreamBody ===
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, deadline: Deadline, sse: bool, completion: Completion) -> Self {
-        let at = match deadline {
-            Deadline::Idle(d) => Instant::now() + d,
-            Deadline::At(at) => at,
-        };
+    pub fn new(
+        inner: Incoming,
+        idle: Duration,
+        observer: SseObserver,
+        completion: Completion,
+        on_disconnect: OnDisconnect,
+        http_status: u16,
+    ) -> Self {
+        let backend = completion.ctx().and_then(|c| c.backend.clone()).unwrap_or_else(|| "".into());
         Self {
-            inner,
-            timer: tokio::time::sleep_until(at),
-            deadline,
-            sse,
-            done: false,
-            completion,
+            inner: Some(inner),
+            timer: Box::pin(tokio::time::sleep(idle)),
+            idle,
+            observer,
+            state: State::Streaming,
+            completion: Some(completion),
+            on_disconnect,
+            backend,
+            http_status,
+            response_bytes: 0,
+            first_token_at: None,
         }
     }
 
-    fn fail(
-        self: Pin<&mut Self>,
-        error: BodyError,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.project();
-        *this.done = true;
-        let ctx = this.completion.ctx();
-        let backend = ctx.backend.clone().unwrap_or_else(|| "".into());
-        tracing::warn!(request_id = ctx.id.as_str(), backend = &*backend, %error, "upstream body ended early");
-        let kind = if matches!(error, BodyError::Timeout) {
-            "stream_idle_timeout"
-        } else {
-            "body"
-        };
-        crate::upstream::forward::count_error(&backend, kind);
-        this.completion.finish(Outcome::UpstreamBroken);
-        if *this.sse {
-            // An SSE client cannot get a new status code mid-stream; an `error` event is what
-            // OpenAI's SDKs raise from.
-            let err = match error {
-                BodyError::Timeout => GatewayError::UpstreamTimeout { backend },
-                BodyError::Upstream(_) => GatewayError::UpstreamFailed { backend },
-            };
-            let mut event = b"data: ".to_vec();
-            event.extend_from_slice(&err.body_json());
-            event.extend_from_slice(b"\n\n");
-            Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
-        } else {
-            Poll::Ready(Some(Err(error)))
+    fn outcome(&mut self, status: Status) -> Outcome {
+        Outcome {
+            status,
+            http_status: self.http_status,
+            usage: self.observer.usage,
+            generated: Some(Generated {
+                text: std::mem::take(&mut self.observer.text),
+                overflow_bytes: self.observer.overflow_bytes,
+            }),
+            response_bytes: self.response_bytes,
+            first_token_at: self.first_token_at,
         }
+    }
+
+    /// Ends the upstream side and starts settling; `error` is what the client is told.
+    fn settle(&mut self, status: Status, error: Option<GatewayError>) -> Option<Bytes> {
+        let leftover = self.observer.finish();
+        self.inner = None;
+        let outcome = self.outcome(status);
+        let rx = self.completion.take().expect("settled once").finish(outcome);
+        self.state = State::Settling { rx, status, error };
+        leftover
+    }
+
+    fn broken(&mut self, error: BodyError) -> Option<Bytes> {
+        tracing::warn!(backend = &*self.backend, %error, "upstream stream ended early");
+        let (kind, err) = match error {
+            BodyError::Timeout => ("stream_idle_timeout", GatewayError::UpstreamTimeout { backend: self.backend.clone() }),
+            BodyError::Upstream(_) => ("body", GatewayError::UpstreamFailed { backend: self.backend.clone() }),
+        };
+        crate::upstream::forward::count_error(&self.backend, kind);
+        self.settle(Status::UpstreamBroken, Some(err))
+    }
+
+    /// The bytes after the upstream's last event: the cost comment, then `[DONE]` (or the
+    /// error event that replaces it).
+    fn ending(&self, settled: Option<Settled>, status: Status, error: Option<GatewayError>) -> Bytes {
+        let mut out = Vec::with_capacity(160);
+        let error = match settled {
+            Some(s) if s.committed => {
+                let u = s.usage.unwrap_or_else(|| unreachable!("settled usage is always known"));
+                out.extend_from_slice(b": tollgate ");
+                let cost = if s.priced { format_usd(s.cost_nusd) } else { "null".into() };
+                out.extend_from_slice(
+                    format!(
+                        r#"{{"cost_usd":{cost},"prompt_tokens":{},"completion_tokens":{},"token_source":"{}"}}"#,
+                        u.prompt,
+                        u.completion,
+                        u.source.as_str()
+                    )
+                    .as_bytes(),
+                );
+                out.extend_from_slice(b"\n\n");
+                error
+            }
+            _ => Some(error.unwrap_or(GatewayError::LedgerUnavailable)),
+        };
+        match error {
+            Some(e) => {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&e.body_json());
+                out.extend_from_slice(b"\n\n");
+            }
+            None if status == Status::Ok && self.observer.saw_done => out.extend_from_slice(b"data: [DONE]\n\n"),
+            None => {}
+        }
+        Bytes::from(out)
     }
 }
 
@@ -106,45 +152,104 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        let mut this = self.as_mut().project();
-        match this.inner.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if this.inner.is_end_stream() {
-                    // A body of known length ends with its last frame: hyper will not poll
-                    // again, so this is the end of the request.
-                    *this.done = true;
-                    this.completion.complete();
-                } else if let Deadline::Idle(d) = *this.deadline {
-                    this.timer.reset(Instant::now() + d);
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Settling { rx, status, error } => {
+                    let settled = match Pin::new(rx).poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(r) => r.ok(),
+                    };
+                    let (status, error) = (*status, error.take());
+                    let ending = this.ending(settled, status, error);
+                    this.state = State::Done;
+                    return Poll::Ready(Some(Ok(Frame::data(ending))));
                 }
-                Poll::Ready(Some(Ok(frame)))
+                State::Streaming => {}
             }
-            Poll::Ready(Some(Err(e))) => self.fail(BodyError::Upstream(e)),
-            Poll::Ready(None) => {
-                *this.done = true;
-                this.completion.complete();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                ready!(this.timer.poll(cx));
-                self.fail(BodyError::Timeout)
+            let inner = this.inner.as_mut().expect("streaming has an upstream");
+            let leftover = match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    this.response_bytes += data.len() as u64;
+                    this.timer.as_mut().reset(Instant::now() + this.idle);
+                    let out = this.observer.feed(data);
+                    if this.first_token_at.is_none() && this.observer.content_events > 0 {
+                        this.first_token_at = Some(std::time::Instant::now());
+                    }
+                    match out {
+                        Some(b) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+                        None => continue,
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => this.broken(BodyError::Upstream(e)),
+                Poll::Ready(None) => this.settle(Status::Ok, None),
+                Poll::Pending => match this.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => this.broken(BodyError::Timeout),
+                    Poll::Pending => return Poll::Pending,
+                },
+            };
+            if let Some(b) = leftover {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        // Not the inner body's view: the completion is recorded on the final poll.
-        self.done
+        matches!(self.state, State::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        SizeHint::default()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        let (Some(completion), Some(inner)) = (self.completion.take(), self.inner.take()) else { return };
+        // The client left mid-stream.
+        match (self.on_disconnect, tokio::runtime::Handle::try_current()) {
+            (OnDisconnect::Drain, Ok(rt)) => {
+                let mut drain = UpstreamBody {
+                    inner: Some(inner),
+                    timer: Box::pin(tokio::time::sleep(self.idle)),
+                    idle: self.idle,
+                    observer: std::mem::take(&mut self.observer),
+                    state: State::Streaming,
+                    completion: None,
+                    on_disconnect: OnDisconnect::Cancel,
+                    backend: self.backend.clone(),
+                    http_status: self.http_status,
+                    response_bytes: self.response_bytes,
+                    first_token_at: self.first_token_at,
+                };
+                rt.spawn(async move {
+                    // Read to the end for the provider's own usage; what is read goes nowhere.
+                    let inner = drain.inner.as_mut().expect("just set");
+                    loop {
+                        let next = tokio::time::timeout(drain.idle, std::future::poll_fn(|cx| Pin::new(&mut *inner).poll_frame(cx))).await;
+                        match next {
+                            Ok(Some(Ok(frame))) => {
+                                if let Ok(data) = frame.into_data() {
+                                    drain.response_bytes += data.len() as u64;
+                                    drain.observer.feed(data);
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                    let _ = drain.observer.finish();
+                    drain.inner = None;
+                    completion.finish_detached(drain.outcome(Status::ClientClosed));
+                });
+            }
+            _ => {
+                drop(inner);
+                let _ = self.observer.finish();
+                completion.finish_detached(self.outcome(Status::ClientClosed));
+            }
+        }
     }
 }

@@ -102,6 +102,17 @@ pub struct Harness {
     backends: Vec<Backend>,
     teams: Vec<(String, String, String)>,
     server: String,
+    store: String,
+}
+
+/// A fresh directory under the system temp dir, unique to this process and call.
+pub fn temp_dir(what: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tollgate-test-{what}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 pub struct Gateway {
@@ -129,6 +140,13 @@ impl Harness {
 
     pub fn team_toml(mut self, name: &str, key: &str, extra: &str) -> Self {
         self.teams.push((name.into(), key.into(), extra.into()));
+        self
+    }
+
+    /// Extra TOML lines for `[store]`.
+    pub fn store(mut self, lines: &str) -> Self {
+        self.store.push_str(lines);
+        self.store.push('\n');
         self
     }
 

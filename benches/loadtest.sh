@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# The load test of docs/PERFORMANCE.md: the simulator direct, nginx in front of it, and the
+# gateway in front of it, measured in one run on loopback.
+#
+#   bash benches/loadtest.sh            # ~5 minutes; results in bench-out/results.md
+#
+# Environment knobs: DURATION (seconds per measurement, default 10), WARMUP (default 2),
+# SKIP_BUILD=1 (use the binaries in target/release), BIN=DIR (use tollgate and
+# tollgate-loadgen from DIR, e.g. a build of a given commit; implies SKIP_BUILD), STRACE=0 (skip the syscall counts),
+# PIN=1 (pin the load generator to the last CPU with taskset; off by default, see
+# docs/PERFORMANCE.md), PORT_BASE (default 18000).
+#
+# What runs:
+#   sim        tollgate simulate, unpaced (--token-ms 0), 64 tokens an answer
+#   sim-paced  tollgate simulate --token-ms 50 --tokens 400: streams that stay open ~20 s
+#   nginx      plain reverse proxy to both (benches/nginx.conf.template), own prefix dir
+#   gateway    tollgate serve, one backend per simulator, one team key
+#   loadgen    target/release/tollgate-loadgen (benches/loadgen.rs)
+# Every process is started here, in the foreground of its own job, and stopped by its pid.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=$ROOT/bench-out
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+PORT_BASE=${PORT_BASE:-18000}
+SIM_PORT=$((PORT_BASE + 1))
+SLOW_PORT=$((PORT_BASE + 2))
+NGINX_PORT=$((PORT_BASE + 80))
+NGINX_SLOW_PORT=$((PORT_BASE + 82))
+GW_PORT=$((PORT_BASE + 90))
+GW_ADMIN_PORT=$((PORT_BASE + 91))
+CLK_TCK=$(getconf CLK_TCK)
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/tollgate-loadtest.XXXXXX)
+PIDS=()
+
+log() { printf '[loadtest %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+# --- tools -------------------------------------------------------------------------------
+need_apt=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+if [ "${STRACE:-1}" = 1 ]; then command -v strace >/dev/null || need_apt+=(strace); fi
+command -v taskset >/dev/null || need_apt+=(util-linux)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    log "installing ${need_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+if [ "${SKIP_BUILD:-0}" != 1 ] && [ -z "${BIN:-}" ]; then
+    log "building release binaries"
+    cargo build --release --bins --quiet
+fi
+BIN=${BIN:-$ROOT/target/release}
+TG=$BIN/tollgate
+LG=$BIN/tollgate-loadgen
+LG_PREFIX=()
+if [ "${PIN:-0}" = 1 ]; then LG_PREFIX=(taskset -c "$(($(nproc) - 1))"); fi
+
+# --- helpers -----------------------------------------------------------------------------
+# jget JSON FIELD: a number (or bare value) from a loadgen JSON line.
+jget() { sed -n "s/.*\"$2\":\"\{0,1\}\([^,}\"]*\).*/\1/p" <<<"$1"; }
+# CPU ticks (utime+stime) of the given pids, threads included.
+ticks() {
+    local t=0 p f
+    for p in "$@"; do
+        read -r -a f <"/proc/$p/stat"
+        t=$((t + f[13] + f[14]))
+    done
+    echo "$t"
+}
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+calc() { awk "BEGIN { printf \"%s\", ($*) }"; }
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    log "nothing listens on port $1"; return 1
+}
+loadgen() { "${LG_PREFIX[@]}" "$LG" "$@"; }
+
+# --- request bodies ----------------------------------------------------------------------
+prompt() { # a chat body whose message content is $1 bytes of words
+    local text
+    text=$(awk -v n="$1" 'BEGIN { w = "the quick brown fox jumps over the lazy dog "
+        while (length(s) < n) s = s w; printf "%s", substr(s, 1, n) }')
+    printf '{"model":"bench-model","max_tokens":256,"messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"%s"}]}' "$text"
+}
+prompt 1024 >"$WORK/chat-1k.json"
+prompt 8192 >"$WORK/chat-8k.json"
+printf '%s' '{"model":"bench-model","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Tell me about gateways."}]}' >"$WORK/stream.json"
+printf '%s' '{"model":"bench-paced","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Tell me a long story."}]}' >"$WORK/stream-paced.json"
+
+# --- upstreams ---------------------------------------------------------------------------
+log "work dir $WORK"
+"$TG" simulate --port "$SIM_PORT" --token-ms 0 --tokens 64 --max-concurrency 1024 2>"$WORK/sim.log" &
+SIM_PID=$!; PIDS+=("$SIM_PID")
+"$TG" simulate --port "$SLOW_PORT" --token-ms 50 --tokens 400 --max-concurrency 1024 2>"$WORK/sim-paced.log" &
+SLOW_PID=$!; PIDS+=("$SLOW_PID")
+
+# --- nginx -------------------------------------------------------------------------------
+NG=$WORK/nginx
+mkdir -p "$NG"
+sed -e "s|@PREFIX@|$NG|g" -e "s|@SIM_PORT@|$SIM_PORT|g" -e "s|@SLOW_PORT@|$SLOW_PORT|g" \
+    -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@NGINX_SLOW_PORT@|$NGINX_SLOW_PORT|g" \
+    benches/nginx.conf.template >"$NG/nginx.conf"
+"$NGINX" -p "$NG" -c "$NG/nginx.conf" -e "$NG/error.log" &
+NGINX_PID=$!; PIDS+=("$NGINX_PID")
+
+# --- gateway -----------------------------------------------------------------------------
+KEYGEN=$("$TG" key new --team bench)
+KEY=$(awk '/^key:/ {print $2}' <<<"$KEYGEN")
+HASH=$(awk '/^hash:/ {print $2}' <<<"$KEYGEN")
+cat >"$WORK/tollgate.toml" <<EOF
+# Generated by benches/loadtest.sh.
+[server]
+listen = "127.0.0.1:$GW_PORT"
+admin_listen = "127.0.0.1:$GW_ADMIN_PORT"
+max_in_flight = 65536
+
+[store]
+ledger = "sqlite://$WORK/tollgate.db"
+
+[[backend]]
+name = "sim"
+url = "http://127.0.0.1:$SIM_PORT"
+hosting = "self_hosted"
+models = [{ name = "bench-model", aliases = ["bench"] }]
+
+[[backend]]
+name = "sim-paced"
+url = "http://127.0.0.1:$SLOW_PORT"
+hosting = "self_hosted"
+models = [{ name = "bench-paced" }]
+
+[[team]]
+name = "bench"
+keys = ["$HASH"]
+EOF
+"$TG" check --config "$WORK/tollgate.toml" >"$WORK/check.txt"
+"$TG" serve --config "$WORK/tollgate.toml" 2>"$WORK/gateway.log" &
+GW_PID=$!; PIDS+=("$GW_PID")
+
+for p in "$SIM_PORT" "$SLOW_PORT" "$NGINX_PORT" "$NGINX_SLOW_PORT" "$GW_PORT"; do wait_port "$p"; done
+NGINX_WORKERS=($(pgrep -P "$NGINX_PID"))
+log "sim $SIM_PID, sim-paced $SLOW_PID, nginx $NGINX_PID (workers ${NGINX_WORKERS[*]}), gateway $GW_PID"
+AUTH=(-H "authorization: Bearer $KEY")
+
+declare -A URL=(
+    [direct]=http://127.0.0.1:$SIM_PORT/v1/chat/completions
+    [nginx]=http://127.0.0.1:$NGINX_PORT/v1/chat/completions
+    [gateway]=http://127.0.0.1:$GW_PORT/v1/chat/completions
+)
+declare -A PACED_URL=(
+    [nginx]=http://127.0.0.1:$NGINX_SLOW_PORT/v1/chat/completions
+    [gateway]=http://127.0.0.1:$GW_PORT/v1/chat/completions
+)
+# The process whose CPU a run is charged: the proxy, or for direct the simulator itself.
+proc_pids() {
+    case $1 in
+        direct) echo "$SIM_PID" ;;
+        nginx) echo "${NGINX_WORKERS[*]}" ;;
+        gateway) echo "$GW_PID" ;;
+    esac
+}
+TARGETS=(direct nginx gateway)
+declare -A R # results: R[target.metric]
+
+# measure TARGET NAME LOADGEN-ARGS…: one loadgen run with CPU accounting; stores R[target.NAME.*]
+measure() {
+    local t=$1 name=$2; shift 2
+    local pids c0 s0 c1 s1 line req
+    pids=$(proc_pids "$t")
+    # shellcheck disable=SC2086
+    c0=$(ticks $pids); s0=$(ticks "$SIM_PID")
+    line=$(loadgen --url "${URL[$t]}" "${AUTH[@]}" --label "$t/$name" "$@")
+    # shellcheck disable=SC2086
+    c1=$(ticks $pids); s1=$(ticks "$SIM_PID")
+    echo "$line" >>"$OUT/raw.jsonl"
+    req=$(jget "$line" requests)
+    R[$t.$name.rps]=$(jget "$line" rps)
+    R[$t.$name.p50]=$(jget "$line" p50_ms)
+    R[$t.$name.p99]=$(jget "$line" p99_ms)
+    R[$t.$name.errors]=$(jget "$line" errors)
+    R[$t.$name.cpu_us]=$(calc "($c1 - $c0) * 1e6 / $CLK_TCK / ($req > 0 ? $req : 1)")
+    R[$t.$name.sim_cpu_us]=$(calc "($s1 - $s0) * 1e6 / $CLK_TCK / ($req > 0 ? $req : 1)")
+    log "$t/$name: $line"
+}
+
+: >"$OUT/raw.jsonl"
+
+# --- 1. memory with 256 open streams, on a fresh gateway -----------------------------------
+R[gateway.rss_idle]=$(rss_kib "$GW_PID")
+hold_rss() { # TARGET: R[TARGET.rss_hold] = RSS (KiB) of the proxy while 256 paced streams are open
+    local t=$1 err=$WORK/hold-$1.err line rss=0 p
+    : >"$err"
+    "$LG" --url "${PACED_URL[$t]}" "${AUTH[@]}" --body "$WORK/stream-paced.json" \
+        --hold 256 --hold-secs 4 --label "$t/hold" >"$WORK/hold-$t.json" 2>"$err" &
+    local lg=$!
+    for _ in $(seq 300); do grep -q holding "$err" && break; sleep 0.1; done
+    sleep 1
+    # shellcheck disable=SC2046
+    for p in $(proc_pids "$t"); do rss=$((rss + $(rss_kib "$p"))); done
+    wait "$lg"
+    line=$(cat "$WORK/hold-$t.json")
+    echo "$line" >>"$OUT/raw.jsonl"
+    log "$t/hold: rss ${rss} KiB; $line"
+    R[$t.hold_errors]=$(jget "$line" errors)
+    R[$t.rss_hold]=$rss
+}
+hold_rss gateway
+hold_rss nginx
+
+# --- 2. throughput and CPU at 64 connections ----------------------------------------------
+for t in "${TARGETS[@]}"; do
+    loadgen --url "${URL[$t]}" "${AUTH[@]}" --body "$WORK/chat-1k.json" --connections 64 \
+        --duration "$WARMUP" --label "$t/warmup" >/dev/null
+done
+for size in 1k 8k; do
+    for t in "${TARGETS[@]}"; do
+        measure "$t" "chat$size" --body "$WORK/chat-$size.json" --connections 64 --duration "$DURATION"
+    done
+done
+
+# --- 3. latency at a fixed 100 req/s --------------------------------------------------------
+for t in "${TARGETS[@]}"; do
+    measure "$t" rate100 --body "$WORK/chat-1k.json" --rate 100 --connections 16 --duration "$DURATION"
+done
+
+# --- 4. streaming: unpaced 64-token streams at 64 connections -------------------------------
+for t in "${TARGETS[@]}"; do
+    measure "$t" stream --body "$WORK/stream.json" --stream --connections 64 --duration "$DURATION"
+done
+
+# --- 5. bursts of 256 new connections (three each) -------------------------------------------
+for t in "${TARGETS[@]}"; do
+    slowest=0 over=0 errs=0
+    for _ in 1 2 3; do
+        line=$(loadgen --url "${URL[$t]}" "${AUTH[@]}" --body "$WORK/chat-1k.json" --burst 256 --label "$t/burst")
+        echo "$line" >>"$OUT/raw.jsonl"
+        log "$t/burst: $line"
+        slowest=$(calc "$(jget "$line" slowest_ms) > $slowest ? $(jget "$line" slowest_ms) : $slowest")
+        over=$((over + $(jget "$line" over_1s)))
+        errs=$((errs + $(jget "$line" errors)))
+        sleep 0.5
+    done
+    R[$t.burst_slowest]=$slowest R[$t.burst_over]=$over R[$t.burst_errors]=$errs
+done
+R[gateway.rss_end]=$(rss_kib "$GW_PID")
+
+# --- 6. syscalls per stream (strace -c), a separate run: strace slows everything down ----------
+STRACE_MD=""
+if [ "${STRACE:-1}" = 1 ]; then
+    strace_run() { # TARGET
+        local t=$1 f=$WORK/strace-$1.txt args=() p line streams
+        for p in $(proc_pids "$t"); do args+=(-p "$p"); done
+        strace -c -f -o "$f" "${args[@]}" 2>/dev/null &
+        local st=$!
+        sleep 1
+        line=$(loadgen --url "${URL[$t]}" "${AUTH[@]}" --body "$WORK/stream.json" --stream \
+            --connections 64 --duration 5 --label "$t/strace")
+        kill -INT "$st"; wait "$st" 2>/dev/null || true
+        echo "$line" >>"$OUT/raw.jsonl"
+        streams=$(jget "$line" requests)
+        cp "$f" "$OUT/strace-$t.txt"
+        # syscall name -> calls per stream, for the ones that matter
+        awk -v n="$streams" -v t="$t" '
+            $NF ~ /^(write|writev|sendto|sendmsg|read|readv|recvfrom|recvmsg|epoll_wait|epoll_pwait|epoll_ctl|futex|sched_yield)$/ {
+                printf "%s %s %.1f\n", t, $NF, $4 / n
+            }' "$f"
+        log "$t/strace: $streams streams; summary in bench-out/strace-$t.txt"
+    }
+    if strace -o /dev/null true 2>/dev/null; then
+        STRACE_ROWS=$( { strace_run nginx; strace_run gateway; } )
+    else
+        log "strace cannot trace here (ptrace not permitted); skipping"
+        STRACE_ROWS=""
+    fi
+fi
+
+# --- results -------------------------------------------------------------------------------
+f1() { calc "sprintf(\"%.1f\", $1)" 2>/dev/null || echo "$1"; }
+ratio() { calc "($2) > 0 ? sprintf(\"%.2f\", ($1) / ($2)) : \"-\""; }
+added() { calc "sprintf(\"%+.3f\", $1 - $2)"; }
+mib() { calc "sprintf(\"%.1f\", $1 / 1024)"; }
+{
+    echo "| measurement | direct (simulator) | nginx | gateway | gateway / nginx |"
+    echo "|---|---:|---:|---:|---:|"
+    for size in 1k 8k; do
+        label="1 KB"; [ "$size" = 8k ] && label="8 KB"
+        echo "| req/s, $label prompt, 64 conns | ${R[direct.chat$size.rps]} | ${R[nginx.chat$size.rps]} | ${R[gateway.chat$size.rps]} | $(ratio "${R[gateway.chat$size.rps]}" "${R[nginx.chat$size.rps]}") |"
+        echo "| p50 / p99 ms, $label, 64 conns | ${R[direct.chat$size.p50]} / ${R[direct.chat$size.p99]} | ${R[nginx.chat$size.p50]} / ${R[nginx.chat$size.p99]} | ${R[gateway.chat$size.p50]} / ${R[gateway.chat$size.p99]} | |"
+        echo "| CPU µs per request, $label (proxy; direct: simulator) | $(f1 "${R[direct.chat$size.cpu_us]}") | $(f1 "${R[nginx.chat$size.cpu_us]}") | $(f1 "${R[gateway.chat$size.cpu_us]}") | $(ratio "${R[gateway.chat$size.cpu_us]}" "${R[nginx.chat$size.cpu_us]}") |"
+    done
+    echo "| p50 / p99 ms at 100 req/s, 1 KB | ${R[direct.rate100.p50]} / ${R[direct.rate100.p99]} | ${R[nginx.rate100.p50]} / ${R[nginx.rate100.p99]} | ${R[gateway.rate100.p50]} / ${R[gateway.rate100.p99]} | |"
+    echo "| added p50 / p99 ms at 100 req/s (minus direct) | - | $(added "${R[nginx.rate100.p50]}" "${R[direct.rate100.p50]}") / $(added "${R[nginx.rate100.p99]}" "${R[direct.rate100.p99]}") | $(added "${R[gateway.rate100.p50]}" "${R[direct.rate100.p50]}") / $(added "${R[gateway.rate100.p99]}" "${R[direct.rate100.p99]}") | |"
+    echo "| streams/s, 64-token unpaced, 64 conns | ${R[direct.stream.rps]} | ${R[nginx.stream.rps]} | ${R[gateway.stream.rps]} | $(ratio "${R[gateway.stream.rps]}" "${R[nginx.stream.rps]}") |"
+    echo "| stream p50 / p99 ms (to last byte) | ${R[direct.stream.p50]} / ${R[direct.stream.p99]} | ${R[nginx.stream.p50]} / ${R[nginx.stream.p99]} | ${R[gateway.stream.p50]} / ${R[gateway.stream.p99]} | |"
+    echo "| CPU µs per stream (proxy; direct: simulator) | $(f1 "${R[direct.stream.cpu_us]}") | $(f1 "${R[nginx.stream.cpu_us]}") | $(f1 "${R[gateway.stream.cpu_us]}") | $(ratio "${R[gateway.stream.cpu_us]}" "${R[nginx.stream.cpu_us]}") |"
+    echo "| simulator CPU µs per request in the same runs, 1 KB / stream | $(f1 "${R[direct.chat1k.sim_cpu_us]}") / $(f1 "${R[direct.stream.sim_cpu_us]}") | $(f1 "${R[nginx.chat1k.sim_cpu_us]}") / $(f1 "${R[nginx.stream.sim_cpu_us]}") | $(f1 "${R[gateway.chat1k.sim_cpu_us]}") / $(f1 "${R[gateway.stream.sim_cpu_us]}") | |"
+    echo "| RSS MiB with 256 open streams (nginx: both workers) | - | $(mib "${R[nginx.rss_hold]}") | $(mib "${R[gateway.rss_hold]}") (idle at start $(mib "${R[gateway.rss_idle]}"), after all runs $(mib "${R[gateway.rss_end]}")) | |"
+    echo "| burst of 256 new connections ×3: slowest ms / count > 1 s | ${R[direct.burst_slowest]} / ${R[direct.burst_over]} | ${R[nginx.burst_slowest]} / ${R[nginx.burst_over]} | ${R[gateway.burst_slowest]} / ${R[gateway.burst_over]} | |"
+    errs=""
+    for t in "${TARGETS[@]}"; do
+        e=0
+        for k in chat1k chat8k rate100 stream; do e=$((e + ${R[$t.$k.errors]:-0})); done
+        e=$((e + ${R[$t.burst_errors]:-0} + ${R[$t.hold_errors]:-0}))
+        errs+=" $t $e;"
+    done
+    echo
+    echo "Errors (non-2xx, transport, truncated streams) over all runs:$errs"
+    if [ -n "${STRACE_ROWS:-}" ]; then
+        echo
+        echo "Syscalls per stream under \`strace -c -f\` (64 conns, unpaced 64-token streams, 5 s):"
+        echo
+        echo "| syscall | nginx (workers) | gateway |"
+        echo "|---|---:|---:|"
+        for sc in $(awk '{print $2}' <<<"$STRACE_ROWS" | sort -u); do
+            n=$(awk -v s="$sc" '$1 == "nginx" && $2 == s {print $3}' <<<"$STRACE_ROWS")
+            g=$(awk -v s="$sc" '$1 == "gateway" && $2 == s {print $3}' <<<"$STRACE_ROWS")
+            echo "| $sc | ${n:--} | ${g:--} |"
+        done
+    fi
+    echo
+    echo "Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); ${DURATION} s per measurement; load generator pinned: ${PIN:-0}."
+} | tee "$OUT/results.md"
+log "raw loadgen lines: bench-out/raw.jsonl"

@@ -1,0 +1,128 @@
+//! What a request consumed and what it cost.
+//!
+//! Counts come from the upstream's `usage` when it reports one (the provider bills by it) and
+//! from local tokenization when it does not: some servers omit it, a stream can be cut short,
+//! a client can leave. Each count carries its source, and "unknown" is never silently zero:
+//! a priced model always gets a cost, from local counts if need be.
+
+pub mod sse;
+
+use crate::config::prices::Price;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Upstream,
+    Local,
+}
+
+impl TokenSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSource::Upstream => "upstream",
+            TokenSource::Local => "local",
+        }
+    }
+}
+
+/// Token counts of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+    /// Prompt tokens served from the provider's cache (priced at the cached rate).
+    pub cached: u64,
+    /// Prompt tokens written to the provider's cache (Anthropic), priced at the write rate.
+    pub cache_write: u64,
+    /// Reasoning tokens, already included in `completion` (billed as output).
+    pub reasoning: u64,
+    pub source: TokenSource,
+}
+
+/// `usage` as OpenAI-compatible servers (and Anthropic) report it; every field optional.
+#[derive(Debug, Default, Deserialize)]
+pub struct WireUsage {
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub prompt_tokens_details: Option<PromptDetails>,
+    pub completion_tokens_details: Option<CompletionDetails>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub cache_read_input_tokens: Option<u64>,
+    pub cache_creation_input_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PromptDetails {
+    pub cached_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct CompletionDetails {
+    pub reasoning_tokens: Option<u64>,
+}
+
+impl WireUsage {
+    /// Usable counts, or `None` when the object lacks the prompt count: a half-filled usage
+    /// would understate the bill, so the caller counts locally instead.
+    pub fn to_usage(&self) -> Option<Usage> {
+        let cache_read = self.cache_read_input_tokens.unwrap_or(0);
+        let cache_write = self.cache_creation_input_tokens.unwrap_or(0);
+        let (prompt, cached) = match (self.prompt_tokens, self.input_tokens) {
+            (Some(p), _) => (p, self.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0)),
+            // Anthropic reports uncached input apart from cache reads and writes.
+            (None, Some(i)) => (i + cache_read + cache_write, cache_read),
+            (None, None) => return None,
+        };
+        let completion = self.completion_tokens.or(self.output_tokens).unwrap_or(0);
+        Some(Usage {
+            prompt,
+            completion,
+            cached: cached.min(prompt),
+            cache_write: cache_write.min(prompt - cached.min(prompt)),
+            reasoning: self.completion_tokens_details.as_ref().and_then(|d| d.reasoning_tokens).unwrap_or(0),
+            source: TokenSource::Upstream,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct HasUsage<'a> {
+    #[serde(borrow)]
+    usage: Option<&'a RawValue>,
+}
+
+/// The `usage` of a JSON response body or stream chunk. A missing, `null` or malformed
+/// usage is `None`, never an error: the request already succeeded, only its count is lost.
+pub fn usage_of(json: &[u8]) -> Option<Usage> {
+    let raw = serde_json::from_slice::<HasUsage<'_>>(json).ok()?.usage?;
+    serde_json::from_str::<WireUsage>(raw.get()).ok()?.to_usage()
+}
+
+/// Cost in nano-dollars (integers, so sums never drift): tokens x prices, plus egress.
+pub fn cost_nusd(price: Option<&Price>, usage: &Usage, egress_bytes: u64, egress_usd_per_gb: Option<f64>) -> i64 {
+    let mut usd = 0.0;
+    if let Some(p) = price {
+        let p = p.for_prompt(usage.prompt);
+        let uncached = usage.prompt.saturating_sub(usage.cached + usage.cache_write);
+        usd += uncached as f64 * p.input
+            + usage.cached as f64 * p.cached_input
+            + usage.cache_write as f64 * p.cache_write
+            + usage.completion as f64 * p.output;
+    }
+    if let Some(per_gb) = egress_usd_per_gb {
+        usd += egress_bytes as f64 * per_gb / 1e9;
+    }
+    (usd * 1e9).round() as i64
+}
+
+/// `0.000123450` style: nano-dollars as a decimal USD string, exact.
+pub fn format_usd(nusd: i64) -> String {
+    let sign = if nusd < 0 { "-" } else { "" };
+    let n = nusd.unsigned_abs();
+    format!("{sign}{}.{:09}", n / 1_000_000_000, n % 1_000_000_000)
+}
+
+#[cfg(test)]
+mod tests;
