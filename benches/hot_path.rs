@@ -103,7 +103,11 @@ fn bench(c: &mut Criterion) {
                 let p = live.keys.authenticate(&headers).unwrap();
                 let s = openai::parse(body).unwrap();
                 let c = live.router.resolve(&s.model, &p).unwrap();
-                let out = { let mut e = openai::BodyEdits::default(); e.set_model(&s, &c.model); e.apply(body) };
+                let out = {
+                    let mut e = openai::BodyEdits::default();
+                    e.set_model(&s, &c.model);
+                    e.apply(body)
+                };
                 let mut h = headers.clone();
                 tollgate::upstream::headers::to_upstream(&mut h, None, &id);
                 (out, h)

@@ -3,13 +3,13 @@
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::ledger::{Ledger, LedgerError};
-use crate::tokens::Tokenizers;
 use crate::live::{Live, LiveState};
 use crate::pipeline::Gateway;
 use crate::server::catch_panic::CatchPanicLayer;
 use crate::server::limits::InFlightLimitLayer;
 use crate::server::request_id::RequestIdLayer;
 use crate::server::{self, ServeOptions};
+use crate::tokens::Tokenizers;
 use arc_swap::ArcSwap;
 use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
@@ -101,6 +101,7 @@ pub async fn start_on(
         metrics: handle.clone(),
         draining: Arc::new(AtomicBool::new(false)),
         config_path,
+        ledger: ledger.clone(),
     };
     let admin_service = {
         let admin = admin.clone();

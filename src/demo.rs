@@ -97,8 +97,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
+    let since_us = now_us();
     let results = drive_traffic(gw.addr, opts.requests_per_team).await;
     print_summary(&results, started.elapsed());
+    print_cost_report(&gw, since_us).await?;
 
     if opts.serve {
         println!("\nServing until ctrl-c. Try:");
@@ -244,6 +246,35 @@ async fn send(
     o
 }
 
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// The ledger's view of this run: what each team spent, on which model and backend.
+async fn print_cost_report(gw: &app::Running, since_us: i64) -> anyhow::Result<()> {
+    use crate::report::{self, Dim, Format};
+    let path = gw.ledger.path.clone();
+    let table = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let conn = crate::ledger::sqlite::open_read(&path)?;
+        let by = [Dim::Team, Dim::Model, Dim::Backend];
+        let rows = report::query(&conn, &by, Some(since_us), None)?;
+        Ok(report::render(&by, &rows, Format::Table))
+    })
+    .await??;
+    println!(
+        "\nCost report from the ledger ({}):\n",
+        gw.ledger.path.display()
+    );
+    print!("{table}");
+    println!(
+        "\nThe same report any time: tollgate report --config config/demo.toml --by team,model"
+    );
+    Ok(())
+}
+
 fn print_summary(results: &[Outcome], elapsed: Duration) {
     #[derive(Default)]
     struct Row {
@@ -280,5 +311,4 @@ fn print_summary(results: &[Outcome], elapsed: Duration) {
         results.len(),
         elapsed.as_secs_f64()
     );
-    println!("Tokens come from each response's `usage`; prices, budgets and the ledger report build on these counts.");
 }

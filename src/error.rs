@@ -131,7 +131,9 @@ impl GatewayError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            GatewayError::Overloaded | GatewayError::LedgerUnavailable => Some(Duration::from_secs(1)),
+            GatewayError::Overloaded | GatewayError::LedgerUnavailable => {
+                Some(Duration::from_secs(1))
+            }
             _ => None,
         }
     }

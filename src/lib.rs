@@ -29,6 +29,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod error;
 pub mod admin;
+pub mod report;
 pub mod keys;
 pub mod sim;
 pub mod demo;

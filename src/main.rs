@@ -60,6 +60,23 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         tokens: u32,
     },
+    /// Spend and unit-economics reports from the ledger.
+    Report {
+        #[arg(long, default_value = "config/tollgate.toml")]
+        config: PathBuf,
+        /// Group by these, comma-separated: team, model, requested_model, backend, key,
+        /// status, endpoint, day, hour, or a tag key such as project.
+        #[arg(long, default_value = "team,model")]
+        by: String,
+        /// Start: 2026-11-01, 2026-11-01T00:00:00Z, or an age like 24h or 7d.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Manage client keys.
     Key {
         #[command(subcommand)]
@@ -98,6 +115,13 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => runtime()?.block_on(serve(config)),
+        Command::Report {
+            config,
+            by,
+            since,
+            until,
+            format,
+        } => report(&config, &by, since, until, &format),
         Command::Demo {
             serve,
             requests_per_team,
@@ -148,6 +172,33 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     app::terminate_signal().await;
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown().await;
+    Ok(())
+}
+
+fn report(
+    config: &std::path::Path,
+    by: &str,
+    since: Option<String>,
+    until: Option<String>,
+    format: &str,
+) -> anyhow::Result<()> {
+    use tollgate::report::{self, Dim, Format};
+    let cfg = config::load(config, &config::process_env)?;
+    let path = cfg
+        .ledger_url
+        .strip_prefix("sqlite://")
+        .context("only sqlite:// ledgers are supported so far")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_micros() as i64;
+    let dims = Dim::parse_list(by)?;
+    let from = since.map(|s| report::parse_time(&s, now)).transpose()?;
+    let to = until.map(|s| report::parse_time(&s, now)).transpose()?;
+    let format: Format = format.parse()?;
+    let conn = tollgate::ledger::sqlite::open_read(std::path::Path::new(path))
+        .with_context(|| format!("cannot open the ledger {path} (has the gateway run yet?)"))?;
+    let rows = report::query(&conn, &dims, from, to)?;
+    print!("{}", report::render(&dims, &rows, format));
     Ok(())
 }
 

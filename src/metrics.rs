@@ -78,10 +78,16 @@ fn describe() {
         "Requests refused before reaching a backend, by error kind."
     );
     describe_gauge!(IN_FLIGHT, "Client requests in flight in the gateway.");
-    describe_counter!(TOKENS_TOTAL, "Tokens metered, by team, model, backend and direction (prompt, completion).");
+    describe_counter!(
+        TOKENS_TOTAL,
+        "Tokens metered, by team, model, backend and direction (prompt, completion)."
+    );
     describe_counter!(
         UNPRICED_REQUESTS_TOTAL,
         "Successful requests to a model with no price anywhere (config or catalog): cost unknown, not zero."
     );
-    describe_counter!(LEDGER_ERRORS_TOTAL, "Failed ledger commits; while they fail, billable requests get 503.");
+    describe_counter!(
+        LEDGER_ERRORS_TOTAL,
+        "Failed ledger commits; while they fail, billable requests get 503."
+    );
 }

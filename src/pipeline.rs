@@ -23,20 +23,22 @@ use crate::tags;
 use crate::upstream::forward;
 use crate::upstream::headers::strip_hop_by_hop;
 use crate::upstream::stream::UpstreamBody;
-use std::sync::Arc;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 pub static X_TOLLGATE_BACKEND: HeaderName = HeaderName::from_static("x-tollgate-backend");
 pub static X_TOLLGATE_MODEL: HeaderName = HeaderName::from_static("x-tollgate-model");
-pub static X_TOLLGATE_PROMPT_TOKENS: HeaderName = HeaderName::from_static("x-tollgate-prompt-tokens");
-pub static X_TOLLGATE_COMPLETION_TOKENS: HeaderName = HeaderName::from_static("x-tollgate-completion-tokens");
+pub static X_TOLLGATE_PROMPT_TOKENS: HeaderName =
+    HeaderName::from_static("x-tollgate-prompt-tokens");
+pub static X_TOLLGATE_COMPLETION_TOKENS: HeaderName =
+    HeaderName::from_static("x-tollgate-completion-tokens");
 pub static X_TOLLGATE_TOKEN_SOURCE: HeaderName = HeaderName::from_static("x-tollgate-token-source");
 pub static X_TOLLGATE_COST_USD: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
 
@@ -135,10 +137,18 @@ async fn proxy(
 
     let principal = live.keys.authenticate(&parts.headers)?;
 
-    let content_length = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    let content_length = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     let body = read_body(body, content_length, server.max_body_bytes).await?;
     let summary = openai::parse(&body)?;
-    let tags = tags::collect(&principal.team, &parts.headers, summary.metadata.as_ref(), summary.user.as_deref())?;
+    let tags = tags::collect(
+        &principal.team,
+        &parts.headers,
+        summary.metadata.as_ref(),
+        summary.user.as_deref(),
+    )?;
 
     let candidate = live.router.resolve(&summary.model, &principal)?;
     // A request that could not be recorded must not be served.
@@ -150,7 +160,10 @@ async fn proxy(
     if *candidate.model != *summary.model {
         edits.set_model(&summary, &candidate.model);
     }
-    let ask_usage = summary.stream && !summary.include_usage && backend.stream_usage && endpoint != Endpoint::Embeddings;
+    let ask_usage = summary.stream
+        && !summary.include_usage
+        && backend.stream_usage
+        && endpoint != Endpoint::Embeddings;
     if ask_usage {
         edits.request_stream_usage(&body, &summary);
     }
@@ -171,7 +184,11 @@ async fn proxy(
         upstream_request_bytes: upstream_body.len() as u64,
         attempts: 1,
     };
-    let path = parts.uri.path_and_query().map_or(endpoint.path(), |p| p.as_str()).to_string();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or(endpoint.path(), |p| p.as_str())
+        .to_string();
     let completion = Completion::new(
         ctx,
         candidate.price.clone(),
@@ -192,7 +209,9 @@ async fn proxy(
     match exchange.candidate.backend.cfg.on_disconnect {
         // Commercial providers bill a request the client abandoned: run the exchange on its
         // own task so it reaches the provider's usage even if this future is dropped.
-        OnDisconnect::Drain => tokio::spawn(exchange.run()).await.unwrap_or(Err(GatewayError::Internal)),
+        OnDisconnect::Drain => tokio::spawn(exchange.run())
+            .await
+            .unwrap_or(Err(GatewayError::Internal)),
         OnDisconnect::Cancel => exchange.run().await,
     }
 }
@@ -212,16 +231,35 @@ struct Exchange {
 
 impl Exchange {
     async fn run(self) -> Result<Response<GatewayBody>, GatewayError> {
-        let Exchange { candidate, path, headers, body, completion, request_timeout, max_response_bytes, strip_usage } =
-            self;
+        let Exchange {
+            candidate,
+            path,
+            headers,
+            body,
+            completion,
+            request_timeout,
+            max_response_bytes,
+            strip_usage,
+        } = self;
         let (request_id, started) = {
             let ctx = completion.ctx().expect("not settled yet");
             (ctx.id.0.clone(), ctx.started)
         };
-        let upstream = match forward::send(&candidate, &path, headers, body, &request_id, request_timeout).await {
+        let upstream = match forward::send(
+            &candidate,
+            &path,
+            headers,
+            body,
+            &request_id,
+            request_timeout,
+        )
+        .await
+        {
             Ok(resp) => resp,
             Err(e) => {
-                let settled = completion.finish(failure(Status::UpstreamError, e.status().as_u16())).await;
+                let settled = completion
+                    .finish(failure(Status::UpstreamError, e.status().as_u16()))
+                    .await;
                 let _ = settled;
                 return Err(e);
             }
@@ -229,9 +267,17 @@ impl Exchange {
 
         let (mut parts, incoming) = upstream.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(X_TOLLGATE_BACKEND.clone(), candidate.backend.name_header.clone());
-        parts.headers.insert(X_TOLLGATE_MODEL.clone(), candidate.model_header.clone());
-        let sse = parts.headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        parts.headers.insert(
+            X_TOLLGATE_BACKEND.clone(),
+            candidate.backend.name_header.clone(),
+        );
+        parts
+            .headers
+            .insert(X_TOLLGATE_MODEL.clone(), candidate.model_header.clone());
+        let sse = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let status = parts.status.as_u16();
 
         if sse && parts.status.is_success() {
@@ -255,24 +301,35 @@ impl Exchange {
                 let backend = candidate.backend.cfg.name.clone();
                 let (kind, err) = match e {
                     ReadError::Timeout => ("timeout", GatewayError::UpstreamTimeout { backend }),
-                    ReadError::TooLarge | ReadError::Body => ("body", GatewayError::UpstreamFailed { backend }),
+                    ReadError::TooLarge | ReadError::Body => {
+                        ("body", GatewayError::UpstreamFailed { backend })
+                    }
                 };
                 forward::count_error(&candidate.backend.cfg.name, kind);
-                let _ = completion.finish(failure(Status::UpstreamBroken, err.status().as_u16())).await;
+                let _ = completion
+                    .finish(failure(Status::UpstreamBroken, err.status().as_u16()))
+                    .await;
                 return Err(err);
             }
         };
         let ok = parts.status.is_success();
         let usage = if ok { meter::usage_of(&bytes) } else { None };
         let outcome = Outcome {
-            status: if ok { Status::Ok } else { Status::UpstreamError },
+            status: if ok {
+                Status::Ok
+            } else {
+                Status::UpstreamError
+            },
             http_status: status,
             usage,
             generated: (ok && usage.is_none()).then(|| generated_text(&bytes)),
             response_bytes: bytes.len() as u64,
             first_token_at: None,
         };
-        let settled = completion.finish(outcome).await.map_err(|_| GatewayError::LedgerUnavailable)?;
+        let settled = completion
+            .finish(outcome)
+            .await
+            .map_err(|_| GatewayError::LedgerUnavailable)?;
         if !settled.committed {
             return Err(GatewayError::LedgerUnavailable);
         }
@@ -285,14 +342,30 @@ impl Exchange {
 }
 
 fn failure(status: Status, http_status: u16) -> Outcome {
-    Outcome { status, http_status, usage: None, generated: None, response_bytes: 0, first_token_at: None }
+    Outcome {
+        status,
+        http_status,
+        usage: None,
+        generated: None,
+        response_bytes: 0,
+        first_token_at: None,
+    }
 }
 
 fn set_usage_headers(h: &mut http::HeaderMap, s: &Settled) {
     if let Some(u) = s.usage {
-        h.insert(X_TOLLGATE_PROMPT_TOKENS.clone(), HeaderValue::from(u.prompt));
-        h.insert(X_TOLLGATE_COMPLETION_TOKENS.clone(), HeaderValue::from(u.completion));
-        h.insert(X_TOLLGATE_TOKEN_SOURCE.clone(), HeaderValue::from_static(u.source.as_str()));
+        h.insert(
+            X_TOLLGATE_PROMPT_TOKENS.clone(),
+            HeaderValue::from(u.prompt),
+        );
+        h.insert(
+            X_TOLLGATE_COMPLETION_TOKENS.clone(),
+            HeaderValue::from(u.completion),
+        );
+        h.insert(
+            X_TOLLGATE_TOKEN_SOURCE.clone(),
+            HeaderValue::from_static(u.source.as_str()),
+        );
     }
     if s.priced {
         if let Ok(v) = HeaderValue::from_str(&format_usd(s.cost_nusd)) {
@@ -305,18 +378,33 @@ fn set_usage_headers(h: &mut http::HeaderMap, s: &Settled) {
 fn generated_text(json: &[u8]) -> Generated {
     let v: serde_json::Value = serde_json::from_slice(json).unwrap_or_default();
     let mut text = String::new();
-    for c in v["choices"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        for t in [&c["message"]["content"], &c["message"]["reasoning_content"], &c["text"]] {
+    for c in v["choices"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        for t in [
+            &c["message"]["content"],
+            &c["message"]["reasoning_content"],
+            &c["text"],
+        ] {
             if let Some(s) = t.as_str() {
                 text.push_str(s);
             }
         }
-        for call in c["message"]["tool_calls"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        for call in c["message"]["tool_calls"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
             text.push_str(call["function"]["name"].as_str().unwrap_or(""));
             text.push_str(call["function"]["arguments"].as_str().unwrap_or(""));
         }
     }
-    Generated { text, overflow_bytes: 0 }
+    Generated {
+        text,
+        overflow_bytes: 0,
+    }
 }
 
 enum ReadError {
@@ -325,7 +413,11 @@ enum ReadError {
     Body,
 }
 
-async fn read_response(body: Incoming, limit: u64, deadline: tokio::time::Instant) -> Result<bytes::Bytes, ReadError> {
+async fn read_response(
+    body: Incoming,
+    limit: u64,
+    deadline: tokio::time::Instant,
+) -> Result<bytes::Bytes, ReadError> {
     use http_body_util::{BodyExt, Limited};
     match tokio::time::timeout_at(deadline, Limited::new(body, limit as usize).collect()).await {
         Err(_) => Err(ReadError::Timeout),

@@ -90,7 +90,9 @@ struct Job {
 
 impl std::fmt::Debug for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Completion").field("settled", &self.job.is_none()).finish()
+        f.debug_struct("Completion")
+            .field("settled", &self.job.is_none())
+            .finish()
     }
 }
 
@@ -104,7 +106,15 @@ impl Completion {
         ledger: Arc<Ledger>,
         in_flight: InFlight,
     ) -> Self {
-        Self { job: Some(Job { ctx, price, egress_usd_per_gb, ledger }), _in_flight: Some(in_flight) }
+        Self {
+            job: Some(Job {
+                ctx,
+                price,
+                egress_usd_per_gb,
+                ledger,
+            }),
+            _in_flight: Some(in_flight),
+        }
     }
 
     /// The request's context; `None` once settled.
@@ -126,16 +136,35 @@ impl Completion {
 
     fn settle(&mut self, outcome: Outcome, reply: Option<oneshot::Sender<Settled>>) {
         self._in_flight = None;
-        let Some(Job { ctx, price, egress_usd_per_gb, ledger }) = self.job.take() else { return };
-        let job = Settle { ctx, price, egress_usd_per_gb, ledger, outcome, ended: Instant::now() };
-        if job.outcome.usage.is_some() || job.local_count_bytes() <= crate::tokens::INLINE_COUNT_MAX_BYTES {
+        let Some(Job {
+            ctx,
+            price,
+            egress_usd_per_gb,
+            ledger,
+        }) = self.job.take()
+        else {
+            return;
+        };
+        let job = Settle {
+            ctx,
+            price,
+            egress_usd_per_gb,
+            ledger,
+            outcome,
+            ended: Instant::now(),
+        };
+        if job.outcome.usage.is_some()
+            || job.local_count_bytes() <= crate::tokens::INLINE_COUNT_MAX_BYTES
+        {
             job.run(reply);
         } else {
             // A large prompt or answer to count: off the async runtime, behind the semaphore.
             tokio::spawn(async move {
                 let tok = Tokenizers::shared();
                 let bytes = job.local_count_bytes();
-                let job = tok.off_runtime(bytes, move |_| job.with_local_usage()).await;
+                let job = tok
+                    .off_runtime(bytes, move |_| job.with_local_usage())
+                    .await;
                 job.run(reply);
             });
         }
@@ -190,15 +219,31 @@ impl Settle {
         let billable = o.status != Status::UpstreamError;
         let egress_bytes = ctx.upstream_request_bytes + o.response_bytes;
         let cost_nusd = if billable {
-            meter::cost_nusd(this.price.as_deref(), &usage, egress_bytes, this.egress_usd_per_gb)
+            meter::cost_nusd(
+                this.price.as_deref(),
+                &usage,
+                egress_bytes,
+                this.egress_usd_per_gb,
+            )
         } else {
             0
         };
         let priced = this.price.is_some();
         let team = ctx.principal.team.name.clone();
         let backend = ctx.backend.clone();
-        let model = ctx.served_model.clone().unwrap_or_else(|| ctx.requested_model.clone());
-        record_metrics(&team, &model, backend.as_deref().unwrap_or(""), o, &usage, priced || !billable, ctx);
+        let model = ctx
+            .served_model
+            .clone()
+            .unwrap_or_else(|| ctx.requested_model.clone());
+        record_metrics(
+            &team,
+            &model,
+            backend.as_deref().unwrap_or(""),
+            o,
+            &usage,
+            priced || !billable,
+            ctx,
+        );
 
         let ended_at_us = now_us();
         let latency = this.ended.duration_since(ctx.started);
@@ -226,13 +271,23 @@ impl Settle {
             http_status: o.http_status,
             attempts: ctx.attempts,
             latency_ms: latency.as_secs_f64() * 1e3,
-            ttft_ms: o.first_token_at.map(|t| t.duration_since(ctx.started).as_secs_f64() * 1e3),
+            ttft_ms: o
+                .first_token_at
+                .map(|t| t.duration_since(ctx.started).as_secs_f64() * 1e3),
             stream: ctx.stream,
         };
-        let settled = Settled { usage: Some(usage), cost_nusd, priced, committed: false };
+        let settled = Settled {
+            usage: Some(usage),
+            cost_nusd,
+            priced,
+            committed: false,
+        };
         let reply = reply.map(|tx| -> Box<dyn FnOnce(bool) + Send> {
             Box::new(move |committed| {
-                let _ = tx.send(Settled { committed, ..settled });
+                let _ = tx.send(Settled {
+                    committed,
+                    ..settled
+                });
             })
         });
         this.ledger.submit(record, reply);
@@ -248,7 +303,14 @@ fn local_usage(ctx: &RequestCtx, generated: Option<&Generated>) -> Usage {
     let completion = generated.map_or(0, |g| {
         counter.scale(tok.count(counter.encoding, &g.text)) + g.overflow_bytes.div_ceil(4)
     });
-    Usage { prompt, completion, cached: 0, cache_write: 0, reasoning: 0, source: TokenSource::Local }
+    Usage {
+        prompt,
+        completion,
+        cached: 0,
+        cache_write: 0,
+        reasoning: 0,
+        source: TokenSource::Local,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -272,7 +334,8 @@ fn record_metrics(
     let mut with_status = base();
     with_status.push(label("status", o.status.as_str().into()));
     metrics::counter!(m::REQUESTS_TOTAL, with_status.clone()).increment(1);
-    metrics::histogram!(m::REQUEST_DURATION_SECONDS, with_status).record(ctx.started.elapsed().as_secs_f64());
+    metrics::histogram!(m::REQUEST_DURATION_SECONDS, with_status)
+        .record(ctx.started.elapsed().as_secs_f64());
     for (direction, n) in [("prompt", usage.prompt), ("completion", usage.completion)] {
         let mut l = base();
         l.push(label("direction", direction.into()));
@@ -284,5 +347,8 @@ fn record_metrics(
 }
 
 fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }

@@ -31,23 +31,36 @@ pub fn collect(
         check(team, key, value, source)?;
         set += 1;
         if set > MAX_REQUEST_TAGS {
-            return Err(bad(source, format!("at most {MAX_REQUEST_TAGS} request tags are allowed")));
+            return Err(bad(
+                source,
+                format!("at most {MAX_REQUEST_TAGS} request tags are allowed"),
+            ));
         }
         tags.insert(key.to_string(), value.to_string());
         Ok(())
     };
     for value in headers.get_all(&X_TOLLGATE_TAGS) {
-        let value = value.to_str().map_err(|_| bad("x-tollgate-tags", "x-tollgate-tags must be ASCII".into()))?;
+        let value = value
+            .to_str()
+            .map_err(|_| bad("x-tollgate-tags", "x-tollgate-tags must be ASCII".into()))?;
         for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').ok_or_else(|| {
-                bad("x-tollgate-tags", format!("malformed tag `{}`: expected key=value", truncate(pair)))
+                bad(
+                    "x-tollgate-tags",
+                    format!("malformed tag `{}`: expected key=value", truncate(pair)),
+                )
             })?;
             put(k.trim(), v.trim(), "x-tollgate-tags")?;
         }
     }
     if let Some(meta) = metadata {
         for (k, v) in meta {
-            let v = v.as_str().ok_or_else(|| bad("metadata", format!("metadata `{}` must be a string", truncate(k))))?;
+            let v = v.as_str().ok_or_else(|| {
+                bad(
+                    "metadata",
+                    format!("metadata `{}` must be a string", truncate(k)),
+                )
+            })?;
             put(k, v, "metadata")?;
         }
     }
@@ -61,14 +74,35 @@ pub fn collect(
 }
 
 fn check(team: &Team, key: &str, value: &str, source: &'static str) -> Result<(), GatewayError> {
-    if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
-        return Err(bad(source, format!("tag key `{}` must be 1-{MAX_KEY_LEN} characters of a-z, 0-9, _ - .", truncate(key))));
+    if key.is_empty()
+        || key.len() > MAX_KEY_LEN
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        return Err(bad(
+            source,
+            format!(
+                "tag key `{}` must be 1-{MAX_KEY_LEN} characters of a-z, 0-9, _ - .",
+                truncate(key)
+            ),
+        ));
     }
     if !team.request_tags.iter().any(|k| k == key) {
-        return Err(bad(source, format!("tag key `{key}` is not allowed for team `{}` (allowed: {})", team.name, allowed(team))));
+        return Err(bad(
+            source,
+            format!(
+                "tag key `{key}` is not allowed for team `{}` (allowed: {})",
+                team.name,
+                allowed(team)
+            ),
+        ));
     }
     if value.len() > MAX_VALUE_LEN || value.chars().any(char::is_control) {
-        return Err(bad(source, format!("tag `{key}` value must be at most {MAX_VALUE_LEN} printable characters")));
+        return Err(bad(
+            source,
+            format!("tag `{key}` value must be at most {MAX_VALUE_LEN} printable characters"),
+        ));
     }
     Ok(())
 }
@@ -126,7 +160,11 @@ mod tests {
     #[test]
     fn keys_the_team_may_not_set_are_refused_by_name() {
         let e = collect(&team(), &header("project=a, owner=bob"), None, None).unwrap_err();
-        assert!(e.to_string().contains("`owner` is not allowed for team `search`"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("`owner` is not allowed for team `search`"),
+            "{e}"
+        );
         let meta = serde_json::json!({"cost_center": "x"});
         let e = collect(&team(), &HeaderMap::new(), meta.as_object(), None).unwrap_err();
         assert!(e.to_string().contains("`cost_center`"), "{e}");
@@ -134,18 +172,29 @@ mod tests {
 
     #[test]
     fn malformed_headers_and_oversized_values_are_refused() {
-        assert!(collect(&team(), &header("project"), None, None).unwrap_err().to_string().contains("malformed"));
+        assert!(collect(&team(), &header("project"), None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("malformed"));
         let long = format!("project={}", "x".repeat(300));
         let mut h = HeaderMap::new();
-        h.insert(X_TOLLGATE_TAGS.clone(), HeaderValue::from_str(&long).unwrap());
+        h.insert(
+            X_TOLLGATE_TAGS.clone(),
+            HeaderValue::from_str(&long).unwrap(),
+        );
         assert!(collect(&team(), &h, None, None).is_err());
     }
 
     #[test]
     fn user_becomes_a_tag_only_when_allowed() {
-        assert!(!collect(&team(), &HeaderMap::new(), None, Some("u1")).unwrap().contains_key("user"));
+        assert!(!collect(&team(), &HeaderMap::new(), None, Some("u1"))
+            .unwrap()
+            .contains_key("user"));
         let mut t = team();
         t.request_tags.push("user".into());
-        assert_eq!(collect(&t, &HeaderMap::new(), None, Some("u1")).unwrap()["user"], "u1");
+        assert_eq!(
+            collect(&t, &HeaderMap::new(), None, Some("u1")).unwrap()["user"],
+            "u1"
+        );
     }
 }

@@ -6,7 +6,9 @@
 use crate::body::GatewayBody;
 use crate::config;
 use crate::keys::hash_key;
+use crate::ledger::Ledger;
 use crate::live::{Live, LiveState};
+use crate::report;
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
@@ -23,11 +25,73 @@ pub struct Admin {
     /// Set when shutdown begins, so `/readyz` turns load balancers away before we stop.
     pub draining: Arc<AtomicBool>,
     pub config_path: Option<PathBuf>,
+    pub ledger: Arc<Ledger>,
 }
 
 impl Admin {
     pub async fn handle<B>(self, req: Request<B>) -> Result<Response<GatewayBody>, Infallible> {
+        if req.method() == Method::GET
+            && req.uri().path() == "/admin/usage"
+            && self.authorized(&req)
+        {
+            return Ok(self.usage(req.uri().query().unwrap_or("")).await);
+        }
         Ok(self.route(&req))
+    }
+
+    /// `GET /admin/usage?group_by=team,model&from=…&to=…`: the ledger report as JSON.
+    async fn usage(&self, query: &str) -> Response<GatewayBody> {
+        let param = |name: &str| {
+            query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| percent_decode(v))
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        let parsed = (|| -> Result<_, report::ReportError> {
+            let by = report::Dim::parse_list(&param("group_by").unwrap_or_else(|| "team".into()))?;
+            let from = param("from")
+                .map(|v| report::parse_time(&v, now))
+                .transpose()?;
+            let to = param("to")
+                .map(|v| report::parse_time(&v, now))
+                .transpose()?;
+            Ok((by, from, to))
+        })();
+        let (by, from, to) = match parsed {
+            Ok(p) => p,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        let path = self.ledger.path.clone();
+        let rows = tokio::task::spawn_blocking(move || {
+            let conn = crate::ledger::sqlite::open_read(&path)?;
+            let rows = report::query(&conn, &by, from, to)?;
+            Ok::<_, report::ReportError>(report::render(&by, &rows, report::Format::Json))
+        })
+        .await;
+        match rows {
+            Ok(Ok(json)) => {
+                let mut resp = Response::new(GatewayBody::full(Bytes::from(json)));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                resp
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "usage report failed");
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the ledger could not be read",
+                )
+            }
+            Err(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the ledger could not be read",
+            ),
+        }
     }
 
     fn route<B>(&self, req: &Request<B>) -> Response<GatewayBody> {
@@ -122,6 +186,38 @@ fn backends(live: &LiveState) -> serde_json::Value {
             })
             .collect(),
     )
+}
+
+fn error(status: StatusCode, message: &str) -> Response<GatewayBody> {
+    json(
+        status,
+        serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": null, "param": null}}),
+    )
+}
+
+/// `%XX` and `+` in a query value.
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(x) => {
+                        out.push(x);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<GatewayBody> {

@@ -75,21 +75,22 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
         });
     }
     let include_usage = match head.stream_options {
-        Some(raw) if raw.get() != "null" => {
-            serde_json::from_str::<StreamOptions>(raw.get())
-                .map_err(|_| GatewayError::InvalidField {
-                    param: "stream_options",
-                    message: "`stream_options` must be an object".into(),
-                })?
-                .include_usage
-                .unwrap_or(false)
-        }
+        Some(raw) if raw.get() != "null" => serde_json::from_str::<StreamOptions>(raw.get())
+            .map_err(|_| GatewayError::InvalidField {
+                param: "stream_options",
+                message: "`stream_options` must be an object".into(),
+            })?
+            .include_usage
+            .unwrap_or(false),
         _ => false,
     };
     let metadata = match head.metadata {
-        Some(raw) if raw.get() != "null" => Some(serde_json::from_str(raw.get()).map_err(|_| {
-            GatewayError::InvalidField { param: "metadata", message: "`metadata` must be an object".into() }
-        })?),
+        Some(raw) if raw.get() != "null" => Some(serde_json::from_str(raw.get()).map_err(
+            |_| GatewayError::InvalidField {
+                param: "metadata",
+                message: "`metadata` must be an object".into(),
+            },
+        )?),
         _ => None,
     };
     Ok(RequestSummary {
@@ -133,12 +134,16 @@ impl BodyEdits {
                 let mut opts: serde_json::Map<String, serde_json::Value> =
                     serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
                 opts.insert("include_usage".into(), serde_json::Value::Bool(true));
-                self.edits.push((span.clone(), serde_json::to_vec(&opts).unwrap_or_default()));
+                self.edits
+                    .push((span.clone(), serde_json::to_vec(&opts).unwrap_or_default()));
             }
             None => {
                 // Right after the opening brace; the object has at least `model`, so the comma is valid.
                 let at = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
-                self.edits.push((at..at, br#""stream_options":{"include_usage":true},"#.to_vec()));
+                self.edits.push((
+                    at..at,
+                    br#""stream_options":{"include_usage":true},"#.to_vec(),
+                ));
             }
         }
     }
@@ -212,7 +217,8 @@ mod tests {
             edits.request_stream_usage(&body, &s);
             edits.set_model(&s, "served");
             let out = edits.apply(&body);
-            let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+            let v: serde_json::Value =
+                serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"));
             assert_eq!(v["stream_options"]["include_usage"], true, "{v}");
             assert_eq!(v["model"], "served");
         }

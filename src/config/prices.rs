@@ -90,13 +90,19 @@ impl Catalog {
     pub fn builtin() -> Arc<Catalog> {
         static BUILTIN: OnceLock<Arc<Catalog>> = OnceLock::new();
         BUILTIN
-            .get_or_init(|| Arc::new(Catalog::parse(BUILTIN_CATALOG).expect("config/prices.toml is generated valid")))
+            .get_or_init(|| {
+                Arc::new(
+                    Catalog::parse(BUILTIN_CATALOG).expect("config/prices.toml is generated valid"),
+                )
+            })
             .clone()
     }
 
     /// Looks a model up by its name, then without a provider prefix (`mistralai/…`).
     pub fn get(&self, model: &str) -> Option<&CatalogModel> {
-        self.models.get(model).or_else(|| self.models.get(model.rsplit('/').next()?))
+        self.models
+            .get(model)
+            .or_else(|| self.models.get(model.rsplit('/').next()?))
     }
 
     fn price(&self, model: &str) -> Option<Price> {
@@ -112,22 +118,36 @@ impl Catalog {
             let tier = Price {
                 input: tier_input,
                 output: lc.output_usd_per_mtok.map_or(output, |p| p / 1e6),
-                cached_input: lc.cached_input_usd_per_mtok.map_or(cached_input, |p| p / 1e6),
+                cached_input: lc
+                    .cached_input_usd_per_mtok
+                    .map_or(cached_input, |p| p / 1e6),
                 cache_write: lc.cache_write_usd_per_mtok.map_or(cache_write, |p| p / 1e6),
                 long_context: None,
                 source: PriceSource::Catalog,
             };
             (lc.threshold_tokens, Box::new(tier))
         });
-        Some(Price { input, output, cached_input, cache_write, long_context, source: PriceSource::Catalog })
+        Some(Price {
+            input,
+            output,
+            cached_input,
+            cache_write,
+            long_context,
+            source: PriceSource::Catalog,
+        })
     }
 }
 
 /// The price of one backend model, or `None`: served, but counted as unpriced.
 pub fn resolve(backend: &Backend, model: &BackendModel, catalog: &Catalog) -> Option<Price> {
     if let (Some(i), Some(o)) = (model.input_usd_per_mtok, model.output_usd_per_mtok) {
-        let catalog_cached = catalog.get(&model.name).and_then(|m| m.cached_input_usd_per_mtok);
-        let cached = model.cached_input_usd_per_mtok.or(catalog_cached).unwrap_or(i);
+        let catalog_cached = catalog
+            .get(&model.name)
+            .and_then(|m| m.cached_input_usd_per_mtok);
+        let cached = model
+            .cached_input_usd_per_mtok
+            .or(catalog_cached)
+            .unwrap_or(i);
         return Some(Price {
             input: i / 1e6,
             output: o / 1e6,

@@ -64,7 +64,10 @@ pub struct Record {
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("cannot open the ledger at {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("the ledger URL `{0}` is not supported yet (use sqlite://path)")]
     Unsupported(String),
 }
@@ -90,8 +93,10 @@ impl Ledger {
             Some(p) => PathBuf::from(p),
             None => return Err(LedgerError::Unsupported(url.to_string())),
         };
-        let conn = sqlite::open(&path, fsync)
-            .map_err(|source| LedgerError::Open { path: path.display().to_string(), source })?;
+        let conn = sqlite::open(&path, fsync).map_err(|source| LedgerError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
         let (tx, rx) = mpsc::channel();
         let healthy = Arc::new(AtomicBool::new(true));
         let writer = {
@@ -102,7 +107,12 @@ impl Ledger {
                 .spawn(move || write_loop(conn, path, fsync, rx, healthy))
                 .expect("spawning the ledger thread")
         };
-        Ok(Arc::new(Ledger { tx: Mutex::new(Some(tx)), healthy, writer: Mutex::new(Some(writer)), path }))
+        Ok(Arc::new(Ledger {
+            tx: Mutex::new(Some(tx)),
+            healthy,
+            writer: Mutex::new(Some(writer)),
+            path,
+        }))
     }
 
     /// False while commits fail: billable requests must be refused.
@@ -114,7 +124,10 @@ impl Ledger {
     pub fn submit(&self, record: Record, reply: Option<Reply>) {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let unsent = match tx.as_ref() {
-            Some(tx) => tx.send((Box::new(record), reply)).err().map(|mpsc::SendError((_, reply))| reply),
+            Some(tx) => tx
+                .send((Box::new(record), reply))
+                .err()
+                .map(|mpsc::SendError((_, reply))| reply),
             None => Some(reply),
         };
         if let Some(reply) = unsent {

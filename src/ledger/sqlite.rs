@@ -53,12 +53,18 @@ pub fn open(path: &Path, fsync: bool) -> rusqlite::Result<Connection> {
 
 /// A read-only connection for reports; it never blocks the writer (WAL).
 pub fn open_read(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
 }
 
-pub fn insert_batch<'a>(conn: &mut Connection, records: impl Iterator<Item = &'a Record>) -> rusqlite::Result<()> {
+pub fn insert_batch<'a>(
+    conn: &mut Connection,
+    records: impl Iterator<Item = &'a Record>,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut stmt = tx.prepare_cached(

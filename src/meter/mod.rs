@@ -70,7 +70,13 @@ impl WireUsage {
         let cache_read = self.cache_read_input_tokens.unwrap_or(0);
         let cache_write = self.cache_creation_input_tokens.unwrap_or(0);
         let (prompt, cached) = match (self.prompt_tokens, self.input_tokens) {
-            (Some(p), _) => (p, self.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0)),
+            (Some(p), _) => (
+                p,
+                self.prompt_tokens_details
+                    .as_ref()
+                    .and_then(|d| d.cached_tokens)
+                    .unwrap_or(0),
+            ),
             // Anthropic reports uncached input apart from cache reads and writes.
             (None, Some(i)) => (i + cache_read + cache_write, cache_read),
             (None, None) => return None,
@@ -81,7 +87,11 @@ impl WireUsage {
             completion,
             cached: cached.min(prompt),
             cache_write: cache_write.min(prompt - cached.min(prompt)),
-            reasoning: self.completion_tokens_details.as_ref().and_then(|d| d.reasoning_tokens).unwrap_or(0),
+            reasoning: self
+                .completion_tokens_details
+                .as_ref()
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
             source: TokenSource::Upstream,
         })
     }
@@ -97,15 +107,24 @@ struct HasUsage<'a> {
 /// usage is `None`, never an error: the request already succeeded, only its count is lost.
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
     let raw = serde_json::from_slice::<HasUsage<'_>>(json).ok()?.usage?;
-    serde_json::from_str::<WireUsage>(raw.get()).ok()?.to_usage()
+    serde_json::from_str::<WireUsage>(raw.get())
+        .ok()?
+        .to_usage()
 }
 
 /// Cost in nano-dollars (integers, so sums never drift): tokens x prices, plus egress.
-pub fn cost_nusd(price: Option<&Price>, usage: &Usage, egress_bytes: u64, egress_usd_per_gb: Option<f64>) -> i64 {
+pub fn cost_nusd(
+    price: Option<&Price>,
+    usage: &Usage,
+    egress_bytes: u64,
+    egress_usd_per_gb: Option<f64>,
+) -> i64 {
     let mut usd = 0.0;
     if let Some(p) = price {
         let p = p.for_prompt(usage.prompt);
-        let uncached = usage.prompt.saturating_sub(usage.cached + usage.cache_write);
+        let uncached = usage
+            .prompt
+            .saturating_sub(usage.cached + usage.cache_write);
         usd += uncached as f64 * p.input
             + usage.cached as f64 * p.cached_input
             + usage.cache_write as f64 * p.cache_write

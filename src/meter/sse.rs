@@ -75,7 +75,10 @@ enum Verdict {
 
 impl SseObserver {
     pub fn new(strip_usage: bool) -> Self {
-        Self { strip_usage, ..Default::default() }
+        Self {
+            strip_usage,
+            ..Default::default()
+        }
     }
 
     /// Takes one upstream frame; returns what to send the client now (possibly nothing).
@@ -138,7 +141,9 @@ impl SseObserver {
     }
 
     fn inspect(&mut self, event: &[u8]) -> Verdict {
-        let Some(data) = data_of(event) else { return Verdict::Keep };
+        let Some(data) = data_of(event) else {
+            return Verdict::Keep;
+        };
         if data.as_ref() == b"[DONE]" {
             self.saw_done = true;
             return Verdict::Drop;
@@ -299,7 +304,9 @@ mod tests {
     #[test]
     fn usage_asked_by_the_gateway_is_removed() {
         let mut o = SseObserver::new(true);
-        let out = o.feed(Bytes::from(format!("{}{USAGE}{DONE}", chunk("Hi")))).unwrap();
+        let out = o
+            .feed(Bytes::from(format!("{}{USAGE}{DONE}", chunk("Hi"))))
+            .unwrap();
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(!text.contains("usage"), "{text}");
         assert!(text.contains("\"content\":\"Hi\""));

@@ -15,14 +15,20 @@ fn price(input_per_m: f64, output_per_m: f64, cached_per_m: f64) -> Price {
 #[test]
 fn reads_openai_usage_with_cached_and_reasoning_tokens() {
     let u = usage_of(br#"{"id":"x","usage":{"prompt_tokens":1000,"completion_tokens":200,"prompt_tokens_details":{"cached_tokens":600},"completion_tokens_details":{"reasoning_tokens":50}}}"#).unwrap();
-    assert_eq!((u.prompt, u.completion, u.cached, u.reasoning), (1000, 200, 600, 50));
+    assert_eq!(
+        (u.prompt, u.completion, u.cached, u.reasoning),
+        (1000, 200, 600, 50)
+    );
     assert_eq!(u.source, TokenSource::Upstream);
 }
 
 #[test]
 fn reads_anthropic_usage() {
     let u = usage_of(br#"{"usage":{"input_tokens":100,"output_tokens":20,"cache_read_input_tokens":300,"cache_creation_input_tokens":50}}"#).unwrap();
-    assert_eq!((u.prompt, u.completion, u.cached, u.cache_write), (450, 20, 300, 50));
+    assert_eq!(
+        (u.prompt, u.completion, u.cached, u.cache_write),
+        (450, 20, 300, 50)
+    );
 }
 
 #[test]
@@ -38,7 +44,14 @@ fn missing_null_or_malformed_usage_is_unknown_not_zero() {
 fn cost_prices_cached_tokens_at_their_own_rate() {
     // gpt-4o-mini: $0.15 in, $0.60 out, $0.075 cached per 1M tokens.
     let p = price(0.15, 0.60, 0.075);
-    let u = Usage { prompt: 1000, completion: 200, cached: 600, cache_write: 0, reasoning: 0, source: TokenSource::Upstream };
+    let u = Usage {
+        prompt: 1000,
+        completion: 200,
+        cached: 600,
+        cache_write: 0,
+        reasoning: 0,
+        source: TokenSource::Upstream,
+    };
     // 400 x 0.15 + 600 x 0.075 + 200 x 0.60 = 60 + 45 + 120 = 225 micro-dollars per 1M... per token units:
     assert_eq!(cost_nusd(Some(&p), &u, 0, None), 225_000);
     assert_eq!(format_usd(225_000), "0.000225000");
@@ -48,15 +61,32 @@ fn cost_prices_cached_tokens_at_their_own_rate() {
 fn long_context_tier_applies_to_the_whole_request() {
     let mut p = price(1.25, 10.0, 0.125);
     p.long_context = Some((200_000, Box::new(price(2.5, 15.0, 0.25))));
-    let small = Usage { prompt: 200_000, completion: 0, cached: 0, cache_write: 0, reasoning: 0, source: TokenSource::Local };
-    let large = Usage { prompt: 200_001, ..small };
+    let small = Usage {
+        prompt: 200_000,
+        completion: 0,
+        cached: 0,
+        cache_write: 0,
+        reasoning: 0,
+        source: TokenSource::Local,
+    };
+    let large = Usage {
+        prompt: 200_001,
+        ..small
+    };
     assert_eq!(cost_nusd(Some(&p), &small, 0, None), 250_000_000);
     assert_eq!(cost_nusd(Some(&p), &large, 0, None), 500_002_500);
 }
 
 #[test]
 fn egress_is_charged_per_byte_and_unpriced_models_cost_only_egress() {
-    let u = Usage { prompt: 10, completion: 10, cached: 0, cache_write: 0, reasoning: 0, source: TokenSource::Upstream };
+    let u = Usage {
+        prompt: 10,
+        completion: 10,
+        cached: 0,
+        cache_write: 0,
+        reasoning: 0,
+        source: TokenSource::Upstream,
+    };
     assert_eq!(cost_nusd(None, &u, 1_000_000, Some(0.09)), 90_000);
     assert_eq!(cost_nusd(None, &u, 0, None), 0);
 }

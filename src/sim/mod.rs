@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stream::{SimBody, TokenStream};
@@ -68,7 +68,17 @@ pub struct Knobs {
     /// Pause this long before this token index (1-based) of a stream; with `stall_before_token`.
     pub stall_ms: AtomicU64,
     pub stall_before_token: AtomicU32,
+    /// How `usage` is reported: [`USAGE_NORMAL`], [`USAGE_OMITTED`] or [`USAGE_MALFORMED`].
+    pub usage_mode: AtomicU8,
+    /// Prompt tokens reported as served from the provider's cache.
+    pub cached_tokens: AtomicU32,
 }
+
+pub const USAGE_NORMAL: u8 = 0;
+/// Like servers that report no usage (and ignore `include_usage`).
+pub const USAGE_OMITTED: u8 = 1;
+/// A `usage` object with nonsense in it.
+pub const USAGE_MALFORMED: u8 = 2;
 
 /// What the simulator saw, for tests to assert on.
 #[derive(Debug, Default)]
@@ -325,6 +335,12 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         include_usage: v["stream_options"]["include_usage"]
             .as_bool()
             .unwrap_or(false),
+        usage_mode: state.knobs.usage_mode.load(Ordering::Relaxed),
+        cached_tokens: state
+            .knobs
+            .cached_tokens
+            .load(Ordering::Relaxed)
+            .min(prompt_tokens),
     };
     if v["stream"].as_bool().unwrap_or(false) {
         let body = SimBody::stream(gen, &state.cfg, &state.knobs, slot);

@@ -52,6 +52,8 @@ pub struct TokenStream {
     pub completion_tokens: u32,
     pub finish_reason: &'static str,
     pub include_usage: bool,
+    pub usage_mode: u8,
+    pub cached_tokens: u32,
 }
 
 impl TokenStream {
@@ -65,18 +67,22 @@ impl TokenStream {
     }
 
     fn usage(&self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0},
-        })
+        match self.usage_mode {
+            super::USAGE_OMITTED => Value::Null,
+            super::USAGE_MALFORMED => json!({"prompt_tokens": "lots", "completion_tokens": -1}),
+            _ => json!({
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+                "completion_tokens_details": {"reasoning_tokens": 0},
+            }),
+        }
     }
 
     pub fn full_response(&self) -> Value {
         let text: String = (0..self.completion_tokens).map(Self::token).collect();
-        match self.kind {
+        let mut v = match self.kind {
             Kind::Chat => json!({
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "system_fingerprint": "fp_sim",
@@ -89,7 +95,11 @@ impl TokenStream {
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": self.finish_reason}],
                 "usage": self.usage(),
             }),
+        };
+        if v["usage"].is_null() {
+            v.as_object_mut().expect("an object").remove("usage");
         }
+        v
     }
 
     fn chunk(&self, choice: Value) -> Bytes {

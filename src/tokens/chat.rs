@@ -23,7 +23,10 @@ pub struct ChatPrompt {
 
 impl ChatPrompt {
     pub fn parse(endpoint: Endpoint, body: &[u8]) -> Option<ChatPrompt> {
-        Some(ChatPrompt { endpoint, body: serde_json::from_slice(body).ok()? })
+        Some(ChatPrompt {
+            endpoint,
+            body: serde_json::from_slice(body).ok()?,
+        })
     }
 }
 
@@ -31,7 +34,10 @@ pub fn count_chat_prompt(tok: &Tokenizers, enc: Encoding, prompt: &ChatPrompt) -
     let v = &prompt.body;
     match prompt.endpoint {
         Endpoint::ChatCompletions => {
-            let messages = v["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let messages = v["messages"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             let mut n = REPLY_PRIMING;
             for m in messages {
                 n += PER_MESSAGE;
@@ -40,7 +46,11 @@ pub fn count_chat_prompt(tok: &Tokenizers, enc: Encoding, prompt: &ChatPrompt) -
                 if let Some(name) = m["name"].as_str() {
                     n += tok.count(enc, name) + PER_NAME;
                 }
-                for call in m["tool_calls"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                for call in m["tool_calls"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                {
                     n += tok.count(enc, call["function"]["name"].as_str().unwrap_or(""));
                     n += tok.count(enc, call["function"]["arguments"].as_str().unwrap_or(""));
                 }
@@ -83,7 +93,9 @@ fn tools_tokens(tok: &Tokenizers, enc: Encoding, tools: &Value) -> u64 {
     const ENUM_INIT: i64 = -3;
     const ENUM_ITEM: i64 = 3;
     const FUNC_END: i64 = 12;
-    let Some(tools) = tools.as_array().filter(|t| !t.is_empty()) else { return 0 };
+    let Some(tools) = tools.as_array().filter(|t| !t.is_empty()) else {
+        return 0;
+    };
     let mut n: i64 = 0;
     for tool in tools {
         let f = &tool["function"];
@@ -91,7 +103,10 @@ fn tools_tokens(tok: &Tokenizers, enc: Encoding, tools: &Value) -> u64 {
         let name = f["name"].as_str().unwrap_or("");
         let desc = strip_one_dot(f["description"].as_str().unwrap_or(""));
         n += tok.count(enc, &format!("{name}:{desc}")) as i64;
-        if let Some(props) = f["parameters"]["properties"].as_object().filter(|p| !p.is_empty()) {
+        if let Some(props) = f["parameters"]["properties"]
+            .as_object()
+            .filter(|p| !p.is_empty())
+        {
             n += PROP_INIT;
             for (key, p) in props {
                 n += PROP_KEY;

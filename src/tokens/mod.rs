@@ -37,25 +37,73 @@ impl Encoding {
 
     /// The tokenizer that counts a model's tokens, exact or a stand-in with its measured ratio.
     pub fn for_model(model: &str) -> Counter {
-        let m = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
+        let m = model
+            .rsplit('/')
+            .next()
+            .unwrap_or(model)
+            .to_ascii_lowercase();
         let starts = |p: &[&str]| p.iter().any(|p| m.starts_with(p));
         let has = |p: &[&str]| p.iter().any(|p| m.contains(p));
-        let exact = |encoding| Counter { encoding, ratio: 1.0, stand_in_for: None };
-        if starts(&["gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "gpt-oss", "codex"]) {
+        let exact = |encoding| Counter {
+            encoding,
+            ratio: 1.0,
+            stand_in_for: None,
+        };
+        if starts(&[
+            "gpt-4o",
+            "chatgpt-4o",
+            "gpt-4.1",
+            "gpt-4.5",
+            "gpt-5",
+            "o1",
+            "o3",
+            "o4",
+            "gpt-oss",
+            "codex",
+        ]) {
             exact(Encoding::O200kBase)
-        } else if starts(&["gpt-4", "gpt-3.5", "gpt-35", "text-embedding-3", "text-embedding-ada-002"]) {
+        } else if starts(&[
+            "gpt-4",
+            "gpt-3.5",
+            "gpt-35",
+            "text-embedding-3",
+            "text-embedding-ada-002",
+        ]) {
             exact(Encoding::Cl100kBase)
         } else if has(&["mixtral", "mistral-7b"]) {
             // SentencePiece v1-v3: 1.068x cl100k on English, 1.288x on code (docs/TOKENS.md).
-            Counter { encoding: Encoding::Cl100kBase, ratio: 1.18, stand_in_for: Some("mistral-sentencepiece") }
-        } else if has(&["mistral", "ministral", "codestral", "pixtral", "magistral", "devstral"]) {
+            Counter {
+                encoding: Encoding::Cl100kBase,
+                ratio: 1.18,
+                stand_in_for: Some("mistral-sentencepiece"),
+            }
+        } else if has(&[
+            "mistral",
+            "ministral",
+            "codestral",
+            "pixtral",
+            "magistral",
+            "devstral",
+        ]) {
             // Tekken: 1.007x on English, 1.063x on code.
-            Counter { encoding: Encoding::Cl100kBase, ratio: 1.035, stand_in_for: Some("mistral-tekken") }
+            Counter {
+                encoding: Encoding::Cl100kBase,
+                ratio: 1.035,
+                stand_in_for: Some("mistral-tekken"),
+            }
         } else if has(&["llama"]) {
             // Llama 3's vocabulary starts with cl100k's: identical counts on the sample.
-            Counter { encoding: Encoding::Cl100kBase, ratio: 1.0, stand_in_for: Some("llama3") }
+            Counter {
+                encoding: Encoding::Cl100kBase,
+                ratio: 1.0,
+                stand_in_for: Some("llama3"),
+            }
         } else {
-            Counter { encoding: Encoding::Cl100kBase, ratio: 1.0, stand_in_for: Some("unknown") }
+            Counter {
+                encoding: Encoding::Cl100kBase,
+                ratio: 1.0,
+                stand_in_for: Some("unknown"),
+            }
         }
     }
 }
@@ -101,8 +149,10 @@ impl Tokenizers {
         SHARED
             .get_or_init(|| {
                 Arc::new(Tokenizers {
-                    o200k: tiktoken_rs::o200k_base().expect("the o200k_base ranks ship with tiktoken-rs"),
-                    cl100k: tiktoken_rs::cl100k_base().expect("the cl100k_base ranks ship with tiktoken-rs"),
+                    o200k: tiktoken_rs::o200k_base()
+                        .expect("the o200k_base ranks ship with tiktoken-rs"),
+                    cl100k: tiktoken_rs::cl100k_base()
+                        .expect("the cl100k_base ranks ship with tiktoken-rs"),
                     blocking: Semaphore::new(BLOCKING_COUNTS),
                 })
             })
@@ -134,7 +184,11 @@ impl Tokenizers {
         if bytes <= INLINE_COUNT_MAX_BYTES {
             return work(self);
         }
-        let _permit = self.blocking.acquire().await.expect("the semaphore is never closed");
+        let _permit = self
+            .blocking
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let this = self.clone();
         match tokio::task::spawn_blocking(move || work(&this)).await {
             Ok(v) => v,

@@ -18,8 +18,18 @@ fn expected(path: &[&str]) -> u64 {
 fn plain_text_matches_tiktoken() {
     let t = Tokenizers::shared();
     for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
-        assert_eq!(t.count(enc, ENGLISH), expected(&[enc.name(), "english"]), "{}", enc.name());
-        assert_eq!(t.count(enc, CODE), expected(&[enc.name(), "code"]), "{}", enc.name());
+        assert_eq!(
+            t.count(enc, ENGLISH),
+            expected(&[enc.name(), "english"]),
+            "{}",
+            enc.name()
+        );
+        assert_eq!(
+            t.count(enc, CODE),
+            expected(&[enc.name(), "code"]),
+            "{}",
+            enc.name()
+        );
     }
 }
 
@@ -28,18 +38,35 @@ fn chat_prompts_match_openai_accounting() {
     let t = Tokenizers::shared();
     let prompt = ChatPrompt::parse(Endpoint::ChatCompletions, CHAT.as_bytes()).unwrap();
     for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
-        assert_eq!(count_chat_prompt(&t, enc, &prompt), expected(&["chat_prompt_tokens", enc.name()]), "{}", enc.name());
+        assert_eq!(
+            count_chat_prompt(&t, enc, &prompt),
+            expected(&["chat_prompt_tokens", enc.name()]),
+            "{}",
+            enc.name()
+        );
     }
 }
 
 #[test]
 fn models_map_to_their_tokenizer_or_a_named_stand_in() {
-    assert_eq!(Encoding::for_model("gpt-4o-mini").encoding, Encoding::O200kBase);
+    assert_eq!(
+        Encoding::for_model("gpt-4o-mini").encoding,
+        Encoding::O200kBase
+    );
     assert_eq!(Encoding::for_model("o3").encoding, Encoding::O200kBase);
-    assert_eq!(Encoding::for_model("gpt-4-turbo").encoding, Encoding::Cl100kBase);
-    assert_eq!(Encoding::for_model("text-embedding-3-small").stand_in_for, None);
+    assert_eq!(
+        Encoding::for_model("gpt-4-turbo").encoding,
+        Encoding::Cl100kBase
+    );
+    assert_eq!(
+        Encoding::for_model("text-embedding-3-small").stand_in_for,
+        None
+    );
     let llama = Encoding::for_model("meta-llama/Llama-3.1-8B-Instruct");
-    assert_eq!((llama.encoding, llama.stand_in_for), (Encoding::Cl100kBase, Some("llama3")));
+    assert_eq!(
+        (llama.encoding, llama.stand_in_for),
+        (Encoding::Cl100kBase, Some("llama3"))
+    );
     let mistral = Encoding::for_model("mistral-large-latest");
     assert_eq!(mistral.stand_in_for, Some("mistral-tekken"));
     assert_eq!(mistral.scale(1000), 1035);
@@ -49,8 +76,14 @@ fn models_map_to_their_tokenizer_or_a_named_stand_in() {
 fn the_estimate_never_undercounts() {
     let t = Tokenizers::shared();
     for text in [ENGLISH, CODE, "ünïcödé ✓✓✓ 漢字漢字"] {
-        let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]}).to_string();
-        let exact = count_chat_prompt(&t, Encoding::Cl100kBase, &ChatPrompt::parse(Endpoint::ChatCompletions, body.as_bytes()).unwrap());
+        let body =
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]})
+                .to_string();
+        let exact = count_chat_prompt(
+            &t,
+            Encoding::Cl100kBase,
+            &ChatPrompt::parse(Endpoint::ChatCompletions, body.as_bytes()).unwrap(),
+        );
         assert!(estimate_prompt_tokens(body.len()) >= exact);
     }
 }

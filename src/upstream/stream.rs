@@ -14,8 +14,8 @@
 
 use crate::config::OnDisconnect;
 use crate::error::GatewayError;
-use crate::meter::sse::SseObserver;
 use crate::meter::format_usd;
+use crate::meter::sse::SseObserver;
 use crate::record::{Completion, Generated, Outcome, Settled, Status};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -33,7 +33,11 @@ use crate::body::BodyError;
 enum State {
     Streaming,
     /// Waiting for the record to be committed before the last bytes.
-    Settling { rx: oneshot::Receiver<Settled>, status: Status, error: Option<GatewayError> },
+    Settling {
+        rx: oneshot::Receiver<Settled>,
+        status: Status,
+        error: Option<GatewayError>,
+    },
     Done,
 }
 
@@ -62,7 +66,10 @@ impl UpstreamBody {
         on_disconnect: OnDisconnect,
         http_status: u16,
     ) -> Self {
-        let backend = completion.ctx().and_then(|c| c.backend.clone()).unwrap_or_else(|| "".into());
+        let backend = completion
+            .ctx()
+            .and_then(|c| c.backend.clone())
+            .unwrap_or_else(|| "".into());
         Self {
             inner: Some(inner),
             timer: Box::pin(tokio::time::sleep(idle)),
@@ -97,7 +104,11 @@ impl UpstreamBody {
         let leftover = self.observer.finish();
         self.inner = None;
         let outcome = self.outcome(status);
-        let rx = self.completion.take().expect("settled once").finish(outcome);
+        let rx = self
+            .completion
+            .take()
+            .expect("settled once")
+            .finish(outcome);
         self.state = State::Settling { rx, status, error };
         leftover
     }
@@ -105,8 +116,18 @@ impl UpstreamBody {
     fn broken(&mut self, error: BodyError) -> Option<Bytes> {
         tracing::warn!(backend = &*self.backend, %error, "upstream stream ended early");
         let (kind, err) = match error {
-            BodyError::Timeout => ("stream_idle_timeout", GatewayError::UpstreamTimeout { backend: self.backend.clone() }),
-            BodyError::Upstream(_) => ("body", GatewayError::UpstreamFailed { backend: self.backend.clone() }),
+            BodyError::Timeout => (
+                "stream_idle_timeout",
+                GatewayError::UpstreamTimeout {
+                    backend: self.backend.clone(),
+                },
+            ),
+            BodyError::Upstream(_) => (
+                "body",
+                GatewayError::UpstreamFailed {
+                    backend: self.backend.clone(),
+                },
+            ),
         };
         crate::upstream::forward::count_error(&self.backend, kind);
         self.settle(Status::UpstreamBroken, Some(err))
@@ -114,13 +135,24 @@ impl UpstreamBody {
 
     /// The bytes after the upstream's last event: the cost comment, then `[DONE]` (or the
     /// error event that replaces it).
-    fn ending(&self, settled: Option<Settled>, status: Status, error: Option<GatewayError>) -> Bytes {
+    fn ending(
+        &self,
+        settled: Option<Settled>,
+        status: Status,
+        error: Option<GatewayError>,
+    ) -> Bytes {
         let mut out = Vec::with_capacity(160);
         let error = match settled {
             Some(s) if s.committed => {
-                let u = s.usage.unwrap_or_else(|| unreachable!("settled usage is always known"));
+                let u = s
+                    .usage
+                    .unwrap_or_else(|| unreachable!("settled usage is always known"));
                 out.extend_from_slice(b": tollgate ");
-                let cost = if s.priced { format_usd(s.cost_nusd) } else { "null".into() };
+                let cost = if s.priced {
+                    format_usd(s.cost_nusd)
+                } else {
+                    "null".into()
+                };
                 out.extend_from_slice(
                     format!(
                         r#"{{"cost_usd":{cost},"prompt_tokens":{},"completion_tokens":{},"token_source":"{}"}}"#,
@@ -141,7 +173,9 @@ impl UpstreamBody {
                 out.extend_from_slice(&e.body_json());
                 out.extend_from_slice(b"\n\n");
             }
-            None if status == Status::Ok && self.observer.saw_done => out.extend_from_slice(b"data: [DONE]\n\n"),
+            None if status == Status::Ok && self.observer.saw_done => {
+                out.extend_from_slice(b"data: [DONE]\n\n")
+            }
             None => {}
         }
         Bytes::from(out)
@@ -152,7 +186,10 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         loop {
             match &mut this.state {
@@ -172,7 +209,9 @@ impl Body for UpstreamBody {
             let inner = this.inner.as_mut().expect("streaming has an upstream");
             let leftover = match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else { continue };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
                     this.response_bytes += data.len() as u64;
                     this.timer.as_mut().reset(Instant::now() + this.idle);
                     let out = this.observer.feed(data);
@@ -208,7 +247,9 @@ impl Body for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        let (Some(completion), Some(inner)) = (self.completion.take(), self.inner.take()) else { return };
+        let (Some(completion), Some(inner)) = (self.completion.take(), self.inner.take()) else {
+            return;
+        };
         // The client left mid-stream.
         match (self.on_disconnect, tokio::runtime::Handle::try_current()) {
             (OnDisconnect::Drain, Ok(rt)) => {
@@ -229,7 +270,11 @@ impl Drop for UpstreamBody {
                     // Read to the end for the provider's own usage; what is read goes nowhere.
                     let inner = drain.inner.as_mut().expect("just set");
                     loop {
-                        let next = tokio::time::timeout(drain.idle, std::future::poll_fn(|cx| Pin::new(&mut *inner).poll_frame(cx))).await;
+                        let next = tokio::time::timeout(
+                            drain.idle,
+                            std::future::poll_fn(|cx| Pin::new(&mut *inner).poll_frame(cx)),
+                        )
+                        .await;
                         match next {
                             Ok(Some(Ok(frame))) => {
                                 if let Ok(data) = frame.into_data() {

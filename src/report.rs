@@ -1,0 +1,386 @@
+//! Spend reports from the ledger: requests, tokens, cost and cost per inference, grouped by
+//! any of team, model, backend, key, status, endpoint, day, hour, or a tag key.
+
+use crate::meter::format_usd;
+use rusqlite::Connection;
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    Team,
+    /// The model that served the request (the requested one when none did).
+    Model,
+    RequestedModel,
+    Backend,
+    Key,
+    Status,
+    Endpoint,
+    Day,
+    Hour,
+    /// A tag key, e.g. `project`.
+    Tag(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("cannot group by `{0}`: use team, model, requested_model, backend, key, status, endpoint, day, hour or a tag key")]
+    BadDim(String),
+    #[error("cannot read `{0}` as a time: use 2026-11-22, 2026-11-22T10:00:00Z, or an age like 30m, 24h, 7d")]
+    BadTime(String),
+    #[error("unknown format `{0}`: use table, csv or json")]
+    BadFormat(String),
+    #[error("ledger query failed: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+impl Dim {
+    pub fn parse_list(s: &str) -> Result<Vec<Dim>, ReportError> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(Dim::parse)
+            .collect()
+    }
+
+    fn parse(s: &str) -> Result<Dim, ReportError> {
+        Ok(match s {
+            "team" => Dim::Team,
+            "model" => Dim::Model,
+            "requested_model" => Dim::RequestedModel,
+            "backend" => Dim::Backend,
+            "key" => Dim::Key,
+            "status" => Dim::Status,
+            "endpoint" => Dim::Endpoint,
+            "day" => Dim::Day,
+            "hour" => Dim::Hour,
+            tag if !tag.is_empty()
+                && tag.len() <= 64
+                && tag
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) =>
+            {
+                Dim::Tag(tag.to_string())
+            }
+            other => return Err(ReportError::BadDim(other.chars().take(64).collect())),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Dim::Team => "team",
+            Dim::Model => "model",
+            Dim::RequestedModel => "requested_model",
+            Dim::Backend => "backend",
+            Dim::Key => "key",
+            Dim::Status => "status",
+            Dim::Endpoint => "endpoint",
+            Dim::Day => "day",
+            Dim::Hour => "hour",
+            Dim::Tag(t) => t,
+        }
+    }
+
+    /// The SQL expression; tag keys are restricted to `[A-Za-z0-9_.-]`, so inlining is safe.
+    fn sql(&self) -> String {
+        match self {
+            Dim::Team => "team".into(),
+            Dim::Model => "COALESCE(served_model, requested_model)".into(),
+            Dim::RequestedModel => "requested_model".into(),
+            Dim::Backend => "COALESCE(backend, '-')".into(),
+            Dim::Key => "key_id".into(),
+            Dim::Status => "status".into(),
+            Dim::Endpoint => "endpoint".into(),
+            Dim::Day => "strftime('%Y-%m-%d', started_at_us / 1000000, 'unixepoch')".into(),
+            Dim::Hour => "strftime('%Y-%m-%dT%H:00Z', started_at_us / 1000000, 'unixepoch')".into(),
+            Dim::Tag(t) => format!("COALESCE(json_extract(tags, '$.\"{t}\"'), '-')"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Row {
+    pub keys: Vec<String>,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_nusd: i64,
+    /// Successful requests to models with no price: their cost is unknown, not zero.
+    pub unpriced_requests: u64,
+}
+
+/// Rows for `[from_us, to_us)`, most expensive first.
+pub fn query(
+    conn: &Connection,
+    by: &[Dim],
+    from_us: Option<i64>,
+    to_us: Option<i64>,
+) -> Result<Vec<Row>, ReportError> {
+    let keys: Vec<String> = by.iter().map(Dim::sql).collect();
+    let select_keys = if keys.is_empty() {
+        String::new()
+    } else {
+        format!("{}, ", keys.join(", "))
+    };
+    let group = if keys.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "GROUP BY {}",
+            (1..=keys.len())
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let sql = format!(
+        "SELECT {select_keys} COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),
+                COALESCE(SUM(cost_nusd), 0), COALESCE(SUM(CASE WHEN priced = 0 AND status = 'ok' THEN 1 ELSE 0 END), 0)
+         FROM requests WHERE started_at_us >= ?1 AND started_at_us < ?2 {group}
+         ORDER BY {} DESC",
+        keys.len() + 4
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let n = keys.len();
+    let rows = stmt.query_map(
+        [from_us.unwrap_or(i64::MIN), to_us.unwrap_or(i64::MAX)],
+        |r| {
+            let mut keys = Vec::with_capacity(n);
+            for i in 0..n {
+                keys.push(r.get::<_, Option<String>>(i)?.unwrap_or_else(|| "-".into()));
+            }
+            Ok(Row {
+                keys,
+                requests: r.get::<_, i64>(n)? as u64,
+                prompt_tokens: r.get::<_, i64>(n + 1)? as u64,
+                completion_tokens: r.get::<_, i64>(n + 2)? as u64,
+                cost_nusd: r.get(n + 3)?,
+                unpriced_requests: r.get::<_, i64>(n + 4)? as u64,
+            })
+        },
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = ReportError;
+    fn from_str(s: &str) -> Result<Self, ReportError> {
+        match s {
+            "table" => Ok(Format::Table),
+            "csv" => Ok(Format::Csv),
+            "json" => Ok(Format::Json),
+            other => Err(ReportError::BadFormat(other.into())),
+        }
+    }
+}
+
+/// Cost per inference in nano-dollars, rounded.
+fn per_inference(r: &Row) -> i64 {
+    if r.requests == 0 {
+        0
+    } else {
+        (r.cost_nusd as f64 / r.requests as f64).round() as i64
+    }
+}
+
+pub fn render(by: &[Dim], rows: &[Row], format: Format) -> String {
+    let mut out = String::new();
+    match format {
+        Format::Json => {
+            let items: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    let mut o = serde_json::Map::new();
+                    for (d, k) in by.iter().zip(&r.keys) {
+                        o.insert(d.name().into(), k.clone().into());
+                    }
+                    o.insert("requests".into(), r.requests.into());
+                    o.insert("prompt_tokens".into(), r.prompt_tokens.into());
+                    o.insert("completion_tokens".into(), r.completion_tokens.into());
+                    o.insert("cost_usd".into(), usd_number(r.cost_nusd));
+                    o.insert(
+                        "cost_per_inference_usd".into(),
+                        usd_number(per_inference(r)),
+                    );
+                    o.insert("unpriced_requests".into(), r.unpriced_requests.into());
+                    serde_json::Value::Object(o)
+                })
+                .collect();
+            out = serde_json::to_string_pretty(&items).unwrap_or_default();
+            out.push('\n');
+        }
+        Format::Csv => {
+            for d in by {
+                let _ = write!(out, "{},", d.name());
+            }
+            out.push_str("requests,prompt_tokens,completion_tokens,cost_usd,cost_per_inference_usd,unpriced_requests\n");
+            for r in rows {
+                for k in &r.keys {
+                    let _ = write!(out, "{},", csv_field(k));
+                }
+                let _ = writeln!(
+                    out,
+                    "{},{},{},{},{},{}",
+                    r.requests,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    format_usd(r.cost_nusd),
+                    format_usd(per_inference(r)),
+                    r.unpriced_requests
+                );
+            }
+        }
+        Format::Table => {
+            let widths: Vec<usize> = by
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    rows.iter()
+                        .map(|r| r.keys[i].len())
+                        .chain([d.name().len()])
+                        .max()
+                        .unwrap_or(4)
+                })
+                .collect();
+            for (d, w) in by.iter().zip(&widths) {
+                let _ = write!(out, "{:<w$}  ", d.name());
+            }
+            let _ = writeln!(
+                out,
+                "{:>9} {:>12} {:>12} {:>14} {:>14}",
+                "requests", "prompt", "completion", "cost_usd", "usd/inference"
+            );
+            let mut total = Row {
+                keys: vec![],
+                requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cost_nusd: 0,
+                unpriced_requests: 0,
+            };
+            for r in rows {
+                for (k, w) in r.keys.iter().zip(&widths) {
+                    let _ = write!(out, "{k:<w$}  ");
+                }
+                let _ = writeln!(
+                    out,
+                    "{:>9} {:>12} {:>12} {:>14.6} {:>14.8}{}",
+                    r.requests,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.cost_nusd as f64 / 1e9,
+                    per_inference(r) as f64 / 1e9,
+                    if r.unpriced_requests > 0 {
+                        format!("  ({} unpriced)", r.unpriced_requests)
+                    } else {
+                        String::new()
+                    }
+                );
+                total.requests += r.requests;
+                total.prompt_tokens += r.prompt_tokens;
+                total.completion_tokens += r.completion_tokens;
+                total.cost_nusd += r.cost_nusd;
+            }
+            let pad: usize = widths.iter().map(|w| w + 2).sum();
+            let _ = writeln!(
+                out,
+                "{:<pad$}{:>9} {:>12} {:>12} {:>14.6} {:>14.8}",
+                "total",
+                total.requests,
+                total.prompt_tokens,
+                total.completion_tokens,
+                total.cost_nusd as f64 / 1e9,
+                per_inference(&total) as f64 / 1e9
+            );
+        }
+    }
+    out
+}
+
+/// An exact decimal JSON number from nano-dollars.
+fn usd_number(nusd: i64) -> serde_json::Value {
+    serde_json::from_str(&format_usd(nusd)).unwrap_or(serde_json::Value::Null)
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// `2026-11-22`, `2026-11-22T10:00:00Z`, or an age (`30m`, `24h`, `7d`) before `now_us`.
+pub fn parse_time(s: &str, now_us: i64) -> Result<i64, ReportError> {
+    let bad = || ReportError::BadTime(s.chars().take(40).collect());
+    if let Some(n) = s.strip_suffix('m').and_then(|n| n.parse::<i64>().ok()) {
+        return Ok(now_us - n * 60_000_000);
+    }
+    if let Some(n) = s.strip_suffix('h').and_then(|n| n.parse::<i64>().ok()) {
+        return Ok(now_us - n * 3_600_000_000);
+    }
+    if let Some(n) = s.strip_suffix('d').and_then(|n| n.parse::<i64>().ok()) {
+        return Ok(now_us - n * 86_400_000_000);
+    }
+    let (date, time) = s.split_once('T').unwrap_or((s, "00:00:00Z"));
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>());
+    let (Some(Ok(y)), Some(Ok(mo)), Some(Ok(day))) = (d.next(), d.next(), d.next()) else {
+        return Err(bad());
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) {
+        return Err(bad());
+    }
+    let time = time.strip_suffix('Z').ok_or_else(bad)?;
+    let mut t = time.splitn(3, ':').map(|p| p.parse::<i64>());
+    let (Some(Ok(h)), Some(Ok(mi))) = (t.next(), t.next()) else {
+        return Err(bad());
+    };
+    let sec = match t.next() {
+        Some(Ok(s)) => s,
+        None => 0,
+        Some(Err(_)) => return Err(bad()),
+    };
+    Ok(((days_from_civil(y, mo, day) * 24 + h) * 60 + mi) * 60_000_000 + sec * 1_000_000)
+}
+
+/// Days since 1970-01-01 (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_as_dates_instants_and_ages() {
+        assert_eq!(parse_time("1970-01-02", 0).unwrap(), 86_400_000_000);
+        assert_eq!(
+            parse_time("2026-11-22T10:30:00Z", 0).unwrap(),
+            1_795_343_400_000_000
+        );
+        assert_eq!(
+            parse_time("2h", 10_000_000_000).unwrap(),
+            10_000_000_000 - 7_200_000_000
+        );
+        assert!(parse_time("yesterday", 0).is_err());
+    }
+
+    #[test]
+    fn dims_refuse_anything_that_is_not_a_plain_name() {
+        assert_eq!(Dim::parse_list("team, model,project").unwrap().len(), 3);
+        assert!(Dim::parse_list("team,x')--").is_err());
+    }
+}
