@@ -88,6 +88,8 @@ pub struct Stats {
     /// Streams whose client (the gateway) went away before the end.
     pub streams_cancelled: AtomicU64,
     pub tokens_generated: AtomicU64,
+    /// Prompt tokens of every request the simulator answered with usage.
+    pub prompt_tokens: AtomicU64,
     pub generating: AtomicUsize,
     pub peak_generating: AtomicUsize,
     pub last_headers: Mutex<Option<HeaderMap>>,
@@ -299,6 +301,16 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    if kind != Kind::Embedding {
+        let p = match kind {
+            Kind::Chat => chat_prompt_tokens(&v["messages"]),
+            _ => text_tokens(&v["prompt"]),
+        };
+        state
+            .stats
+            .prompt_tokens
+            .fetch_add(p as u64, Ordering::Relaxed);
+    }
     if kind == Kind::Embedding {
         return Ok(embeddings(&state.cfg, &v, &model));
     }

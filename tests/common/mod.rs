@@ -27,6 +27,7 @@ pub const OTHER_KEY: &str = "tg-test-other";
 pub struct Backend {
     name: String,
     model: String,
+    model_extra: String,
     aliases: Vec<String>,
     region: Option<String>,
     extra: String,
@@ -41,6 +42,7 @@ impl Backend {
         Self {
             name: name.into(),
             model: model.into(),
+            model_extra: String::new(),
             aliases: vec![],
             region: None,
             extra: String::new(),
@@ -64,6 +66,13 @@ impl Backend {
 
     pub fn alias(mut self, a: &str) -> Self {
         self.aliases.push(a.into());
+        self
+    }
+
+    /// Per-1M-token prices on the model.
+    pub fn price(mut self, input: f64, output: f64) -> Self {
+        self.model_extra =
+            format!(", input_usd_per_mtok = {input}, output_usd_per_mtok = {output}");
         self
     }
 
@@ -177,9 +186,12 @@ impl Harness {
 
     /// The config text, the simulators it points at, and the environment it needs.
     pub async fn render(self) -> (String, HashMap<String, Sim>, HashMap<String, String>) {
+        let ledger = temp_dir("ledger").join("tollgate.db");
         let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n",
-            self.server
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"sqlite://{}\"\n{}\n",
+            self.server,
+            ledger.display(),
+            self.store
         );
         let mut sims = HashMap::new();
         let mut env = HashMap::new();
@@ -208,9 +220,10 @@ impl Harness {
             text.push_str(&b.extra);
             let aliases: Vec<String> = b.aliases.iter().map(|a| format!("\"{a}\"")).collect();
             text.push_str(&format!(
-                "models = [{{ name = \"{}\", aliases = [{}] }}]\n",
+                "models = [{{ name = \"{}\", aliases = [{}]{} }}]\n",
                 b.model,
-                aliases.join(", ")
+                aliases.join(", "),
+                b.model_extra
             ));
         }
         for (name, key, extra) in self.teams {
@@ -259,6 +272,36 @@ impl Reply {
 }
 
 impl Gateway {
+    pub fn ledger_path(&self) -> std::path::PathBuf {
+        self.running.as_ref().expect("running").ledger.path.clone()
+    }
+
+    /// Runs a query on the ledger file, as a report would.
+    pub fn ledger<T>(
+        &self,
+        sql: &str,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Vec<T> {
+        let conn = rusqlite::Connection::open(self.ledger_path()).unwrap();
+        let mut stmt = conn.prepare(sql).unwrap();
+        stmt.query_map([], row)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// Waits (briefly) until `sql` returns at least `n` rows: records of clients that left are
+    /// written after the fact.
+    pub async fn wait_ledger_rows(&self, sql: &str, n: usize) {
+        for _ in 0..200 {
+            if self.ledger(sql, |_| Ok(())).len() >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {n} ledger rows for {sql}");
+    }
+
     pub fn sim(&self, name: &str) -> &Sim {
         &self.sims[name]
     }
