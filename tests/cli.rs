@@ -3,8 +3,7 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn tollgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
@@ -115,52 +114,17 @@ fn demo_runs_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_and_exits_cleanly_on_sigterm() {
-    let (text, sims, _) = Harness::new()
+    let (text, _sims, _) = Harness::new()
         .backend(Backend::sim("llama", "m").alias("chat-small"))
         .team("search", SEARCH_KEY)
         .render()
         .await;
-    let dir = std::env::temp_dir().join(format!("tollgate-serve-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("tollgate.toml");
+    let path = temp_dir("serve").join("tollgate.toml");
     std::fs::write(&path, text).unwrap();
-    let mut child = tollgate()
-        .arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .env("TOLLGATE_LOG", "tollgate=info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    // Keep draining the child's stderr, or its logging would hit a closed pipe.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let line = strip_ansi(&line);
-            // "tollgate listening addr=127.0.0.1:PORT admin_addr=…"
-            if let Some(addr) = line
-                .split(" addr=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-            {
-                let _ = tx.send(addr.to_string());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let addr =
-        tokio::task::spawn_blocking(move || rx.recv_timeout(std::time::Duration::from_secs(20)))
-            .await
-            .unwrap()
-            .expect("the gateway logs its address");
+    let gw = BinaryGateway::start(&path).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
-    let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", gw.addr))
         .header("authorization", format!("Bearer {SEARCH_KEY}"))
         .body(http_body_util::Full::<bytes::Bytes>::from(chat(
             "chat-small",
@@ -168,34 +132,7 @@ async fn serve_answers_and_exits_cleanly_on_sigterm() {
         )))
         .unwrap();
     assert_eq!(client.request(req).await.unwrap().status(), 200);
-
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    let log = log.join().unwrap();
+    let (status, log) = gw.stop("-TERM").await;
     assert!(status.success(), "exit status {status:?}\n{log}");
     assert!(log.contains("shutting down"), "{log}");
-    drop(sims);
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

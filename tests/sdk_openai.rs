@@ -64,7 +64,11 @@ async fn the_official_openai_python_sdk_works_through_the_gateway() {
         Err(why) => panic!("CI is set, so the SDK test may not be skipped: {why}"),
     };
     let gw = Harness::new()
-        .backend(Backend::sim("llama", "meta-llama/Llama-3.1-8B-Instruct").alias("chat-small"))
+        .backend(
+            Backend::sim("llama", "meta-llama/Llama-3.1-8B-Instruct")
+                .alias("chat-small")
+                .price(0.2, 0.2),
+        )
         .backend(
             Backend::sim("openai", "text-embedding-3-small")
                 .alias("embed")

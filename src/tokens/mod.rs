@@ -16,8 +16,8 @@ use std::sync::{Arc, OnceLock};
 use tiktoken_rs::CoreBPE;
 use tokio::sync::Semaphore;
 
-/// Texts longer than this are counted on the blocking pool (about 50 µs of work at 30 MB/s).
-pub const INLINE_COUNT_MAX_BYTES: usize = 1536;
+/// Texts longer than this are counted on the blocking pool (about 30-55 µs of work at 17-35 MB/s).
+pub const INLINE_COUNT_MAX_BYTES: usize = 1024;
 /// Large counts in parallel at most: each occupies a core.
 const BLOCKING_COUNTS: usize = 2;
 

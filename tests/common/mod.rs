@@ -393,3 +393,98 @@ pub async fn basic() -> Gateway {
         .start()
         .await
 }
+
+/// The real `tollgate serve` binary, as a user runs it.
+pub struct BinaryGateway {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+    log: Option<std::thread::JoinHandle<String>>,
+}
+
+impl BinaryGateway {
+    pub async fn start(config: &std::path::Path) -> BinaryGateway {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("TOLLGATE_LOG", "tollgate=info")
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        // Keep draining the child's stderr, or its logging would hit a closed pipe.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let line = strip_ansi(&line);
+                // "tollgate listening addr=127.0.0.1:PORT admin_addr=…"
+                if let Some(addr) = line
+                    .split(" addr=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                {
+                    let _ = tx.send(addr.to_string());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let addr = tokio::task::spawn_blocking(move || {
+            rx.recv_timeout(std::time::Duration::from_secs(30))
+        })
+        .await
+        .unwrap()
+        .expect("the gateway logs its address");
+        BinaryGateway {
+            addr: addr.parse().unwrap(),
+            child,
+            log: Some(log),
+        }
+    }
+
+    /// Sends a signal (`-TERM`, `-KILL`) and returns the exit status and everything logged.
+    pub async fn stop(mut self, signal: &str) -> (std::process::ExitStatus, String) {
+        std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let mut child = std::mem::replace(
+            &mut self.child,
+            std::process::Command::new("true").spawn().unwrap(),
+        );
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        let log = self.log.take().unwrap().join().unwrap();
+        (status, log)
+    }
+}
+
+impl Drop for BinaryGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -86,6 +86,14 @@ def check_chat_nonstreaming() -> None:
     expect(not missing, f"missing response headers {missing}; got {dict(raw.headers)}")
     parsed = raw.parse()
     expect(bool(parsed.choices and parsed.choices[0].message.content), f"raw response parsed empty: {parsed!r}")
+    # Metering: the cost and token headers match the usage the SDK parsed.
+    cost = raw.headers.get("x-tollgate-cost-usd")
+    expect(cost is not None and float(cost) > 0, f"x-tollgate-cost-usd missing or zero: {cost!r}")
+    expect(
+        raw.headers.get("x-tollgate-prompt-tokens") == str(parsed.usage.prompt_tokens)
+        and raw.headers.get("x-tollgate-completion-tokens") == str(parsed.usage.completion_tokens),
+        f"token headers {dict(raw.headers)} disagree with usage {parsed.usage!r}",
+    )
 
 
 def check_chat_streaming_usage() -> None:

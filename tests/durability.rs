@@ -1,0 +1,117 @@
+//! No record of a response the client saw finish is lost when the gateway is killed.
+//!
+//! The real binary serves concurrent JSON and streamed requests; it is killed with SIGKILL
+//! mid-load and started again on the same ledger. Every request whose response a client
+//! received in full must be in the ledger.
+
+mod common;
+
+use common::*;
+use http_body_util::BodyExt;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_completed_response_survives_sigkill() {
+    let (text, _sims, _) = Harness::new()
+        .backend(
+            Backend::sim("llama", "llama-3.1-8b")
+                .alias("chat-small")
+                .price(0.2, 0.2)
+                .config(|c| {
+                    c.token_interval = Duration::from_millis(1);
+                    c.completion_tokens = 8;
+                }),
+        )
+        .team("search", SEARCH_KEY)
+        .render()
+        .await;
+    let path = temp_dir("durability").join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let gw = BinaryGateway::start(&path).await;
+    let addr = gw.addr;
+
+    let completed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let completed = completed.clone();
+        let stop = stop.clone();
+        clients.spawn(async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let stream = (worker + i) % 2 == 0;
+                let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+                    .header("authorization", format!("Bearer {SEARCH_KEY}"))
+                    .body(http_body_util::Full::from(chat("chat-small", stream)))
+                    .unwrap();
+                let Ok(resp) = client.request(req).await else {
+                    continue;
+                };
+                let id = resp
+                    .headers()
+                    .get("x-tollgate-request-id")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let ok = resp.status() == 200;
+                let Ok(body) = resp.into_body().collect().await.map(|c| c.to_bytes()) else {
+                    continue;
+                };
+                // In full: a JSON body that parses, or a stream that reached [DONE].
+                let whole = if stream {
+                    body.ends_with(b"data: [DONE]\n\n")
+                } else {
+                    serde_json::from_slice::<serde_json::Value>(&body).is_ok()
+                };
+                if ok && whole {
+                    completed.lock().unwrap().push(id.unwrap());
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, _log) = gw.stop("-KILL").await;
+    assert!(!status.success(), "killed, not exited");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while clients.join_next().await.is_some() {}
+    let completed = completed.lock().unwrap().clone();
+    assert!(
+        completed.len() > 50,
+        "the load ran: {} responses",
+        completed.len()
+    );
+
+    // Restart on the same ledger: it opens, recovers its WAL, and serves.
+    let gw = BinaryGateway::start(&path).await;
+    let ledger = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ledger = \"sqlite://"))
+        .unwrap()
+        .trim_end_matches('"');
+    let conn = rusqlite::Connection::open(ledger).unwrap();
+    let ids: HashSet<String> = conn
+        .prepare("SELECT id FROM requests")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let lost: Vec<&String> = completed.iter().filter(|id| !ids.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} completed responses have no record: {:?}",
+        lost.len(),
+        completed.len(),
+        &lost[..lost.len().min(5)]
+    );
+    eprintln!(
+        "{} completed responses, {} ledger records, none lost",
+        completed.len(),
+        ids.len()
+    );
+    drop(gw);
+}
