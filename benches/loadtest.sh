@@ -5,6 +5,7 @@
 #   bash benches/loadtest.sh            # ~5 minutes; results in bench-out/results.md
 #
 # Environment knobs: DURATION (seconds per measurement, default 10), WARMUP (default 2),
+# QUIET_WAIT (seconds the script may wait, in all, for other processes to leave the CPUs),
 # SKIP_BUILD=1 (use the binaries in target/release), BIN=DIR (use tollgate and
 # tollgate-loadgen from DIR, e.g. a build of a given commit; implies SKIP_BUILD), STRACE=0 (skip the syscall counts),
 # PIN=1 (pin the load generator to the last CPU with taskset; off by default, see
@@ -181,18 +182,21 @@ declare -A R # results: R[target.metric]
 # this script started.
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 ours_ticks() { ticks "$SIM_PID" "$SLOW_PID" "$NGINX_PID" "${NGINX_WORKERS[@]}" "$GW_PID"; }
-# Waits (up to 60 s) until the machine is idle: a build running beside the test would take
-# CPU from whichever run it overlaps.
+# Waits until the machine is idle: a build running beside the test would take CPU from
+# whichever run it overlaps. The waits share one budget (QUIET_WAIT seconds, default 180)
+# so the whole script stays bounded; past it, runs are measured as they come and marked.
+WAIT_LEFT=${QUIET_WAIT:-180}
 wait_quiet() {
-    local i m0 m1
-    for i in $(seq 60); do
+    local m0 m1 said=0
+    while ((WAIT_LEFT > 0)); do
         m0=$(machine_ticks); sleep 1; m1=$(machine_ticks)
         if (((m1 - m0) * 100 < CLK_TCK * 10)); then return 0; fi
-        ((i == 1)) && log "waiting for a quiet machine ($(((m1 - m0) * 100 / CLK_TCK))% of a core busy)"
+        WAIT_LEFT=$((WAIT_LEFT - 1))
+        ((said)) || log "waiting for a quiet machine ($(((m1 - m0) * 100 / CLK_TCK))% of a core busy; ${WAIT_LEFT} s of waiting left)"
+        said=1
     done
-    log "machine still busy after 60 s; measuring anyway"
 }
-FOREIGN_MAX=0 RETRIES=0
+FOREIGN_MAX=0 RETRIES=0 INTERFERED=0
 
 # measure TARGET NAME LOADGEN-ARGS…: one loadgen run with CPU accounting; stores R[target.NAME.*].
 # A run during which other processes took more than a tenth of a core is repeated (twice at most).
@@ -220,6 +224,9 @@ measure() {
     done
     FOREIGN_MAX=$(calc "$foreign > $FOREIGN_MAX ? $foreign : $FOREIGN_MAX")
     req=$(jget "$line" requests)
+    # A figure taken while something else ran anyway is marked with a dagger.
+    R[$t.$name.mark]=""
+    [ "$(calc "$foreign < 0.1")" = 1 ] || { R[$t.$name.mark]="†"; INTERFERED=1; }
     R[$t.$name.rps]=$(jget "$line" rps)
     R[$t.$name.p50]=$(jget "$line" p50_ms)
     R[$t.$name.p99]=$(jget "$line" p99_ms)
@@ -330,14 +337,14 @@ mib() { calc "sprintf(\"%.1f\", $1 / 1024)"; }
     echo "|---|---:|---:|---:|---:|"
     for size in 1k 8k; do
         label="1 KB"; [ "$size" = 8k ] && label="8 KB"
-        echo "| req/s, $label prompt, 64 conns | ${R[direct.chat$size.rps]} | ${R[nginx.chat$size.rps]} | ${R[gateway.chat$size.rps]} | $(ratio "${R[gateway.chat$size.rps]}" "${R[nginx.chat$size.rps]}") |"
-        echo "| p50 / p99 ms, $label, 64 conns | ${R[direct.chat$size.p50]} / ${R[direct.chat$size.p99]} | ${R[nginx.chat$size.p50]} / ${R[nginx.chat$size.p99]} | ${R[gateway.chat$size.p50]} / ${R[gateway.chat$size.p99]} | |"
+        echo "| req/s, $label prompt, 64 conns | ${R[direct.chat$size.rps]}${R[direct.chat$size.mark]} | ${R[nginx.chat$size.rps]}${R[nginx.chat$size.mark]} | ${R[gateway.chat$size.rps]}${R[gateway.chat$size.mark]} | $(ratio "${R[gateway.chat$size.rps]}" "${R[nginx.chat$size.rps]}") |"
+        echo "| p50 / p99 ms, $label, 64 conns | ${R[direct.chat$size.p50]} / ${R[direct.chat$size.p99]}${R[direct.chat$size.mark]} | ${R[nginx.chat$size.p50]} / ${R[nginx.chat$size.p99]}${R[nginx.chat$size.mark]} | ${R[gateway.chat$size.p50]} / ${R[gateway.chat$size.p99]}${R[gateway.chat$size.mark]} | |"
         echo "| CPU µs per request, $label (proxy; direct: simulator) | $(f1 "${R[direct.chat$size.cpu_us]}") | $(f1 "${R[nginx.chat$size.cpu_us]}") | $(f1 "${R[gateway.chat$size.cpu_us]}") | $(ratio "${R[gateway.chat$size.cpu_us]}" "${R[nginx.chat$size.cpu_us]}") |"
     done
-    echo "| p50 / p99 ms at 100 req/s, 1 KB | ${R[direct.rate100.p50]} / ${R[direct.rate100.p99]} | ${R[nginx.rate100.p50]} / ${R[nginx.rate100.p99]} | ${R[gateway.rate100.p50]} / ${R[gateway.rate100.p99]} | |"
+    echo "| p50 / p99 ms at 100 req/s, 1 KB | ${R[direct.rate100.p50]} / ${R[direct.rate100.p99]}${R[direct.rate100.mark]} | ${R[nginx.rate100.p50]} / ${R[nginx.rate100.p99]}${R[nginx.rate100.mark]} | ${R[gateway.rate100.p50]} / ${R[gateway.rate100.p99]}${R[gateway.rate100.mark]} | |"
     echo "| added p50 / p99 ms at 100 req/s (minus direct) | - | $(added "${R[nginx.rate100.p50]}" "${R[direct.rate100.p50]}") / $(added "${R[nginx.rate100.p99]}" "${R[direct.rate100.p99]}") | $(added "${R[gateway.rate100.p50]}" "${R[direct.rate100.p50]}") / $(added "${R[gateway.rate100.p99]}" "${R[direct.rate100.p99]}") | |"
-    echo "| streams/s, 64-token unpaced, 64 conns | ${R[direct.stream.rps]} | ${R[nginx.stream.rps]} | ${R[gateway.stream.rps]} | $(ratio "${R[gateway.stream.rps]}" "${R[nginx.stream.rps]}") |"
-    echo "| stream p50 / p99 ms (to last byte) | ${R[direct.stream.p50]} / ${R[direct.stream.p99]} | ${R[nginx.stream.p50]} / ${R[nginx.stream.p99]} | ${R[gateway.stream.p50]} / ${R[gateway.stream.p99]} | |"
+    echo "| streams/s, 64-token unpaced, 64 conns | ${R[direct.stream.rps]}${R[direct.stream.mark]} | ${R[nginx.stream.rps]}${R[nginx.stream.mark]} | ${R[gateway.stream.rps]}${R[gateway.stream.mark]} | $(ratio "${R[gateway.stream.rps]}" "${R[nginx.stream.rps]}") |"
+    echo "| stream p50 / p99 ms (to last byte) | ${R[direct.stream.p50]} / ${R[direct.stream.p99]}${R[direct.stream.mark]} | ${R[nginx.stream.p50]} / ${R[nginx.stream.p99]}${R[nginx.stream.mark]} | ${R[gateway.stream.p50]} / ${R[gateway.stream.p99]}${R[gateway.stream.mark]} | |"
     echo "| CPU µs per stream (proxy; direct: simulator) | $(f1 "${R[direct.stream.cpu_us]}") | $(f1 "${R[nginx.stream.cpu_us]}") | $(f1 "${R[gateway.stream.cpu_us]}") | $(ratio "${R[gateway.stream.cpu_us]}" "${R[nginx.stream.cpu_us]}") |"
     echo "| simulator CPU µs per request in the same runs, 1 KB / stream | $(f1 "${R[direct.chat1k.sim_cpu_us]}") / $(f1 "${R[direct.stream.sim_cpu_us]}") | $(f1 "${R[nginx.chat1k.sim_cpu_us]}") / $(f1 "${R[nginx.stream.sim_cpu_us]}") | $(f1 "${R[gateway.chat1k.sim_cpu_us]}") / $(f1 "${R[gateway.stream.sim_cpu_us]}") | |"
     echo "| RSS MiB with 256 open streams (nginx: both workers) | - | $(mib "${R[nginx.rss_hold]}") | $(mib "${R[gateway.rss_hold]}") (idle at start $(mib "${R[gateway.rss_idle]}"), after all runs $(mib "${R[gateway.rss_end]}")) | |"
@@ -365,6 +372,7 @@ mib() { calc "sprintf(\"%.1f\", $1 / 1024)"; }
     fi
     echo
     echo "Other processes' CPU during the measurements: at most $(calc "sprintf(\"%.2f\", $FOREIGN_MAX)") cores (runs above 0.1 were repeated: $RETRIES repeats)."
+    if [ "$INTERFERED" = 1 ]; then echo "† other processes took over 0.1 cores during this run even after two repeats: do not trust it."; fi
     echo "Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); ${DURATION} s per measurement; load generator pinned: ${PIN:-0}."
 } | tee "$OUT/results.md"
 log "raw loadgen lines: bench-out/raw.jsonl"

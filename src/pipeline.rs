@@ -15,7 +15,7 @@ use crate::ledger::Ledger;
 use crate::live::{Live, LiveState};
 use crate::meter::{self, format_usd, sse::SseObserver};
 use crate::metrics as m;
-use crate::record::{Completion, Generated, Outcome, Settled, Status};
+use crate::record::{self, Completion, Generated, Outcome, Settled, Status};
 use crate::route::Candidate;
 use crate::server::limits::read_body;
 use crate::server::request_id::next_id;
@@ -132,25 +132,74 @@ async fn proxy(
     id: RequestId,
     started: Instant,
 ) -> Result<Response<GatewayBody>, GatewayError> {
-    let server = &live.config.server;
     let (parts, body) = req.into_parts();
-
     let principal = live.keys.authenticate(&parts.headers)?;
+    let mut seen = Seen::default();
+    let exchange = match prepare(
+        gw, live, endpoint, parts, body, &id, started, &principal, &mut seen,
+    )
+    .await
+    {
+        Ok(exchange) => exchange,
+        Err(e) => {
+            // Refused before any backend was asked: recorded (at no cost), not metered.
+            gw.ledger.submit(
+                record::rejected(
+                    &id, started, &principal, endpoint, seen.model, &seen.tags, &e,
+                ),
+                None,
+            );
+            return Err(e);
+        }
+    };
+    match exchange.candidate.backend.cfg.on_disconnect {
+        // Commercial providers bill a request the client abandoned: run the exchange on its
+        // own task so it reaches the provider's usage even if this future is dropped.
+        OnDisconnect::Drain => tokio::spawn(exchange.run())
+            .await
+            .unwrap_or(Err(GatewayError::Internal)),
+        OnDisconnect::Cancel => exchange.run().await,
+    }
+}
 
+/// What was learned of a request before it was refused, for its ledger record.
+#[derive(Default)]
+struct Seen {
+    model: Option<Arc<str>>,
+    tags: tags::Tags,
+}
+
+/// Reads, checks, tags and routes a request, up to the moment it can be sent.
+#[allow(clippy::too_many_arguments)]
+async fn prepare(
+    gw: &Gateway,
+    live: &LiveState,
+    endpoint: Endpoint,
+    parts: http::request::Parts,
+    body: Incoming,
+    id: &RequestId,
+    started: Instant,
+    principal: &Arc<crate::auth::Principal>,
+    seen: &mut Seen,
+) -> Result<Exchange, GatewayError> {
+    let server = &live.config.server;
     let content_length = parts
         .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
     let body = read_body(body, content_length, server.max_body_bytes).await?;
     let summary = openai::parse(&body)?;
+    let requested_model: Arc<str> = Arc::from(&*summary.model);
+    seen.model = Some(requested_model.clone());
     let tags = tags::collect(
         &principal.team,
         &parts.headers,
         summary.metadata.as_ref(),
         summary.user.as_deref(),
     )?;
+    seen.tags = tags.clone();
 
-    let candidate = live.router.resolve(&summary.model, &principal)?;
+    let candidate = live.router.resolve(&summary.model, principal)?;
     // A request that could not be recorded must not be served.
     if !gw.ledger.is_healthy() {
         return Err(GatewayError::LedgerUnavailable);
@@ -170,12 +219,12 @@ async fn proxy(
     let upstream_body = edits.apply(&body);
 
     let ctx = RequestCtx {
-        id,
+        id: id.clone(),
         started,
         endpoint,
-        principal,
+        principal: principal.clone(),
         tags,
-        requested_model: summary.model.into(),
+        requested_model,
         stream: summary.stream,
         body: body.clone(),
         counter: candidate.counter,
@@ -196,7 +245,7 @@ async fn proxy(
         gw.ledger.clone(),
         candidate.backend.state.enter(),
     );
-    let exchange = Exchange {
+    Ok(Exchange {
         candidate,
         path,
         headers: parts.headers,
@@ -205,15 +254,7 @@ async fn proxy(
         request_timeout: server.request_timeout,
         max_response_bytes: server.max_response_bytes,
         strip_usage: ask_usage,
-    };
-    match exchange.candidate.backend.cfg.on_disconnect {
-        // Commercial providers bill a request the client abandoned: run the exchange on its
-        // own task so it reaches the provider's usage even if this future is dropped.
-        OnDisconnect::Drain => tokio::spawn(exchange.run())
-            .await
-            .unwrap_or(Err(GatewayError::Internal)),
-        OnDisconnect::Cancel => exchange.run().await,
-    }
+    })
 }
 
 /// One request's trip to its backend and back, from sending to a metered response.

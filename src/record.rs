@@ -32,6 +32,8 @@ pub enum Status {
     UpstreamBroken,
     /// The upstream answered with an error status (passed through), or could not be reached.
     UpstreamError,
+    /// The gateway refused it before asking any backend (bad input, unknown model, …).
+    Rejected,
 }
 
 impl Status {
@@ -41,6 +43,7 @@ impl Status {
             Status::ClientClosed => "client_closed",
             Status::UpstreamBroken => "upstream_broken",
             Status::UpstreamError => "upstream_error",
+            Status::Rejected => "rejected",
         }
     }
 }
@@ -291,6 +294,55 @@ impl Settle {
             })
         });
         this.ledger.submit(record, reply);
+    }
+}
+
+/// The record of a request refused before any backend was asked: no tokens, no cost.
+pub fn rejected(
+    id: &crate::ctx::RequestId,
+    started: Instant,
+    principal: &crate::auth::Principal,
+    endpoint: crate::ctx::Endpoint,
+    requested_model: Option<Arc<str>>,
+    tags: &crate::tags::Tags,
+    error: &crate::error::GatewayError,
+) -> Record {
+    let ended_at_us = now_us();
+    let latency = started.elapsed();
+    Record {
+        id: id.as_str().to_string(),
+        started_at_us: ended_at_us - latency.as_micros() as i64,
+        ended_at_us,
+        team: principal.team.name.clone(),
+        key_id: principal.key_id.clone(),
+        tags: serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()),
+        endpoint: endpoint.path(),
+        // Caller-chosen text: bounded, so refused requests cannot fill the disk.
+        requested_model: requested_model.map_or_else(|| "".into(), |m| truncate(&m, 200)),
+        backend: None,
+        served_model: None,
+        prompt_tokens: None,
+        completion_tokens: None,
+        cached_tokens: None,
+        cache_write_tokens: None,
+        reasoning_tokens: None,
+        token_source: None,
+        cost_nusd: 0,
+        priced: true,
+        egress_bytes: 0,
+        status: Status::Rejected.as_str(),
+        http_status: error.status().as_u16(),
+        attempts: 0,
+        latency_ms: latency.as_secs_f64() * 1e3,
+        ttft_ms: None,
+        stream: false,
+    }
+}
+
+fn truncate(s: &Arc<str>, max: usize) -> Arc<str> {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => Arc::from(&s[..i]),
+        None => s.clone(),
     }
 }
 

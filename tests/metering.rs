@@ -476,3 +476,38 @@ async fn a_ledger_that_cannot_be_written_refuses_billable_requests_then_recovers
     }
     panic!("the ledger did not recover");
 }
+
+#[tokio::test]
+async fn refused_requests_are_recorded_at_no_cost() {
+    let gw = two_teams(priced()).start().await;
+    gw.post(
+        "/v1/chat/completions",
+        SEARCH_KEY,
+        chat("no-such-model", false),
+    )
+    .await
+    .error(404);
+    gw.post("/v1/chat/completions", SEARCH_KEY, "{oops")
+        .await
+        .error(400);
+    gw.post(
+        "/v1/chat/completions",
+        "tg-unknown",
+        chat("chat-large", false),
+    )
+    .await
+    .error(401);
+    gw.wait_ledger_rows("SELECT 1 FROM requests", 2).await;
+    let rows: Vec<(String, i64, String, i64, Option<i64>)> = gw.ledger(
+        "SELECT status, http_status, requested_model, cost_nusd, prompt_tokens FROM requests ORDER BY http_status",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+    );
+    // The 401 has no team to attribute it to: metrics count it, the ledger does not.
+    assert_eq!(
+        rows,
+        vec![
+            ("rejected".into(), 400, "".into(), 0, None),
+            ("rejected".into(), 404, "no-such-model".into(), 0, None)
+        ]
+    );
+}

@@ -314,6 +314,15 @@ mod tests {
     }
 
     #[test]
+    fn usage_is_read_from_a_chunk_that_still_has_choices() {
+        let mut o = SseObserver::new(false);
+        let last = "data: {\"choices\":[{\"delta\":{\"content\":\"!\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n";
+        assert_eq!(o.feed(Bytes::from(last)).unwrap(), last);
+        assert_eq!(o.usage.unwrap().prompt, 3);
+        assert_eq!(o.text, "!");
+    }
+
+    #[test]
     fn crlf_events_and_comments_pass() {
         let mut o = SseObserver::new(false);
         let s = ": ping\r\n\r\ndata: {\"choices\":[{\"text\":\"x\"}]}\r\n\r\n";
