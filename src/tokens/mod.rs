@@ -70,7 +70,14 @@ impl Encoding {
             "text-embedding-ada-002",
         ]) {
             exact(Encoding::Cl100kBase)
-        } else if has(&["mixtral", "mistral-7b", "mistral-tiny", "mistral-large-2407", "mistral-large-2411", "codestral-2405"]) {
+        } else if has(&[
+            "mixtral",
+            "mistral-7b",
+            "mistral-tiny",
+            "mistral-large-2407",
+            "mistral-large-2411",
+            "codestral-2405",
+        ]) {
             // SentencePiece v1-v3: 1.068x cl100k on English, 1.288x on code (docs/TOKENS.md).
             Counter {
                 encoding: Encoding::Cl100kBase,

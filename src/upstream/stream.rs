@@ -90,9 +90,13 @@ impl UpstreamBody {
             status,
             http_status: self.http_status,
             usage: self.observer.usage,
-            generated: Some(Generated {
-                text: std::mem::take(&mut self.observer.text),
-                overflow_bytes: self.observer.overflow_bytes,
+            // Parsing the stream's text costs; only a stream without usage needs it.
+            generated: self.observer.usage.is_none().then(|| {
+                let (text, overflow_bytes) = self.observer.generated();
+                Generated {
+                    text,
+                    overflow_bytes,
+                }
             }),
             response_bytes: self.response_bytes,
             first_token_at: self.first_token_at,
