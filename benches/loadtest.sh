@@ -9,7 +9,9 @@
 # SKIP_BUILD=1 (use the binaries in target/release), BIN=DIR (use tollgate and
 # tollgate-loadgen from DIR, e.g. a build of a given commit; implies SKIP_BUILD), STRACE=0 (skip the syscall counts),
 # PIN=1 (pin the load generator to the last CPU with taskset; off by default, see
-# docs/PERFORMANCE.md), PORT_BASE (default 18000).
+# docs/PERFORMANCE.md), NICE (niceness of every process started here: default -10 as root,
+# so a build running beside the test takes less from it, equally for all three), PORT_BASE
+# (default 18000).
 #
 # What runs:
 #   sim        tollgate simulate, unpaced (--token-ms 0), 64 tokens an answer
@@ -64,8 +66,10 @@ fi
 BIN=${BIN:-$ROOT/target/release}
 TG=$BIN/tollgate
 LG=$BIN/tollgate-loadgen
-LG_PREFIX=()
-if [ "${PIN:-0}" = 1 ]; then LG_PREFIX=(taskset -c "$(($(nproc) - 1))"); fi
+if [ "$(id -u)" = 0 ]; then NICE=${NICE:--10}; else NICE=${NICE:-0}; fi
+RUN=(nice -n "$NICE")
+LG_PREFIX=("${RUN[@]}")
+if [ "${PIN:-0}" = 1 ]; then LG_PREFIX+=(taskset -c "$(($(nproc) - 1))"); fi
 
 # --- helpers -----------------------------------------------------------------------------
 # jget JSON FIELD: a number (or bare value) from a loadgen JSON line.
@@ -104,9 +108,9 @@ printf '%s' '{"model":"bench-paced","stream":true,"stream_options":{"include_usa
 
 # --- upstreams ---------------------------------------------------------------------------
 log "work dir $WORK"
-"$TG" simulate --port "$SIM_PORT" --token-ms 0 --tokens 64 --max-concurrency 1024 2>"$WORK/sim.log" &
+"${RUN[@]}" "$TG" simulate --port "$SIM_PORT" --token-ms 0 --tokens 64 --max-concurrency 1024 2>"$WORK/sim.log" &
 SIM_PID=$!; PIDS+=("$SIM_PID")
-"$TG" simulate --port "$SLOW_PORT" --token-ms 50 --tokens 400 --max-concurrency 1024 2>"$WORK/sim-paced.log" &
+"${RUN[@]}" "$TG" simulate --port "$SLOW_PORT" --token-ms 50 --tokens 400 --max-concurrency 1024 2>"$WORK/sim-paced.log" &
 SLOW_PID=$!; PIDS+=("$SLOW_PID")
 
 # --- nginx -------------------------------------------------------------------------------
@@ -115,7 +119,7 @@ mkdir -p "$NG"
 sed -e "s|@PREFIX@|$NG|g" -e "s|@SIM_PORT@|$SIM_PORT|g" -e "s|@SLOW_PORT@|$SLOW_PORT|g" \
     -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@NGINX_SLOW_PORT@|$NGINX_SLOW_PORT|g" \
     benches/nginx.conf.template >"$NG/nginx.conf"
-"$NGINX" -p "$NG" -c "$NG/nginx.conf" -e "$NG/error.log" &
+"${RUN[@]}" "$NGINX" -p "$NG" -c "$NG/nginx.conf" -e "$NG/error.log" &
 NGINX_PID=$!; PIDS+=("$NGINX_PID")
 
 # --- gateway -----------------------------------------------------------------------------
@@ -149,7 +153,7 @@ name = "bench"
 keys = ["$HASH"]
 EOF
 "$TG" check --config "$WORK/tollgate.toml" >"$WORK/check.txt"
-"$TG" serve --config "$WORK/tollgate.toml" 2>"$WORK/gateway.log" &
+"${RUN[@]}" "$TG" serve --config "$WORK/tollgate.toml" 2>"$WORK/gateway.log" &
 GW_PID=$!; PIDS+=("$GW_PID")
 
 for p in "$SIM_PORT" "$SLOW_PORT" "$NGINX_PORT" "$NGINX_SLOW_PORT" "$GW_PORT"; do wait_port "$p"; done
@@ -242,7 +246,7 @@ R[gateway.rss_idle]=$(rss_kib "$GW_PID")
 hold_rss() { # TARGET: R[TARGET.rss_hold] = RSS (KiB) of the proxy while 256 paced streams are open
     local t=$1 err=$WORK/hold-$1.err line rss=0 p
     : >"$err"
-    "$LG" --url "${PACED_URL[$t]}" "${AUTH[@]}" --body "$WORK/stream-paced.json" \
+    "${LG_PREFIX[@]}" "$LG" --url "${PACED_URL[$t]}" "${AUTH[@]}" --body "$WORK/stream-paced.json" \
         --hold 256 --hold-secs 4 --label "$t/hold" >"$WORK/hold-$t.json" 2>"$err" &
     local lg=$!
     for _ in $(seq 300); do grep -q holding "$err" && break; sleep 0.1; done
@@ -297,33 +301,37 @@ for t in "${TARGETS[@]}"; do
 done
 R[gateway.rss_end]=$(rss_kib "$GW_PID")
 
-# --- 6. syscalls per stream (strace -c), a separate run: strace slows everything down ----------
-STRACE_MD=""
+# --- 6. syscalls per request (strace -c), separate runs: strace slows everything down --------
+# Two loads: the unpaced streams at 64 connections (per-frame work shows here), and 1 KB
+# requests at 100 req/s (the hand-overs behind the added latency show here).
 if [ "${STRACE:-1}" = 1 ]; then
-    strace_run() { # TARGET
-        local t=$1 f=$WORK/strace-$1.txt args=() p line streams
+    strace_run() { # TARGET KEY LOADGEN-ARGS…: prints "TARGET KEY SYSCALL CALLS-PER-REQUEST" rows
+        local t=$1 key=$2 f=$WORK/strace-$1-$2.txt args=() p line n
+        shift 2
         for p in $(proc_pids "$t"); do args+=(-p "$p"); done
         strace -c -f -o "$f" "${args[@]}" 2>/dev/null &
         local st=$!
         sleep 1
-        line=$(loadgen --url "${URL[$t]}" "${AUTH[@]}" --body "$WORK/stream.json" --stream \
-            --connections 64 --duration 5 --label "$t/strace")
+        line=$(loadgen --url "${URL[$t]}" "${AUTH[@]}" --label "$t/strace-$key" "$@")
         kill -INT "$st"; wait "$st" 2>/dev/null || true
         echo "$line" >>"$OUT/raw.jsonl"
-        streams=$(jget "$line" requests)
-        cp "$f" "$OUT/strace-$t.txt"
-        # syscall name -> calls per stream, for the ones that matter
-        awk -v n="$streams" -v t="$t" '
+        n=$(jget "$line" requests)
+        cp "$f" "$OUT/strace-$t-$key.txt"
+        awk -v n="$n" -v t="$t" -v k="$key" '
             $NF ~ /^(write|writev|sendto|sendmsg|read|readv|recvfrom|recvmsg|epoll_wait|epoll_pwait|epoll_ctl|futex|sched_yield)$/ {
-                printf "%s %s %.1f\n", t, $NF, $4 / n
+                printf "%s %s %s %.1f\n", t, k, $NF, $4 / n
             }' "$f"
-        log "$t/strace: $streams streams; summary in bench-out/strace-$t.txt"
+        log "$t/strace-$key: $n requests; summary in bench-out/strace-$t-$key.txt"
     }
     if strace -o /dev/null true 2>/dev/null; then
-        STRACE_ROWS=$( { strace_run nginx; strace_run gateway; } )
+        STRACE_ROWS=$(
+            for t in nginx gateway; do
+                strace_run "$t" stream --body "$WORK/stream.json" --stream --connections 64 --duration 5
+                strace_run "$t" rate100 --body "$WORK/chat-1k.json" --rate 100 --connections 16 --duration 5
+            done
+        )
     else
         log "strace cannot trace here (ptrace not permitted); skipping"
-        STRACE_ROWS=""
     fi
 fi
 
@@ -360,19 +368,22 @@ mib() { calc "sprintf(\"%.1f\", $1 / 1024)"; }
     echo "Errors (non-2xx, transport, truncated streams) over all runs:$errs"
     if [ -n "${STRACE_ROWS:-}" ]; then
         echo
-        echo "Syscalls per stream under \`strace -c -f\` (64 conns, unpaced 64-token streams, 5 s):"
+        echo "Syscalls per request under \`strace -c -f\` (5 s each; proxy processes only):"
         echo
-        echo "| syscall | nginx (workers) | gateway |"
-        echo "|---|---:|---:|"
-        for sc in $(awk '{print $2}' <<<"$STRACE_ROWS" | sort -u); do
-            n=$(awk -v s="$sc" '$1 == "nginx" && $2 == s {print $3}' <<<"$STRACE_ROWS")
-            g=$(awk -v s="$sc" '$1 == "gateway" && $2 == s {print $3}' <<<"$STRACE_ROWS")
-            echo "| $sc | ${n:--} | ${g:--} |"
+        echo "| syscall | nginx, per stream | gateway, per stream | nginx, per request at 100 req/s | gateway, per request at 100 req/s |"
+        echo "|---|---:|---:|---:|---:|"
+        for sc in $(awk '{print $3}' <<<"$STRACE_ROWS" | sort -u); do
+            row="| $sc |"
+            for tk in "nginx stream" "gateway stream" "nginx rate100" "gateway rate100"; do
+                v=$(awk -v tk="$tk" -v s="$sc" '$1 " " $2 == tk && $3 == s {print $4}' <<<"$STRACE_ROWS")
+                row+=" ${v:--} |"
+            done
+            echo "$row"
         done
     fi
     echo
     echo "Other processes' CPU during the measurements: at most $(calc "sprintf(\"%.2f\", $FOREIGN_MAX)") cores (runs above 0.1 were repeated: $RETRIES repeats)."
     if [ "$INTERFERED" = 1 ]; then echo "† other processes took over 0.1 cores during this run even after two repeats: do not trust it."; fi
-    echo "Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); ${DURATION} s per measurement; load generator pinned: ${PIN:-0}."
+    echo "Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); ${DURATION} s per measurement; load generator pinned: ${PIN:-0}; niceness of all processes: $NICE."
 } | tee "$OUT/results.md"
 log "raw loadgen lines: bench-out/raw.jsonl"

@@ -20,6 +20,7 @@ pub mod auth;
 pub mod tags;
 pub mod api;
 pub mod tokens;
+pub mod budget;
 pub mod route;
 pub mod upstream;
 pub mod body;

@@ -218,7 +218,10 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let _guard = rt.enter();
     let live = tollgate::live::LiveState::build(cfg, None);
     let router: &Router = &live.router;
-    println!("{:<36} {:<16} {:<12} {:<8} serves as", "model or alias", "backend", "hosting", "region");
+    println!(
+        "{:<36} {:<16} {:<12} {:<8} serves as",
+        "model or alias", "backend", "hosting", "region"
+    );
     for (name, candidates) in router.table() {
         for (i, c) in candidates.iter().enumerate() {
             let b = &c.backend.cfg;

@@ -19,6 +19,10 @@ pub const IN_FLIGHT: &str = "tollgate_in_flight";
 pub const TOKENS_TOTAL: &str = "tollgate_tokens_total";
 pub const UNPRICED_REQUESTS_TOTAL: &str = "tollgate_unpriced_requests_total";
 pub const LEDGER_ERRORS_TOTAL: &str = "tollgate_ledger_errors_total";
+pub const BUDGET_LIMIT_USD: &str = "tollgate_budget_limit_usd";
+pub const BUDGET_SPENT_USD: &str = "tollgate_budget_spent_usd";
+pub const BUDGET_REJECTIONS_TOTAL: &str = "tollgate_budget_rejections_total";
+pub const BUDGET_SOFT_LIMIT_REACHED: &str = "tollgate_budget_soft_limit_reached";
 
 /// Latency buckets from 5 ms (a cached answer) to 10 minutes (a long generation).
 const DURATION_BUCKETS: &[f64] = &[

@@ -346,18 +346,10 @@ pub fn parse_time(s: &str, now_us: i64) -> Result<i64, ReportError> {
         None => 0,
         Some(Err(_)) => return Err(bad()),
     };
-    Ok(((days_from_civil(y, mo, day) * 24 + h) * 60 + mi) * 60_000_000 + sec * 1_000_000)
-}
-
-/// Days since 1970-01-01 (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    Ok(
+        ((crate::budget::window::days_from_civil(y, mo, day) * 24 + h) * 60 + mi) * 60_000_000
+            + sec * 1_000_000,
+    )
 }
 
 #[cfg(test)]

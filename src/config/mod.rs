@@ -227,8 +227,12 @@ pub struct RawBudget {
     pub tokens: Option<u64>,
     pub usd: Option<f64>,
     pub soft_ratio: Option<f64>,
+    /// When the budget store cannot answer: refuse (default) or serve unchecked.
     #[serde(default)]
     pub fail_open: bool,
+    /// Apply the budget to each of the team's keys separately instead of to the team.
+    #[serde(default)]
+    pub per_key: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -74,7 +74,7 @@ pub enum OnDisconnect {
     Drain,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Window {
     Minute,
     Hour,
@@ -154,8 +154,11 @@ pub struct Budget {
     pub window: Window,
     pub tokens: Option<u64>,
     pub usd: Option<f64>,
+    /// `usd` in nano-dollars: budgets compare integers.
+    pub nusd: Option<i64>,
     pub soft_ratio: Option<f64>,
     pub fail_open: bool,
+    pub per_key: bool,
 }
 
 /// One problem in a config file, with the field it is about.
@@ -600,8 +603,10 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
                     window,
                     tokens: b.tokens,
                     usd: b.usd,
+                    nusd: b.usd.map(|u| (u * 1e9).round() as i64),
                     soft_ratio: b.soft_ratio,
                     fail_open: b.fail_open,
+                    per_key: b.per_key,
                 }
             })
             .collect();

@@ -1,0 +1,392 @@
+//! Per-team (and per-key) token and dollar budgets over calendar windows, held exactly
+//! under concurrency.
+//!
+//! ```text
+//! admit:  for every budget of the team: roll the window, check spent + reserved + demand
+//!         <= limit, reserve the demand (worst case: prompt + max output at the model's price)
+//!         any budget short -> undo the others, 429 with the window's reset time
+//! settle: release the reservation, add what the request actually cost
+//! drop:   (failed before settling) release only
+//! ```
+//!
+//! Money is integer nano-dollars, so sums never drift. Counters live outside the config
+//! snapshot: a reload changes limits without losing spend. At start they are seeded from the
+//! ledger, so a restart neither forgets spend nor counts it twice.
+
+pub mod window;
+
+use crate::config::{Budget, Team, Window};
+use dashmap::DashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The time budgets are judged by; tests move it by hand.
+pub trait Clock: Send + Sync + fmt::Debug {
+    fn now_us(&self) -> i64;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_us(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Debug)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(now_us: i64) -> Self {
+        Self(AtomicI64::new(now_us))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_micros() as i64, Ordering::Relaxed);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_us(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What a request may consume at most (admission) or did consume (settlement).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Demand {
+    pub nusd: i64,
+    pub tokens: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CounterKey {
+    team: Arc<str>,
+    /// `Some` for a `per_key` budget.
+    key_id: Option<Arc<str>>,
+    window: Window,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    start_us: i64,
+    spent: Demand,
+    reserved: Demand,
+    soft_warned: bool,
+}
+
+impl State {
+    /// Moves to the window containing `now`; what was spent or reserved before stays behind.
+    fn roll(&mut self, start_us: i64) {
+        if start_us > self.start_us {
+            *self = State {
+                start_us,
+                ..State::default()
+            };
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counter(Mutex<State>);
+
+impl Counter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Usd,
+    Tokens,
+}
+
+#[derive(Debug, Clone)]
+pub struct OverBudget {
+    pub team: Arc<str>,
+    pub key_id: Option<Arc<str>>,
+    pub window: Window,
+    pub kind: LimitKind,
+    /// Nano-dollars or tokens, as `kind` says.
+    pub limit: i64,
+    pub used: i64,
+    pub reset_at_us: i64,
+    pub retry_after: Duration,
+}
+
+/// The tightest room left after an admission, for the response headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Remaining {
+    pub nusd: Option<i64>,
+    pub tokens: Option<i64>,
+}
+
+/// Budget counters of every team and key.
+#[derive(Debug)]
+pub struct BudgetBook {
+    counters: DashMap<CounterKey, Arc<Counter>>,
+    clock: Arc<dyn Clock>,
+}
+
+/// A reservation held by a request; settle it once, or drop it to release.
+#[derive(Debug)]
+pub struct Reservation {
+    held: Vec<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    counter: Arc<Counter>,
+    window: Window,
+    start_us: i64,
+    demand: Demand,
+}
+
+// === impl BudgetBook ===
+
+impl BudgetBook {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            counters: DashMap::new(),
+            clock,
+        }
+    }
+
+    pub fn now_us(&self) -> i64 {
+        self.clock.now_us()
+    }
+
+    fn counter(&self, key: CounterKey) -> Arc<Counter> {
+        // `get` first: the shard write lock is only taken to insert a missing key.
+        if let Some(c) = self.counters.get(&key) {
+            return c.clone();
+        }
+        self.counters.entry(key).or_default().clone()
+    }
+
+    fn key_for(team: &Team, key_id: &Arc<str>, b: &Budget) -> CounterKey {
+        CounterKey {
+            team: team.name.clone(),
+            key_id: b.per_key.then(|| key_id.clone()),
+            window: b.window,
+        }
+    }
+
+    /// Reserves `demand` against every budget of the team and key, or refuses naming the
+    /// first budget it does not fit.
+    pub fn admit(
+        &self,
+        team: &Team,
+        key_id: &Arc<str>,
+        demand: Demand,
+    ) -> Result<(Reservation, Remaining), OverBudget> {
+        let now = self.clock.now_us();
+        let mut reservation = Reservation {
+            held: Vec::with_capacity(team.budgets.len()),
+        };
+        let mut remaining = Remaining::default();
+        for b in &team.budgets {
+            let (start, end) = window::bounds(b.window, now);
+            let counter = self.counter(Self::key_for(team, key_id, b));
+            let mut s = counter.lock();
+            s.roll(start);
+            let used = Demand {
+                nusd: s.spent.nusd + s.reserved.nusd,
+                tokens: s.spent.tokens + s.reserved.tokens,
+            };
+            let over = |kind, limit: i64, used: i64| OverBudget {
+                team: team.name.clone(),
+                key_id: b.per_key.then(|| key_id.clone()),
+                window: b.window,
+                kind,
+                limit,
+                used,
+                reset_at_us: end,
+                retry_after: Duration::from_micros((end - now).max(1_000_000) as u64),
+            };
+            if let Some(limit) = b.nusd {
+                if used.nusd + demand.nusd > limit {
+                    return Err(over(LimitKind::Usd, limit, used.nusd));
+                }
+            }
+            if let Some(limit) = b.tokens.map(|t| t as i64) {
+                if used.tokens + demand.tokens > limit {
+                    return Err(over(LimitKind::Tokens, limit, used.tokens));
+                }
+            }
+            s.reserved.nusd += demand.nusd;
+            s.reserved.tokens += demand.tokens;
+            let now_used = Demand {
+                nusd: used.nusd + demand.nusd,
+                tokens: used.tokens + demand.tokens,
+            };
+            if let Some(limit) = b.nusd {
+                remaining.nusd = Some(
+                    remaining
+                        .nusd
+                        .map_or(limit - now_used.nusd, |r| r.min(limit - now_used.nusd)),
+                );
+            }
+            if let Some(limit) = b.tokens.map(|t| t as i64) {
+                remaining.tokens = Some(
+                    remaining
+                        .tokens
+                        .map_or(limit - now_used.tokens, |r| r.min(limit - now_used.tokens)),
+                );
+            }
+            if let Some(ratio) = b.soft_ratio {
+                let crossed = b
+                    .nusd
+                    .is_some_and(|l| now_used.nusd as f64 >= l as f64 * ratio)
+                    || b.tokens
+                        .is_some_and(|l| now_used.tokens as f64 >= l as f64 * ratio);
+                if crossed && !s.soft_warned {
+                    s.soft_warned = true;
+                    tracing::warn!(team = &*team.name, window = %b.window, ratio, "team passed the soft limit of its budget");
+                    metrics::gauge!(crate::metrics::BUDGET_SOFT_LIMIT_REACHED, "team" => team.name.clone(), "window" => b.window.as_str())
+                        .set(1.0);
+                }
+            }
+            drop(s);
+            reservation.held.push(Held {
+                counter,
+                window: b.window,
+                start_us: start,
+                demand,
+            });
+        }
+        Ok((reservation, remaining))
+    }
+
+    /// Spend already in the ledger for the window starting at `start_us`.
+    pub fn seed(
+        &self,
+        team: &Arc<str>,
+        key_id: Option<Arc<str>>,
+        window: Window,
+        start_us: i64,
+        spent: Demand,
+    ) {
+        let counter = self.counter(CounterKey {
+            team: team.clone(),
+            key_id,
+            window,
+        });
+        let mut s = counter.lock();
+        s.roll(start_us);
+        if s.start_us == start_us {
+            s.spent.nusd += spent.nusd;
+            s.spent.tokens += spent.tokens;
+        }
+    }
+
+    /// Every budget of these teams, as `GET /admin/budgets` shows it.
+    pub fn view(&self, teams: &[Arc<Team>]) -> Vec<BudgetView> {
+        let now = self.clock.now_us();
+        let mut out = Vec::new();
+        for team in teams {
+            for b in &team.budgets {
+                let (start, end) = window::bounds(b.window, now);
+                let keys: Vec<Option<Arc<str>>> = if b.per_key {
+                    self.counters
+                        .iter()
+                        .filter(|e| {
+                            e.key().team == team.name
+                                && e.key().window == b.window
+                                && e.key().key_id.is_some()
+                        })
+                        .map(|e| e.key().key_id.clone())
+                        .collect()
+                } else {
+                    vec![None]
+                };
+                for key_id in keys {
+                    let ck = CounterKey {
+                        team: team.name.clone(),
+                        key_id: key_id.clone(),
+                        window: b.window,
+                    };
+                    let (spent, reserved) = match self.counters.get(&ck) {
+                        Some(c) => {
+                            let s = c.lock();
+                            if s.start_us == start {
+                                (s.spent, s.reserved)
+                            } else {
+                                Default::default()
+                            }
+                        }
+                        None => Default::default(),
+                    };
+                    out.push(BudgetView {
+                        team: team.name.clone(),
+                        key_id,
+                        window: b.window,
+                        limit_nusd: b.nusd,
+                        limit_tokens: b.tokens.map(|t| t as i64),
+                        soft_ratio: b.soft_ratio,
+                        spent,
+                        reserved,
+                        resets_at_us: end,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BudgetView {
+    pub team: Arc<str>,
+    pub key_id: Option<Arc<str>>,
+    pub window: Window,
+    pub limit_nusd: Option<i64>,
+    pub limit_tokens: Option<i64>,
+    pub soft_ratio: Option<f64>,
+    pub spent: Demand,
+    pub reserved: Demand,
+    pub resets_at_us: i64,
+}
+
+// === impl Reservation ===
+
+impl Reservation {
+    /// Releases the reservation and records what was actually consumed, in the window that is
+    /// current now (a request that straddles a reset is charged to the new window).
+    pub fn settle(mut self, actual: Demand, now_us: i64) {
+        for h in self.held.drain(..) {
+            let mut s = h.counter.lock();
+            if s.start_us == h.start_us {
+                s.reserved.nusd -= h.demand.nusd;
+                s.reserved.tokens -= h.demand.tokens;
+            }
+            s.roll(window::bounds(h.window, now_us).0);
+            s.spent.nusd += actual.nusd;
+            s.spent.tokens += actual.tokens;
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        for h in self.held.drain(..) {
+            let mut s = h.counter.lock();
+            if s.start_us == h.start_us {
+                s.reserved.nusd -= h.demand.nusd;
+                s.reserved.tokens -= h.demand.tokens;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
