@@ -11,7 +11,7 @@
 # PIN=1 (pin the load generator to the last CPU with taskset; off by default, see
 # docs/PERFORMANCE.md), NICE (niceness of every process started here: default -10 as root,
 # so a build running beside the test takes less from it, equally for all three), PORT_BASE
-# (default 18000).
+# (default 18000), KEEP_WORK=1 (keep the temp dir: configs, bodies, logs).
 #
 # What runs:
 #   sim        tollgate simulate, unpaced (--token-ms 0), 64 tokens an answer
@@ -44,6 +44,9 @@ log() { printf '[loadtest %s] %s\n' "$(date +%T)" "$*" >&2; }
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    cp "$WORK/gateway.log" "$OUT/gateway.log" 2>/dev/null || true
+    cp "$WORK/nginx/error.log" "$OUT/nginx-error.log" 2>/dev/null || true
+    if [ "${KEEP_WORK:-0}" != 1 ]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 

@@ -1,6 +1,7 @@
 //! Builds a running gateway from a validated config, and owns its shutdown.
 
 use crate::admin::Admin;
+use crate::budget::{BudgetBook, Clock, Demand, SystemClock};
 use crate::config::Config;
 use crate::ledger::{Ledger, LedgerError};
 use crate::live::{Live, LiveState};
@@ -63,6 +64,24 @@ pub async fn start_on(
     client: TcpListener,
     admin_listener: TcpListener,
 ) -> Result<Running, StartError> {
+    start_with_clock(
+        config,
+        config_path,
+        client,
+        admin_listener,
+        Arc::new(SystemClock),
+    )
+    .await
+}
+
+/// As [`start_on`], with the clock budgets are judged by (tests move it by hand).
+pub async fn start_with_clock(
+    config: Config,
+    config_path: Option<PathBuf>,
+    client: TcpListener,
+    admin_listener: TcpListener,
+    clock: Arc<dyn Clock>,
+) -> Result<Running, StartError> {
     if !config.missing_keys.is_empty() {
         return Err(StartError::MissingKeys(config.missing_keys));
     }
@@ -71,6 +90,8 @@ pub async fn start_on(
     }
     let handle = crate::metrics::install();
     let ledger = Ledger::open(&config.ledger_url, config.ledger_fsync)?;
+    let budgets = Arc::new(BudgetBook::new(clock));
+    seed_budgets(&budgets, &ledger, &config)?;
     // Loading the encoders takes a moment; do it now, not on the first request to need them.
     let _ = tokio::task::spawn_blocking(Tokenizers::shared).await;
     let opts = ServeOptions {
@@ -93,7 +114,7 @@ pub async fn start_on(
         // Innermost: a panic in a phase becomes a 500 that still carries the request id and
         // releases the in-flight permit.
         .layer(CatchPanicLayer)
-        .service(Gateway::new(live.clone(), ledger.clone()));
+        .service(Gateway::new(live.clone(), ledger.clone(), budgets.clone()));
     let service = TowerToHyperService::new(service);
 
     let admin = Admin {
@@ -102,6 +123,7 @@ pub async fn start_on(
         draining: Arc::new(AtomicBool::new(false)),
         config_path,
         ledger: ledger.clone(),
+        budgets: budgets.clone(),
     };
     let admin_service = {
         let admin = admin.clone();
@@ -176,6 +198,41 @@ impl Running {
         let ledger = self.ledger;
         let _ = tokio::task::spawn_blocking(move || ledger.close()).await;
     }
+}
+
+/// Starts every budget counter from what the ledger already holds for its current window,
+/// so a restart neither forgets spend nor counts it twice.
+fn seed_budgets(book: &BudgetBook, ledger: &Ledger, config: &Config) -> Result<(), StartError> {
+    let now = book.now_us();
+    let conn =
+        crate::ledger::sqlite::open_read(&ledger.path).map_err(|source| LedgerError::Open {
+            path: ledger.path.display().to_string(),
+            source,
+        })?;
+    for team in &config.teams {
+        for b in &team.budgets {
+            let (start, _) = crate::budget::window::bounds(b.window, now);
+            let rows = crate::ledger::sqlite::spend_since(&conn, &team.name, start, b.per_key)
+                .map_err(|source| LedgerError::Open {
+                    path: ledger.path.display().to_string(),
+                    source,
+                })?;
+            for (key, nusd, tokens) in rows {
+                book.seed(
+                    &team.name,
+                    key.map(Arc::from),
+                    b.window,
+                    start,
+                    Demand { nusd, tokens },
+                );
+            }
+            if let (Some(nusd), false) = (b.nusd, b.per_key) {
+                metrics::gauge!(crate::metrics::BUDGET_LIMIT_USD, "team" => team.name.clone(), "window" => b.window.as_str())
+                    .set(nusd as f64 / 1e9);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on ctrl-c or SIGTERM.

@@ -47,8 +47,30 @@ pub enum GatewayError {
     UpstreamFailed { backend: Arc<str> },
     #[error("the gateway cannot record usage right now, so it serves no billable requests; retry shortly")]
     LedgerUnavailable,
+    #[error("{}", over_budget_message(.0))]
+    OverBudget(Box<crate::budget::OverBudget>),
     #[error("internal error")]
     Internal,
+}
+
+fn over_budget_message(o: &crate::budget::OverBudget) -> String {
+    use crate::budget::LimitKind;
+    let who = match &o.key_id {
+        Some(k) => format!("key {k} of team `{}`", o.team),
+        None => format!("team `{}`", o.team),
+    };
+    let (limit, used) = match o.kind {
+        LimitKind::Usd => (
+            format!("${}", crate::meter::format_usd(o.limit)),
+            format!("${}", crate::meter::format_usd(o.used)),
+        ),
+        LimitKind::Tokens => (format!("{} tokens", o.limit), format!("{} tokens", o.used)),
+    };
+    format!(
+        "{who} would exceed its {} budget of {limit} ({used} used or reserved); it resets at {}",
+        o.window,
+        crate::report::format_time(o.reset_at_us)
+    )
 }
 
 impl GatewayError {
@@ -70,6 +92,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::OverBudget(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -92,6 +115,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamFailed { .. } => "upstream_failed",
             GatewayError::Internal => "internal",
+            GatewayError::OverBudget(_) => "over_budget",
             GatewayError::LedgerUnavailable => "ledger_unavailable",
         }
     }
@@ -114,6 +138,7 @@ impl GatewayError {
             GatewayError::Overloaded => ("server_error", Some("overloaded")),
             GatewayError::NoEligibleBackend { .. } => ("server_error", Some("no_eligible_backend")),
             GatewayError::Internal => ("server_error", None),
+            GatewayError::OverBudget(_) => ("budget_exceeded", Some("budget_exceeded")),
             GatewayError::LedgerUnavailable => ("server_error", Some("ledger_unavailable")),
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamFailed { .. }
@@ -134,6 +159,7 @@ impl GatewayError {
             GatewayError::Overloaded | GatewayError::LedgerUnavailable => {
                 Some(Duration::from_secs(1))
             }
+            GatewayError::OverBudget(o) => Some(o.retry_after),
             _ => None,
         }
     }
@@ -141,15 +167,28 @@ impl GatewayError {
     /// The OpenAI error body as bytes; also used for the error event that ends a broken stream.
     pub fn body_json(&self) -> Vec<u8> {
         let (kind, code) = self.openai_type_and_code();
-        serde_json::to_vec(&serde_json::json!({
+        let mut body = serde_json::json!({
             "error": {
                 "message": self.to_string(),
                 "type": kind,
                 "code": code,
                 "param": self.param(),
             }
-        }))
-        .unwrap_or_default()
+        });
+        if let GatewayError::OverBudget(o) = self {
+            // The same facts as the message, for programs.
+            body["error"]["budget"] = serde_json::json!({
+                "team": &*o.team,
+                "key_id": o.key_id.as_deref(),
+                "window": o.window.as_str(),
+                "limit_usd": (o.kind == crate::budget::LimitKind::Usd).then(|| crate::meter::format_usd(o.limit)),
+                "used_usd": (o.kind == crate::budget::LimitKind::Usd).then(|| crate::meter::format_usd(o.used)),
+                "limit_tokens": (o.kind == crate::budget::LimitKind::Tokens).then_some(o.limit),
+                "used_tokens": (o.kind == crate::budget::LimitKind::Tokens).then_some(o.used),
+                "resets_at": crate::report::format_time(o.reset_at_us),
+            });
+        }
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 
     pub fn into_response(self) -> Response<GatewayBody> {
@@ -158,7 +197,9 @@ impl GatewayError {
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(after) = self.retry_after() {
-            headers.insert(RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+            // Whole seconds, rounded up: retrying a moment early would only be refused again.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         resp
     }

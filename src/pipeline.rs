@@ -8,6 +8,7 @@
 use crate::api::openai::BodyEdits;
 use crate::api::{models, openai};
 use crate::body::GatewayBody;
+use crate::budget::{BudgetBook, Demand, Remaining, Reservation};
 use crate::config::OnDisconnect;
 use crate::ctx::{Endpoint, RequestCtx, RequestId};
 use crate::error::GatewayError;
@@ -41,16 +42,25 @@ pub static X_TOLLGATE_COMPLETION_TOKENS: HeaderName =
     HeaderName::from_static("x-tollgate-completion-tokens");
 pub static X_TOLLGATE_TOKEN_SOURCE: HeaderName = HeaderName::from_static("x-tollgate-token-source");
 pub static X_TOLLGATE_COST_USD: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
+pub static X_TOLLGATE_BUDGET_REMAINING_USD: HeaderName =
+    HeaderName::from_static("x-tollgate-budget-remaining-usd");
+pub static X_TOLLGATE_BUDGET_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-tollgate-budget-remaining-tokens");
 
 #[derive(Clone)]
 pub struct Gateway {
     live: Live,
     ledger: Arc<Ledger>,
+    budgets: Arc<BudgetBook>,
 }
 
 impl Gateway {
-    pub fn new(live: Live, ledger: Arc<Ledger>) -> Self {
-        Self { live, ledger }
+    pub fn new(live: Live, ledger: Arc<Ledger>, budgets: Arc<BudgetBook>) -> Self {
+        Self {
+            live,
+            ledger,
+            budgets,
+        }
     }
 }
 
@@ -204,6 +214,13 @@ async fn prepare(
     if !gw.ledger.is_healthy() {
         return Err(GatewayError::LedgerUnavailable);
     }
+    let (budget, remaining) = if principal.team.budgets.is_empty() {
+        (None, None)
+    } else {
+        let (reservation, remaining) =
+            admit(gw, principal, &candidate, &summary, &body, endpoint).await?;
+        (Some((reservation, gw.budgets.clone())), Some(remaining))
+    };
     let backend = &candidate.backend.cfg;
     let mut edits = BodyEdits::default();
     if *candidate.model != *summary.model {
@@ -243,6 +260,7 @@ async fn prepare(
         candidate.price.clone(),
         backend.egress_usd_per_gb,
         gw.ledger.clone(),
+        budget,
         candidate.backend.state.enter(),
     );
     Ok(Exchange {
@@ -254,6 +272,59 @@ async fn prepare(
         request_timeout: server.request_timeout,
         max_response_bytes: server.max_response_bytes,
         strip_usage: ask_usage,
+        remaining,
+    })
+}
+
+/// Output tokens reserved for a request that sets no `max_tokens` on a model with no known cap.
+pub const DEFAULT_OUTPUT_RESERVE: u64 = 4096;
+
+/// Reserves the request's worst case against its team's budgets: prompt tokens plus the most
+/// it may generate, at the routed model's prices. The prompt is first taken at its free upper
+/// bound; only when that does not fit (near a limit) is it counted exactly, and tried again.
+async fn admit(
+    gw: &Gateway,
+    principal: &crate::auth::Principal,
+    candidate: &Candidate,
+    summary: &openai::RequestSummary<'_>,
+    body: &bytes::Bytes,
+    endpoint: Endpoint,
+) -> Result<(Reservation, Remaining), GatewayError> {
+    let output = match endpoint {
+        Endpoint::Embeddings => 0,
+        _ => summary
+            .max_output_tokens
+            .or(candidate.max_output_tokens)
+            .unwrap_or(DEFAULT_OUTPUT_RESERVE),
+    };
+    let demand = |prompt: u64| {
+        let nusd = candidate.price.as_deref().map_or(0.0, |p| {
+            let p = p.for_prompt(prompt);
+            prompt as f64 * p.input + output as f64 * p.output
+        });
+        Demand {
+            nusd: (nusd * 1e9).ceil() as i64,
+            tokens: (prompt + output) as i64,
+        }
+    };
+    let team = &principal.team;
+    let estimate = crate::tokens::estimate_prompt_tokens(body.len());
+    if let Ok(admitted) = gw.budgets.admit(team, &principal.key_id, demand(estimate)) {
+        return Ok(admitted);
+    }
+    let counter = candidate.counter;
+    let owned = body.clone();
+    let exact = crate::tokens::Tokenizers::shared()
+        .off_runtime(body.len(), move |tok| {
+            crate::tokens::ChatPrompt::parse(endpoint, &owned)
+                .map(|p| counter.scale(crate::tokens::count_chat_prompt(tok, counter.encoding, &p)))
+                .unwrap_or(estimate)
+        })
+        .await;
+    gw.budgets.admit(team, &principal.key_id, demand(exact)).map_err(|over| {
+        metrics::counter!(m::BUDGET_REJECTIONS_TOTAL, "team" => over.team.clone(), "window" => over.window.as_str())
+            .increment(1);
+        GatewayError::OverBudget(Box::new(over))
     })
 }
 
@@ -268,6 +339,8 @@ struct Exchange {
     max_response_bytes: u64,
     /// The gateway asked for stream usage the client did not: hide it from the client.
     strip_usage: bool,
+    /// Room left in the team's tightest budgets, counting this request's reservation.
+    remaining: Option<Remaining>,
 }
 
 impl Exchange {
@@ -281,6 +354,7 @@ impl Exchange {
             request_timeout,
             max_response_bytes,
             strip_usage,
+            remaining,
         } = self;
         let (request_id, started) = {
             let ctx = completion.ctx().expect("not settled yet");
@@ -298,10 +372,10 @@ impl Exchange {
         {
             Ok(resp) => resp,
             Err(e) => {
-                let settled = completion
+                // Recorded before the error goes out, like any other ending.
+                let _ = completion
                     .finish(failure(Status::UpstreamError, e.status().as_u16()))
                     .await;
-                let _ = settled;
                 return Err(e);
             }
         };
@@ -315,6 +389,9 @@ impl Exchange {
         parts
             .headers
             .insert(X_TOLLGATE_MODEL.clone(), candidate.model_header.clone());
+        if let Some(r) = remaining {
+            set_budget_headers(&mut parts.headers, &r);
+        }
         let sse = parts
             .headers
             .get(CONTENT_TYPE)
@@ -390,6 +467,20 @@ fn failure(status: Status, http_status: u16) -> Outcome {
         generated: None,
         response_bytes: 0,
         first_token_at: None,
+    }
+}
+
+fn set_budget_headers(h: &mut http::HeaderMap, r: &Remaining) {
+    if let Some(nusd) = r.nusd {
+        if let Ok(v) = HeaderValue::from_str(&format_usd(nusd.max(0))) {
+            h.insert(X_TOLLGATE_BUDGET_REMAINING_USD.clone(), v);
+        }
+    }
+    if let Some(tokens) = r.tokens {
+        h.insert(
+            X_TOLLGATE_BUDGET_REMAINING_TOKENS.clone(),
+            HeaderValue::from(tokens.max(0)),
+        );
     }
 }
 

@@ -10,6 +10,7 @@
 //! Dropping a guard that was never finished records the request as `client_closed`: the
 //! caller's future or body was dropped because the client left.
 
+use crate::budget::{BudgetBook, Demand, Reservation};
 use crate::config::prices::Price;
 use crate::ctx::RequestCtx;
 use crate::ledger::{Ledger, Record};
@@ -89,6 +90,7 @@ struct Job {
     price: Option<Arc<Price>>,
     egress_usd_per_gb: Option<f64>,
     ledger: Arc<Ledger>,
+    budget: Option<(Reservation, Arc<BudgetBook>)>,
 }
 
 impl std::fmt::Debug for Completion {
@@ -107,15 +109,18 @@ impl Completion {
         price: Option<Arc<Price>>,
         egress_usd_per_gb: Option<f64>,
         ledger: Arc<Ledger>,
+        budget: Option<(Reservation, Arc<BudgetBook>)>,
         in_flight: InFlight,
     ) -> Self {
+        let job = Job {
+            ctx,
+            price,
+            egress_usd_per_gb,
+            ledger,
+            budget,
+        };
         Self {
-            job: Some(Job {
-                ctx,
-                price,
-                egress_usd_per_gb,
-                ledger,
-            }),
+            job: Some(job),
             _in_flight: Some(in_flight),
         }
     }
@@ -139,20 +144,9 @@ impl Completion {
 
     fn settle(&mut self, outcome: Outcome, reply: Option<oneshot::Sender<Settled>>) {
         self._in_flight = None;
-        let Some(Job {
-            ctx,
-            price,
-            egress_usd_per_gb,
-            ledger,
-        }) = self.job.take()
-        else {
-            return;
-        };
+        let Some(job) = self.job.take() else { return };
         let job = Settle {
-            ctx,
-            price,
-            egress_usd_per_gb,
-            ledger,
+            job,
             outcome,
             ended: Instant::now(),
         };
@@ -191,30 +185,27 @@ impl Drop for Completion {
 }
 
 struct Settle {
-    ctx: RequestCtx,
-    price: Option<Arc<Price>>,
-    egress_usd_per_gb: Option<f64>,
-    ledger: Arc<Ledger>,
+    job: Job,
     outcome: Outcome,
     ended: Instant,
 }
 
 impl Settle {
     fn local_count_bytes(&self) -> usize {
-        self.ctx.body.len() + self.outcome.generated.as_ref().map_or(0, |g| g.text.len())
+        self.job.ctx.body.len() + self.outcome.generated.as_ref().map_or(0, |g| g.text.len())
     }
 
     /// Counts locally what the upstream did not report.
     fn with_local_usage(mut self) -> Self {
         if self.outcome.usage.is_none() {
-            self.outcome.usage = Some(local_usage(&self.ctx, self.outcome.generated.as_ref()));
+            self.outcome.usage = Some(local_usage(&self.job.ctx, self.outcome.generated.as_ref()));
         }
         self
     }
 
     fn run(self, reply: Option<oneshot::Sender<Settled>>) {
-        let this = self.with_local_usage();
-        let ctx = &this.ctx;
+        let mut this = self.with_local_usage();
+        let ctx = &this.job.ctx;
         let o = &this.outcome;
         let usage = o.usage.expect("with_local_usage fills it");
         // The provider bills what it generated; an upstream that refused the request (or could
@@ -223,15 +214,29 @@ impl Settle {
         let egress_bytes = ctx.upstream_request_bytes + o.response_bytes;
         let cost_nusd = if billable {
             meter::cost_nusd(
-                this.price.as_deref(),
+                this.job.price.as_deref(),
                 &usage,
                 egress_bytes,
-                this.egress_usd_per_gb,
+                this.job.egress_usd_per_gb,
             )
         } else {
             0
         };
-        let priced = this.price.is_some();
+        let priced = this.job.price.is_some();
+        if let Some((reservation, book)) = this.job.budget.take() {
+            // What was billed replaces the worst case that was held; a refusal upstream only
+            // releases it.
+            if billable {
+                let tokens = (usage.prompt + usage.completion) as i64;
+                reservation.settle(
+                    Demand {
+                        nusd: cost_nusd,
+                        tokens,
+                    },
+                    book.now_us(),
+                );
+            }
+        }
         let team = ctx.principal.team.name.clone();
         let backend = ctx.backend.clone();
         let model = ctx
@@ -293,7 +298,7 @@ impl Settle {
                 });
             })
         });
-        this.ledger.submit(record, reply);
+        this.job.ledger.submit(record, reply);
     }
 }
 

@@ -26,6 +26,7 @@ pub struct Admin {
     pub draining: Arc<AtomicBool>,
     pub config_path: Option<PathBuf>,
     pub ledger: Arc<Ledger>,
+    pub budgets: Arc<crate::budget::BudgetBook>,
 }
 
 impl Admin {
@@ -115,6 +116,10 @@ impl Admin {
                 resp
             }
             (&Method::GET, "/admin/backends") => json(StatusCode::OK, backends(&self.live.load())),
+            (&Method::GET, "/admin/budgets") => json(
+                StatusCode::OK,
+                budgets(&self.budgets.view(&self.live.load().config.teams)),
+            ),
             (&Method::POST, "/admin/reload") => match self.reload() {
                 Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
                 Err(message) => json(
@@ -218,6 +223,34 @@ fn percent_decode(v: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+fn budgets(views: &[crate::budget::BudgetView]) -> serde_json::Value {
+    let usd = |n: Option<i64>| n.map(|n| serde_json::Value::String(crate::meter::format_usd(n)));
+    serde_json::Value::Array(
+        views
+            .iter()
+            .map(|v| {
+                let used_nusd = v.spent.nusd + v.reserved.nusd;
+                let used_tokens = v.spent.tokens + v.reserved.tokens;
+                serde_json::json!({
+                    "team": &*v.team,
+                    "key_id": v.key_id.as_deref(),
+                    "window": v.window.as_str(),
+                    "limit_usd": usd(v.limit_nusd),
+                    "spent_usd": crate::meter::format_usd(v.spent.nusd),
+                    "reserved_usd": crate::meter::format_usd(v.reserved.nusd),
+                    "remaining_usd": usd(v.limit_nusd.map(|l| (l - used_nusd).max(0))),
+                    "limit_tokens": v.limit_tokens,
+                    "spent_tokens": v.spent.tokens,
+                    "reserved_tokens": v.reserved.tokens,
+                    "remaining_tokens": v.limit_tokens.map(|l| (l - used_tokens).max(0)),
+                    "soft_ratio": v.soft_ratio,
+                    "resets_at": report::format_time(v.resets_at_us),
+                })
+            })
+            .collect(),
+    )
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<GatewayBody> {

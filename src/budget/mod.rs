@@ -146,6 +146,8 @@ pub struct Reservation {
 #[derive(Debug)]
 struct Held {
     counter: Arc<Counter>,
+    /// Set for team-wide budgets, whose spend is exported as a metric.
+    team: Option<Arc<str>>,
     window: Window,
     start_us: i64,
     demand: Demand,
@@ -259,6 +261,7 @@ impl BudgetBook {
             drop(s);
             reservation.held.push(Held {
                 counter,
+                team: (!b.per_key).then(|| team.name.clone()),
                 window: b.window,
                 start_us: start,
                 demand,
@@ -372,6 +375,10 @@ impl Reservation {
             s.roll(window::bounds(h.window, now_us).0);
             s.spent.nusd += actual.nusd;
             s.spent.tokens += actual.tokens;
+            if let Some(team) = h.team {
+                metrics::gauge!(crate::metrics::BUDGET_SPENT_USD, "team" => team, "window" => h.window.as_str())
+                    .set(s.spent.nusd as f64 / 1e9);
+            }
         }
     }
 }

@@ -107,3 +107,23 @@ pub fn insert_batch<'a>(
     }
     tx.commit()
 }
+
+/// Spend recorded for a team since `since_us` (by key when `per_key`): the budget counters'
+/// starting point after a restart.
+pub fn spend_since(
+    conn: &Connection,
+    team: &str,
+    since_us: i64,
+    per_key: bool,
+) -> rusqlite::Result<Vec<(Option<String>, i64, i64)>> {
+    let key = if per_key { "key_id" } else { "NULL" };
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {key}, COALESCE(SUM(cost_nusd), 0),
+                COALESCE(SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)), 0)
+         FROM requests WHERE team = ?1 AND started_at_us >= ?2 AND status != 'upstream_error' GROUP BY 1"
+    ))?;
+    let rows = stmt.query_map(rusqlite::params![team, since_us], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    rows.collect()
+}

@@ -49,6 +49,9 @@ pub struct Candidate {
     /// `None`: served, but unpriced (counted and flagged, never priced at 0).
     pub price: Option<Arc<Price>>,
     pub counter: Counter,
+    /// The model's output cap (config, else catalog): what a request without `max_tokens`
+    /// reserves against budgets.
+    pub max_output_tokens: Option<u64>,
 }
 
 /// Config names are printable (validated), so this only falls back for odd Unicode.
@@ -72,6 +75,9 @@ impl Router {
                     model_header: header_value(&m.name),
                     price: prices::resolve(&b.cfg, m, catalog).map(Arc::new),
                     counter: Encoding::for_model(&m.name),
+                    max_output_tokens: m
+                        .max_output_tokens
+                        .or_else(|| catalog.get(&m.name)?.max_output_tokens),
                 };
                 for name in std::iter::once(&m.name).chain(&m.aliases) {
                     by_name
