@@ -279,6 +279,10 @@ async fn prepare(
 /// Output tokens reserved for a request that sets no `max_tokens` on a model with no known cap.
 pub const DEFAULT_OUTPUT_RESERVE: u64 = 4096;
 
+/// A request whose rough worst case is over 1/NEAR_LIMIT_FRACTION of the room left in a budget
+/// is counted exactly before it is admitted.
+const NEAR_LIMIT_FRACTION: i64 = 16;
+
 /// Reserves the request's worst case against its team's budgets: prompt tokens plus the most
 /// it may generate, at the routed model's prices. The prompt is first taken at its free upper
 /// bound; only when that does not fit (near a limit) is it counted exactly, and tried again.
@@ -309,8 +313,20 @@ async fn admit(
     };
     let team = &principal.team;
     let estimate = crate::tokens::estimate_prompt_tokens(body.len());
-    if let Ok(admitted) = gw.budgets.admit(team, &principal.key_id, demand(estimate)) {
-        return Ok(admitted);
+    // Far from every limit, the free estimate is good enough; near one, its slack would refuse
+    // requests that fit (and hold room others could use), so the prompt is counted exactly.
+    let rough = demand(estimate);
+    let room = gw.budgets.room(team, &principal.key_id);
+    let far = room
+        .nusd
+        .is_none_or(|r| rough.nusd <= r / NEAR_LIMIT_FRACTION)
+        && room
+            .tokens
+            .is_none_or(|r| rough.tokens <= r / NEAR_LIMIT_FRACTION);
+    if far {
+        if let Ok(admitted) = gw.budgets.admit(team, &principal.key_id, rough) {
+            return Ok(admitted);
+        }
     }
     let counter = candidate.counter;
     let owned = body.clone();

@@ -270,6 +270,27 @@ impl BudgetBook {
         Ok((reservation, remaining))
     }
 
+    /// Room left before any budget of the team and key is reached (not reserving anything).
+    pub fn room(&self, team: &Team, key_id: &Arc<str>) -> Remaining {
+        let now = self.clock.now_us();
+        let mut room = Remaining::default();
+        for b in &team.budgets {
+            let (start, _) = window::bounds(b.window, now);
+            let counter = self.counter(Self::key_for(team, key_id, b));
+            let mut s = counter.lock();
+            s.roll(start);
+            if let Some(limit) = b.nusd {
+                let left = limit - s.spent.nusd - s.reserved.nusd;
+                room.nusd = Some(room.nusd.map_or(left, |r| r.min(left)));
+            }
+            if let Some(limit) = b.tokens.map(|t| t as i64) {
+                let left = limit - s.spent.tokens - s.reserved.tokens;
+                room.tokens = Some(room.tokens.map_or(left, |r| r.min(left)));
+            }
+        }
+        room
+    }
+
     /// Spend already in the ledger for the window starting at `start_us`.
     pub fn seed(
         &self,

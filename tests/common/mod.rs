@@ -112,6 +112,8 @@ pub struct Harness {
     teams: Vec<(String, String, String)>,
     server: String,
     store: String,
+    clock: Option<std::sync::Arc<dyn tollgate::budget::Clock>>,
+    ledger: Option<std::path::PathBuf>,
 }
 
 /// A fresh directory under the system temp dir, unique to this process and call.
@@ -152,6 +154,18 @@ impl Harness {
         self
     }
 
+    /// Use this ledger file (to restart on the same one) instead of a fresh one.
+    pub fn ledger(mut self, path: &std::path::Path) -> Self {
+        self.ledger = Some(path.to_path_buf());
+        self
+    }
+
+    /// The clock budgets are judged by.
+    pub fn clock(mut self, clock: std::sync::Arc<dyn tollgate::budget::Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
     /// Extra TOML lines for `[store]`.
     pub fn store(mut self, lines: &str) -> Self {
         self.store.push_str(lines);
@@ -166,12 +180,16 @@ impl Harness {
         self
     }
 
-    pub async fn start(self) -> Gateway {
+    pub async fn start(mut self) -> Gateway {
+        let clock = self
+            .clock
+            .take()
+            .unwrap_or_else(|| std::sync::Arc::new(tollgate::budget::SystemClock));
         let (text, sims, env) = self.render().await;
         let cfg = tollgate::config::parse(&text, "test.toml", &|v| env.get(v).cloned())
             .unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
         let bind = || tollgate::server::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
-        let running = app::start_on(cfg, None, bind(), bind())
+        let running = app::start_with_clock(cfg, None, bind(), bind(), clock)
             .await
             .expect("gateway starts");
         Gateway {
@@ -186,7 +204,10 @@ impl Harness {
 
     /// The config text, the simulators it points at, and the environment it needs.
     pub async fn render(self) -> (String, HashMap<String, Sim>, HashMap<String, String>) {
-        let ledger = temp_dir("ledger").join("tollgate.db");
+        let ledger = self
+            .ledger
+            .clone()
+            .unwrap_or_else(|| temp_dir("ledger").join("tollgate.db"));
         let mut text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"sqlite://{}\"\n{}\n",
             self.server,
