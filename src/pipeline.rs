@@ -214,12 +214,17 @@ async fn prepare(
     if !gw.ledger.is_healthy() {
         return Err(GatewayError::LedgerUnavailable);
     }
-    let (budget, remaining) = if principal.team.budgets.is_empty() {
-        (None, None)
+    let (budget, remaining, output_limit) = if principal.team.budgets.is_empty() {
+        (None, None, None)
     } else {
-        let (reservation, remaining) =
+        let (reservation, remaining, output) =
             admit(gw, principal, &candidate, &summary, &body, endpoint).await?;
-        (Some((reservation, gw.budgets.clone())), Some(remaining))
+        let limit = output_limit(&remaining, output, candidate.price.as_deref());
+        (
+            Some((reservation, gw.budgets.clone())),
+            Some(remaining),
+            limit,
+        )
     };
     let backend = &candidate.backend.cfg;
     let mut edits = BodyEdits::default();
@@ -273,11 +278,30 @@ async fn prepare(
         max_response_bytes: server.max_response_bytes,
         strip_usage: ask_usage,
         remaining,
+        output_limit,
     })
 }
 
 /// Output tokens reserved for a request that sets no `max_tokens` on a model with no known cap.
 pub const DEFAULT_OUTPUT_RESERVE: u64 = 4096;
+
+/// Generated tokens a stream may produce before it would run past a hard budget: what it
+/// reserved, plus the room left after its reservation (in tokens, or dollars at the output
+/// price). A stream whose server ignores its cap is ended there.
+fn output_limit(
+    room: &Remaining,
+    reserved: u64,
+    price: Option<&crate::config::prices::Price>,
+) -> Option<u64> {
+    let by_tokens = room.tokens.map(|t| reserved + t.max(0) as u64);
+    let by_usd = match (room.nusd, price) {
+        (Some(n), Some(p)) if p.output > 0.0 => {
+            Some(reserved + (n.max(0) as f64 / (p.output * 1e9)) as u64)
+        }
+        _ => None,
+    };
+    [by_tokens, by_usd].into_iter().flatten().min()
+}
 
 /// A request whose rough worst case is over 1/NEAR_LIMIT_FRACTION of the room left in a budget
 /// is counted exactly before it is admitted.
@@ -293,7 +317,7 @@ async fn admit(
     summary: &openai::RequestSummary<'_>,
     body: &bytes::Bytes,
     endpoint: Endpoint,
-) -> Result<(Reservation, Remaining), GatewayError> {
+) -> Result<(Reservation, Remaining, u64), GatewayError> {
     let output = match endpoint {
         Endpoint::Embeddings => 0,
         _ => summary
@@ -324,8 +348,8 @@ async fn admit(
             .tokens
             .is_none_or(|r| rough.tokens <= r / NEAR_LIMIT_FRACTION);
     if far {
-        if let Ok(admitted) = gw.budgets.admit(team, &principal.key_id, rough) {
-            return Ok(admitted);
+        if let Ok((r, room)) = gw.budgets.admit(team, &principal.key_id, rough) {
+            return Ok((r, room, output));
         }
     }
     let counter = candidate.counter;
@@ -337,7 +361,7 @@ async fn admit(
                 .unwrap_or(estimate)
         })
         .await;
-    gw.budgets.admit(team, &principal.key_id, demand(exact)).map_err(|over| {
+    gw.budgets.admit(team, &principal.key_id, demand(exact)).map(|(r, room)| (r, room, output)).map_err(|over| {
         metrics::counter!(m::BUDGET_REJECTIONS_TOTAL, "team" => over.team.clone(), "window" => over.window.as_str())
             .increment(1);
         GatewayError::OverBudget(Box::new(over))
@@ -357,6 +381,7 @@ struct Exchange {
     strip_usage: bool,
     /// Room left in the team's tightest budgets, counting this request's reservation.
     remaining: Option<Remaining>,
+    output_limit: Option<u64>,
 }
 
 impl Exchange {
@@ -371,6 +396,7 @@ impl Exchange {
             max_response_bytes,
             strip_usage,
             remaining,
+            output_limit,
         } = self;
         let (request_id, started) = {
             let ctx = completion.ctx().expect("not settled yet");
@@ -423,7 +449,8 @@ impl Exchange {
                 completion,
                 cfg.on_disconnect,
                 status,
-            );
+            )
+            .with_output_limit(output_limit);
             return Ok(Response::from_parts(parts, GatewayBody::upstream(body)));
         }
 

@@ -35,6 +35,8 @@ pub enum Status {
     UpstreamError,
     /// The gateway refused it before asking any backend (bad input, unknown model, …).
     Rejected,
+    /// The gateway ended a stream that would have run past its team's hard budget.
+    BudgetCut,
 }
 
 impl Status {
@@ -45,6 +47,7 @@ impl Status {
             Status::UpstreamBroken => "upstream_broken",
             Status::UpstreamError => "upstream_error",
             Status::Rejected => "rejected",
+            Status::BudgetCut => "budget_cut",
         }
     }
 }

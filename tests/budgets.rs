@@ -226,3 +226,54 @@ async fn a_team_without_budgets_is_not_slowed_or_limited() {
     assert_eq!(r.status, 200);
     assert!(!r.headers.contains_key("x-tollgate-budget-remaining-usd"));
 }
+
+#[tokio::test]
+async fn a_stream_that_outgrows_its_reservation_is_ended_cleanly_at_the_hard_limit() {
+    // The model claims a cap of 20 output tokens, but the server streams 64 regardless.
+    let gw = Harness::new()
+        .backend(gpt().model_toml("max_output_tokens = 20").config(|c| {
+            c.completion_tokens = 64;
+            c.token_interval = Duration::from_millis(2);
+        }))
+        .team_toml(
+            "search",
+            SEARCH_KEY,
+            "budgets = [{ window = \"day\", tokens = 60 }]",
+        )
+        .start()
+        .await;
+    // Reserves 20 (prompt) + 20 (cap) of 60: 20 tokens of room remain for the overrun.
+    let r = gw
+        .post("/v1/chat/completions", SEARCH_KEY, chat("chat-large", true))
+        .await;
+    assert_eq!(r.status, 200);
+    let events = r.events();
+    let content = events
+        .iter()
+        .filter(|e| e.contains("\"content\":\" ") || e.contains("\"content\":\"The"))
+        .count();
+    assert_eq!(content, 41, "cut just past the room: {events:?}");
+    let finish: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let text = r.text();
+    let comment = text
+        .lines()
+        .find_map(|l| l.strip_prefix(": tollgate "))
+        .unwrap();
+    assert!(comment.contains(r#""ended_by":"budget""#), "{comment}");
+    gw.wait_ledger_rows("SELECT 1 FROM requests WHERE status = 'budget_cut'", 1)
+        .await;
+    let sim = &gw.sim("gpt").stats;
+    for _ in 0..100 {
+        if sim
+            .streams_cancelled
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the upstream kept generating past the cut");
+}

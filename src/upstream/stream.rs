@@ -13,6 +13,7 @@
 //! ```
 
 use crate::config::OnDisconnect;
+use crate::ctx::Endpoint;
 use crate::error::GatewayError;
 use crate::meter::format_usd;
 use crate::meter::sse::SseObserver;
@@ -53,6 +54,11 @@ pub struct UpstreamBody {
     http_status: u16,
     response_bytes: u64,
     first_token_at: Option<std::time::Instant>,
+    /// Generated tokens (events) the team's hard budget leaves room for; past it, the stream
+    /// is ended cleanly by the gateway.
+    output_limit: Option<u64>,
+    /// What a synthetic final chunk needs: request id, served model, endpoint.
+    who: (String, Arc<str>, Endpoint),
 }
 
 // === impl UpstreamBody ===
@@ -66,10 +72,15 @@ impl UpstreamBody {
         on_disconnect: OnDisconnect,
         http_status: u16,
     ) -> Self {
-        let backend = completion
-            .ctx()
-            .and_then(|c| c.backend.clone())
-            .unwrap_or_else(|| "".into());
+        let ctx = completion.ctx().expect("not settled yet");
+        let backend = ctx.backend.clone().unwrap_or_else(|| "".into());
+        let who = (
+            ctx.id.as_str().to_string(),
+            ctx.served_model
+                .clone()
+                .unwrap_or_else(|| ctx.requested_model.clone()),
+            ctx.endpoint,
+        );
         Self {
             inner: Some(inner),
             timer: Box::pin(tokio::time::sleep(idle)),
@@ -82,7 +93,15 @@ impl UpstreamBody {
             http_status,
             response_bytes: 0,
             first_token_at: None,
+            output_limit: None,
+            who,
         }
+    }
+
+    /// Ends the stream after this many generated tokens (the budget's room).
+    pub fn with_output_limit(mut self, limit: Option<u64>) -> Self {
+        self.output_limit = limit;
+        self
     }
 
     fn outcome(&mut self, status: Status) -> Outcome {
@@ -146,6 +165,27 @@ impl UpstreamBody {
         error: Option<GatewayError>,
     ) -> Bytes {
         let mut out = Vec::with_capacity(160);
+        if status == Status::BudgetCut {
+            // What a model that hit its length limit sends, so clients end the answer normally.
+            let (id, model, endpoint) = &self.who;
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let chunk = match endpoint {
+                Endpoint::ChatCompletions => {
+                    serde_json::json!({"id": id, "object": "chat.completion.chunk",
+                    "created": created, "model": &**model,
+                    "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}]})
+                }
+                _ => {
+                    serde_json::json!({"id": id, "object": "text_completion", "created": created, "model": &**model,
+                    "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}]})
+                }
+            };
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(chunk.to_string().as_bytes());
+            out.extend_from_slice(b"\n\n");
+        }
         let error = match settled {
             Some(s) if s.committed => {
                 let u = s
@@ -159,10 +199,11 @@ impl UpstreamBody {
                 };
                 out.extend_from_slice(
                     format!(
-                        r#"{{"cost_usd":{cost},"prompt_tokens":{},"completion_tokens":{},"token_source":"{}"}}"#,
+                        r#"{{"cost_usd":{cost},"prompt_tokens":{},"completion_tokens":{},"token_source":"{}"{}}}"#,
                         u.prompt,
                         u.completion,
-                        u.source.as_str()
+                        u.source.as_str(),
+                        if status == Status::BudgetCut { r#","ended_by":"budget""# } else { "" }
                     )
                     .as_bytes(),
                 );
@@ -177,7 +218,9 @@ impl UpstreamBody {
                 out.extend_from_slice(&e.body_json());
                 out.extend_from_slice(b"\n\n");
             }
-            None if status == Status::Ok && self.observer.saw_done => {
+            None if status == Status::Ok && self.observer.saw_done
+                || status == Status::BudgetCut =>
+            {
                 out.extend_from_slice(b"data: [DONE]\n\n")
             }
             None => {}
@@ -221,6 +264,18 @@ impl Body for UpstreamBody {
                     let out = this.observer.feed(data);
                     if this.first_token_at.is_none() && this.observer.content_events > 0 {
                         this.first_token_at = Some(std::time::Instant::now());
+                    }
+                    if this
+                        .output_limit
+                        .is_some_and(|l| this.observer.content_events > l)
+                    {
+                        // Past the budget's room: stop the upstream; the events already here
+                        // go out, then the gateway's own ending.
+                        tracing::info!(
+                            backend = &*this.backend,
+                            "stream ended at its team's hard budget"
+                        );
+                        let _partial = this.settle(Status::BudgetCut, None);
                     }
                     match out {
                         Some(b) => return Poll::Ready(Some(Ok(Frame::data(b)))),
@@ -269,6 +324,8 @@ impl Drop for UpstreamBody {
                     http_status: self.http_status,
                     response_bytes: self.response_bytes,
                     first_token_at: self.first_token_at,
+                    output_limit: None,
+                    who: self.who.clone(),
                 };
                 rt.spawn(async move {
                     // Read to the end for the provider's own usage; what is read goes nowhere.

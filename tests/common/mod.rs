@@ -76,6 +76,13 @@ impl Backend {
         self
     }
 
+    /// Extra fields for the model's inline table, e.g. `max_output_tokens = 20`.
+    pub fn model_toml(mut self, fields: &str) -> Self {
+        self.model_extra.push_str(", ");
+        self.model_extra.push_str(fields);
+        self
+    }
+
     pub fn region(mut self, r: &str) -> Self {
         self.region = Some(r.into());
         self
