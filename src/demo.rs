@@ -170,7 +170,10 @@ fn request_for(team: &str, i: usize) -> (&'static str, String) {
     match (team, i % 4) {
         ("search", 0 | 1) => ("/v1/chat/completions", chat("chat-small", true)),
         ("search", _) => ("/v1/chat/completions", chat("chat-small", false)),
-        ("support", _) => ("/v1/chat/completions", chat("chat-small", i.is_multiple_of(2))),
+        ("support", _) => (
+            "/v1/chat/completions",
+            chat("chat-small", i.is_multiple_of(2)),
+        ),
         (_, 0) => (
             "/v1/embeddings",
             serde_json::json!({"model": "embed", "input": prompt}).to_string(),

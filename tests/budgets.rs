@@ -277,3 +277,46 @@ async fn a_stream_that_outgrows_its_reservation_is_ended_cleanly_at_the_hard_lim
     }
     panic!("the upstream kept generating past the cut");
 }
+
+#[tokio::test]
+async fn a_reload_changes_limits_without_losing_spend() {
+    let (text, _sims, env) = Harness::new()
+        .backend(gpt())
+        .team_toml(
+            "search",
+            SEARCH_KEY,
+            "budgets = [{ window = \"day\", tokens = 100 }]",
+        )
+        .render()
+        .await;
+    assert!(env.is_empty());
+    let path = temp_dir("budget-reload").join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let cfg = tollgate::config::load(&path, &|_| None).unwrap();
+    let bind = || tollgate::server::bind("127.0.0.1:0".parse().unwrap(), 64).unwrap();
+    let running = tollgate::app::start_on(cfg, Some(path.clone()), bind(), bind())
+        .await
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let send = || {
+        client.request(
+            http::Request::post(format!("http://{}/v1/chat/completions", running.addr))
+                .header("authorization", format!("Bearer {SEARCH_KEY}"))
+                .body(http_body_util::Full::<bytes::Bytes>::from(request(10)))
+                .unwrap(),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(send().await.unwrap().status(), 200);
+    }
+    assert_eq!(send().await.unwrap().status(), 429, "87 of 100 spent");
+    std::fs::write(&path, text.replace("tokens = 100", "tokens = 200")).unwrap();
+    running.admin.reload().unwrap();
+    // The 87 tokens already spent still count against the new limit.
+    for _ in 0..3 {
+        assert_eq!(send().await.unwrap().status(), 200);
+    }
+    assert_eq!(send().await.unwrap().status(), 429, "174 of 200 spent");
+    running.shutdown().await;
+}
