@@ -300,6 +300,7 @@ impl BudgetBook {
         start_us: i64,
         spent: Demand,
     ) {
+        let team_wide = key_id.is_none();
         let counter = self.counter(CounterKey {
             team: team.clone(),
             key_id,
@@ -310,6 +311,10 @@ impl BudgetBook {
         if s.start_us == start_us {
             s.spent.nusd += spent.nusd;
             s.spent.tokens += spent.tokens;
+        }
+        if team_wide {
+            metrics::gauge!(crate::metrics::BUDGET_SPENT_USD, "team" => team.clone(), "window" => window.as_str())
+                .set(s.spent.nusd as f64 / 1e9);
         }
     }
 
