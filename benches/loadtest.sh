@@ -160,7 +160,7 @@ EOF
 GW_PID=$!; PIDS+=("$GW_PID")
 
 for p in "$SIM_PORT" "$SLOW_PORT" "$NGINX_PORT" "$NGINX_SLOW_PORT" "$GW_PORT"; do wait_port "$p"; done
-NGINX_WORKERS=($(pgrep -P "$NGINX_PID"))
+mapfile -t NGINX_WORKERS < <(pgrep -P "$NGINX_PID")
 log "sim $SIM_PID, sim-paced $SLOW_PID, nginx $NGINX_PID (workers ${NGINX_WORKERS[*]}), gateway $GW_PID"
 AUTH=(-H "authorization: Bearer $KEY")
 
@@ -309,21 +309,21 @@ R[gateway.rss_end]=$(rss_kib "$GW_PID")
 # requests at 100 req/s (the hand-overs behind the added latency show here).
 if [ "${STRACE:-1}" = 1 ]; then
     strace_run() { # TARGET KEY LOADGEN-ARGS…: prints "TARGET KEY SYSCALL CALLS-PER-REQUEST" rows
-        local t=$1 key=$2 f=$WORK/strace-$1-$2.txt args=() p line n
+        local t=$1 key=$2 summary=$WORK/strace-$1-$2.txt args=() p line n
         shift 2
         for p in $(proc_pids "$t"); do args+=(-p "$p"); done
-        strace -c -f -o "$f" "${args[@]}" 2>/dev/null &
+        strace -c -f -o "$summary" "${args[@]}" 2>/dev/null &
         local st=$!
         sleep 1
         line=$(loadgen --url "${URL[$t]}" "${AUTH[@]}" --label "$t/strace-$key" "$@")
         kill -INT "$st"; wait "$st" 2>/dev/null || true
         echo "$line" >>"$OUT/raw.jsonl"
         n=$(jget "$line" requests)
-        cp "$f" "$OUT/strace-$t-$key.txt"
+        cp "$summary" "$OUT/strace-$t-$key.txt"
         awk -v n="$n" -v t="$t" -v k="$key" '
             $NF ~ /^(write|writev|sendto|sendmsg|read|readv|recvfrom|recvmsg|epoll_wait|epoll_pwait|epoll_ctl|futex|sched_yield)$/ {
                 printf "%s %s %s %.1f\n", t, k, $NF, $4 / n
-            }' "$f"
+            }' "$summary"
         log "$t/strace-$key: $n requests; summary in bench-out/strace-$t-$key.txt"
     }
     if strace -o /dev/null true 2>/dev/null; then

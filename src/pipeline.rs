@@ -422,6 +422,7 @@ impl Exchange {
             }
         };
 
+        let (upstream, mut driver) = upstream;
         let (mut parts, incoming) = upstream.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(
@@ -450,14 +451,25 @@ impl Exchange {
                 cfg.on_disconnect,
                 status,
             )
-            .with_output_limit(output_limit);
+            .with_output_limit(output_limit)
+            .with_driver(driver);
             return Ok(Response::from_parts(parts, GatewayBody::upstream(body)));
         }
 
         // A JSON answer (or an upstream error) is read whole: its usage decides the headers.
         let deadline = tokio::time::Instant::from_std(started + request_timeout);
-        let bytes = match read_response(incoming, max_response_bytes, deadline).await {
-            Ok(b) => b,
+        let read = read_response(incoming, max_response_bytes, deadline);
+        let read = match driver.as_mut() {
+            Some(d) => d.drive(read).await,
+            None => read.await,
+        };
+        let bytes = match read {
+            Ok(b) => {
+                if let Some(d) = driver.take() {
+                    d.release();
+                }
+                b
+            }
             Err(e) => {
                 let backend = candidate.backend.cfg.name.clone();
                 let (kind, err) = match e {

@@ -117,7 +117,7 @@ async fn chat_stream_passes_events_through_as_they_are_generated() {
     );
 
     let rest = body.collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&rest);
+    let text = String::from_utf8_lossy(&first) + String::from_utf8_lossy(&rest);
     let events: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))

@@ -230,3 +230,67 @@ async fn an_idle_keep_alive_connection_is_closed() {
     let rest = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf)).await;
     assert!(rest.is_ok(), "idle keep-alive connection still open");
 }
+
+#[tokio::test]
+async fn events_that_arrive_together_leave_in_one_write() {
+    // Unpaced: the simulator writes 64 events as fast as it can, so they reach the gateway
+    // many to a read; they should reach the client many to a chunk.
+    let gw = Harness::new()
+        .backend(
+            Backend::sim("llama", "m")
+                .alias("chat-small")
+                .config(|c| c.completion_tokens = 64),
+        )
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    let resp = gw
+        .open("/v1/chat/completions", SEARCH_KEY, chat("chat-small", true))
+        .await;
+    let mut body = resp.into_body();
+    let (mut frames, mut events) = (0, 0);
+    while let Some(f) = body.frame().await {
+        if let Ok(data) = f.unwrap().into_data() {
+            frames += 1;
+            events += String::from_utf8_lossy(&data).matches("data: ").count();
+        }
+    }
+    assert!(events >= 66, "{events} events");
+    assert!(frames * 4 <= events, "{frames} writes for {events} events");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_is_not_an_error() {
+    let gw = Harness::new()
+        .backend(Backend::sim("llama", "m").alias("chat-small"))
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    assert_eq!(
+        gw.post(
+            "/v1/chat/completions",
+            SEARCH_KEY,
+            chat("chat-small", false)
+        )
+        .await
+        .status,
+        200
+    );
+    // The backend restarts on the same port: the gateway's idle connection to it is dead.
+    let mut gw = gw;
+    let sim = gw.sims.remove("llama").unwrap();
+    let addr = sim.addr;
+    sim.stop().await;
+    let listener = tollgate::server::bind(addr, 64).unwrap();
+    let _sim = tollgate::sim::Sim::start(listener, tollgate::sim::SimConfig::default());
+    for _ in 0..3 {
+        let r = gw
+            .post(
+                "/v1/chat/completions",
+                SEARCH_KEY,
+                chat("chat-small", false),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}

@@ -12,6 +12,7 @@ use crate::config::Backend;
 use crate::error::GatewayError;
 use crate::tokens::{Counter, Encoding};
 use crate::upstream::client::UpstreamClient;
+use crate::upstream::h1::H1Pool;
 use health::BackendState;
 use http::HeaderValue;
 use std::collections::{BTreeSet, HashMap};
@@ -22,6 +23,8 @@ use std::sync::Arc;
 pub struct RouteBackend {
     pub cfg: Arc<Backend>,
     pub client: UpstreamClient,
+    /// Task-driven HTTP/1.1 connections, for plain-`http://` backends (see `upstream::h1`).
+    pub h1: Option<Arc<H1Pool>>,
     /// Outlives config reloads (carried over by name), so health and load are not forgotten.
     pub state: Arc<BackendState>,
     /// `x-tollgate-backend`, made once rather than per response.
@@ -31,9 +34,11 @@ pub struct RouteBackend {
 impl RouteBackend {
     pub fn new(cfg: Arc<Backend>, client: UpstreamClient, state: Arc<BackendState>) -> Self {
         let name_header = header_value(&cfg.name);
+        let h1 = H1Pool::for_base_url(&cfg.base_url, cfg.connect_timeout);
         Self {
             cfg,
             client,
+            h1,
             state,
             name_header,
         }

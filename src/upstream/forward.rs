@@ -6,6 +6,7 @@
 
 use crate::error::GatewayError;
 use crate::route::Candidate;
+use crate::upstream::h1::Driver;
 use crate::upstream::headers;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
@@ -16,6 +17,9 @@ use std::time::Duration;
 /// How long a backend that refused a connection is passed over.
 const DOWN_AFTER_CONNECT_ERROR: Duration = Duration::from_secs(5);
 
+/// Sends one request to one backend, up to its response headers. For a plain-`http://`
+/// backend the response comes with the [`Driver`] of its connection, which whoever reads the
+/// body must poll (see `upstream::h1`).
 pub async fn send(
     candidate: &Candidate,
     path: &str,
@@ -23,7 +27,7 @@ pub async fn send(
     body: Bytes,
     request_id: &HeaderValue,
     timeout: Duration,
-) -> Result<Response<Incoming>, GatewayError> {
+) -> Result<(Response<Incoming>, Option<Driver>), GatewayError> {
     let backend = &candidate.backend;
     let cfg = &backend.cfg;
     headers::to_upstream(
@@ -31,37 +35,61 @@ pub async fn send(
         cfg.api_key.as_ref().map(|k| k.expose()),
         request_id,
     );
-    let uri = format!("{}{}", cfg.base_url, path);
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(uri)
-        .body(Full::new(body))
-        .map_err(|_| GatewayError::UpstreamFailed {
-            backend: cfg.name.clone(),
-        })?;
-    *req.headers_mut() = headers;
+    let failed = || GatewayError::UpstreamFailed {
+        backend: cfg.name.clone(),
+    };
 
-    match tokio::time::timeout(timeout, backend.client.request(req)).await {
-        Ok(Ok(resp)) => {
-            backend.state.mark_up();
-            Ok(resp)
+    let result = match &backend.h1 {
+        Some(pool) => {
+            // Origin-form target and a Host header, as a client speaking to a server sends.
+            let mut req = Request::builder()
+                .method(Method::POST)
+                .uri(format!("{}{}", pool_prefix(&cfg.base_url), path))
+                .body(Full::new(body))
+                .map_err(|_| failed())?;
+            *req.headers_mut() = headers;
+            if let Ok(host) = HeaderValue::from_str(pool.authority()) {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
+            match tokio::time::timeout(timeout, pool.send(req)).await {
+                Ok(Ok((resp, driver))) => Ok(Ok((resp, Some(driver)))),
+                Ok(Err(e)) => Ok(Err((e.is_connect(), e.to_string()))),
+                Err(_) => Err(()),
+            }
         }
-        Ok(Err(e)) if e.is_connect() => {
-            tracing::warn!(backend = &*cfg.name, error = %e, "upstream connect failed");
+        None => {
+            let mut req = Request::builder()
+                .method(Method::POST)
+                .uri(format!("{}{}", cfg.base_url, path))
+                .body(Full::new(body))
+                .map_err(|_| failed())?;
+            *req.headers_mut() = headers;
+            match tokio::time::timeout(timeout, backend.client.request(req)).await {
+                Ok(Ok(resp)) => Ok(Ok((resp, None))),
+                Ok(Err(e)) => Ok(Err((e.is_connect(), e.to_string()))),
+                Err(_) => Err(()),
+            }
+        }
+    };
+    match result {
+        Ok(Ok(ok)) => {
+            backend.state.mark_up();
+            Ok(ok)
+        }
+        Ok(Err((true, error))) => {
+            tracing::warn!(backend = &*cfg.name, %error, "upstream connect failed");
             backend.state.mark_down(DOWN_AFTER_CONNECT_ERROR);
             count_error(&cfg.name, "connect");
             Err(GatewayError::UpstreamConnect {
                 backend: cfg.name.clone(),
             })
         }
-        Ok(Err(e)) => {
-            tracing::warn!(backend = &*cfg.name, error = %e, "upstream request failed");
+        Ok(Err((false, error))) => {
+            tracing::warn!(backend = &*cfg.name, %error, "upstream request failed");
             count_error(&cfg.name, "request");
-            Err(GatewayError::UpstreamFailed {
-                backend: cfg.name.clone(),
-            })
+            Err(failed())
         }
-        Err(_) => {
+        Err(()) => {
             tracing::warn!(
                 backend = &*cfg.name,
                 ?timeout,
@@ -73,6 +101,12 @@ pub async fn send(
             })
         }
     }
+}
+
+/// The path prefix of a base URL (`http://host:port/prefix` -> `/prefix`).
+fn pool_prefix(base_url: &str) -> &str {
+    let rest = base_url.split_once("://").map_or(base_url, |(_, r)| r);
+    rest.find('/').map_or("", |i| &rest[i..])
 }
 
 pub fn count_error(backend: &std::sync::Arc<str>, kind: &'static str) {

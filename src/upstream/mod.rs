@@ -2,5 +2,6 @@
 
 pub mod client;
 pub mod forward;
+pub mod h1;
 pub mod headers;
 pub mod stream;

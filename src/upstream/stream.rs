@@ -18,7 +18,8 @@ use crate::error::GatewayError;
 use crate::meter::format_usd;
 use crate::meter::sse::SseObserver;
 use crate::record::{Completion, Generated, Outcome, Settled, Status};
-use bytes::Bytes;
+use crate::upstream::h1::Driver;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
@@ -59,6 +60,8 @@ pub struct UpstreamBody {
     output_limit: Option<u64>,
     /// What a synthetic final chunk needs: request id, served model, endpoint.
     who: (String, Arc<str>, Endpoint),
+    /// The connection to poll alongside the body (plain-http backends; see `upstream::h1`).
+    driver: Option<Driver>,
 }
 
 // === impl UpstreamBody ===
@@ -95,7 +98,13 @@ impl UpstreamBody {
             first_token_at: None,
             output_limit: None,
             who,
+            driver: None,
         }
+    }
+
+    pub fn with_driver(mut self, driver: Option<Driver>) -> Self {
+        self.driver = driver;
+        self
     }
 
     /// Ends the stream after this many generated tokens (the budget's room).
@@ -126,6 +135,8 @@ impl UpstreamBody {
     fn settle(&mut self, status: Status, error: Option<GatewayError>) -> Option<Bytes> {
         let leftover = self.observer.finish();
         self.inner = None;
+        // A connection left mid-body cannot be reused: closing it stops the backend.
+        self.driver = None;
         let outcome = self.outcome(status);
         let rx = self
             .completion
@@ -238,9 +249,14 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        // Events already here leave together, in one write; none waits for a later one.
+        let mut batch = Batch::default();
         loop {
             match &mut this.state {
-                State::Done => return Poll::Ready(None),
+                _ if batch.len() >= MAX_BATCH_BYTES => return batch.ready(),
+                State::Done if batch.is_empty() => return Poll::Ready(None),
+                State::Settling { .. } | State::Done if !batch.is_empty() => return batch.ready(),
+                State::Done => unreachable!("handled above"),
                 State::Settling { rx, status, error } => {
                     let settled = match Pin::new(rx).poll(cx) {
                         Poll::Pending => return Poll::Pending,
@@ -253,6 +269,9 @@ impl Body for UpstreamBody {
                 }
                 State::Streaming => {}
             }
+            if let Some(d) = this.driver.as_mut() {
+                let _ = d.poll_io(cx);
+            }
             let inner = this.inner.as_mut().expect("streaming has an upstream");
             let leftover = match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -261,7 +280,9 @@ impl Body for UpstreamBody {
                     };
                     this.response_bytes += data.len() as u64;
                     this.timer.as_mut().reset(Instant::now() + this.idle);
-                    let out = this.observer.feed(data);
+                    if let Some(out) = this.observer.feed(data) {
+                        batch.push(out);
+                    }
                     if this.first_token_at.is_none() && this.observer.content_events > 0 {
                         this.first_token_at = Some(std::time::Instant::now());
                     }
@@ -277,20 +298,23 @@ impl Body for UpstreamBody {
                         );
                         let _partial = this.settle(Status::BudgetCut, None);
                     }
-                    match out {
-                        Some(b) => return Poll::Ready(Some(Ok(Frame::data(b)))),
-                        None => continue,
-                    }
+                    continue;
                 }
                 Poll::Ready(Some(Err(e))) => this.broken(BodyError::Upstream(e)),
-                Poll::Ready(None) => this.settle(Status::Ok, None),
+                Poll::Ready(None) => {
+                    if let Some(d) = this.driver.take() {
+                        d.release();
+                    }
+                    this.settle(Status::Ok, None)
+                }
+                Poll::Pending if !batch.is_empty() => return batch.ready(),
                 Poll::Pending => match this.timer.as_mut().poll(cx) {
                     Poll::Ready(()) => this.broken(BodyError::Timeout),
                     Poll::Pending => return Poll::Pending,
                 },
             };
             if let Some(b) = leftover {
-                return Poll::Ready(Some(Ok(Frame::data(b))));
+                batch.push(b);
             }
         }
     }
@@ -301,6 +325,51 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+/// A batch larger than this goes out without waiting for more ready events.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+/// Event bytes gathered for one write: the first frame as it came, copied only if a second
+/// one joins it.
+#[derive(Default)]
+struct Batch {
+    first: Option<Bytes>,
+    more: Option<BytesMut>,
+}
+
+impl Batch {
+    fn push(&mut self, b: Bytes) {
+        match (&self.first, &mut self.more) {
+            (None, _) => self.first = Some(b),
+            (Some(_), Some(m)) => m.extend_from_slice(&b),
+            (Some(f), None) => {
+                let mut m = BytesMut::with_capacity((f.len() + b.len()) * 4);
+                m.extend_from_slice(f);
+                m.extend_from_slice(&b);
+                self.more = Some(m);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.more
+            .as_ref()
+            .map_or_else(|| self.first.as_ref().map_or(0, Bytes::len), BytesMut::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn ready(self) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let bytes = match (self.first, self.more) {
+            (_, Some(m)) => m.freeze(),
+            (Some(f), None) => f,
+            (None, None) => return Poll::Ready(None),
+        };
+        Poll::Ready(Some(Ok(Frame::data(bytes))))
     }
 }
 
@@ -326,14 +395,21 @@ impl Drop for UpstreamBody {
                     first_token_at: self.first_token_at,
                     output_limit: None,
                     who: self.who.clone(),
+                    driver: self.driver.take(),
                 };
                 rt.spawn(async move {
                     // Read to the end for the provider's own usage; what is read goes nowhere.
-                    let inner = drain.inner.as_mut().expect("just set");
                     loop {
+                        let (inner, driver) =
+                            (drain.inner.as_mut().expect("just set"), &mut drain.driver);
                         let next = tokio::time::timeout(
                             drain.idle,
-                            std::future::poll_fn(|cx| Pin::new(&mut *inner).poll_frame(cx)),
+                            std::future::poll_fn(|cx| {
+                                if let Some(d) = driver.as_mut() {
+                                    let _ = d.poll_io(cx);
+                                }
+                                Pin::new(&mut *inner).poll_frame(cx)
+                            }),
                         )
                         .await;
                         match next {
