@@ -2,16 +2,21 @@
 # The load test of docs/PERFORMANCE.md: the simulator direct, nginx in front of it, and the
 # gateway in front of it, measured in one run on loopback.
 #
-#   bash benches/loadtest.sh            # ~5 minutes; results in bench-out/results.md
+#   bash benches/loadtest.sh            # 4-8 minutes; results in bench-out/results.md
 #
-# Environment knobs: DURATION (seconds per measurement, default 10), WARMUP (default 2),
-# QUIET_WAIT (seconds the script may wait, in all, for other processes to leave the CPUs),
-# SKIP_BUILD=1 (use the binaries in target/release), BIN=DIR (use tollgate and
-# tollgate-loadgen from DIR, e.g. a build of a given commit; implies SKIP_BUILD), STRACE=0 (skip the syscall counts),
-# PIN=1 (pin the load generator to the last CPU with taskset; off by default, see
-# docs/PERFORMANCE.md), NICE (niceness of every process started here: default -10 as root,
-# so a build running beside the test takes less from it, equally for all three), PORT_BASE
-# (default 18000), KEEP_WORK=1 (keep the temp dir: configs, bodies, logs).
+# Environment knobs:
+#   DURATION    seconds per measurement (default 10); WARMUP (default 2)
+#   QUIET_WAIT  seconds the script may wait, in all, for other processes to leave the CPUs
+#               (default 180); runs during which others took > 0.1 core are repeated, then marked
+#   SKIP_BUILD=1  use the binaries in target/release
+#   BIN=DIR     use tollgate and tollgate-loadgen from DIR (say, a build of a given commit)
+#   STRACE=0    skip the syscall counts
+#   PIN=1       pin the load generator to the last CPU with taskset (off by default, see
+#               docs/PERFORMANCE.md)
+#   NICE        niceness of every process started here: -10 by default as root, so a build
+#               running beside the test takes less from it, equally for all three targets
+#   PORT_BASE   ports used: PORT_BASE+1, +2, +80, +82, +90, +91 (default 18000)
+#   KEEP_WORK=1 keep the temp dir (configs, bodies, logs)
 #
 # What runs:
 #   sim        tollgate simulate, unpaced (--token-ms 0), 64 tokens an answer
@@ -19,7 +24,7 @@
 #   nginx      plain reverse proxy to both (benches/nginx.conf.template), own prefix dir
 #   gateway    tollgate serve, one backend per simulator, one team key
 #   loadgen    target/release/tollgate-loadgen (benches/loadgen.rs)
-# Every process is started here, in the foreground of its own job, and stopped by its pid.
+# Every process is started by this script as a background job and stopped by its pid on exit.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -245,7 +250,20 @@ measure() {
 : >"$OUT/raw.jsonl"
 
 # --- 1. memory with 256 open streams, on a fresh gateway -----------------------------------
-R[gateway.rss_idle]=$(rss_kib "$GW_PID")
+# The gateway may still be building things at start (tokenizer tables, say): idle means
+# after its RSS has stopped moving (two samples 0.5 s apart within 1 %, 15 s at most).
+rss_steady() {
+    local a b
+    a=$(rss_kib "$1")
+    for _ in $(seq 30); do
+        sleep 0.5
+        b=$(rss_kib "$1")
+        if ((b * 100 <= a * 101 && a * 100 <= b * 101)); then break; fi
+        a=$b
+    done
+    echo "$b"
+}
+R[gateway.rss_idle]=$(rss_steady "$GW_PID")
 hold_rss() { # TARGET: R[TARGET.rss_hold] = RSS (KiB) of the proxy while 256 paced streams are open
     local t=$1 err=$WORK/hold-$1.err line rss=0 p
     : >"$err"

@@ -7,17 +7,17 @@
 //! event not yet complete wait here, which is what lets an event be dropped or rewritten.
 //! A frame made of whole events that need no change is forwarded as the same `Bytes`.
 //!
-//! Events are scanned, not parsed: only the one that carries `usage` is parsed. The others are
-//! kept as raw bytes and parsed for their text only if the stream ends without usage.
+//! Events are scanned, not parsed: only the one that carries `usage` is parsed. From the others
+//! only the generated text is kept (the string values of `content`, `text`, `arguments`,
+//! `reasoning_content`), a few bytes a token, for a local count if usage never comes.
 
 use super::{usage_of, Usage};
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
-use serde::Deserialize;
 use std::borrow::Cow;
 
-/// Event data kept for a local count, at most; past it, bytes are counted instead.
-const MAX_KEPT: usize = 8 << 20;
+/// Generated text kept for a local count, at most; past it, bytes are counted instead.
+const MAX_KEPT: usize = 4 << 20;
 
 #[derive(Debug, Default)]
 pub struct SseObserver {
@@ -25,51 +25,13 @@ pub struct SseObserver {
     /// The gateway added `stream_options.include_usage`; the client must not see its effects.
     strip_usage: bool,
     pub usage: Option<Usage>,
-    /// Data of the JSON events, one per line, parsed for their text only if usage never comes.
-    kept: Vec<u8>,
-    /// Data bytes beyond [`MAX_KEPT`].
+    /// Generated text, for a local count if usage never comes.
+    text: String,
+    /// Text bytes beyond [`MAX_KEPT`].
     overflow_bytes: u64,
     /// Events that carried generated text (for the time to first token).
     pub content_events: u64,
     pub saw_done: bool,
-}
-
-#[derive(Deserialize)]
-struct Chunk<'a> {
-    #[serde(default, borrow)]
-    choices: Vec<Choice<'a>>,
-}
-
-#[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(borrow)]
-    delta: Option<Delta<'a>>,
-    #[serde(borrow)]
-    text: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow)]
-    content: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    reasoning_content: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    tool_calls: Vec<ToolCall<'a>>,
-}
-
-#[derive(Deserialize)]
-struct ToolCall<'a> {
-    #[serde(borrow)]
-    function: Option<Function<'a>>,
-}
-
-#[derive(Deserialize)]
-struct Function<'a> {
-    #[serde(borrow)]
-    name: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    arguments: Option<Cow<'a, str>>,
 }
 
 enum Verdict {
@@ -163,13 +125,26 @@ impl SseObserver {
                 self.usage = Some(u);
             }
         }
-        if self.kept.len() + data.len() < MAX_KEPT {
-            self.kept.extend_from_slice(&data);
-            self.kept.push(b'\n');
-        } else {
-            self.overflow_bytes += data.len() as u64;
+        let mut carried = false;
+        for key in TEXT_KEYS {
+            for at in memmem::find_iter(&data, key) {
+                // The key's value starts at its opening quote (the last byte of the key).
+                let start = at + key.len() - 1;
+                let Some(value) = json_string(&data[start..]) else {
+                    continue;
+                };
+                if value.is_empty() {
+                    continue;
+                }
+                carried = true;
+                if self.text.len() + value.len() <= MAX_KEPT {
+                    self.text.push_str(&value);
+                } else {
+                    self.overflow_bytes += value.len() as u64;
+                }
+            }
         }
-        if carries_text(&data) {
+        if carried {
             self.content_events += 1;
         }
         if self.strip_usage {
@@ -182,38 +157,31 @@ impl SseObserver {
     }
 
     /// The text the stream generated (content, reasoning, tool calls), for a local count,
-    /// and the bytes past what was kept. Parses the kept events: only called without usage.
+    /// and the bytes past what was kept.
     pub fn generated(&self) -> (String, u64) {
-        let mut text = String::new();
-        for line in self.kept.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(line) else {
-                continue;
-            };
-            for c in chunk.choices {
-                text.extend(c.text.as_deref());
-                if let Some(d) = c.delta {
-                    text.extend(d.content.as_deref());
-                    text.extend(d.reasoning_content.as_deref());
-                    for f in d.tool_calls.into_iter().filter_map(|t| t.function) {
-                        text.extend(f.name.as_deref());
-                        text.extend(f.arguments.as_deref());
-                    }
-                }
-            }
-        }
-        (text, self.overflow_bytes)
+        (self.text.clone(), self.overflow_bytes)
     }
 }
 
-/// Whether an event's JSON carries generated text, by its bytes: a non-empty `content`,
-/// `text` or tool-call `arguments` string.
-fn carries_text(data: &[u8]) -> bool {
-    [&b"\"content\":\""[..], b"\"text\":\"", b"\"arguments\":\""]
-        .iter()
-        .any(|key| {
-            memmem::find_iter(data, key)
-                .any(|at| data.get(at + key.len()).is_some_and(|&c| c != b'"'))
-        })
+/// Keys whose string values are generated text, quote included.
+const TEXT_KEYS: [&[u8]; 4] = [
+    b"\"content\":\"",
+    b"\"text\":\"",
+    b"\"arguments\":\"",
+    b"\"reasoning_content\":\"",
+];
+
+/// The JSON string literal at the start of `b` (which begins with `"`), decoded.
+fn json_string(b: &[u8]) -> Option<Cow<'_, str>> {
+    let mut i = 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return serde_json::from_slice(&b[..=i]).ok(),
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// Length of the prefix made of complete events (ending in a blank line).
@@ -333,6 +301,14 @@ mod tests {
         assert_eq!(o.feed(Bytes::from(last)).unwrap(), last);
         assert_eq!(o.usage.unwrap().prompt, 3);
         assert_eq!(o.generated().0, "!");
+    }
+
+    #[test]
+    fn escaped_text_is_decoded_for_the_local_count() {
+        let mut o = SseObserver::new(false);
+        o.feed(Bytes::from(r#"data: {"choices":[{"delta":{"content":"say \"hi\"\n","tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]}}]}"#.to_string() + "\n\n"));
+        assert_eq!(o.generated().0, "say \"hi\"\n{\"a\":1}");
+        assert_eq!(o.content_events, 1);
     }
 
     #[test]
