@@ -93,7 +93,22 @@ pub async fn start_with_clock(
     let budgets = Arc::new(BudgetBook::new(clock));
     seed_budgets(&budgets, &ledger, &config)?;
     // Loading the encoders takes a moment; do it now, not on the first request to need them.
-    let _ = tokio::task::spawn_blocking(Tokenizers::shared).await;
+    let encodings: std::collections::BTreeSet<_> = config
+        .backends
+        .iter()
+        .flat_map(|b| {
+            b.models
+                .iter()
+                .map(|m| crate::tokens::Encoding::for_model(&m.name).encoding)
+        })
+        .collect();
+    let _ = tokio::task::spawn_blocking(move || {
+        let tok = Tokenizers::shared();
+        for enc in encodings {
+            tok.load(enc);
+        }
+    })
+    .await;
     let opts = ServeOptions {
         header_read_timeout: config.server.header_read_timeout,
         shutdown_grace: config.server.shutdown_grace,

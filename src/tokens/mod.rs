@@ -21,7 +21,7 @@ pub const INLINE_COUNT_MAX_BYTES: usize = 1024;
 /// Large counts in parallel at most: each occupies a core.
 const BLOCKING_COUNTS: usize = 2;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Encoding {
     O200kBase,
     Cl100kBase,
@@ -138,8 +138,9 @@ impl Counter {
 
 /// The encoders, built once (a few hundred milliseconds) and shared.
 pub struct Tokenizers {
-    o200k: CoreBPE,
-    cl100k: CoreBPE,
+    // Each encoding costs tens of MiB resident: loaded when a configured model needs it.
+    o200k: OnceLock<CoreBPE>,
+    cl100k: OnceLock<CoreBPE>,
     blocking: Semaphore,
 }
 
@@ -150,26 +151,34 @@ impl std::fmt::Debug for Tokenizers {
 }
 
 impl Tokenizers {
-    /// The process-wide encoders; the first call loads them.
+    /// The process-wide encoders (each loaded on first use; see [`Tokenizers::load`]).
     pub fn shared() -> Arc<Tokenizers> {
         static SHARED: OnceLock<Arc<Tokenizers>> = OnceLock::new();
         SHARED
             .get_or_init(|| {
                 Arc::new(Tokenizers {
-                    o200k: tiktoken_rs::o200k_base()
-                        .expect("the o200k_base ranks ship with tiktoken-rs"),
-                    cl100k: tiktoken_rs::cl100k_base()
-                        .expect("the cl100k_base ranks ship with tiktoken-rs"),
+                    o200k: OnceLock::new(),
+                    cl100k: OnceLock::new(),
                     blocking: Semaphore::new(BLOCKING_COUNTS),
                 })
             })
             .clone()
     }
 
+    /// Loads an encoding now (a few hundred milliseconds), so that no request pays for it:
+    /// the gateway loads, at start and on reload, those its configured models use.
+    pub fn load(&self, enc: Encoding) {
+        let _ = self.bpe(enc);
+    }
+
     fn bpe(&self, enc: Encoding) -> &CoreBPE {
         match enc {
-            Encoding::O200kBase => &self.o200k,
-            Encoding::Cl100kBase => &self.cl100k,
+            Encoding::O200kBase => self.o200k.get_or_init(|| {
+                tiktoken_rs::o200k_base().expect("the o200k_base ranks ship with tiktoken-rs")
+            }),
+            Encoding::Cl100kBase => self.cl100k.get_or_init(|| {
+                tiktoken_rs::cl100k_base().expect("the cl100k_base ranks ship with tiktoken-rs")
+            }),
         }
     }
 
