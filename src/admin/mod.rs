@@ -166,6 +166,21 @@ impl Admin {
                 "listen addresses changed in the config; they take effect at the next restart"
             );
         }
+        // Encodings new models need load off the runtime, before most requests need them.
+        let encodings: Vec<_> = config
+            .backends
+            .iter()
+            .flat_map(|b| {
+                b.models
+                    .iter()
+                    .map(|m| crate::tokens::Encoding::for_model(&m.name).encoding)
+            })
+            .collect();
+        std::thread::spawn(move || {
+            encodings
+                .into_iter()
+                .for_each(|e| crate::tokens::Tokenizers::shared().load(e))
+        });
         self.live
             .store(Arc::new(LiveState::build(config, Some(&old))));
         tracing::info!(path = %path.display(), "config reloaded");
