@@ -339,7 +339,7 @@ if [ "${STRACE:-1}" = 1 ]; then
         n=$(jget "$line" requests)
         cp "$summary" "$OUT/strace-$t-$key.txt"
         awk -v n="$n" -v t="$t" -v k="$key" '
-            $NF ~ /^(write|writev|sendto|sendmsg|read|readv|recvfrom|recvmsg|epoll_wait|epoll_pwait|epoll_ctl|futex|sched_yield)$/ {
+            $NF ~ /^(write|writev|pwrite64|sendto|sendmsg|read|readv|pread64|recvfrom|recvmsg|epoll_wait|epoll_pwait|epoll_ctl|futex|sched_yield|fcntl|fsync|fdatasync|statx)$/ {
                 printf "%s %s %s %.1f\n", t, k, $NF, $4 / n
             }' "$summary"
         log "$t/strace-$key: $n requests; summary in bench-out/strace-$t-$key.txt"

@@ -161,7 +161,7 @@ fn request_for(team: &str, i: usize) -> (&'static str, String) {
     let prompt = format!("Request {i} from {team}: summarise why metering inference matters.");
     let chat = |model: &str, stream: bool| {
         serde_json::json!({
-            "model": model, "stream": stream,
+            "model": model, "stream": stream, "max_tokens": 64,
             "stream_options": if stream { serde_json::json!({"include_usage": true}) } else { serde_json::Value::Null },
             "messages": [{"role": "user", "content": prompt}],
         })
@@ -283,6 +283,7 @@ fn print_summary(results: &[Outcome], elapsed: Duration) {
     struct Row {
         requests: usize,
         ok: usize,
+        over_budget: usize,
         prompt: u64,
         completion: u64,
         latencies: Vec<Duration>,
@@ -292,26 +293,31 @@ fn print_summary(results: &[Outcome], elapsed: Duration) {
         let row = rows.entry((r.team, &r.model, &r.backend)).or_default();
         row.requests += 1;
         row.ok += usize::from(r.status == 200);
+        row.over_budget += usize::from(r.status == 429);
         row.prompt += r.prompt_tokens;
         row.completion += r.completion_tokens;
         row.latencies.push(r.latency);
     }
     println!(
-        "{:<10} {:<12} {:<14} {:>5} {:>5} {:>8} {:>8} {:>9}",
-        "team", "model", "backend", "reqs", "ok", "prompt", "complet.", "p50 ms"
+        "{:<10} {:<12} {:<14} {:>5} {:>5} {:>5} {:>8} {:>8} {:>9}",
+        "team", "model", "backend", "reqs", "ok", "429", "prompt", "complet.", "p50 ms"
     );
     for ((team, model, backend), mut row) in rows {
         row.latencies.sort();
         let p50 = row.latencies[row.latencies.len() / 2].as_secs_f64() * 1e3;
         println!(
-            "{team:<10} {model:<12} {backend:<14} {:>5} {:>5} {:>8} {:>8} {p50:>9.1}",
-            row.requests, row.ok, row.prompt, row.completion
+            "{team:<10} {model:<12} {backend:<14} {:>5} {:>5} {:>5} {:>8} {:>8} {p50:>9.1}",
+            row.requests, row.ok, row.over_budget, row.prompt, row.completion
         );
     }
     let ok = results.iter().filter(|r| r.status == 200).count();
+    let over = results.iter().filter(|r| r.status == 429).count();
     println!(
         "\n{ok}/{} requests answered in {:.1}s.",
         results.len(),
         elapsed.as_secs_f64()
     );
+    if over > 0 {
+        println!("{over} refused with 429: research's budget of $0.004 a minute (config/demo.toml) ran out.");
+    }
 }

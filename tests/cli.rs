@@ -93,7 +93,9 @@ fn key_new_prints_a_key_and_its_hash() {
 
 #[test]
 fn demo_runs_end_to_end() {
+    // Its own directory: the demo's ledger (data/demo.db), and so its budgets, start empty.
     let out = tollgate()
+        .current_dir(temp_dir("demo"))
         .args(["demo", "--requests-per-team", "8"])
         .output()
         .unwrap();
