@@ -55,6 +55,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Another load test (or anything else) on our ports would make every figure wrong.
+for p in "$SIM_PORT" "$SLOW_PORT" "$NGINX_PORT" "$NGINX_SLOW_PORT" "$GW_PORT" "$GW_ADMIN_PORT"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        log "port $p is taken (another load test running?); set PORT_BASE or wait"
+        exit 1
+    fi
+done
+
 # --- tools -------------------------------------------------------------------------------
 need_apt=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
