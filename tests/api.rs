@@ -82,10 +82,11 @@ async fn a_concrete_model_name_is_forwarded_unchanged() {
 #[tokio::test]
 async fn chat_stream_passes_events_through_as_they_are_generated() {
     let gw = Harness::new()
-        .backend(Backend::sim("llama", "m").alias("chat-small").config(|c| {
-            c.token_interval = Duration::from_millis(40);
-            c.completion_tokens = 10;
-        }))
+        .backend(
+            Backend::sim("llama", "m")
+                .alias("chat-small")
+                .paced(Duration::from_millis(40), 10),
+        )
         .team("search", SEARCH_KEY)
         .start()
         .await;

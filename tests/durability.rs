@@ -19,10 +19,7 @@ async fn every_completed_response_survives_sigkill() {
             Backend::sim("llama", "llama-3.1-8b")
                 .alias("chat-small")
                 .price(0.2, 0.2)
-                .config(|c| {
-                    c.token_interval = Duration::from_millis(1);
-                    c.completion_tokens = 8;
-                }),
+                .paced(Duration::from_millis(1), 8),
         )
         .team("search", SEARCH_KEY)
         .render()

@@ -284,10 +284,7 @@ async fn a_slow_stream_within_the_idle_timeout_is_not_cut() {
             Backend::sim("llama", "m")
                 .alias("chat-small")
                 .toml("stream_idle_timeout_s = 5")
-                .config(|c| {
-                    c.token_interval = Duration::from_secs(2);
-                    c.completion_tokens = 20;
-                }),
+                .paced(Duration::from_secs(2), 20),
         )
         .team("search", SEARCH_KEY)
         .server("request_timeout_s = 10")
@@ -302,10 +299,11 @@ async fn a_slow_stream_within_the_idle_timeout_is_not_cut() {
 #[tokio::test]
 async fn past_the_in_flight_limit_requests_are_shed_with_503() {
     let gw = Harness::new()
-        .backend(Backend::sim("llama", "m").alias("chat-small").config(|c| {
-            c.token_interval = Duration::from_millis(50);
-            c.completion_tokens = 20;
-        }))
+        .backend(
+            Backend::sim("llama", "m")
+                .alias("chat-small")
+                .paced(Duration::from_millis(50), 20),
+        )
         .team("search", SEARCH_KEY)
         .server("max_in_flight = 1")
         .start()

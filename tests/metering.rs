@@ -329,22 +329,18 @@ async fn an_unpriced_model_is_served_flagged_and_never_priced_at_zero() {
     assert_eq!(report[0]["unpriced_requests"], 1);
 }
 
-fn paced(b: Backend, tokens: u32) -> Backend {
-    b.config(|c| {
-        c.token_interval = Duration::from_millis(15);
-        c.completion_tokens = tokens;
-    })
-}
+/// 15 ms between tokens: slow enough for a client to leave mid-stream.
+const PACE: Duration = Duration::from_millis(15);
 
 #[tokio::test]
 async fn a_client_leaving_a_self_hosted_stream_cancels_it_and_is_billed_for_what_was_generated() {
     let gw = Harness::new()
-        .backend(paced(
+        .backend(
             Backend::sim("llama", "llama-3.1-8b")
                 .alias("chat-small")
-                .price(0.2, 0.2),
-            200,
-        ))
+                .price(0.2, 0.2)
+                .paced(PACE, 200),
+        )
         .team("search", SEARCH_KEY)
         .start()
         .await;
@@ -390,7 +386,7 @@ async fn a_client_leaving_a_self_hosted_stream_cancels_it_and_is_billed_for_what
 #[tokio::test]
 async fn a_client_leaving_a_commercial_stream_is_drained_for_the_providers_usage() {
     let gw = Harness::new()
-        .backend(paced(priced().toml("on_disconnect = \"drain\""), 40))
+        .backend(priced().toml("on_disconnect = \"drain\"").paced(PACE, 40))
         .team("search", SEARCH_KEY)
         .start()
         .await;

@@ -88,10 +88,11 @@ async fn hop_by_hop_headers_do_not_cross() {
 #[tokio::test]
 async fn a_client_that_disconnects_cancels_the_upstream_stream() {
     let gw = Harness::new()
-        .backend(Backend::sim("llama", "m").alias("chat-small").config(|c| {
-            c.token_interval = Duration::from_millis(20);
-            c.completion_tokens = 500;
-        }))
+        .backend(
+            Backend::sim("llama", "m")
+                .alias("chat-small")
+                .paced(Duration::from_millis(20), 500),
+        )
         .team("search", SEARCH_KEY)
         .start()
         .await;
@@ -177,10 +178,11 @@ async fn a_burst_of_new_connections_is_accepted_without_syn_retries() {
 #[tokio::test]
 async fn shutdown_finishes_in_flight_streams_then_stops_accepting() {
     let mut gw = Harness::new()
-        .backend(Backend::sim("llama", "m").alias("chat-small").config(|c| {
-            c.token_interval = Duration::from_millis(20);
-            c.completion_tokens = 25;
-        }))
+        .backend(
+            Backend::sim("llama", "m")
+                .alias("chat-small")
+                .paced(Duration::from_millis(20), 25),
+        )
         .team("search", SEARCH_KEY)
         .start()
         .await;

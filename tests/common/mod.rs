@@ -76,6 +76,14 @@ impl Backend {
         self
     }
 
+    /// Token-by-token timing: `tokens` per answer, one every `interval`.
+    pub fn paced(self, interval: std::time::Duration, tokens: u32) -> Self {
+        self.config(|c| {
+            c.token_interval = interval;
+            c.completion_tokens = tokens;
+        })
+    }
+
     /// Extra fields for the model's inline table, e.g. `max_output_tokens = 20`.
     pub fn model_toml(mut self, fields: &str) -> Self {
         self.model_extra.push_str(", ");
