@@ -48,6 +48,9 @@ pub struct Running {
 
 /// Binds the configured addresses and starts serving.
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
+    // Before binding: a port that accepts before the gateway can answer leaves the first
+    // clients waiting in the backlog.
+    load_encodings(&config).await;
     let bind = |addr: SocketAddr| {
         server::bind(addr, config.server.listen_backlog)
             .map_err(|source| StartError::Bind { addr, source })
@@ -93,22 +96,7 @@ pub async fn start_with_clock(
     let budgets = Arc::new(BudgetBook::new(clock));
     seed_budgets(&budgets, &ledger, &config)?;
     // Loading the encoders takes a moment; do it now, not on the first request to need them.
-    let encodings: std::collections::BTreeSet<_> = config
-        .backends
-        .iter()
-        .flat_map(|b| {
-            b.models
-                .iter()
-                .map(|m| crate::tokens::Encoding::for_model(&m.name).encoding)
-        })
-        .collect();
-    let _ = tokio::task::spawn_blocking(move || {
-        let tok = Tokenizers::shared();
-        for enc in encodings {
-            tok.load(enc);
-        }
-    })
-    .await;
+    load_encodings(&config).await;
     let opts = ServeOptions {
         header_read_timeout: config.server.header_read_timeout,
         shutdown_grace: config.server.shutdown_grace,
@@ -248,6 +236,27 @@ fn seed_budgets(book: &BudgetBook, ledger: &Ledger, config: &Config) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Builds the token encoders the configured models need (a few hundred milliseconds each),
+/// off the runtime; already built ones cost nothing.
+async fn load_encodings(config: &Config) {
+    let encodings: std::collections::BTreeSet<_> = config
+        .backends
+        .iter()
+        .flat_map(|b| {
+            b.models
+                .iter()
+                .map(|m| crate::tokens::Encoding::for_model(&m.name).encoding)
+        })
+        .collect();
+    let _ = tokio::task::spawn_blocking(move || {
+        let tok = Tokenizers::shared();
+        for enc in encodings {
+            tok.load(enc);
+        }
+    })
+    .await;
 }
 
 /// Resolves on ctrl-c or SIGTERM.
