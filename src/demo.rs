@@ -97,7 +97,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
-    let since_us = now_us();
+    let since_us = crate::budget::unix_now_us();
     let results = drive_traffic(gw.addr, opts.requests_per_team).await;
     print_summary(&results, started.elapsed());
     print_cost_report(&gw, since_us).await?;
@@ -247,13 +247,6 @@ async fn send(
         o.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
     }
     o
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 /// The ledger's view of this run: what each team spent, on which model and backend.

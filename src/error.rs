@@ -73,6 +73,15 @@ fn over_budget_message(o: &crate::budget::OverBudget) -> String {
     )
 }
 
+/// At most `max` characters of caller-chosen text, for messages and records: what a client
+/// sends is echoed back or stored only in bounded form.
+pub fn prefix_chars(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
 impl GatewayError {
     /// The only place that maps errors to status codes; no `_` arm, so a new variant must decide.
     pub fn status(&self) -> StatusCode {

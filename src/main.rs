@@ -188,9 +188,7 @@ fn report(
         .ledger_url
         .strip_prefix("sqlite://")
         .context("only sqlite:// ledgers are supported so far")?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_micros() as i64;
+    let now = tollgate::budget::unix_now_us();
     let dims = Dim::parse_list(by)?;
     let from = since.map(|s| report::parse_time(&s, now)).transpose()?;
     let to = until.map(|s| report::parse_time(&s, now)).transpose()?;

@@ -129,7 +129,11 @@ async fn dispatch(
                 path: path.to_string(),
             })
         }
-        (_, path) => return Err(GatewayError::UnknownPath(truncate(path, 200))),
+        (_, path) => {
+            return Err(GatewayError::UnknownPath(
+                crate::error::prefix_chars(path, 200).to_string(),
+            ))
+        }
     };
     proxy(gw, live, endpoint, req, id, started).await
 }
@@ -207,7 +211,8 @@ async fn prepare(
         summary.metadata.as_ref(),
         summary.user.as_deref(),
     )?;
-    seen.tags = tags.clone();
+    // Kept in `seen` until the request is sure to be sent: a refusal records them.
+    seen.tags = tags;
 
     let candidate = live.router.resolve(&summary.model, principal)?;
     // A request that could not be recorded must not be served.
@@ -245,7 +250,7 @@ async fn prepare(
         started,
         endpoint,
         principal: principal.clone(),
-        tags,
+        tags: std::mem::take(&mut seen.tags),
         requested_model,
         stream: summary.stream,
         body: body.clone(),
@@ -611,12 +616,5 @@ async fn read_response(
         Ok(Ok(c)) => Ok(c.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
         Ok(Err(_)) => Err(ReadError::Body),
-    }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
     }
 }

@@ -19,7 +19,7 @@ use crate::metrics as m;
 use crate::route::health::InFlight;
 use crate::tokens::{count_chat_prompt, ChatPrompt, Tokenizers};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::sync::oneshot;
 
 /// How a request ended, in the ledger's `status` column.
@@ -249,14 +249,14 @@ impl Settle {
         record_metrics(
             &team,
             &model,
-            backend.as_deref().unwrap_or(""),
+            backend.as_ref(),
             o,
             &usage,
             priced || !billable,
             ctx,
         );
 
-        let ended_at_us = now_us();
+        let ended_at_us = crate::budget::unix_now_us();
         let latency = this.ended.duration_since(ctx.started);
         let record = Record {
             id: ctx.id.as_str().to_string(),
@@ -315,7 +315,7 @@ pub fn rejected(
     tags: &crate::tags::Tags,
     error: &crate::error::GatewayError,
 ) -> Record {
-    let ended_at_us = now_us();
+    let ended_at_us = crate::budget::unix_now_us();
     let latency = started.elapsed();
     Record {
         id: id.as_str().to_string(),
@@ -326,7 +326,10 @@ pub fn rejected(
         tags: serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()),
         endpoint: endpoint.path(),
         // Caller-chosen text: bounded, so refused requests cannot fill the disk.
-        requested_model: requested_model.map_or_else(|| "".into(), |m| truncate(&m, 200)),
+        requested_model: requested_model.map_or_else(
+            || "".into(),
+            |m| Arc::from(crate::error::prefix_chars(&m, 200)),
+        ),
         backend: None,
         served_model: None,
         prompt_tokens: None,
@@ -344,13 +347,6 @@ pub fn rejected(
         latency_ms: latency.as_secs_f64() * 1e3,
         ttft_ms: None,
         stream: false,
-    }
-}
-
-fn truncate(s: &Arc<str>, max: usize) -> Arc<str> {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => Arc::from(&s[..i]),
-        None => s.clone(),
     }
 }
 
@@ -377,7 +373,7 @@ fn local_usage(ctx: &RequestCtx, generated: Option<&Generated>) -> Usage {
 fn record_metrics(
     team: &Arc<str>,
     model: &Arc<str>,
-    backend: &str,
+    backend: Option<&Arc<str>>,
     o: &Outcome,
     usage: &Usage,
     priced: bool,
@@ -388,7 +384,10 @@ fn record_metrics(
         vec![
             label("team", team.clone().into()),
             label("model", model.clone().into()),
-            label("backend", backend.to_string().into()),
+            label(
+                "backend",
+                backend.map_or_else(|| "".into(), |b| b.clone().into()),
+            ),
         ]
     };
     let mut with_status = base();
@@ -404,11 +403,4 @@ fn record_metrics(
     if !priced && o.status == Status::Ok {
         metrics::counter!(m::UNPRICED_REQUESTS_TOTAL, base()).increment(1);
     }
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }

@@ -120,10 +120,7 @@ fn bad(param: &'static str, message: String) -> GatewayError {
 }
 
 fn truncate(s: &str) -> &str {
-    match s.char_indices().nth(MAX_KEY_LEN) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
+    crate::error::prefix_chars(s, MAX_KEY_LEN)
 }
 
 #[cfg(test)]

@@ -49,10 +49,7 @@ impl Admin {
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| percent_decode(v))
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
-            .unwrap_or(0);
+        let now = crate::budget::unix_now_us();
         let parsed = (|| -> Result<_, report::ReportError> {
             let by = report::Dim::parse_list(&param("group_by").unwrap_or_else(|| "team".into()))?;
             let from = param("from")

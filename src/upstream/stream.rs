@@ -179,9 +179,7 @@ impl UpstreamBody {
         if status == Status::BudgetCut {
             // What a model that hit its length limit sends, so clients end the answer normally.
             let (id, model, endpoint) = &self.who;
-            let created = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let created = crate::budget::unix_now_us() / 1_000_000;
             let chunk = match endpoint {
                 Endpoint::ChatCompletions => {
                     serde_json::json!({"id": id, "object": "chat.completion.chunk",
