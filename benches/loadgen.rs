@@ -264,6 +264,33 @@ async fn exchange(
     })
 }
 
+/// One request on a kept-alive connection, connecting (again) when there is none. A server
+/// that closed the connection cleanly (say, `connection: close` after its last request) is
+/// no error; a connection that failed is dropped.
+async fn exchange_keepalive(
+    t: &Target,
+    conn: &mut Option<SendRequest<Full<Bytes>>>,
+) -> anyhow::Result<Outcome> {
+    if conn.as_ref().is_some_and(|c| c.is_closed()) {
+        *conn = None;
+    }
+    let outcome = match conn.as_mut() {
+        Some(c) => exchange(t, c, false).await,
+        None => match connect(t).await {
+            Ok(mut c) => {
+                let o = exchange(t, &mut c, false).await;
+                *conn = Some(c);
+                o
+            }
+            Err(e) => Err(e),
+        },
+    };
+    if outcome.is_err() {
+        *conn = None;
+    }
+    outcome
+}
+
 fn record(tally: &mut Tally, t: &Target, outcome: &anyhow::Result<Outcome>, took: Duration) {
     tally.latencies_us.push(took.as_micros() as u64);
     match outcome {
@@ -352,25 +379,7 @@ async fn closed_loop(args: &Args, t: Arc<Target>) -> anyhow::Result<String> {
             let mut conn: Option<SendRequest<Full<Bytes>>> = None;
             while Instant::now() < end {
                 let sent = Instant::now();
-                // A server that closed the connection cleanly (say, `connection: close`
-                // after its last request) is no error: connect again.
-                if conn.as_ref().is_some_and(|c| c.is_closed()) {
-                    conn = None;
-                }
-                let outcome = match conn.as_mut() {
-                    Some(c) => exchange(&t, c, false).await,
-                    None => match connect(&t).await {
-                        Ok(mut c) => {
-                            let o = exchange(&t, &mut c, false).await;
-                            conn = Some(c);
-                            o
-                        }
-                        Err(e) => Err(e),
-                    },
-                };
-                if outcome.is_err() {
-                    conn = None;
-                }
+                let outcome = exchange_keepalive(&t, &mut conn).await;
                 let failed = outcome.is_err();
                 record(&mut tally, &t, &outcome, sent.elapsed());
                 if failed {
@@ -423,25 +432,7 @@ async fn open_loop(args: &Args, t: Arc<Target>, rate: f64) -> anyhow::Result<Str
                 }
                 let sent = Instant::now();
                 let from = if was_idle { sent } else { scheduled };
-                // A server that closed the connection cleanly (say, `connection: close`
-                // after its last request) is no error: connect again.
-                if conn.as_ref().is_some_and(|c| c.is_closed()) {
-                    conn = None;
-                }
-                let outcome = match conn.as_mut() {
-                    Some(c) => exchange(&t, c, false).await,
-                    None => match connect(&t).await {
-                        Ok(mut c) => {
-                            let o = exchange(&t, &mut c, false).await;
-                            conn = Some(c);
-                            o
-                        }
-                        Err(e) => Err(e),
-                    },
-                };
-                if outcome.is_err() {
-                    conn = None;
-                }
+                let outcome = exchange_keepalive(&t, &mut conn).await;
                 record(&mut tally, &t, &outcome, from.elapsed());
                 i += n as u64;
             }
