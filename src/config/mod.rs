@@ -9,7 +9,8 @@ mod validate;
 
 pub use validate::{
     load, parse, parse_key_hash, process_env, validate, Backend, BackendModel, Budget, Config,
-    ConfigError, ConfigErrors, GpuCost, Hosting, OnDisconnect, Protocol, Server, Team, Window,
+    ConfigError, ConfigErrors, Features, GpuCost, HealthCheck, Hosting, OnDisconnect, Protocol,
+    Routing, SelfHostedCost, Server, Team, Window,
 };
 
 use serde::Deserialize;
@@ -29,6 +30,14 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT_S: f64 = 120.0;
 pub const DEFAULT_POOL_IDLE_TIMEOUT_S: f64 = 90.0;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_EXPECTED_OUTPUT_TOKENS: u64 = 256;
+pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
+pub const DEFAULT_CIRCUIT_OPEN_S: f64 = 10.0;
+pub const DEFAULT_HEALTH_PATH: &str = "/v1/models";
+pub const DEFAULT_HEALTH_INTERVAL_S: f64 = 5.0;
+pub const DEFAULT_HEALTH_TIMEOUT_S: f64 = 2.0;
+/// How long a backend that answered 429 without `Retry-After` is passed over.
+pub const DEFAULT_BUSY_S: f64 = 1.0;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +127,13 @@ pub struct RawRouting {
     pub self_hosted_cost: String,
     /// Backends tried for one request, first included.
     pub max_attempts: u32,
+    /// Output tokens a request is expected to generate when ranking backends by cost; a
+    /// request's own lower `max_tokens` wins.
+    pub expected_output_tokens: u64,
+    /// Consecutive failures (5xx, timeouts, broken connections) that open a backend's circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit keeps a backend out before one probe request is let through.
+    pub circuit_open_s: f64,
 }
 
 impl Default for RawRouting {
@@ -125,6 +141,9 @@ impl Default for RawRouting {
         Self {
             self_hosted_cost: "marginal".into(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            expected_output_tokens: DEFAULT_EXPECTED_OUTPUT_TOKENS,
+            circuit_failures: DEFAULT_CIRCUIT_FAILURES,
+            circuit_open_s: DEFAULT_CIRCUIT_OPEN_S,
         }
     }
 }
@@ -157,7 +176,32 @@ pub struct RawBackend {
     /// Ask for `stream_options.include_usage` on streams (the server supports it).
     #[serde(default = "yes")]
     pub stream_usage: bool,
+    /// Active health probe; on by default for self-hosted backends only.
+    pub health_check: Option<RawHealthCheck>,
     pub models: Vec<RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// `GET` path answered with a 2xx by a healthy server (`/v1/models`, `/health`).
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Seconds between probes; 0 turns probing off.
+    #[serde(default = "default_health_interval")]
+    pub interval_s: f64,
+    #[serde(default = "default_health_timeout")]
+    pub timeout_s: f64,
+}
+
+fn default_health_path() -> String {
+    DEFAULT_HEALTH_PATH.into()
+}
+fn default_health_interval() -> f64 {
+    DEFAULT_HEALTH_INTERVAL_S
+}
+fn default_health_timeout() -> f64 {
+    DEFAULT_HEALTH_TIMEOUT_S
 }
 
 fn default_protocol() -> String {
@@ -194,8 +238,9 @@ pub struct RawModel {
     pub aliases: Vec<String>,
     pub context_window: Option<u64>,
     pub max_output_tokens: Option<u64>,
-    #[serde(default)]
-    pub features: Vec<String>,
+    /// `tools`, `vision`, `json`: what the model supports. Absent means not declared, and
+    /// then requests are not filtered on features.
+    pub features: Option<Vec<String>>,
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
     pub cached_input_usd_per_mtok: Option<f64>,

@@ -17,8 +17,7 @@ pub struct Config {
     pub ledger_url: String,
     pub ledger_fsync: bool,
     pub budget_store: String,
-    pub self_hosted_cost: String,
-    pub max_attempts: u32,
+    pub routing: Routing,
     pub backends: Vec<Arc<Backend>>,
     pub teams: Vec<Arc<Team>>,
     pub tag_labels: Vec<String>,
@@ -41,6 +40,97 @@ pub struct Server {
     pub listen_backlog: u32,
     pub shutdown_grace: Duration,
     pub max_response_bytes: u64,
+}
+
+#[derive(Debug)]
+pub struct Routing {
+    pub self_hosted_cost: SelfHostedCost,
+    pub max_attempts: u32,
+    pub expected_output_tokens: u64,
+    pub circuit_failures: u32,
+    pub circuit_open: Duration,
+}
+
+/// What routing counts for a self-hosted backend with spare capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelfHostedCost {
+    /// Paid-for capacity is free until it is saturated: the baseline stays on owned GPUs.
+    Marginal,
+    /// Its rate card price, compared like any other.
+    RateCard,
+}
+
+impl SelfHostedCost {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SelfHostedCost::Marginal => "marginal",
+            SelfHostedCost::RateCard => "rate_card",
+        }
+    }
+}
+
+/// What a model can do, as declared in config; what a request needs, as parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Features(u8);
+
+impl Features {
+    pub const NONE: Features = Features(0);
+    pub const TOOLS: Features = Features(1);
+    pub const VISION: Features = Features(2);
+    pub const JSON: Features = Features(4);
+    /// Every feature: a model that declares none is not filtered on them.
+    pub const ALL: Features = Features(7);
+    const NAMES: [(Features, &'static str); 3] = [
+        (Features::TOOLS, "tools"),
+        (Features::VISION, "vision"),
+        (Features::JSON, "json"),
+    ];
+
+    pub fn from_name(name: &str) -> Option<Features> {
+        Self::NAMES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(f, _)| *f)
+    }
+
+    pub fn with(self, other: Features) -> Features {
+        Features(self.0 | other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The features of `self` that `supported` lacks.
+    pub fn missing_from(self, supported: Features) -> Features {
+        Features(self.0 & !supported.0)
+    }
+
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMES
+            .iter()
+            .filter(move |(f, _)| self.0 & f.0 != 0)
+            .map(|(_, n)| *n)
+    }
+}
+
+impl fmt::Display for Features {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, n) in self.names().enumerate() {
+            if i > 0 {
+                f.write_str("+")?;
+            }
+            f.write_str(n)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +214,8 @@ pub struct Backend {
     pub stream_idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub stream_usage: bool,
+    /// `None`: not probed (passive health only).
+    pub health_check: Option<HealthCheck>,
     pub models: Vec<BackendModel>,
 }
 
@@ -133,7 +225,7 @@ pub struct BackendModel {
     pub aliases: Vec<Arc<str>>,
     pub context_window: Option<u64>,
     pub max_output_tokens: Option<u64>,
-    pub features: Vec<String>,
+    pub features: Features,
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
     pub cached_input_usd_per_mtok: Option<f64>,
@@ -334,21 +426,30 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
             format!("must be `local` or redis://…, got `{}`", raw.store.budgets),
         );
     }
-    if !matches!(
-        raw.routing.self_hosted_cost.as_str(),
-        "marginal" | "rate_card"
-    ) {
-        c.err(
-            "routing.self_hosted_cost",
-            format!(
-                "must be `marginal` or `rate_card`, got `{}`",
-                raw.routing.self_hosted_cost
-            ),
-        );
-    }
+    let self_hosted_cost = match raw.routing.self_hosted_cost.as_str() {
+        "marginal" => SelfHostedCost::Marginal,
+        "rate_card" => SelfHostedCost::RateCard,
+        other => {
+            c.err(
+                "routing.self_hosted_cost",
+                format!("must be `marginal` or `rate_card`, got `{other}`"),
+            );
+            SelfHostedCost::Marginal
+        }
+    };
     if raw.routing.max_attempts == 0 {
         c.err("routing.max_attempts", "must be >= 1");
     }
+    if raw.routing.circuit_failures == 0 {
+        c.err("routing.circuit_failures", "must be >= 1");
+    }
+    let routing = Routing {
+        self_hosted_cost,
+        max_attempts: raw.routing.max_attempts,
+        expected_output_tokens: raw.routing.expected_output_tokens,
+        circuit_failures: raw.routing.circuit_failures,
+        circuit_open: c.seconds("routing.circuit_open_s", raw.routing.circuit_open_s),
+    };
 
     let mut backend_names = HashSet::new();
     let mut backends = Vec::with_capacity(raw.backend.len());
@@ -461,6 +562,30 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
             &format!("{p}.pool_idle_timeout_s"),
             b.pool_idle_timeout_s.unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT_S),
         );
+        let health_check = match b.health_check {
+            // Self-hosted servers are probed by default: they are the ones that go away
+            // (a restarted vLLM, a preempted GPU node) and come back.
+            None if hosting == Hosting::SelfHosted => Some(HealthCheck {
+                path: DEFAULT_HEALTH_PATH.into(),
+                interval: Duration::from_secs_f64(DEFAULT_HEALTH_INTERVAL_S),
+                timeout: Duration::from_secs_f64(DEFAULT_HEALTH_TIMEOUT_S),
+            }),
+            None => None,
+            Some(h) if h.interval_s == 0.0 => None,
+            Some(h) => {
+                if !h.path.starts_with('/') || h.path.parse::<http::Uri>().is_err() {
+                    c.err(
+                        format!("{p}.health_check.path"),
+                        format!("must be a path starting with /, got `{}`", h.path),
+                    );
+                }
+                Some(HealthCheck {
+                    path: h.path,
+                    interval: c.seconds(&format!("{p}.health_check.interval_s"), h.interval_s),
+                    timeout: c.seconds(&format!("{p}.health_check.timeout_s"), h.timeout_s),
+                })
+            }
+        };
         if b.models.is_empty() {
             c.err(format!("{p}.models"), "must list at least one model");
         }
@@ -487,14 +612,21 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
                 if m.max_output_tokens == Some(0) {
                     c.err(format!("{mp}.max_output_tokens"), "must be > 0");
                 }
-                for (k, f) in m.features.iter().enumerate() {
-                    if !matches!(f.as_str(), "tools" | "vision" | "json") {
-                        c.err(
-                            format!("{mp}.features[{k}]"),
-                            format!("must be one of tools, vision, json; got `{f}`"),
-                        );
-                    }
-                }
+                let features = match &m.features {
+                    None => Features::ALL,
+                    Some(list) => list.iter().enumerate().fold(Features::NONE, |acc, (k, f)| {
+                        match Features::from_name(f) {
+                            Some(one) => acc.with(one),
+                            None => {
+                                c.err(
+                                    format!("{mp}.features[{k}]"),
+                                    format!("must be one of tools, vision, json; got `{f}`"),
+                                );
+                                acc
+                            }
+                        }
+                    }),
+                };
                 c.non_negative(&format!("{mp}.input_usd_per_mtok"), m.input_usd_per_mtok);
                 c.non_negative(&format!("{mp}.output_usd_per_mtok"), m.output_usd_per_mtok);
                 c.non_negative(
@@ -506,7 +638,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
                     aliases: m.aliases.into_iter().map(Arc::from).collect(),
                     context_window: m.context_window,
                     max_output_tokens: m.max_output_tokens,
-                    features: m.features,
+                    features,
                     input_usd_per_mtok: m.input_usd_per_mtok,
                     output_usd_per_mtok: m.output_usd_per_mtok,
                     cached_input_usd_per_mtok: m.cached_input_usd_per_mtok,
@@ -528,6 +660,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
             stream_idle_timeout,
             pool_idle_timeout,
             stream_usage: b.stream_usage,
+            health_check,
             models,
         }));
     }
@@ -626,8 +759,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
             ledger_url: raw.store.ledger,
             ledger_fsync: raw.store.fsync,
             budget_store: raw.store.budgets,
-            self_hosted_cost: raw.routing.self_hosted_cost,
-            max_attempts: raw.routing.max_attempts,
+            routing,
             backends,
             teams,
             tag_labels: raw.metrics.tag_labels,
