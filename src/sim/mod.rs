@@ -15,9 +15,10 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stream::{SimBody, TokenStream};
@@ -72,6 +73,10 @@ pub struct Knobs {
     pub usage_mode: AtomicU8,
     /// Prompt tokens reported as served from the provider's cache.
     pub cached_tokens: AtomicU32,
+    /// `Retry-After` seconds sent with a `fail_status` of 429; 0 sends the default, 2.
+    pub retry_after_s: AtomicU32,
+    /// Crashed: streams break at their next token and new requests lose their connection.
+    pub killed: AtomicBool,
 }
 
 pub const USAGE_NORMAL: u8 = 0;
@@ -157,20 +162,40 @@ impl Sim {
         format!("http://{}", self.addr)
     }
 
+    /// Starts on a given address: a restarted server comes back where it was.
+    pub async fn spawn_at(addr: SocketAddr, cfg: SimConfig) -> std::io::Result<Sim> {
+        Ok(Self::start(server::bind(addr, 4096)?, cfg))
+    }
+
     /// Stops accepting and closes connections (after a one-second grace).
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+    }
+
+    /// Dies like a crashed server: streams in progress break, requests in progress lose their
+    /// connection, and the port refuses connections.
+    pub async fn kill(self) {
+        self.knobs.killed.store(true, Ordering::Relaxed);
+        self.stop().await;
     }
 }
 
 async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
-) -> Result<Response<SimBody>, Infallible> {
-    state.stats.requests.fetch_add(1, Ordering::Relaxed);
-    *state.stats.last_headers.lock().unwrap() = Some(req.headers().clone());
-    Ok(respond(&state, req).await.unwrap_or_else(|e| e))
+) -> Result<Response<SimBody>, std::io::Error> {
+    // Inference requests only: health probes would make counts depend on timing.
+    if req.method() == Method::POST {
+        state.stats.requests.fetch_add(1, Ordering::Relaxed);
+        *state.stats.last_headers.lock().unwrap() = Some(req.headers().clone());
+    }
+    let resp = respond(&state, req).await.unwrap_or_else(|e| e);
+    if state.knobs.killed.load(Ordering::Relaxed) {
+        // An error from the service makes hyper drop the connection without an answer.
+        return Err(std::io::Error::other("simulated crash"));
+    }
+    Ok(resp)
 }
 
 type Reply = Result<Response<SimBody>, Response<SimBody>>;
@@ -265,8 +290,12 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
                 None,
             );
             if status == StatusCode::TOO_MANY_REQUESTS {
+                let secs = match state.knobs.retry_after_s.load(Ordering::Relaxed) {
+                    0 => 2,
+                    s => s,
+                };
                 resp.headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("2"));
+                    .insert(RETRY_AFTER, HeaderValue::from(secs));
             }
             return Err(resp);
         }

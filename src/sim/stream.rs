@@ -169,6 +169,7 @@ pub struct Streaming {
     ttft: Duration,
     interval: Duration,
     break_after: u32,
+    knobs: Arc<Knobs>,
     stall: (u32, Duration),
     slot: Option<Slot>,
     stats: Arc<Stats>,
@@ -185,7 +186,7 @@ impl SimBody {
         SimBody::Full(Some(b))
     }
 
-    pub fn stream(gen: TokenStream, cfg: &SimConfig, knobs: &Knobs, slot: Slot) -> Self {
+    pub fn stream(gen: TokenStream, cfg: &SimConfig, knobs: &Arc<Knobs>, slot: Slot) -> Self {
         let stats = slot.stats.clone();
         SimBody::Stream(Box::new(Streaming {
             gen,
@@ -194,6 +195,7 @@ impl SimBody {
             ttft: cfg.time_to_first_token,
             interval: cfg.token_interval,
             break_after: knobs.break_after_tokens.load(Ordering::Relaxed),
+            knobs: knobs.clone(),
             stall: (
                 knobs.stall_before_token.load(Ordering::Relaxed),
                 Duration::from_millis(knobs.stall_ms.load(Ordering::Relaxed)),
@@ -247,7 +249,9 @@ impl Streaming {
                     }
                 }
                 Step::Token(i) => {
-                    if self.break_after > 0 && i >= self.break_after {
+                    if (self.break_after > 0 && i >= self.break_after)
+                        || self.knobs.killed.load(Ordering::Relaxed)
+                    {
                         self.step = Step::End;
                         return Poll::Ready(Some(Err(std::io::Error::other(
                             "simulated crash mid-stream",
