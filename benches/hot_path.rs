@@ -1,5 +1,5 @@
 //! The gateway's own per-request work before a byte goes upstream: authenticate, parse the
-//! body, resolve the model, prepare the upstream headers. Upstream time is excluded; this is
+//! body, rank the model's backends, prepare the upstream headers. Upstream time is excluded; this is
 //! what `tollgate_overhead_seconds` will measure in production.
 //!
 //! Run: `cargo bench --bench hot_path`
@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderValue};
 use std::hint::black_box;
 use tollgate::api::openai;
 use tollgate::live::LiveState;
+use tollgate::route::{Prompt, RouteRequest};
 
 const KEY: &str = "tg-bench-key";
 
@@ -49,6 +50,21 @@ fn body(prompt_bytes: usize) -> Bytes {
     )
 }
 
+fn route_request<'a>(
+    model: &'a str,
+    p: &'a tollgate::auth::Principal,
+    body_bytes: usize,
+) -> RouteRequest<'a> {
+    RouteRequest {
+        model,
+        regions: &p.team.regions,
+        features: tollgate::config::Features::NONE,
+        max_output_tokens: Some(256),
+        prompt: Prompt::from_bytes(body_bytes),
+        request_bytes: body_bytes as u64,
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -68,10 +84,10 @@ fn bench(c: &mut Criterion) {
     c.bench_function("auth", |b| {
         b.iter(|| live.keys.authenticate(black_box(&headers)).unwrap())
     });
-    c.bench_function("resolve_among_50", |b| {
+    c.bench_function("route_among_50", |b| {
         b.iter(|| {
             live.router
-                .resolve(black_box("chat-small"), &principal)
+                .plan(&route_request(black_box("chat-small"), &principal, 1024))
                 .unwrap()
         })
     });
@@ -102,10 +118,14 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let p = live.keys.authenticate(&headers).unwrap();
                 let s = openai::parse(body).unwrap();
-                let c = live.router.resolve(&s.model, &p).unwrap();
+                let plan = live
+                    .router
+                    .plan(&route_request(&s.model, &p, body.len()))
+                    .unwrap();
+                let c = &plan.ranked[0].candidate;
                 let out = {
                     let mut e = openai::BodyEdits::default();
-                    e.set_model(&s, &c.model);
+                    e.set_model(&s.model_span, &c.model);
                     e.apply(body)
                 };
                 let mut h = headers.clone();

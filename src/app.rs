@@ -103,6 +103,7 @@ pub async fn start_with_clock(
     };
     let max_in_flight = config.server.max_in_flight;
     let live: Live = Arc::new(ArcSwap::from_pointee(LiveState::build(config, None)));
+    crate::route::health::ensure_probes(&live);
     let (shutdown, signal) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

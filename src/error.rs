@@ -31,8 +31,21 @@ pub enum GatewayError {
     },
     #[error("the model `{0}` does not exist or you do not have access to it")]
     UnknownModel(Arc<str>),
-    #[error("no backend can serve `{model}` for you: {reason}")]
-    NoEligibleBackend { model: Arc<str>, reason: String },
+    /// Every backend serving the model is out for now (down, busy, full) or out of the
+    /// team's regions.
+    #[error("`{model}`: {reason}")]
+    NoEligibleBackend {
+        model: Arc<str>,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// No backend serving the model can take this request as it is (context, features).
+    #[error("`{model}` cannot serve this request: {reason}")]
+    NotServable {
+        model: Arc<str>,
+        reason: String,
+        code: &'static str,
+    },
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: http::Method, path: String },
     #[error("unknown path {0}")]
@@ -90,7 +103,8 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyRead
             | GatewayError::MalformedJson(_)
-            | GatewayError::InvalidField { .. } => StatusCode::BAD_REQUEST,
+            | GatewayError::InvalidField { .. }
+            | GatewayError::NotServable { .. } => StatusCode::BAD_REQUEST,
             GatewayError::UnknownModel(_) | GatewayError::UnknownPath(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::Overloaded | GatewayError::NoEligibleBackend { .. } => {
@@ -117,6 +131,7 @@ impl GatewayError {
             GatewayError::InvalidField { .. } => "invalid_field",
             GatewayError::UnknownModel(_) => "unknown_model",
             GatewayError::NoEligibleBackend { .. } => "no_eligible_backend",
+            GatewayError::NotServable { .. } => "not_servable",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::UnknownPath(_) => "unknown_path",
             GatewayError::Overloaded => "overloaded",
@@ -146,6 +161,7 @@ impl GatewayError {
             | GatewayError::MethodNotAllowed { .. } => ("invalid_request_error", None),
             GatewayError::Overloaded => ("server_error", Some("overloaded")),
             GatewayError::NoEligibleBackend { .. } => ("server_error", Some("no_eligible_backend")),
+            GatewayError::NotServable { code, .. } => ("invalid_request_error", Some(code)),
             GatewayError::Internal => ("server_error", None),
             GatewayError::OverBudget(_) => ("budget_exceeded", Some("budget_exceeded")),
             GatewayError::LedgerUnavailable => ("server_error", Some("ledger_unavailable")),
@@ -159,6 +175,9 @@ impl GatewayError {
         match self {
             GatewayError::InvalidField { param, .. } => Some(param),
             GatewayError::UnknownModel(_) => Some("model"),
+            GatewayError::NotServable { code, .. } if *code == "context_length_exceeded" => {
+                Some("messages")
+            }
             _ => None,
         }
     }
@@ -169,6 +188,7 @@ impl GatewayError {
                 Some(Duration::from_secs(1))
             }
             GatewayError::OverBudget(o) => Some(o.retry_after),
+            GatewayError::NoEligibleBackend { retry_after, .. } => *retry_after,
             _ => None,
         }
     }

@@ -44,12 +44,13 @@ impl LiveState {
                     .get(&*cfg.name)
                     .map(|s| Arc::clone(s))
                     .unwrap_or_else(|| Arc::new(BackendState::new(cfg.name.clone())));
+                state.configure(&config.routing);
                 Arc::new(RouteBackend::new(cfg.clone(), client::build(cfg), state))
             })
             .collect();
         Self {
             keys: KeyTable::new(&config.teams),
-            router: Router::new(&backends, &Catalog::builtin()),
+            router: Router::new(&backends, &Catalog::builtin(), &config.routing),
             backends,
             config: Arc::new(config),
         }

@@ -25,10 +25,29 @@ enum Command {
         #[arg(long, default_value = "config/tollgate.toml")]
         config: PathBuf,
     },
-    /// Validate a config and print the routing table.
+    /// Validate a config and print the routing table; with --explain, how one request
+    /// would be routed.
     Check {
         #[arg(long, default_value = "config/tollgate.toml")]
         config: PathBuf,
+        /// Rank every candidate for a request, with its expected cost and the filter that
+        /// removed it (backends taken as healthy and idle).
+        #[arg(long, requires = "model")]
+        explain: bool,
+        /// Model name or alias of the request.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        prompt_tokens: u64,
+        /// The request's `max_tokens`; without it the expected output is routing's default.
+        #[arg(long)]
+        output_tokens: Option<u64>,
+        /// The team asking (its regions apply).
+        #[arg(long)]
+        team: Option<String>,
+        /// Features the request needs: tools, vision, json (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
     },
     /// Simulated backends, the gateway, traffic from three teams, and a summary.
     Demo {
@@ -103,7 +122,24 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            explain,
+            model,
+            prompt_tokens,
+            output_tokens,
+            team,
+            features,
+        } => {
+            let explain = explain.then(|| Explain {
+                model: model.unwrap_or_default(),
+                prompt_tokens,
+                output_tokens,
+                team,
+                features,
+            });
+            check(&config, explain)
+        }
         Command::Key {
             command: KeyCommand::New { team },
         } => {
@@ -200,7 +236,16 @@ fn report(
     Ok(())
 }
 
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
+/// The request `tollgate check --explain` routes.
+struct Explain {
+    model: String,
+    prompt_tokens: u64,
+    output_tokens: Option<u64>,
+    team: Option<String>,
+    features: Vec<String>,
+}
+
+fn check(path: &std::path::Path, explain: Option<Explain>) -> anyhow::Result<()> {
     let cfg = config::load(path, &config::process_env)?;
     for w in cfg.warnings.iter().chain(&cfg.missing_keys) {
         println!("warning: {w}");
@@ -216,6 +261,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let _guard = rt.enter();
     let live = tollgate::live::LiveState::build(cfg, None);
     let router: &Router = &live.router;
+    if let Some(e) = explain {
+        return explain_route(&live, &e);
+    }
     println!(
         "{:<36} {:<16} {:<12} {:<8} serves as",
         "model or alias", "backend", "hosting", "region"
@@ -232,6 +280,79 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
                 c.model
             );
         }
+    }
+    Ok(())
+}
+
+fn explain_route(live: &tollgate::live::LiveState, e: &Explain) -> anyhow::Result<()> {
+    use tollgate::config::Features;
+    use tollgate::route::{explain, Prompt, RouteRequest};
+    let config = &live.config;
+    let regions = match &e.team {
+        None => Vec::new(),
+        Some(name) => config
+            .teams
+            .iter()
+            .find(|t| &*t.name == name)
+            .map(|t| t.regions.clone())
+            .with_context(|| {
+                let names: Vec<&str> = config.teams.iter().map(|t| &*t.name).collect();
+                format!(
+                    "no team `{name}` in the config (teams: {})",
+                    names.join(", ")
+                )
+            })?,
+    };
+    let mut features = Features::NONE;
+    for f in &e.features {
+        features =
+            features
+                .with(Features::from_name(f).with_context(|| {
+                    format!("unknown feature `{f}`: use tools, vision or json")
+                })?);
+    }
+    let request = RouteRequest {
+        model: &e.model,
+        regions: &regions,
+        features,
+        max_output_tokens: e.output_tokens,
+        prompt: Prompt::known(e.prompt_tokens),
+        request_bytes: e.prompt_tokens * 4,
+    };
+    let plan = live
+        .router
+        .plan(&request)
+        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    println!(
+        "request: model `{}`, {} prompt tokens, output {}, team {}{}, features {}",
+        e.model,
+        e.prompt_tokens,
+        e.output_tokens.map_or_else(
+            || format!("~{} expected", config.routing.expected_output_tokens),
+            |n| format!("up to {n}")
+        ),
+        e.team.as_deref().unwrap_or("(any)"),
+        if regions.is_empty() {
+            String::new()
+        } else {
+            let r: Vec<&str> = regions.iter().map(|r| &**r).collect();
+            format!(" (regions {})", r.join(", "))
+        },
+        if features.is_empty() {
+            "none".to_string()
+        } else {
+            features.to_string()
+        },
+    );
+    println!(
+        "policy: self_hosted_cost = {}, max_attempts = {}; every backend taken as healthy and idle\n",
+        config.routing.self_hosted_cost.as_str(),
+        config.routing.max_attempts
+    );
+    print!("{}", explain::table(&plan));
+    if plan.ranked.is_empty() {
+        let team = e.team.as_deref().unwrap_or("(any)");
+        println!("\n{}", Router::refusal(&e.model, team, &plan));
     }
     Ok(())
 }

@@ -23,6 +23,7 @@ pub const BUDGET_LIMIT_USD: &str = "tollgate_budget_limit_usd";
 pub const BUDGET_SPENT_USD: &str = "tollgate_budget_spent_usd";
 pub const BUDGET_REJECTIONS_TOTAL: &str = "tollgate_budget_rejections_total";
 pub const BUDGET_SOFT_LIMIT_REACHED: &str = "tollgate_budget_soft_limit_reached";
+pub const ROUTE_FALLBACKS_TOTAL: &str = "tollgate_route_fallbacks_total";
 
 /// Latency buckets from 5 ms (a cached answer) to 10 minutes (a long generation).
 const DURATION_BUCKETS: &[f64] = &[
@@ -71,7 +72,11 @@ fn describe() {
     describe_gauge!(BACKEND_IN_FLIGHT, "Requests in flight to each backend.");
     describe_gauge!(
         BACKEND_UP,
-        "1 while a backend is considered reachable, 0 while it is marked down."
+        "1 while a backend takes requests, 0 while its circuit is open (failures or failed health probes)."
+    );
+    describe_counter!(
+        ROUTE_FALLBACKS_TOTAL,
+        "Requests moved to the next candidate before any byte reached the client, by the backend that failed (from) and why (connect, timeout, failed, 429, 5xx)."
     );
     describe_counter!(
         UPSTREAM_ERRORS_TOTAL,

@@ -17,11 +17,14 @@ use crate::live::{Live, LiveState};
 use crate::meter::{self, format_usd, sse::SseObserver};
 use crate::metrics as m;
 use crate::record::{self, Completion, Generated, Outcome, Settled, Status};
-use crate::route::Candidate;
+use crate::route::health::Failure;
+use crate::route::{Candidate, Claim, Plan, Prompt, RouteRequest, Router};
 use crate::server::limits::read_body;
 use crate::server::request_id::next_id;
 use crate::tags;
+use crate::tokens::Counter;
 use crate::upstream::forward;
+use crate::upstream::h1::Driver;
 use crate::upstream::headers::strip_hop_by_hop;
 use crate::upstream::stream::UpstreamBody;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -41,6 +44,7 @@ pub static X_TOLLGATE_PROMPT_TOKENS: HeaderName =
 pub static X_TOLLGATE_COMPLETION_TOKENS: HeaderName =
     HeaderName::from_static("x-tollgate-completion-tokens");
 pub static X_TOLLGATE_TOKEN_SOURCE: HeaderName = HeaderName::from_static("x-tollgate-token-source");
+pub static X_TOLLGATE_ROUTE: HeaderName = HeaderName::from_static("x-tollgate-route");
 pub static X_TOLLGATE_COST_USD: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
 pub static X_TOLLGATE_BUDGET_REMAINING_USD: HeaderName =
     HeaderName::from_static("x-tollgate-budget-remaining-usd");
@@ -166,13 +170,18 @@ async fn proxy(
             return Err(e);
         }
     };
-    match exchange.candidate.backend.cfg.on_disconnect {
-        // Commercial providers bill a request the client abandoned: run the exchange on its
-        // own task so it reaches the provider's usage even if this future is dropped.
-        OnDisconnect::Drain => tokio::spawn(exchange.run())
+    // Commercial providers bill a request the client abandoned: run the exchange on its own
+    // task so it reaches the provider's usage even if this future is dropped. Any backend it
+    // may fall back to counts.
+    let drain = exchange.plan.ranked[exchange.idx..]
+        .iter()
+        .any(|r| r.candidate.backend.cfg.on_disconnect == OnDisconnect::Drain);
+    if drain {
+        tokio::spawn(exchange.run())
             .await
-            .unwrap_or(Err(GatewayError::Internal)),
-        OnDisconnect::Cancel => exchange.run().await,
+            .unwrap_or(Err(GatewayError::Internal))
+    } else {
+        exchange.run().await
     }
 }
 
@@ -214,36 +223,80 @@ async fn prepare(
     // Kept in `seen` until the request is sure to be sent: a refusal records them.
     seen.tags = tags;
 
-    let candidate = live.router.resolve(&summary.model, principal)?;
+    let team = &principal.team;
+    let route_request = |prompt| RouteRequest {
+        model: &summary.model,
+        regions: &team.regions,
+        features: summary.features,
+        max_output_tokens: summary.max_output_tokens,
+        prompt,
+        request_bytes: body.len() as u64,
+    };
+    let bounds = Prompt::from_bytes(body.len());
+    let mut plan = live.router.plan(&route_request(bounds))?;
+    // The byte count put a prompt over some context window: count it with those models'
+    // tokenizers and plan again, so a prompt that fits is not sent to a bigger, dearer model.
+    let mut exact: Vec<(Counter, u64)> = Vec::new();
+    if !plan.needs_count.is_empty() {
+        for counter in std::mem::take(&mut plan.needs_count) {
+            exact.push((counter, count_prompt(counter, endpoint, &body).await));
+        }
+        plan = live.router.plan(&route_request(Prompt {
+            exact: &exact,
+            ..bounds
+        }))?;
+    }
+    if plan.ranked.is_empty() {
+        return Err(Router::refusal(&summary.model, &team.name, &plan));
+    }
     // A request that could not be recorded must not be served.
     if !gw.ledger.is_healthy() {
         return Err(GatewayError::LedgerUnavailable);
     }
-    let (budget, remaining, output_limit) = if principal.team.budgets.is_empty() {
+    let mut tried = Vec::new();
+    let (idx, claim) = match claim_from(&plan, 0, &mut tried) {
+        Some(claimed) => claimed,
+        // All filled up since the plan was made: wait in the cheapest one's queue.
+        None => match plan.ranked[0].candidate.claim(true) {
+            Some(claim) => {
+                tried.clear();
+                (0, claim)
+            }
+            None => return Err(at_capacity(&summary.model, &tried)),
+        },
+    };
+    let candidate = plan.ranked[idx].candidate.clone();
+    let output = match endpoint {
+        Endpoint::Embeddings => 0,
+        _ => summary
+            .max_output_tokens
+            .or(candidate.max_output_tokens)
+            .unwrap_or(DEFAULT_OUTPUT_RESERVE),
+    };
+    let known = exact
+        .iter()
+        .find(|(c, _)| *c == candidate.counter)
+        .map(|&(_, n)| n);
+    let (budget, admitted, output_limit) = if team.budgets.is_empty() {
         (None, None, None)
     } else {
-        let (reservation, remaining, output) =
-            admit(gw, principal, &candidate, &summary, &body, endpoint).await?;
+        let (reservation, remaining, admitted) =
+            admit(gw, principal, &candidate, output, known, &body, endpoint).await?;
         let limit = output_limit(&remaining, output, candidate.price.as_deref());
         (
             Some((reservation, gw.budgets.clone())),
-            Some(remaining),
+            Some((admitted, remaining)),
             limit,
         )
     };
-    let backend = &candidate.backend.cfg;
-    let mut edits = BodyEdits::default();
-    if *candidate.model != *summary.model {
-        edits.set_model(&summary, &candidate.model);
-    }
-    let ask_usage = summary.stream
-        && !summary.include_usage
-        && backend.stream_usage
-        && endpoint != Endpoint::Embeddings;
-    if ask_usage {
-        edits.request_stream_usage(&body, &summary);
-    }
-    let upstream_body = edits.apply(&body);
+    let shape = Shape {
+        body: body.clone(),
+        requested: summary.model.to_string(),
+        model_span: summary.model_span.clone(),
+        stream_options_span: summary.stream_options_span.clone(),
+        ask_usage: summary.stream && !summary.include_usage && endpoint != Endpoint::Embeddings,
+    };
+    let (upstream_body, strip_usage) = shape.for_candidate(&candidate);
 
     let ctx = RequestCtx {
         id: id.clone(),
@@ -255,7 +308,7 @@ async fn prepare(
         stream: summary.stream,
         body: body.clone(),
         counter: candidate.counter,
-        backend: Some(backend.name.clone()),
+        backend: Some(candidate.backend.cfg.name.clone()),
         served_model: Some(candidate.model.clone()),
         upstream_request_bytes: upstream_body.len() as u64,
         attempts: 1,
@@ -268,23 +321,84 @@ async fn prepare(
     let completion = Completion::new(
         ctx,
         candidate.price.clone(),
-        backend.egress_usd_per_gb,
+        candidate.backend.cfg.egress_usd_per_gb,
         gw.ledger.clone(),
         budget,
-        candidate.backend.state.enter(),
+        claim.in_flight,
     );
     Ok(Exchange {
-        candidate,
+        plan,
+        idx,
+        tried,
+        max_attempts: live.config.routing.max_attempts,
+        shape,
+        principal: principal.clone(),
+        budgets: gw.budgets.clone(),
+        output,
+        admitted,
         path,
         headers: parts.headers,
         body: upstream_body,
         completion,
         request_timeout: server.request_timeout,
         max_response_bytes: server.max_response_bytes,
-        strip_usage: ask_usage,
-        remaining,
+        strip_usage,
         output_limit,
     })
+}
+
+/// Claims a slot on the first ranked candidate from `start` that still has one; those that
+/// filled up since the plan was made are noted in `tried`.
+fn claim_from(
+    plan: &Plan,
+    start: usize,
+    tried: &mut Vec<(Arc<str>, &'static str)>,
+) -> Option<(usize, Claim)> {
+    for (i, r) in plan.ranked.iter().enumerate().skip(start) {
+        match r.candidate.claim(r.queued) {
+            Some(claim) => return Some((i, claim)),
+            None => tried.push((r.candidate.backend.cfg.name.clone(), "capacity")),
+        }
+    }
+    None
+}
+
+fn at_capacity(model: &str, tried: &[(Arc<str>, &'static str)]) -> GatewayError {
+    let names: Vec<&str> = tried.iter().map(|(n, _)| &**n).collect();
+    GatewayError::NoEligibleBackend {
+        model: model.into(),
+        reason: format!(
+            "every backend that could serve it is at capacity ({})",
+            names.join(", ")
+        ),
+        retry_after: Some(std::time::Duration::from_secs(1)),
+    }
+}
+
+/// What is needed to write the request body for whichever candidate serves it.
+struct Shape {
+    body: bytes::Bytes,
+    requested: String,
+    model_span: std::ops::Range<usize>,
+    stream_options_span: Option<std::ops::Range<usize>>,
+    /// A stream whose client did not ask for usage: ask for it where the backend can.
+    ask_usage: bool,
+}
+
+impl Shape {
+    /// The body for `c` (its model name, usage asked for), and whether the usage the client
+    /// did not ask for must be hidden from it.
+    fn for_candidate(&self, c: &Candidate) -> (bytes::Bytes, bool) {
+        let mut edits = BodyEdits::default();
+        if *c.model != *self.requested {
+            edits.set_model(&self.model_span, &c.model);
+        }
+        let ask = self.ask_usage && c.backend.cfg.stream_usage;
+        if ask {
+            edits.request_stream_usage(&self.body, self.stream_options_span.as_ref());
+        }
+        (edits.apply(&self.body), ask)
+    }
 }
 
 /// Output tokens reserved for a request that sets no `max_tokens` on a model with no known cap.
@@ -312,111 +426,260 @@ fn output_limit(
 /// is counted exactly before it is admitted.
 const NEAR_LIMIT_FRACTION: i64 = 16;
 
-/// Reserves the request's worst case against its team's budgets: prompt tokens plus the most
-/// it may generate, at the routed model's prices. The prompt is first taken at its free upper
-/// bound; only when that does not fit (near a limit) is it counted exactly, and tried again.
-async fn admit(
-    gw: &Gateway,
-    principal: &crate::auth::Principal,
-    candidate: &Candidate,
-    summary: &openai::RequestSummary<'_>,
-    body: &bytes::Bytes,
-    endpoint: Endpoint,
-) -> Result<(Reservation, Remaining, u64), GatewayError> {
-    let output = match endpoint {
-        Endpoint::Embeddings => 0,
-        _ => summary
-            .max_output_tokens
-            .or(candidate.max_output_tokens)
-            .unwrap_or(DEFAULT_OUTPUT_RESERVE),
-    };
-    let demand = |prompt: u64| {
-        let nusd = candidate.price.as_deref().map_or(0.0, |p| {
-            let p = p.for_prompt(prompt);
-            prompt as f64 * p.input + output as f64 * p.output
-        });
-        Demand {
-            nusd: (nusd * 1e9).ceil() as i64,
-            tokens: (prompt + output) as i64,
-        }
-    };
-    let team = &principal.team;
-    let estimate = crate::tokens::estimate_prompt_tokens(body.len());
-    // Far from every limit, the free estimate is good enough; near one, its slack would refuse
-    // requests that fit (and hold room others could use), so the prompt is counted exactly.
-    let rough = demand(estimate);
-    let room = gw.budgets.room(team, &principal.key_id);
-    let far = room
-        .nusd
-        .is_none_or(|r| rough.nusd <= r / NEAR_LIMIT_FRACTION)
-        && room
-            .tokens
-            .is_none_or(|r| rough.tokens <= r / NEAR_LIMIT_FRACTION);
-    if far {
-        if let Ok((r, room)) = gw.budgets.admit(team, &principal.key_id, rough) {
-            return Ok((r, room, output));
-        }
+/// What a request holds against its budgets: its prompt as counted for admission, and the
+/// worst case reserved, so a fallback to a dearer backend can reserve the difference.
+#[derive(Debug, Clone, Copy)]
+struct Admitted {
+    prompt_tokens: u64,
+    demand: Demand,
+}
+
+/// The worst case of a request on `candidate`: prompt plus the most it may generate, at the
+/// candidate's prices.
+fn worst_case(candidate: &Candidate, prompt: u64, output: u64) -> Demand {
+    let nusd = candidate.price.as_deref().map_or(0.0, |p| {
+        let p = p.for_prompt(prompt);
+        prompt as f64 * p.input + output as f64 * p.output
+    });
+    Demand {
+        nusd: (nusd * 1e9).ceil() as i64,
+        tokens: (prompt + output) as i64,
     }
-    let counter = candidate.counter;
+}
+
+/// Counts a prompt exactly with `counter`, off the runtime when large.
+async fn count_prompt(counter: Counter, endpoint: Endpoint, body: &bytes::Bytes) -> u64 {
+    let estimate = crate::tokens::estimate_prompt_tokens(body.len());
     let owned = body.clone();
-    let exact = crate::tokens::Tokenizers::shared()
+    crate::tokens::Tokenizers::shared()
         .off_runtime(body.len(), move |tok| {
             crate::tokens::ChatPrompt::parse(endpoint, &owned)
                 .map(|p| counter.scale(crate::tokens::count_chat_prompt(tok, counter.encoding, &p)))
                 .unwrap_or(estimate)
         })
-        .await;
-    gw.budgets.admit(team, &principal.key_id, demand(exact)).map(|(r, room)| (r, room, output)).map_err(|over| {
+        .await
+}
+
+/// Reserves the request's worst case against its team's budgets. The prompt is first taken
+/// at its free upper bound; only when that does not fit (near a limit) is it counted exactly,
+/// and tried again. `known` is an exact count made already (for routing).
+async fn admit(
+    gw: &Gateway,
+    principal: &crate::auth::Principal,
+    candidate: &Candidate,
+    output: u64,
+    known: Option<u64>,
+    body: &bytes::Bytes,
+    endpoint: Endpoint,
+) -> Result<(Reservation, Remaining, Admitted), GatewayError> {
+    let team = &principal.team;
+    let reserve = |prompt: u64| {
+        let demand = worst_case(candidate, prompt, output);
+        gw.budgets
+            .admit(team, &principal.key_id, demand)
+            .map(|(r, room)| {
+                (
+                    r,
+                    room,
+                    Admitted {
+                        prompt_tokens: prompt,
+                        demand,
+                    },
+                )
+            })
+    };
+    let prompt = match known {
+        Some(n) => n,
+        None => {
+            let estimate = crate::tokens::estimate_prompt_tokens(body.len());
+            // Far from every limit, the free estimate is good enough; near one, its slack
+            // would refuse requests that fit (and hold room others could use), so the prompt
+            // is counted exactly.
+            let rough = worst_case(candidate, estimate, output);
+            let room = gw.budgets.room(team, &principal.key_id);
+            let far = room
+                .nusd
+                .is_none_or(|r| rough.nusd <= r / NEAR_LIMIT_FRACTION)
+                && room
+                    .tokens
+                    .is_none_or(|r| rough.tokens <= r / NEAR_LIMIT_FRACTION);
+            if far {
+                if let Ok(admitted) = reserve(estimate) {
+                    return Ok(admitted);
+                }
+            }
+            count_prompt(candidate.counter, endpoint, body).await
+        }
+    };
+    reserve(prompt).map_err(|over| {
         metrics::counter!(m::BUDGET_REJECTIONS_TOTAL, "team" => over.team.clone(), "window" => over.window.as_str())
             .increment(1);
         GatewayError::OverBudget(Box::new(over))
     })
 }
 
-/// One request's trip to its backend and back, from sending to a metered response.
+/// One request's trip to its backend and back, from sending to a metered response, moving
+/// to the next candidate of its plan while nothing has reached the client.
 struct Exchange {
-    candidate: Candidate,
+    plan: Plan,
+    /// The candidate of `plan.ranked` being tried.
+    idx: usize,
+    /// Candidates passed over before it, and why (for `x-tollgate-route`).
+    tried: Vec<(Arc<str>, &'static str)>,
+    max_attempts: u32,
+    shape: Shape,
+    principal: Arc<crate::auth::Principal>,
+    budgets: Arc<BudgetBook>,
+    output: u64,
+    /// What the request holds against its budgets, and the room left; `None` without budgets.
+    admitted: Option<(Admitted, Remaining)>,
     path: String,
     headers: http::HeaderMap,
+    /// The body for the current candidate.
     body: bytes::Bytes,
     completion: Completion,
     request_timeout: std::time::Duration,
     max_response_bytes: u64,
     /// The gateway asked for stream usage the client did not: hide it from the client.
     strip_usage: bool,
-    /// Room left in the team's tightest budgets, counting this request's reservation.
-    remaining: Option<Remaining>,
     output_limit: Option<u64>,
 }
 
+/// A response that may still be handed to another backend: nothing was sent to the client.
+type Attempt = Result<(Response<Incoming>, Option<Driver>), GatewayError>;
+
 impl Exchange {
-    async fn run(self) -> Result<Response<GatewayBody>, GatewayError> {
+    fn candidate(&self) -> &Arc<Candidate> {
+        &self.plan.ranked[self.idx].candidate
+    }
+
+    /// Why an attempt should go to the next candidate, if it should.
+    fn retryable(attempt: &Attempt) -> Option<&'static str> {
+        match attempt {
+            Ok((resp, _)) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => Some("429"),
+            Ok((resp, _)) if resp.status().is_server_error() => Some("5xx"),
+            Ok(_) => None,
+            Err(GatewayError::UpstreamConnect { .. }) => Some("connect"),
+            Err(GatewayError::UpstreamTimeout { .. }) => Some("timeout"),
+            Err(_) => Some("failed"),
+        }
+    }
+
+    /// Moves to the next candidate that has a slot and fits the budget; false when none is
+    /// left (or attempts are used up) and the last answer must stand.
+    fn fall_back(&mut self, why: &'static str) -> bool {
+        let attempts = self.completion.ctx().map_or(u32::MAX, |c| c.attempts);
+        if attempts >= self.max_attempts {
+            return false;
+        }
+        let from = self.candidate().backend.cfg.name.clone();
+        let mut tried = vec![(from.clone(), why)];
+        let mut next = self.idx + 1;
+        while let Some((i, claim)) = claim_from(&self.plan, next, &mut tried) {
+            let c = self.plan.ranked[i].candidate.clone();
+            if self.grow_reservation(&c) {
+                self.tried.append(&mut tried);
+                metrics::counter!(m::ROUTE_FALLBACKS_TOTAL, "from" => from, "reason" => why)
+                    .increment(1);
+                tracing::info!(
+                    request_id = self.completion.ctx().map_or("", |c| c.id.as_str()),
+                    from = &*self.candidate().backend.cfg.name,
+                    to = &*c.backend.cfg.name,
+                    reason = why,
+                    "falling back"
+                );
+                let (body, strip_usage) = self.shape.for_candidate(&c);
+                self.completion.retarget(&c, claim, body.len() as u64);
+                self.body = body;
+                self.strip_usage = strip_usage;
+                self.idx = i;
+                return true;
+            }
+            tried.push((c.backend.cfg.name.clone(), "budget"));
+            next = i + 1;
+        }
+        false
+    }
+
+    /// Reserves the difference when `c`'s worst case exceeds what is held; false when that
+    /// does not fit the team's budgets.
+    fn grow_reservation(&mut self, c: &Candidate) -> bool {
+        let Some((admitted, _)) = self.admitted else {
+            return true;
+        };
+        let demand = worst_case(c, admitted.prompt_tokens, self.output);
+        let extra = Demand {
+            nusd: (demand.nusd - admitted.demand.nusd).max(0),
+            tokens: (demand.tokens - admitted.demand.tokens).max(0),
+        };
+        if extra == Demand::default() {
+            return true;
+        }
+        let p = &self.principal;
+        match self.budgets.admit(&p.team, &p.key_id, extra) {
+            Ok((more, remaining)) => {
+                if let Some(held) = self.completion.reservation_mut() {
+                    held.absorb(more);
+                }
+                self.output_limit = output_limit(&remaining, self.output, c.price.as_deref());
+                self.admitted = Some((Admitted { demand, ..admitted }, remaining));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Sends to the current candidate, then to fallbacks while the answer is a failure
+    /// that no client has seen.
+    async fn send(&mut self, request_id: &HeaderValue) -> Attempt {
+        loop {
+            let more = self.idx + 1 < self.plan.ranked.len()
+                && self
+                    .completion
+                    .ctx()
+                    .is_some_and(|c| c.attempts < self.max_attempts);
+            // The headers are needed again only if another backend may be tried.
+            let headers = if more {
+                self.headers.clone()
+            } else {
+                std::mem::take(&mut self.headers)
+            };
+            let attempt = forward::send(
+                self.candidate(),
+                &self.path,
+                headers,
+                self.body.clone(),
+                request_id,
+                self.request_timeout,
+            )
+            .await;
+            match Self::retryable(&attempt) {
+                Some(why) if more && self.fall_back(why) => continue,
+                _ => return attempt,
+            }
+        }
+    }
+
+    async fn run(mut self) -> Result<Response<GatewayBody>, GatewayError> {
+        let (request_id, started) = {
+            let ctx = self.completion.ctx().expect("not settled yet");
+            (ctx.id.0.clone(), ctx.started)
+        };
+        let attempt = self.send(&request_id).await;
         let Exchange {
-            candidate,
-            path,
-            headers,
-            body,
+            plan,
+            idx,
+            tried,
+            admitted,
             completion,
             request_timeout,
             max_response_bytes,
             strip_usage,
-            remaining,
             output_limit,
+            ..
         } = self;
-        let (request_id, started) = {
-            let ctx = completion.ctx().expect("not settled yet");
-            (ctx.id.0.clone(), ctx.started)
-        };
-        let upstream = match forward::send(
-            &candidate,
-            &path,
-            headers,
-            body,
-            &request_id,
-            request_timeout,
-        )
-        .await
-        {
+        let candidate = plan.ranked[idx].candidate.clone();
+        let upstream = match attempt {
             Ok(resp) => resp,
             Err(e) => {
                 // Recorded before the error goes out, like any other ending.
@@ -437,7 +700,11 @@ impl Exchange {
         parts
             .headers
             .insert(X_TOLLGATE_MODEL.clone(), candidate.model_header.clone());
-        if let Some(r) = remaining {
+        parts.headers.insert(
+            X_TOLLGATE_ROUTE.clone(),
+            crate::route::explain::header(&plan, idx, &tried),
+        );
+        if let Some((_, r)) = admitted {
             set_budget_headers(&mut parts.headers, &r);
         }
         let sse = parts
@@ -477,13 +744,17 @@ impl Exchange {
             }
             Err(e) => {
                 let backend = candidate.backend.cfg.name.clone();
-                let (kind, err) = match e {
+                let (kind, err) = match &e {
                     ReadError::Timeout => ("timeout", GatewayError::UpstreamTimeout { backend }),
                     ReadError::TooLarge | ReadError::Body => {
                         ("body", GatewayError::UpstreamFailed { backend })
                     }
                 };
                 forward::count_error(&candidate.backend.cfg.name, kind);
+                candidate.backend.state.on_failure(match e {
+                    ReadError::Timeout => Failure::Timeout,
+                    _ => Failure::Broken,
+                });
                 let _ = completion
                     .finish(failure(Status::UpstreamBroken, err.status().as_u16()))
                     .await;

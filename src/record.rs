@@ -133,6 +133,36 @@ impl Completion {
         self.job.as_ref().map(|j| &j.ctx)
     }
 
+    /// The backend's state, for its health to learn how the response ended.
+    pub fn backend_state(&self) -> Option<&Arc<crate::route::health::BackendState>> {
+        self._in_flight.as_ref().map(|g| g.backend())
+    }
+
+    /// The budget reservation, to grow it when a fallback may cost more.
+    pub fn reservation_mut(&mut self) -> Option<&mut Reservation> {
+        self.job.as_mut()?.budget.as_mut().map(|(r, _)| r)
+    }
+
+    /// Points the request at a fallback backend: one more attempt, its prices and its slot.
+    pub fn retarget(
+        &mut self,
+        candidate: &crate::route::Candidate,
+        claim: crate::route::Claim,
+        upstream_request_bytes: u64,
+    ) {
+        // The failed backend's slot is free before the next one is used.
+        self._in_flight = Some(claim.in_flight);
+        if let Some(job) = self.job.as_mut() {
+            job.ctx.backend = Some(candidate.backend.cfg.name.clone());
+            job.ctx.served_model = Some(candidate.model.clone());
+            job.ctx.counter = candidate.counter;
+            job.ctx.upstream_request_bytes = upstream_request_bytes;
+            job.ctx.attempts += 1;
+            job.price = candidate.price.clone();
+            job.egress_usd_per_gb = candidate.backend.cfg.egress_usd_per_gb;
+        }
+    }
+
     /// Settles the request; the receiver resolves once its record is committed.
     pub fn finish(mut self, outcome: Outcome) -> oneshot::Receiver<Settled> {
         let (tx, rx) = oneshot::channel();

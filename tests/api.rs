@@ -265,7 +265,7 @@ async fn a_team_never_reaches_a_backend_outside_its_regions() {
         e["message"]
             .as_str()
             .unwrap()
-            .contains("outside your team's regions"),
+            .contains("not among the team's regions"),
         "{e}"
     );
     assert_eq!(gw.sim("gpt-us").stats.requests.load(Ordering::Relaxed), 0);

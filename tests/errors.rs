@@ -138,7 +138,12 @@ async fn upstream_refusing_connections_is_502() {
         .unwrap()
         .port();
     let gw = Harness::new()
-        .backend(Backend::at("llama", "m", &format!("http://127.0.0.1:{port}")).alias("chat-small"))
+        .backend(
+            Backend::at("llama", "m", &format!("http://127.0.0.1:{port}"))
+                .alias("chat-small")
+                // No active probe: the first request is the one to find the port closed.
+                .toml("health_check = { interval_s = 0 }"),
+        )
         .team("search", SEARCH_KEY)
         .start()
         .await;
@@ -155,6 +160,26 @@ async fn upstream_refusing_connections_is_502() {
         !e["message"].as_str().unwrap().contains(&port.to_string()),
         "no internal address leaks: {e}"
     );
+    // That opened its circuit: the next request is refused at once, saying why and when.
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            SEARCH_KEY,
+            chat("chat-small", false),
+        )
+        .await;
+    let e = r.error(503);
+    assert_eq!(e["code"], "no_eligible_backend");
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("llama: down (circuit open after connect failures"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains(&port.to_string()),
+        "no internal address leaks: {e}"
+    );
+    assert_eq!(r.headers["retry-after"], "10");
 }
 
 #[tokio::test(start_paused = true)]
@@ -183,7 +208,8 @@ async fn upstream_slower_than_the_request_timeout_is_504() {
 #[tokio::test]
 async fn upstream_errors_pass_through_with_their_body() {
     let gw = basic().await;
-    for status in [400u16, 429, 500, 503] {
+    // 429 last: it makes the only backend avoided for its Retry-After.
+    for status in [400u16, 500, 503, 429] {
         gw.sim("llama")
             .knobs
             .fail_status

@@ -180,6 +180,7 @@ impl Admin {
         });
         self.live
             .store(Arc::new(LiveState::build(config, Some(&old))));
+        crate::route::health::ensure_probes(&self.live);
         tracing::info!(path = %path.display(), "config reloaded");
         Ok(())
     }
@@ -196,6 +197,9 @@ fn backends(live: &LiveState) -> serde_json::Value {
                     "hosting": b.cfg.hosting.as_str(),
                     "region": b.cfg.region.as_deref(),
                     "up": b.state.is_up(),
+                    "state": state_json(b.state.availability()),
+                    "latency_ms": b.state.latency().map(|l| l.as_secs_f64() * 1000.0),
+                    "health_check": b.cfg.health_check.as_ref().map(|h| h.path.as_str()),
                     "in_flight": b.state.in_flight(),
                     "max_concurrency": b.cfg.max_concurrency,
                     "models": b.cfg.models.iter().map(|m| serde_json::json!({"name": &*m.name, "aliases": m.aliases.iter().map(|a| &**a).collect::<Vec<_>>()})).collect::<Vec<_>>(),
@@ -203,6 +207,23 @@ fn backends(live: &LiveState) -> serde_json::Value {
             })
             .collect(),
     )
+}
+
+fn state_json(a: crate::route::health::Availability) -> serde_json::Value {
+    use crate::route::health::Availability as A;
+    match a {
+        A::Up => serde_json::json!({"circuit": "closed"}),
+        A::HalfOpen => serde_json::json!({"circuit": "half_open"}),
+        A::Probing => serde_json::json!({"circuit": "half_open", "probe_in_flight": true}),
+        A::Open { reason, for_ms } => serde_json::json!({
+            "circuit": "open",
+            "reason": reason.map(|r| r.as_str()),
+            "retry_in_s": for_ms as f64 / 1000.0,
+        }),
+        A::Busy { for_ms } => {
+            serde_json::json!({"circuit": "closed", "rate_limited_for_s": for_ms as f64 / 1000.0})
+        }
+    }
 }
 
 fn error(status: StatusCode, message: &str) -> Response<GatewayBody> {

@@ -2,6 +2,7 @@
 //! bytes; the bytes themselves are forwarded as they are, except for the `model` value when
 //! an alias resolves to another name (one splice, one copy).
 
+use crate::config::Features;
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
@@ -24,6 +25,8 @@ pub struct RequestSummary<'a> {
     pub user: Option<Cow<'a, str>>,
     /// `max_completion_tokens`, else `max_tokens`.
     pub max_output_tokens: Option<u64>,
+    /// What the request needs of a model: tools, image inputs, JSON mode.
+    pub features: Features,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +43,81 @@ struct Head<'a> {
     user: Option<Cow<'a, str>>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
+    #[serde(borrow)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow)]
+    functions: Option<&'a RawValue>,
+    #[serde(borrow)]
+    response_format: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ResponseFormat<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+}
+
+/// Only the part types of messages, to spot image inputs.
+#[derive(Deserialize)]
+struct Messages<'a> {
+    #[serde(borrow, default)]
+    messages: Vec<Message<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+}
+
+/// A non-empty list (or any non-null value that is not `[]`).
+fn present(raw: Option<&RawValue>) -> bool {
+    raw.is_some_and(|r| {
+        let t = r.get().trim();
+        t != "null" && t != "[]" && !(t.starts_with('[') && t[1..].trim_start() == "]")
+    })
+}
+
+fn request_features(body: &[u8], head: &Head<'_>) -> Features {
+    let mut f = Features::NONE;
+    if present(head.tools) || present(head.functions) {
+        f = f.with(Features::TOOLS);
+    }
+    if let Some(raw) = head.response_format {
+        if let Ok(rf) = serde_json::from_str::<ResponseFormat<'_>>(raw.get()) {
+            if matches!(rf.kind.as_deref(), Some("json_object" | "json_schema")) {
+                f = f.with(Features::JSON);
+            }
+        }
+    }
+    // Parsing the messages costs a pass over the body; only a body that mentions an image
+    // part type pays it.
+    if memchr::memmem::find(body, b"image").is_some() && has_image_part(body) {
+        f = f.with(Features::VISION);
+    }
+    f
+}
+
+fn has_image_part(body: &[u8]) -> bool {
+    let Ok(m) = serde_json::from_slice::<Messages<'_>>(body) else {
+        return false;
+    };
+    m.messages.iter().filter_map(|m| m.content).any(|c| {
+        serde_json::from_str::<Vec<Part<'_>>>(c.get()).is_ok_and(|parts| {
+            parts.iter().any(|p| {
+                matches!(
+                    p.kind.as_deref(),
+                    Some("image_url" | "input_image" | "image")
+                )
+            })
+        })
+    })
 }
 
 fn some_raw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -93,7 +171,9 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
         )?),
         _ => None,
     };
+    let features = request_features(body, &head);
     Ok(RequestSummary {
+        features,
         model,
         model_span: span_of(body, raw),
         stream: head.stream.unwrap_or(false),
@@ -122,14 +202,16 @@ impl BodyEdits {
         self.edits.is_empty()
     }
 
-    pub fn set_model(&mut self, summary: &RequestSummary<'_>, model: &str) {
+    /// Replaces the `model` string at `span` ([`RequestSummary::model_span`]).
+    pub fn set_model(&mut self, span: &Range<usize>, model: &str) {
         let quoted = serde_json::to_vec(model).unwrap_or_default();
-        self.edits.push((summary.model_span.clone(), quoted));
+        self.edits.push((span.clone(), quoted));
     }
 
-    /// Asks the upstream for a final usage event on a stream (`stream_options.include_usage`).
-    pub fn request_stream_usage(&mut self, body: &[u8], summary: &RequestSummary<'_>) {
-        match &summary.stream_options_span {
+    /// Asks the upstream for a final usage event on a stream (`stream_options.include_usage`);
+    /// `stream_options` is [`RequestSummary::stream_options_span`].
+    pub fn request_stream_usage(&mut self, body: &[u8], stream_options: Option<&Range<usize>>) {
+        match stream_options {
             Some(span) => {
                 let mut opts: serde_json::Map<String, serde_json::Value> =
                     serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
@@ -196,7 +278,7 @@ mod tests {
         let body = Bytes::from_static(br#"{"model":"chat-small","n":1}"#);
         let s = parse(&body).unwrap();
         let mut edits = BodyEdits::default();
-        edits.set_model(&s, "meta-llama/Llama \"3\"");
+        edits.set_model(&s.model_span, "meta-llama/Llama \"3\"");
         let out = edits.apply(&body);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "meta-llama/Llama \"3\"");
@@ -214,8 +296,8 @@ mod tests {
             let s = parse(&body).unwrap();
             assert!(!s.include_usage);
             let mut edits = BodyEdits::default();
-            edits.request_stream_usage(&body, &s);
-            edits.set_model(&s, "served");
+            edits.request_stream_usage(&body, s.stream_options_span.as_ref());
+            edits.set_model(&s.model_span, "served");
             let out = edits.apply(&body);
             let v: serde_json::Value =
                 serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"));
@@ -232,6 +314,34 @@ mod tests {
         assert_eq!(s.max_output_tokens, Some(9));
         assert!(s.include_usage);
         assert!(parse(br#"{"model":"m","metadata":[1]}"#).is_err());
+    }
+
+    #[test]
+    fn features_are_read_from_tools_images_and_json_mode() {
+        let f = |body: &str| parse(body.as_bytes()).unwrap().features;
+        assert_eq!(
+            f(r#"{"model":"m","messages":[{"role":"user","content":"an image"}]}"#),
+            Features::NONE
+        );
+        assert_eq!(f(r#"{"model":"m","tools":[]}"#), Features::NONE);
+        assert_eq!(
+            f(r#"{"model":"m","tools":[{"type":"function","function":{"name":"f"}}]}"#),
+            Features::TOOLS
+        );
+        assert_eq!(
+            f(r#"{"model":"m","response_format":{"type":"json_object"}}"#),
+            Features::JSON
+        );
+        assert_eq!(
+            f(r#"{"model":"m","response_format":{"type":"text"}}"#),
+            Features::NONE
+        );
+        assert_eq!(
+            f(
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"what is it"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AA"}}]}]}"#
+            ),
+            Features::VISION
+        );
     }
 
     #[test]

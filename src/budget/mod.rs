@@ -393,20 +393,45 @@ pub struct BudgetView {
 // === impl Reservation ===
 
 impl Reservation {
+    /// Takes over `other`'s holdings, so one settlement counts the request once.
+    pub fn absorb(&mut self, mut other: Reservation) {
+        for h in other.held.drain(..) {
+            match self
+                .held
+                .iter_mut()
+                .find(|m| Arc::ptr_eq(&m.counter, &h.counter) && m.start_us == h.start_us)
+            {
+                Some(mine) => {
+                    mine.demand.nusd += h.demand.nusd;
+                    mine.demand.tokens += h.demand.tokens;
+                }
+                None => self.held.push(h),
+            }
+        }
+    }
+
     /// Releases the reservation and records what was actually consumed, in the window that is
     /// current now (a request that straddles a reset is charged to the new window).
     pub fn settle(mut self, actual: Demand, now_us: i64) {
-        for h in self.held.drain(..) {
+        let held = std::mem::take(&mut self.held);
+        for (i, h) in held.iter().enumerate() {
             let mut s = h.counter.lock();
             if s.start_us == h.start_us {
                 s.reserved.nusd -= h.demand.nusd;
                 s.reserved.tokens -= h.demand.tokens;
             }
+            // A counter held twice (a reservation grown across a window reset) is charged once.
+            if held[..i]
+                .iter()
+                .any(|o| Arc::ptr_eq(&o.counter, &h.counter))
+            {
+                continue;
+            }
             s.roll(window::bounds(h.window, now_us).0);
             s.spent.nusd += actual.nusd;
             s.spent.tokens += actual.tokens;
-            if let Some(team) = h.team {
-                metrics::gauge!(crate::metrics::BUDGET_SPENT_USD, "team" => team, "window" => h.window.as_str())
+            if let Some(team) = &h.team {
+                metrics::gauge!(crate::metrics::BUDGET_SPENT_USD, "team" => team.clone(), "window" => h.window.as_str())
                     .set(s.spent.nusd as f64 / 1e9);
             }
         }

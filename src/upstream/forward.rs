@@ -5,6 +5,7 @@
 //! may be tried: nothing has reached the client yet at this point.
 
 use crate::error::GatewayError;
+use crate::route::health::Failure;
 use crate::route::Candidate;
 use crate::upstream::h1::Driver;
 use crate::upstream::headers;
@@ -14,8 +15,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use std::time::Duration;
 
-/// How long a backend that refused a connection is passed over.
-const DOWN_AFTER_CONNECT_ERROR: Duration = Duration::from_secs(5);
+/// Longest `Retry-After` honoured: a backend is not shunned for hours on one answer.
+const MAX_BUSY: Duration = Duration::from_secs(600);
 
 /// Sends one request to one backend, up to its response headers. For a plain-`http://`
 /// backend the response comes with the [`Driver`] of its connection, which whoever reads the
@@ -38,6 +39,7 @@ pub async fn send(
     let failed = || GatewayError::UpstreamFailed {
         backend: cfg.name.clone(),
     };
+    let sent = std::time::Instant::now();
 
     let result = match &backend.h1 {
         Some(pool) => {
@@ -73,12 +75,19 @@ pub async fn send(
     };
     match result {
         Ok(Ok(ok)) => {
-            backend.state.mark_up();
+            let status = ok.0.status();
+            if status == http::StatusCode::TOO_MANY_REQUESTS {
+                backend.state.on_busy(retry_after(ok.0.headers()));
+            } else if status.is_server_error() {
+                backend.state.on_failure(Failure::ServerError);
+            } else {
+                backend.state.on_success(sent.elapsed());
+            }
             Ok(ok)
         }
         Ok(Err((true, error))) => {
             tracing::warn!(backend = &*cfg.name, %error, "upstream connect failed");
-            backend.state.mark_down(DOWN_AFTER_CONNECT_ERROR);
+            backend.state.on_failure(Failure::Connect);
             count_error(&cfg.name, "connect");
             Err(GatewayError::UpstreamConnect {
                 backend: cfg.name.clone(),
@@ -86,6 +95,7 @@ pub async fn send(
         }
         Ok(Err((false, error))) => {
             tracing::warn!(backend = &*cfg.name, %error, "upstream request failed");
+            backend.state.on_failure(Failure::Broken);
             count_error(&cfg.name, "request");
             Err(failed())
         }
@@ -95,12 +105,24 @@ pub async fn send(
                 ?timeout,
                 "upstream sent no response headers in time"
             );
+            backend.state.on_failure(Failure::Timeout);
             count_error(&cfg.name, "timeout");
             Err(GatewayError::UpstreamTimeout {
                 backend: cfg.name.clone(),
             })
         }
     }
+}
+
+/// A 429's `Retry-After` in seconds (the form rate limiters send); one second without it.
+pub fn retry_after(headers: &HeaderMap) -> Duration {
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(Duration::from_secs(1), |s| {
+            Duration::from_secs_f64(s).min(MAX_BUSY)
+        })
 }
 
 /// The path prefix of a base URL (`http://host:port/prefix` -> `/prefix`).

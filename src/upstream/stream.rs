@@ -149,6 +149,7 @@ impl UpstreamBody {
 
     fn broken(&mut self, error: BodyError) -> Option<Bytes> {
         tracing::warn!(backend = &*self.backend, %error, "upstream stream ended early");
+        let error_kind = matches!(error, BodyError::Timeout);
         let (kind, err) = match error {
             BodyError::Timeout => (
                 "stream_idle_timeout",
@@ -164,6 +165,12 @@ impl UpstreamBody {
             ),
         };
         crate::upstream::forward::count_error(&self.backend, kind);
+        if let Some(state) = self.completion.as_ref().and_then(|c| c.backend_state()) {
+            state.on_failure(match error_kind {
+                true => crate::route::health::Failure::Timeout,
+                false => crate::route::health::Failure::Broken,
+            });
+        }
         self.settle(Status::UpstreamBroken, Some(err))
     }
 

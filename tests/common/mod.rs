@@ -34,6 +34,7 @@ pub struct Backend {
     sim: Option<SimConfig>,
     url: Option<String>,
     api_key: Option<String>,
+    hosting: &'static str,
 }
 
 impl Backend {
@@ -52,7 +53,14 @@ impl Backend {
             }),
             url: None,
             api_key: None,
+            hosting: "self_hosted",
         }
+    }
+
+    /// A provider's API rather than an owned server.
+    pub fn commercial(mut self) -> Self {
+        self.hosting = "commercial";
+        self
     }
 
     /// A backend at a fixed URL with no simulator (e.g. a closed port).
@@ -127,6 +135,7 @@ pub struct Harness {
     teams: Vec<(String, String, String)>,
     server: String,
     store: String,
+    routing: String,
     clock: Option<std::sync::Arc<dyn tollgate::budget::Clock>>,
     ledger: Option<std::path::PathBuf>,
 }
@@ -188,6 +197,13 @@ impl Harness {
         self
     }
 
+    /// Extra TOML lines for `[routing]`.
+    pub fn routing(mut self, lines: &str) -> Self {
+        self.routing.push_str(lines);
+        self.routing.push('\n');
+        self
+    }
+
     /// Extra TOML lines for `[server]`.
     pub fn server(mut self, lines: &str) -> Self {
         self.server.push_str(lines);
@@ -224,10 +240,11 @@ impl Harness {
             .clone()
             .unwrap_or_else(|| temp_dir("ledger").join("tollgate.db"));
         let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"sqlite://{}\"\n{}\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"sqlite://{}\"\n{}\n[routing]\n{}\n",
             self.server,
             ledger.display(),
-            self.store
+            self.store,
+            self.routing
         );
         let mut sims = HashMap::new();
         let mut env = HashMap::new();
@@ -242,8 +259,8 @@ impl Harness {
                 None => b.url.unwrap(),
             };
             text.push_str(&format!(
-                "\n[[backend]]\nname = \"{}\"\nurl = \"{url}\"\nhosting = \"self_hosted\"\n",
-                b.name
+                "\n[[backend]]\nname = \"{}\"\nurl = \"{url}\"\nhosting = \"{}\"\n",
+                b.name, b.hosting
             ));
             if let Some(r) = &b.region {
                 text.push_str(&format!("region = \"{r}\"\n"));
@@ -353,6 +370,30 @@ impl Gateway {
 
     pub async fn post(&self, path: &str, key: &str, body: impl Into<Bytes>) -> Reply {
         self.send(self.request(path, key, body)).await
+    }
+
+    /// Sends `n` copies of a request at once and returns the replies in order.
+    pub async fn post_concurrently(
+        &self,
+        n: usize,
+        path: &str,
+        key: &str,
+        body: impl Into<Bytes>,
+    ) -> Vec<Reply> {
+        let body = body.into();
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (client, req) = (self.client.clone(), self.request(path, key, body.clone()));
+                tokio::spawn(async move {
+                    collect(client.request(req).await.expect("gateway answers")).await
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(n);
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
     }
 
     pub fn request(&self, path: &str, key: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
