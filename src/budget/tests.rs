@@ -236,3 +236,63 @@ fn concurrent_admissions_never_overrun() {
     });
     assert_eq!(admitted.load(Ordering::Relaxed), 333);
 }
+
+#[test]
+fn a_grown_reservation_settles_once() {
+    // A fallback to a dearer backend reserves the difference and absorbs it.
+    let clock = Arc::new(ManualClock::new(T0));
+    let book = BudgetBook::new(clock.clone());
+    let t = team(vec![
+        budget(Window::Day, Some(1.0), None),
+        budget(Window::Month, None, Some(1000)),
+    ]);
+    let key: Arc<str> = "k".into();
+    let (mut held, _) = book
+        .admit(
+            &t,
+            &key,
+            Demand {
+                nusd: usd(0.3),
+                tokens: 100,
+            },
+        )
+        .unwrap();
+    let (more, rem) = book
+        .admit(
+            &t,
+            &key,
+            Demand {
+                nusd: usd(0.5),
+                tokens: 0,
+            },
+        )
+        .unwrap();
+    assert_eq!(rem.nusd, Some(usd(0.2)));
+    held.absorb(more);
+    assert!(
+        book.admit(
+            &t,
+            &key,
+            Demand {
+                nusd: usd(0.3),
+                tokens: 0
+            }
+        )
+        .is_err(),
+        "both parts are held"
+    );
+    held.settle(
+        Demand {
+            nusd: usd(0.6),
+            tokens: 120,
+        },
+        clock.now_us(),
+    );
+    let (_, rem) = book.admit(&t, &key, Demand::default()).unwrap();
+    assert_eq!(
+        rem.nusd,
+        Some(usd(0.4)),
+        "charged once, reservation released"
+    );
+    assert_eq!(rem.tokens, Some(880));
+}

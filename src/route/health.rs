@@ -313,30 +313,51 @@ impl BackendState {
             }
         }
         ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => self.name.clone()).increment(1.0);
-        Some(InFlight(self.clone()))
+        Some(InFlight {
+            state: self.clone(),
+            probe: false,
+        })
     }
 
     /// Counts one request against this backend until the guard drops (end of its body).
     pub fn enter(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => self.name.clone()).increment(1.0);
-        InFlight(self.clone())
+        InFlight {
+            state: self.clone(),
+            probe: false,
+        }
     }
 }
 
+/// One request counted against a backend, until it ends.
 #[derive(Debug)]
-pub struct InFlight(Arc<BackendState>);
+pub struct InFlight {
+    state: Arc<BackendState>,
+    /// This request is the half-open probe: when it ends without a verdict (refused by a
+    /// budget, abandoned), the probe slot must not stay taken.
+    probe: bool,
+}
 
 impl InFlight {
     pub fn backend(&self) -> &Arc<BackendState> {
-        &self.0
+        &self.state
+    }
+
+    pub fn mark_probe(&mut self) {
+        self.probe = true;
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => self.0.name.clone()).decrement(1.0);
+        let s = &self.state;
+        s.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.probe {
+            // A verdict (success or failure) already cleared it; otherwise the next request probes.
+            s.probe_since_ms.store(0, Ordering::Relaxed);
+        }
+        ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => s.name.clone()).decrement(1.0);
     }
 }
 
@@ -445,6 +466,16 @@ mod tests {
         assert!(s.try_probe());
         assert!(!s.try_probe(), "one probe at a time");
         assert_eq!(s.availability(), Availability::Probing);
+        let s = Arc::new(s);
+        let mut probe = s.enter();
+        probe.mark_probe();
+        drop(probe);
+        assert_eq!(
+            s.availability(),
+            Availability::HalfOpen,
+            "a probe that ended without a verdict frees the slot"
+        );
+        assert!(s.try_probe());
         s.on_success(Duration::from_millis(5));
         assert_eq!(s.availability(), Availability::Up);
     }

@@ -84,18 +84,25 @@ impl Candidate {
     /// another request took the last one since the plan was made.
     pub fn claim(&self, queue: bool) -> Option<Claim> {
         let state = &self.backend.state;
-        match state.availability() {
-            Availability::Up => {}
-            Availability::HalfOpen if state.try_probe() => {}
-            _ => return None,
-        }
         let cap = if queue {
             None
         } else {
             self.backend.cfg.max_concurrency
         };
-        let in_flight = state.try_enter(cap)?;
-        Some(Claim { in_flight })
+        match state.availability() {
+            Availability::Up => Some(Claim {
+                in_flight: state.try_enter(cap)?,
+            }),
+            Availability::HalfOpen => {
+                let mut in_flight = state.try_enter(cap)?;
+                if !state.try_probe() {
+                    return None;
+                }
+                in_flight.mark_probe();
+                Some(Claim { in_flight })
+            }
+            _ => None,
+        }
     }
 }
 

@@ -120,9 +120,10 @@ pub fn retry_after(headers: &HeaderMap) -> Duration {
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok()?.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
-        .map_or(Duration::from_secs(1), |s| {
-            Duration::from_secs_f64(s).min(MAX_BUSY)
-        })
+        .map_or(
+            Duration::from_secs_f64(crate::config::DEFAULT_BUSY_S),
+            |s| Duration::from_secs_f64(s).min(MAX_BUSY),
+        )
 }
 
 /// The path prefix of a base URL (`http://host:port/prefix` -> `/prefix`).
