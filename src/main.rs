@@ -265,23 +265,49 @@ fn check(path: &std::path::Path, explain: Option<Explain>) -> anyhow::Result<()>
         return explain_route(&live, &e);
     }
     println!(
-        "{:<36} {:<16} {:<12} {:<8} serves as",
-        "model or alias", "backend", "hosting", "region"
+        "{:<34} {:<16} {:<12} {:<7} {:>9} {:<17} {:>15}  serves as",
+        "model or alias", "backend", "hosting", "region", "context", "features", "$/1M in / out"
     );
     for (name, candidates) in router.table() {
         for (i, c) in candidates.iter().enumerate() {
             let b = &c.backend.cfg;
+            let price = c.price.as_ref().map_or_else(
+                || "unpriced".to_string(),
+                |p| format!("{:.2} / {:.2}", p.input * 1e6, p.output * 1e6),
+            );
+            let features = if c.features == tollgate::config::Features::UNDECLARED {
+                "(not declared)".to_string()
+            } else if c.features.is_empty() {
+                "none".to_string()
+            } else {
+                c.features.to_string()
+            };
             println!(
-                "{:<36} {:<16} {:<12} {:<8} {}",
+                "{:<34} {:<16} {:<12} {:<7} {:>9} {:<17} {:>15}  {}",
                 if i == 0 { name } else { "" },
                 b.name,
                 b.hosting.as_str(),
                 b.region.as_deref().unwrap_or("-"),
+                c.context_window.map_or("-".to_string(), |w| w.to_string()),
+                features,
+                price,
                 c.model
             );
         }
     }
+    println!(
+        "\nRouting: {}; up to {} attempts. `tollgate check --explain --model NAME` ranks them for one request.",
+        match config_policy(&live) {
+            tollgate::config::SelfHostedCost::Marginal => "self-hosted capacity is free until full (marginal)",
+            tollgate::config::SelfHostedCost::RateCard => "self-hosted backends compete at their rate card",
+        },
+        live.config.routing.max_attempts
+    );
     Ok(())
+}
+
+fn config_policy(live: &tollgate::live::LiveState) -> tollgate::config::SelfHostedCost {
+    live.config.routing.self_hosted_cost
 }
 
 fn explain_route(live: &tollgate::live::LiveState, e: &Explain) -> anyhow::Result<()> {

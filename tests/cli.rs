@@ -45,6 +45,67 @@ fn check_prints_the_routing_table() {
 }
 
 #[test]
+fn check_explain_ranks_every_candidate_with_its_cost_or_its_reason() {
+    let explain = |extra: &[&str]| {
+        let out = tollgate()
+            .args([
+                "check",
+                "--config",
+                "config/demo.toml",
+                "--explain",
+                "--model",
+                "chat-small",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let row = |out: &str, backend: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(backend))
+            .unwrap_or_else(|| panic!("no row for {backend}: {out}"))
+            .to_string()
+    };
+    // The owned GPU first (marginal), the provider as fallback with its expected cost:
+    // 3000 prompt tokens at $0.15/M + 256 expected output at $0.60/M + egress.
+    let out = explain(&["--prompt-tokens", "3000"]);
+    let gpu = row(&out, "llama-onprem");
+    assert!(
+        gpu.starts_with('1') && gpu.contains("marginal") && gpu.contains("chosen"),
+        "{out}"
+    );
+    let api = row(&out, "openai-sim");
+    assert!(
+        api.starts_with('2') && api.contains("0.000604") && api.contains("fallback"),
+        "{out}"
+    );
+    // A team restricted to the EU, a vision request, a prompt over every window.
+    let out = explain(&["--team", "support"]);
+    assert!(
+        row(&out, "openai-sim").contains("excluded: region us is not among the team's regions"),
+        "{out}"
+    );
+    let out = explain(&["--features", "vision"]);
+    assert!(
+        row(&out, "llama-onprem").contains("excluded: does not support vision"),
+        "{out}"
+    );
+    let out = explain(&["--prompt-tokens", "200000"]);
+    assert!(
+        row(&out, "llama-onprem").contains("excluded: needs 200000 tokens"),
+        "{out}"
+    );
+    assert!(out.contains("cannot serve this request"), "{out}");
+}
+
+#[test]
 fn check_names_the_bad_field_and_fails() {
     let dir = std::env::temp_dir().join(format!("tollgate-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

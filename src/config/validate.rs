@@ -78,8 +78,9 @@ impl Features {
     pub const TOOLS: Features = Features(1);
     pub const VISION: Features = Features(2);
     pub const JSON: Features = Features(4);
-    /// Every feature: a model that declares none is not filtered on them.
-    pub const ALL: Features = Features(7);
+    /// A model whose `features` are not declared: supports every feature for routing, and
+    /// is told apart from one that declares all three.
+    pub const UNDECLARED: Features = Features(0x80 | 7);
     const NAMES: [(Features, &'static str); 3] = [
         (Features::TOOLS, "tools"),
         (Features::VISION, "vision"),
@@ -613,7 +614,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
                     c.err(format!("{mp}.max_output_tokens"), "must be > 0");
                 }
                 let features = match &m.features {
-                    None => Features::ALL,
+                    None => Features::UNDECLARED,
                     Some(list) => list.iter().enumerate().fold(Features::NONE, |acc, (k, f)| {
                         match Features::from_name(f) {
                             Some(one) => acc.with(one),
