@@ -16,9 +16,8 @@ use tollgate::route::{explain, Prompt, RouteRequest};
 
 fn config() -> tollgate::config::Config {
     let regions = ["eu", "us", "ap"];
-    let mut text = String::from(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n",
-    );
+    let mut text =
+        String::from("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n");
     for i in 0..50 {
         let region = regions[i % 3];
         if i % 5 == 0 {
@@ -49,12 +48,22 @@ fn bench(c: &mut Criterion) {
     let live = LiveState::build(config(), None);
     // A realistic mess: two GPUs full, three backends down, one rate limited.
     let mut held = Vec::new();
-    for b in live.backends.iter().filter(|b| b.cfg.name.starts_with("gpu")).take(2) {
+    for b in live
+        .backends
+        .iter()
+        .filter(|b| b.cfg.name.starts_with("gpu"))
+        .take(2)
+    {
         for _ in 0..8 {
             held.push(b.state.enter());
         }
     }
-    for b in live.backends.iter().filter(|b| b.cfg.name.starts_with("api")).take(3) {
+    for b in live
+        .backends
+        .iter()
+        .filter(|b| b.cfg.name.starts_with("api"))
+        .take(3)
+    {
         b.state.on_failure(Failure::Connect);
     }
     live.backends[7].state.on_busy(Duration::from_secs(3600));
