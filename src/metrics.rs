@@ -24,6 +24,15 @@ pub const BUDGET_SPENT_USD: &str = "tollgate_budget_spent_usd";
 pub const BUDGET_REJECTIONS_TOTAL: &str = "tollgate_budget_rejections_total";
 pub const BUDGET_SOFT_LIMIT_REACHED: &str = "tollgate_budget_soft_limit_reached";
 pub const ROUTE_FALLBACKS_TOTAL: &str = "tollgate_route_fallbacks_total";
+pub const COST_USD_TOTAL: &str = "tollgate_cost_usd_total";
+pub const REQUEST_COST_USD: &str = "tollgate_request_cost_usd";
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tollgate_time_to_first_token_seconds";
+
+/// Cost of one inference, from a fraction of a cent's hundredth (a small self-hosted answer)
+/// to dollars (a long-context call to a large model).
+const COST_BUCKETS: &[f64] = &[
+    1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+];
 
 /// Latency buckets from 5 ms (a cached answer) to 10 minutes (a long generation).
 const DURATION_BUCKETS: &[f64] = &[
@@ -38,6 +47,8 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)
+                .expect("bucket list is not empty")
+                .set_buckets_for_metric(Matcher::Full(REQUEST_COST_USD.into()), COST_BUCKETS)
                 .expect("bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -95,8 +106,89 @@ fn describe() {
         UNPRICED_REQUESTS_TOTAL,
         "Successful requests to a model with no price anywhere (config or catalog): cost unknown, not zero."
     );
+    describe_histogram!(
+        REQUEST_COST_USD,
+        "Cost of each priced inference in USD, by team, model and backend."
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time from request received to the first generated token of a stream."
+    );
     describe_counter!(
         LEDGER_ERRORS_TOTAL,
         "Failed ledger commits; while they fail, billable requests get 503."
     );
+}
+
+/// Dollar counters. The `metrics` crate's counters count whole units, so spend is summed here
+/// in integer nano-dollars (exact, like the ledger) and exported as USD.
+pub struct UsdCounters {
+    /// Keyed by the rendered label set, `team="a",model="b",backend="c"`.
+    by_labels: dashmap::DashMap<String, std::sync::atomic::AtomicI64>,
+}
+
+/// The process-wide dollar counters, beside [`install`]'s recorder.
+pub fn usd() -> &'static UsdCounters {
+    static USD: OnceLock<UsdCounters> = OnceLock::new();
+    USD.get_or_init(|| UsdCounters {
+        by_labels: dashmap::DashMap::new(),
+    })
+}
+
+impl UsdCounters {
+    /// Adds `nusd` to the counter of these labels (values from the config: bounded).
+    pub fn add(&self, labels: &[(&str, &str)], nusd: i64) {
+        use std::fmt::Write;
+        let mut key = String::with_capacity(96);
+        for (i, (k, v)) in labels.iter().enumerate() {
+            if i > 0 {
+                key.push(',');
+            }
+            let _ = write!(key, "{k}=\"");
+            for c in v.chars() {
+                match c {
+                    '\\' => key.push_str("\\\\"),
+                    '"' => key.push_str("\\\""),
+                    '\n' => key.push_str("\\n"),
+                    c => key.push(c),
+                }
+            }
+            key.push('"');
+        }
+        let ordering = std::sync::atomic::Ordering::Relaxed;
+        if let Some(c) = self.by_labels.get(&key) {
+            c.fetch_add(nusd, ordering);
+            return;
+        }
+        self.by_labels
+            .entry(key)
+            .or_default()
+            .fetch_add(nusd, ordering);
+    }
+
+    /// Prometheus text for [`COST_USD_TOTAL`], sorted by labels.
+    pub fn render(&self) -> String {
+        let mut rows: Vec<(String, i64)> = self
+            .by_labels
+            .iter()
+            .map(|e| {
+                (
+                    e.key().clone(),
+                    e.value().load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+            .collect();
+        rows.sort();
+        let mut out = format!(
+            "# HELP {COST_USD_TOTAL} Spend in USD, by team, model and backend (the ledger's costs, summed).\n# TYPE {COST_USD_TOTAL} counter\n"
+        );
+        for (labels, nusd) in rows {
+            out.push_str(&format!(
+                "{COST_USD_TOTAL}{{{labels}}} {}\n",
+                crate::meter::format_usd(nusd)
+            ));
+        }
+        out
+    }
 }

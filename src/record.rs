@@ -284,6 +284,8 @@ impl Settle {
             &usage,
             priced || !billable,
             ctx,
+            cost_nusd,
+            priced,
         );
 
         let ended_at_us = crate::budget::unix_now_us();
@@ -408,6 +410,8 @@ fn record_metrics(
     usage: &Usage,
     priced: bool,
     ctx: &RequestCtx,
+    cost_nusd: i64,
+    priced_model: bool,
 ) {
     let label = |k: &'static str, v: metrics::SharedString| metrics::Label::new(k, v);
     let base = || {
@@ -432,5 +436,24 @@ fn record_metrics(
     }
     if !priced && o.status == Status::Ok {
         metrics::counter!(m::UNPRICED_REQUESTS_TOTAL, base()).increment(1);
+    }
+    if let Some(first) = o.first_token_at {
+        metrics::histogram!(m::TIME_TO_FIRST_TOKEN_SECONDS, base())
+            .record(first.duration_since(ctx.started).as_secs_f64());
+    }
+    // Spend: every billed request adds its cost, so the counter sums to the ledger; the
+    // histogram describes priced inferences only (an unpriced one has no cost to show).
+    if cost_nusd > 0 || (priced_model && o.status == Status::Ok) {
+        m::usd().add(
+            &[
+                ("team", team),
+                ("model", model),
+                ("backend", backend.map_or("", |b| &**b)),
+            ],
+            cost_nusd,
+        );
+    }
+    if priced_model && o.status == Status::Ok {
+        metrics::histogram!(m::REQUEST_COST_USD, base()).record(cost_nusd as f64 / 1e9);
     }
 }

@@ -105,7 +105,12 @@ impl Admin {
                 serde_json::json!({"error": {"message": "admin key required", "type": "invalid_request_error", "code": "invalid_api_key", "param": null}}),
             ),
             (&Method::GET, "/metrics") => {
-                let mut resp = Response::new(GatewayBody::full(Bytes::from(self.metrics.render())));
+                let mut text = self.metrics.render();
+                if !text.is_empty() && !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                text.push_str(&crate::metrics::usd().render());
+                let mut resp = Response::new(GatewayBody::full(Bytes::from(text)));
                 resp.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
