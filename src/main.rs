@@ -297,17 +297,13 @@ fn check(path: &std::path::Path, explain: Option<Explain>) -> anyhow::Result<()>
     }
     println!(
         "\nRouting: {}; up to {} attempts. `tollgate check --explain --model NAME` ranks them for one request.",
-        match config_policy(&live) {
+        match live.config.routing.self_hosted_cost {
             tollgate::config::SelfHostedCost::Marginal => "self-hosted capacity is free until full (marginal)",
             tollgate::config::SelfHostedCost::RateCard => "self-hosted backends compete at their rate card",
         },
         live.config.routing.max_attempts
     );
     Ok(())
-}
-
-fn config_policy(live: &tollgate::live::LiveState) -> tollgate::config::SelfHostedCost {
-    live.config.routing.self_hosted_cost
 }
 
 fn explain_route(live: &tollgate::live::LiveState, e: &Explain) -> anyhow::Result<()> {

@@ -33,7 +33,6 @@ pub fn describe(why: &Exclusion) -> String {
         Exclusion::Capacity { in_flight, max } => {
             format!("at capacity ({in_flight}/{max} in flight)")
         }
-        Exclusion::Budget => "its worst-case cost does not fit the team's budget".into(),
     }
 }
 

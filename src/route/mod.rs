@@ -192,8 +192,6 @@ pub enum Exclusion {
         in_flight: u32,
         max: u32,
     },
-    /// Its worst case does not fit the team's budget (a fallback's extra reservation).
-    Budget,
 }
 
 impl Exclusion {
@@ -207,7 +205,6 @@ impl Exclusion {
             Exclusion::Probing => "probing",
             Exclusion::Busy { .. } => "rate_limited",
             Exclusion::Capacity { .. } => "capacity",
-            Exclusion::Budget => "budget",
         }
     }
 
