@@ -6,7 +6,7 @@
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
@@ -124,8 +124,16 @@ fn describe() {
 /// Dollar counters. The `metrics` crate's counters count whole units, so spend is summed here
 /// in integer nano-dollars (exact, like the ledger) and exported as USD.
 pub struct UsdCounters {
-    /// Keyed by the rendered label set, `team="a",model="b",backend="c"`.
-    by_labels: dashmap::DashMap<String, std::sync::atomic::AtomicI64>,
+    by_labels: dashmap::DashMap<SpendLabels, std::sync::atomic::AtomicI64>,
+}
+
+/// The labels of a spend counter: names from the config, so bounded.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpendLabels {
+    pub team: Arc<str>,
+    pub model: Arc<str>,
+    /// `None` for a request refused before a backend was chosen.
+    pub backend: Option<Arc<str>>,
 }
 
 /// The process-wide dollar counters, beside [`install`]'s recorder.
@@ -136,40 +144,35 @@ pub fn usd() -> &'static UsdCounters {
     })
 }
 
-impl UsdCounters {
-    /// Adds `nusd` to the counter of these labels (values from the config: bounded).
-    pub fn add(&self, labels: &[(&str, &str)], nusd: i64) {
-        use std::fmt::Write;
-        let mut key = String::with_capacity(96);
-        for (i, (k, v)) in labels.iter().enumerate() {
-            if i > 0 {
-                key.push(',');
-            }
-            let _ = write!(key, "{k}=\"");
-            for c in v.chars() {
-                match c {
-                    '\\' => key.push_str("\\\\"),
-                    '"' => key.push_str("\\\""),
-                    '\n' => key.push_str("\\n"),
-                    c => key.push(c),
-                }
-            }
-            key.push('"');
+/// A label value as the text format wants it.
+fn escape(v: &str, out: &mut String) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
         }
+    }
+}
+
+impl UsdCounters {
+    /// Adds `nusd` to the counter of these labels; no allocation once the counter exists.
+    pub fn add(&self, labels: SpendLabels, nusd: i64) {
         let ordering = std::sync::atomic::Ordering::Relaxed;
-        if let Some(c) = self.by_labels.get(&key) {
+        if let Some(c) = self.by_labels.get(&labels) {
             c.fetch_add(nusd, ordering);
             return;
         }
         self.by_labels
-            .entry(key)
+            .entry(labels)
             .or_default()
             .fetch_add(nusd, ordering);
     }
 
     /// Prometheus text for [`COST_USD_TOTAL`], sorted by labels.
     pub fn render(&self) -> String {
-        let mut rows: Vec<(String, i64)> = self
+        let mut rows: Vec<(SpendLabels, i64)> = self
             .by_labels
             .iter()
             .map(|e| {
@@ -183,12 +186,44 @@ impl UsdCounters {
         let mut out = format!(
             "# HELP {COST_USD_TOTAL} Spend in USD, by team, model and backend (the ledger's costs, summed).\n# TYPE {COST_USD_TOTAL} counter\n"
         );
-        for (labels, nusd) in rows {
-            out.push_str(&format!(
-                "{COST_USD_TOTAL}{{{labels}}} {}\n",
-                crate::meter::format_usd(nusd)
-            ));
+        for (l, nusd) in rows {
+            out.push_str(COST_USD_TOTAL);
+            out.push_str("{team=\"");
+            escape(&l.team, &mut out);
+            out.push_str("\",model=\"");
+            escape(&l.model, &mut out);
+            out.push_str("\",backend=\"");
+            escape(l.backend.as_deref().unwrap_or(""), &mut out);
+            out.push_str("\"} ");
+            out.push_str(&crate::meter::format_usd(nusd));
+            out.push('\n');
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spend_sums_exactly_and_renders_escaped_usd() {
+        let c = UsdCounters {
+            by_labels: dashmap::DashMap::new(),
+        };
+        let labels = SpendLabels {
+            team: "a\"b".into(),
+            model: "m".into(),
+            backend: Some("x".into()),
+        };
+        c.add(labels.clone(), 100_000_001);
+        c.add(labels, 200_000_002);
+        assert!(
+            c.render().ends_with(
+                "tollgate_cost_usd_total{team=\"a\\\"b\",model=\"m\",backend=\"x\"} 0.300000003\n"
+            ),
+            "{}",
+            c.render()
+        );
     }
 }

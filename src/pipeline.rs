@@ -291,7 +291,7 @@ async fn prepare(
     };
     let shape = Shape {
         body: body.clone(),
-        requested: summary.model.to_string(),
+        requested: requested_model.clone(),
         model_span: summary.model_span.clone(),
         stream_options_span: summary.stream_options_span.clone(),
         ask_usage: summary.stream && !summary.include_usage && endpoint != Endpoint::Embeddings,
@@ -378,7 +378,7 @@ fn at_capacity(model: &str, tried: &[(Arc<str>, &'static str)]) -> GatewayError 
 /// What is needed to write the request body for whichever candidate serves it.
 struct Shape {
     body: bytes::Bytes,
-    requested: String,
+    requested: Arc<str>,
     model_span: std::ops::Range<usize>,
     stream_options_span: Option<std::ops::Range<usize>>,
     /// A stream whose client did not ask for usage: ask for it where the backend can.

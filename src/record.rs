@@ -445,11 +445,11 @@ fn record_metrics(
     // histogram describes priced inferences only (an unpriced one has no cost to show).
     if cost_nusd > 0 || (priced_model && o.status == Status::Ok) {
         m::usd().add(
-            &[
-                ("team", team),
-                ("model", model),
-                ("backend", backend.map_or("", |b| &**b)),
-            ],
+            m::SpendLabels {
+                team: team.clone(),
+                model: model.clone(),
+                backend: backend.cloned(),
+            },
             cost_nusd,
         );
     }

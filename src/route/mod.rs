@@ -277,10 +277,10 @@ pub struct Plan {
 /// Load used when a backend sets no `max_concurrency`.
 const UNCAPPED_CAPACITY: u32 = 1000;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Router {
     by_name: HashMap<Arc<str>, Vec<Arc<Candidate>>>,
-    self_hosted_cost: Option<SelfHostedCost>,
+    self_hosted_cost: SelfHostedCost,
     expected_output_tokens: u64,
 }
 
@@ -310,7 +310,7 @@ impl Router {
         }
         Self {
             by_name,
-            self_hosted_cost: Some(routing.self_hosted_cost),
+            self_hosted_cost: routing.self_hosted_cost,
             expected_output_tokens: routing.expected_output_tokens,
         }
     }
@@ -421,7 +421,7 @@ impl Router {
                 m.min(self.expected_output_tokens)
             });
         let basis = match (cfg.hosting, self.self_hosted_cost, &c.price) {
-            (Hosting::SelfHosted, Some(SelfHostedCost::Marginal), _) => Basis::Marginal,
+            (Hosting::SelfHosted, SelfHostedCost::Marginal, _) => Basis::Marginal,
             (_, _, None) => Basis::Unpriced,
             (Hosting::SelfHosted, _, Some(_)) => Basis::RateCard,
             (Hosting::Commercial, _, Some(_)) => Basis::List,
