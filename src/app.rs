@@ -93,7 +93,7 @@ pub async fn start_with_clock(
     }
     let handle = crate::metrics::install();
     let ledger = Ledger::open(&config.ledger_url, config.ledger_fsync)?;
-    let budgets = Arc::new(BudgetBook::new(clock));
+    let budgets = Arc::new(BudgetBook::new(clock.clone()));
     seed_budgets(&budgets, &ledger, &config)?;
     // Loading the encoders takes a moment; do it now, not on the first request to need them.
     load_encodings(&config).await;
@@ -102,7 +102,9 @@ pub async fn start_with_clock(
         shutdown_grace: config.server.shutdown_grace,
     };
     let max_in_flight = config.server.max_in_flight;
-    let live: Live = Arc::new(ArcSwap::from_pointee(LiveState::build(config, None)));
+    let live: Live = Arc::new(ArcSwap::from_pointee(LiveState::build_with_clock(
+        config, None, clock,
+    )));
     crate::route::health::ensure_probes(&live);
     let (shutdown, signal) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -153,9 +155,11 @@ pub async fn start_with_clock(
         )),
     ];
     let upkeep = tokio::spawn(crate::metrics::upkeep(handle));
+    let gpu_watch = tokio::spawn(crate::gpu::watch(Arc::downgrade(&live)));
     tasks.push(tokio::spawn(async move {
         stopped(signal).await;
         upkeep.abort();
+        gpu_watch.abort();
     }));
     #[cfg(unix)]
     if admin.config_path.is_some() {

@@ -43,6 +43,8 @@ pub struct RequestCtx {
     pub endpoint: Endpoint,
     pub principal: Arc<Principal>,
     pub tags: Tags,
+    /// The tag values that become metric labels (`metrics.tag_labels`).
+    pub metric_tags: crate::metrics::TagLabels,
     pub requested_model: Arc<str>,
     pub stream: bool,
     /// The client's body as received (shared, not copied): counted locally when needed.

@@ -28,6 +28,7 @@ pub mod meter;
 pub mod record;
 pub mod ledger;
 pub mod metrics;
+pub mod gpu;
 pub mod error;
 pub mod admin;
 pub mod report;

@@ -5,6 +5,7 @@
 //! or the new one, never a mix. A bad file keeps the old snapshot.
 
 use crate::auth::KeyTable;
+use crate::budget::{Clock, SystemClock};
 use crate::config::prices::Catalog;
 use crate::config::Config;
 use crate::route::health::BackendState;
@@ -20,6 +21,8 @@ pub struct LiveState {
     pub keys: KeyTable,
     pub router: Router,
     pub backends: Vec<Arc<RouteBackend>>,
+    /// The gateway's wall clock (budget windows, GPU hours); tests move it by hand.
+    pub clock: Arc<dyn Clock>,
 }
 
 pub type Live = Arc<ArcSwap<LiveState>>;
@@ -28,6 +31,18 @@ impl LiveState {
     /// Builds a snapshot; run-time backend state (health, in-flight) is carried over by name
     /// from `previous` so a reload does not forget load or a down mark.
     pub fn build(config: Config, previous: Option<&LiveState>) -> Self {
+        let clock = previous.map_or_else(
+            || Arc::new(SystemClock) as Arc<dyn Clock>,
+            |p| p.clock.clone(),
+        );
+        Self::build_with_clock(config, previous, clock)
+    }
+
+    pub fn build_with_clock(
+        config: Config,
+        previous: Option<&LiveState>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let old: HashMap<&str, &Arc<BackendState>> = previous
             .map(|p| {
                 p.backends
@@ -43,8 +58,11 @@ impl LiveState {
                 let state = old
                     .get(&*cfg.name)
                     .map(|s| Arc::clone(s))
-                    .unwrap_or_else(|| Arc::new(BackendState::new(cfg.name.clone())));
+                    .unwrap_or_else(|| {
+                        Arc::new(BackendState::with_clock(cfg.name.clone(), clock.clone()))
+                    });
                 state.configure(&config.routing);
+                state.set_cost(cfg);
                 Arc::new(RouteBackend::new(cfg.clone(), client::build(cfg), state))
             })
             .collect();
@@ -53,6 +71,7 @@ impl LiveState {
             router: Router::new(&backends, &Catalog::builtin(), &config.routing),
             backends,
             config: Arc::new(config),
+            clock,
         }
     }
 }

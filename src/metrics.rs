@@ -27,6 +27,13 @@ pub const ROUTE_FALLBACKS_TOTAL: &str = "tollgate_route_fallbacks_total";
 pub const COST_USD_TOTAL: &str = "tollgate_cost_usd_total";
 pub const REQUEST_COST_USD: &str = "tollgate_request_cost_usd";
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tollgate_time_to_first_token_seconds";
+pub const OVERHEAD_SECONDS: &str = "tollgate_overhead_seconds";
+
+/// The gateway's own time per request: microseconds normally, milliseconds when a ledger
+/// commit or a local token count is slow.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.5,
+];
 
 /// Cost of one inference, from a fraction of a cent's hundredth (a small self-hosted answer)
 /// to dollars (a long-context call to a large model).
@@ -49,6 +56,9 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)
                 .expect("bucket list is not empty")
                 .set_buckets_for_metric(Matcher::Full(REQUEST_COST_USD.into()), COST_BUCKETS)
+                .expect("bucket list is not empty")
+                // Full matches win over the `_seconds` suffix.
+                .set_buckets_for_metric(Matcher::Full(OVERHEAD_SECONDS.into()), OVERHEAD_BUCKETS)
                 .expect("bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -115,10 +125,84 @@ fn describe() {
         Unit::Seconds,
         "Time from request received to the first generated token of a stream."
     );
+    describe_histogram!(
+        OVERHEAD_SECONDS,
+        Unit::Seconds,
+        "Time spent in the gateway itself per request, by backend: from request received to response head sent, less the time waiting on upstreams (for a JSON answer that includes the ledger commit; relaying a stream's chunks is not counted)."
+    );
     describe_counter!(
         LEDGER_ERRORS_TOTAL,
         "Failed ledger commits; while they fail, billable requests get 503."
     );
+}
+
+/// The values of the configured tag labels (`metrics.tag_labels`) for one request.
+///
+/// Keys are bounded by the config; values are the callers', so each key keeps at most
+/// `metrics.max_tag_values` distinct values process-wide and counts the rest as `other`.
+/// A request without the tag has an empty value, which Prometheus treats as no label.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TagLabels {
+    keys: Option<Arc<[Arc<str>]>>,
+    values: Vec<Arc<str>>,
+}
+
+/// One tag key's values seen so far, shared by every series that carries them.
+type Interned = dashmap::DashMap<Box<str>, Arc<str>>;
+
+/// The value a tag label takes once its key has seen `max_tag_values` others.
+pub const OTHER_TAG_VALUE: &str = "other";
+
+impl TagLabels {
+    pub fn of(cfg: &crate::config::Metrics, tags: &crate::tags::Tags) -> Self {
+        if cfg.tag_labels.is_empty() {
+            return Self::default();
+        }
+        static SEEN: OnceLock<dashmap::DashMap<Arc<str>, Interned>> = OnceLock::new();
+        let seen = SEEN.get_or_init(dashmap::DashMap::new);
+        let values = cfg
+            .tag_labels
+            .iter()
+            .map(|key| {
+                let Some(value) = tags.get(&**key) else {
+                    return Arc::from("");
+                };
+                let per_key = match seen.get(&**key) {
+                    Some(m) => m,
+                    None => {
+                        seen.entry(key.clone()).or_default();
+                        seen.get(&**key).expect("just inserted")
+                    }
+                };
+                if let Some(v) = per_key.get(value.as_str()) {
+                    return v.clone();
+                }
+                if per_key.len() >= cfg.max_tag_values {
+                    return Arc::from(OTHER_TAG_VALUE);
+                }
+                let interned = per_key
+                    .entry(value.as_str().into())
+                    .or_insert_with(|| Arc::from(value.as_str()))
+                    .clone();
+                interned
+            })
+            .collect();
+        Self {
+            keys: Some(cfg.tag_labels.clone()),
+            values,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<str>)> {
+        self.keys.iter().flat_map(|k| k.iter()).zip(&self.values)
+    }
+
+    /// As `metrics` labels, appended to `labels`.
+    pub fn extend(&self, labels: &mut Vec<metrics::Label>) {
+        for (k, v) in self.iter() {
+            labels.push(metrics::Label::new(k.clone(), v.clone()));
+        }
+    }
 }
 
 /// Dollar counters. The `metrics` crate's counters count whole units, so spend is summed here
@@ -134,6 +218,7 @@ pub struct SpendLabels {
     pub model: Arc<str>,
     /// `None` for a request refused before a backend was chosen.
     pub backend: Option<Arc<str>>,
+    pub tags: TagLabels,
 }
 
 /// The process-wide dollar counters, beside [`install`]'s recorder.
@@ -145,7 +230,7 @@ pub fn usd() -> &'static UsdCounters {
 }
 
 /// A label value as the text format wants it.
-fn escape(v: &str, out: &mut String) {
+pub fn escape(v: &str, out: &mut String) {
     for c in v.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -184,7 +269,7 @@ impl UsdCounters {
             .collect();
         rows.sort();
         let mut out = format!(
-            "# HELP {COST_USD_TOTAL} Spend in USD, by team, model and backend (the ledger's costs, summed).\n# TYPE {COST_USD_TOTAL} counter\n"
+            "# HELP {COST_USD_TOTAL} Spend in USD, by team, model, backend and the configured tag labels (the ledger's costs, summed).\n# TYPE {COST_USD_TOTAL} counter\n"
         );
         for (l, nusd) in rows {
             out.push_str(COST_USD_TOTAL);
@@ -194,6 +279,12 @@ impl UsdCounters {
             escape(&l.model, &mut out);
             out.push_str("\",backend=\"");
             escape(l.backend.as_deref().unwrap_or(""), &mut out);
+            for (k, v) in l.tags.iter() {
+                out.push_str("\",");
+                out.push_str(k);
+                out.push_str("=\"");
+                escape(v, &mut out);
+            }
             out.push_str("\"} ");
             out.push_str(&crate::meter::format_usd(nusd));
             out.push('\n');
@@ -207,6 +298,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tag_label_values_are_bounded_per_key() {
+        let cfg = crate::config::Metrics {
+            tag_labels: vec![Arc::from("tl_test_project"), Arc::from("tl_test_env")].into(),
+            max_tag_values: 3,
+            ..Default::default()
+        };
+        let tags =
+            |p: &str| crate::tags::Tags::from([("tl_test_project".to_string(), p.to_string())]);
+        let values = |t: &TagLabels| t.iter().map(|(_, v)| v.to_string()).collect::<Vec<_>>();
+        for p in ["a", "b", "c"] {
+            assert_eq!(values(&TagLabels::of(&cfg, &tags(p))), [p, ""]);
+        }
+        assert_eq!(values(&TagLabels::of(&cfg, &tags("d"))), ["other", ""]);
+        assert_eq!(
+            values(&TagLabels::of(&cfg, &tags("a"))),
+            ["a", ""],
+            "a value seen before keeps its own series"
+        );
+        assert_eq!(
+            TagLabels::of(&Default::default(), &tags("a")),
+            TagLabels::default(),
+            "no tag labels configured: nothing to carry"
+        );
+    }
+
+    #[test]
     fn spend_sums_exactly_and_renders_escaped_usd() {
         let c = UsdCounters {
             by_labels: dashmap::DashMap::new(),
@@ -215,6 +332,7 @@ mod tests {
             team: "a\"b".into(),
             model: "m".into(),
             backend: Some("x".into()),
+            tags: TagLabels::default(),
         };
         c.add(labels.clone(), 100_000_001);
         c.add(labels, 200_000_002);

@@ -303,6 +303,7 @@ async fn prepare(
         started,
         endpoint,
         principal: principal.clone(),
+        metric_tags: crate::metrics::TagLabels::of(&live.config.metrics, &seen.tags),
         tags: std::mem::take(&mut seen.tags),
         requested_model,
         stream: summary.stream,
@@ -344,6 +345,7 @@ async fn prepare(
         max_response_bytes: server.max_response_bytes,
         strip_usage,
         output_limit,
+        upstream_wait: std::time::Duration::ZERO,
     })
 }
 
@@ -543,6 +545,8 @@ struct Exchange {
     /// The gateway asked for stream usage the client did not: hide it from the client.
     strip_usage: bool,
     output_limit: Option<u64>,
+    /// Time spent waiting on upstreams, so the gateway's own time can be told apart.
+    upstream_wait: std::time::Duration,
 }
 
 /// A response that may still be handed to another backend: nothing was sent to the client.
@@ -644,6 +648,7 @@ impl Exchange {
             } else {
                 std::mem::take(&mut self.headers)
             };
+            let asked = Instant::now();
             let attempt = forward::send(
                 self.candidate(),
                 &self.path,
@@ -653,6 +658,7 @@ impl Exchange {
                 self.request_timeout,
             )
             .await;
+            self.upstream_wait += asked.elapsed();
             match Self::retryable(&attempt) {
                 Some(why) if more && self.fall_back(why) => continue,
                 _ => return attempt,
@@ -676,6 +682,7 @@ impl Exchange {
             max_response_bytes,
             strip_usage,
             output_limit,
+            mut upstream_wait,
             ..
         } = self;
         let candidate = plan.ranked[idx].candidate.clone();
@@ -725,16 +732,19 @@ impl Exchange {
             )
             .with_output_limit(output_limit)
             .with_driver(driver);
+            record_overhead(&candidate, started, upstream_wait);
             return Ok(Response::from_parts(parts, GatewayBody::upstream(body)));
         }
 
         // A JSON answer (or an upstream error) is read whole: its usage decides the headers.
         let deadline = tokio::time::Instant::from_std(started + request_timeout);
         let read = read_response(incoming, max_response_bytes, deadline);
+        let reading = Instant::now();
         let read = match driver.as_mut() {
             Some(d) => d.drive(read).await,
             None => read.await,
         };
+        upstream_wait += reading.elapsed();
         let bytes = match read {
             Ok(b) => {
                 if let Some(d) = driver.take() {
@@ -786,8 +796,16 @@ impl Exchange {
             set_usage_headers(&mut parts.headers, &settled);
         }
         parts.headers.remove(CONTENT_LENGTH);
+        record_overhead(&candidate, started, upstream_wait);
         Ok(Response::from_parts(parts, GatewayBody::full(bytes)))
     }
+}
+
+/// The gateway's own share of the time to the response head.
+fn record_overhead(candidate: &Candidate, started: Instant, upstream_wait: std::time::Duration) {
+    let own = started.elapsed().saturating_sub(upstream_wait);
+    metrics::histogram!(m::OVERHEAD_SECONDS, "backend" => candidate.backend.cfg.name.clone())
+        .record(own.as_secs_f64());
 }
 
 fn failure(status: Status, http_status: u16) -> Outcome {

@@ -176,12 +176,14 @@ impl Completion {
     }
 
     fn settle(&mut self, outcome: Outcome, reply: Option<oneshot::Sender<Settled>>) {
-        self._in_flight = None;
+        // The slot is free before the record is written; the backend still learns the cost.
+        let backend_state = self._in_flight.take().map(|g| g.backend().clone());
         let Some(job) = self.job.take() else { return };
         let job = Settle {
             job,
             outcome,
             ended: Instant::now(),
+            backend_state,
         };
         if job.outcome.usage.is_some()
             || job.local_count_bytes() <= crate::tokens::INLINE_COUNT_MAX_BYTES
@@ -221,6 +223,7 @@ struct Settle {
     job: Job,
     outcome: Outcome,
     ended: Instant,
+    backend_state: Option<Arc<crate::route::health::BackendState>>,
 }
 
 impl Settle {
@@ -256,6 +259,9 @@ impl Settle {
             0
         };
         let priced = this.job.price.is_some();
+        if let Some(state) = &this.backend_state {
+            state.occupancy.charge(cost_nusd);
+        }
         if let Some((reservation, book)) = this.job.budget.take() {
             // What was billed replaces the worst case that was held; a refusal upstream only
             // releases it.
@@ -426,12 +432,15 @@ fn record_metrics(
     };
     let mut with_status = base();
     with_status.push(label("status", o.status.as_str().into()));
-    metrics::counter!(m::REQUESTS_TOTAL, with_status.clone()).increment(1);
-    metrics::histogram!(m::REQUEST_DURATION_SECONDS, with_status)
+    metrics::histogram!(m::REQUEST_DURATION_SECONDS, with_status.clone())
         .record(ctx.started.elapsed().as_secs_f64());
+    // Counters carry the configured tag labels; histograms do not (a series per bucket).
+    ctx.metric_tags.extend(&mut with_status);
+    metrics::counter!(m::REQUESTS_TOTAL, with_status).increment(1);
     for (direction, n) in [("prompt", usage.prompt), ("completion", usage.completion)] {
         let mut l = base();
         l.push(label("direction", direction.into()));
+        ctx.metric_tags.extend(&mut l);
         metrics::counter!(m::TOKENS_TOTAL, l).increment(n);
     }
     if !priced && o.status == Status::Ok {
@@ -449,6 +458,7 @@ fn record_metrics(
                 team: team.clone(),
                 model: model.clone(),
                 backend: backend.cloned(),
+                tags: ctx.metric_tags.clone(),
             },
             cost_nusd,
         );

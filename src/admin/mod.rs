@@ -110,6 +110,7 @@ impl Admin {
                     text.push('\n');
                 }
                 text.push_str(&crate::metrics::usd().render());
+                text.push_str(&crate::gpu::render(&self.live.load()));
                 let mut resp = Response::new(GatewayBody::full(Bytes::from(text)));
                 resp.headers_mut().insert(
                     CONTENT_TYPE,

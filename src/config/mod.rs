@@ -9,8 +9,8 @@ mod validate;
 
 pub use validate::{
     load, parse, parse_key_hash, process_env, validate, Backend, BackendModel, Budget, Config,
-    ConfigError, ConfigErrors, Features, GpuCost, HealthCheck, Hosting, OnDisconnect, Protocol,
-    Routing, SelfHostedCost, Server, Team, Window,
+    ConfigError, ConfigErrors, Features, GpuCost, HealthCheck, Hosting, Metrics, OnDisconnect,
+    Protocol, Routing, SelfHostedCost, Server, Team, Window,
 };
 
 use serde::Deserialize;
@@ -285,4 +285,31 @@ pub struct RawBudget {
 pub struct RawMetrics {
     /// Tag keys that become metric labels; everything else stays out to bound cardinality.
     pub tag_labels: Vec<String>,
+    /// Distinct values kept per tag label; later values are counted under `other`.
+    pub max_tag_values: Option<usize>,
+    /// A self-hosted backend with no request for this long is flagged idle.
+    pub idle_after_s: Option<f64>,
+    /// The window `tollgate_backend_busy_ratio` is measured over.
+    pub busy_window_s: Option<f64>,
 }
+
+pub const DEFAULT_MAX_TAG_VALUES: usize = 100;
+pub const DEFAULT_IDLE_AFTER_S: f64 = 1800.0;
+pub const DEFAULT_BUSY_WINDOW_S: f64 = 300.0;
+/// Label names the gateway's own metrics use; a tag label may not shadow them.
+pub const RESERVED_LABELS: &[&str] = &[
+    "team",
+    "model",
+    "backend",
+    "status",
+    "direction",
+    "window",
+    "from",
+    "reason",
+    "measure",
+    "kind",
+    "le",
+    "quantile",
+    "job",
+    "instance",
+];

@@ -20,7 +20,7 @@ pub struct Config {
     pub routing: Routing,
     pub backends: Vec<Arc<Backend>>,
     pub teams: Vec<Arc<Team>>,
-    pub tag_labels: Vec<String>,
+    pub metrics: Metrics,
     /// Things worth a log line that do not stop the gateway.
     pub warnings: Vec<String>,
     /// `api_key_env` variables that are not set: `serve` refuses to start, `check` warns.
@@ -754,6 +754,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
         }));
     }
 
+    let metrics = metrics(raw.metrics, &mut c);
     if c.errors.is_empty() {
         Ok(Config {
             server,
@@ -763,12 +764,96 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
             routing,
             backends,
             teams,
-            tag_labels: raw.metrics.tag_labels,
+            metrics,
             warnings,
             missing_keys,
         })
     } else {
         Err(c.errors)
+    }
+}
+
+/// What becomes a metric label and how GPU use is watched (`[metrics]`).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub tag_labels: Arc<[Arc<str>]>,
+    pub max_tag_values: usize,
+    pub idle_after: Duration,
+    pub busy_window: Duration,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            tag_labels: Arc::new([]),
+            max_tag_values: super::DEFAULT_MAX_TAG_VALUES,
+            idle_after: Duration::from_secs_f64(super::DEFAULT_IDLE_AFTER_S),
+            busy_window: Duration::from_secs_f64(super::DEFAULT_BUSY_WINDOW_S),
+        }
+    }
+}
+
+fn metrics(raw: super::RawMetrics, c: &mut Checker) -> Metrics {
+    let mut labels: Vec<Arc<str>> = Vec::new();
+    for (i, key) in raw.tag_labels.iter().enumerate() {
+        let field = format!("metrics.tag_labels[{i}]");
+        let valid = key
+            .chars()
+            .next()
+            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+            && key
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            && !key.starts_with("__");
+        if !valid {
+            c.err(
+                field,
+                format!("`{key}` is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"),
+            );
+        } else if super::RESERVED_LABELS.contains(&key.as_str()) {
+            c.err(
+                field,
+                format!("`{key}` is a label the gateway already uses"),
+            );
+        } else if labels.iter().any(|l| **l == **key) {
+            c.err(field, format!("`{key}` is listed twice"));
+        } else {
+            labels.push(key.as_str().into());
+        }
+    }
+    if labels.len() > 8 {
+        c.err(
+            "metrics.tag_labels",
+            "at most 8 tag labels: each one multiplies the series of every request metric",
+        );
+    }
+    let mut seconds = |name: &str, v: Option<f64>, default: f64| {
+        let v = v.unwrap_or(default);
+        if !(v.is_finite() && v > 0.0) {
+            c.err(format!("metrics.{name}"), "must be > 0");
+            return Duration::from_secs_f64(default);
+        }
+        Duration::from_secs_f64(v)
+    };
+    let idle_after = seconds(
+        "idle_after_s",
+        raw.idle_after_s,
+        super::DEFAULT_IDLE_AFTER_S,
+    );
+    let busy_window = seconds(
+        "busy_window_s",
+        raw.busy_window_s,
+        super::DEFAULT_BUSY_WINDOW_S,
+    );
+    let max_tag_values = raw.max_tag_values.unwrap_or(super::DEFAULT_MAX_TAG_VALUES);
+    if max_tag_values == 0 {
+        c.err("metrics.max_tag_values", "must be > 0");
+    }
+    Metrics {
+        tag_labels: labels.into(),
+        max_tag_values,
+        idle_after,
+        busy_window,
     }
 }
 

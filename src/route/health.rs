@@ -10,7 +10,9 @@
 //!
 //! Everything is atomics: the router reads this state for every candidate of every request.
 
+use crate::budget::{Clock, SystemClock};
 use crate::config::{HealthCheck, Routing};
+use crate::gpu::Occupancy;
 use crate::live::Live;
 use crate::metrics as m;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -91,6 +93,9 @@ pub struct BackendState {
     /// The breaker's settings (`[routing]`), set by each config build.
     circuit_failures: AtomicU32,
     circuit_open_ms: AtomicU64,
+    /// Wall-time accounting (busy time, GPU hours paid and charged), on the gateway's clock.
+    pub occupancy: Occupancy,
+    clock: Arc<dyn Clock>,
 }
 
 fn epoch() -> Instant {
@@ -107,6 +112,10 @@ fn now_ms() -> u64 {
 
 impl BackendState {
     pub fn new(name: Arc<str>) -> Self {
+        Self::with_clock(name, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(name: Arc<str>, clock: Arc<dyn Clock>) -> Self {
         ::metrics::gauge!(m::BACKEND_UP, "backend" => name.clone()).set(1.0);
         ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => name.clone()).set(0.0);
         Self {
@@ -123,7 +132,14 @@ impl BackendState {
             circuit_open_ms: AtomicU64::new(
                 (crate::config::DEFAULT_CIRCUIT_OPEN_S * 1000.0) as u64,
             ),
+            occupancy: Occupancy::new(clock.now_us()),
+            clock,
         }
+    }
+
+    /// Takes a (re)loaded backend's GPU cost and cap, for its economics.
+    pub fn set_cost(&self, backend: &crate::config::Backend) {
+        self.occupancy.configure(backend, self.clock.now_us());
     }
 
     /// Takes the breaker settings of a (re)loaded config.
@@ -312,6 +328,7 @@ impl BackendState {
                 Err(now) => cur = now,
             }
         }
+        self.occupancy.enter(self.clock.now_us());
         ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => self.name.clone()).increment(1.0);
         Some(InFlight {
             state: self.clone(),
@@ -322,6 +339,7 @@ impl BackendState {
     /// Counts one request against this backend until the guard drops (end of its body).
     pub fn enter(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.occupancy.enter(self.clock.now_us());
         ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => self.name.clone()).increment(1.0);
         InFlight {
             state: self.clone(),
@@ -353,6 +371,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let s = &self.state;
         s.in_flight.fetch_sub(1, Ordering::Relaxed);
+        s.occupancy.leave(s.clock.now_us());
         if self.probe {
             // A verdict (success or failure) already cleared it; otherwise the next request probes.
             s.probe_since_ms.store(0, Ordering::Relaxed);
