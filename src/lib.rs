@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod error;
 pub mod admin;
 pub mod report;
+pub mod focus;
 pub mod keys;
 pub mod sim;
 pub mod demo;

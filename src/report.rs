@@ -308,8 +308,9 @@ fn usd_number(nusd: i64) -> serde_json::Value {
     serde_json::from_str(&format_usd(nusd)).unwrap_or(serde_json::Value::Null)
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
+/// One CSV field, quoted as RFC 4180 asks when it holds a separator, a quote or a line break.
+pub(crate) fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_string()
@@ -381,6 +382,14 @@ mod tests {
             10_000_000_000 - 7_200_000_000
         );
         assert!(parse_time("yesterday", 0).is_err());
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_only_when_they_must_be() {
+        assert_eq!(csv_field("plain text"), "plain text");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("line\r\nbreak"), "\"line\r\nbreak\"");
     }
 
     #[test]
