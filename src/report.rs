@@ -27,7 +27,7 @@ pub enum ReportError {
     BadDim(String),
     #[error("cannot read `{0}` as a time: use 2026-11-22, 2026-11-22T10:00:00Z, or an age like 30m, 24h, 7d")]
     BadTime(String),
-    #[error("unknown format `{0}`: use table, csv or json")]
+    #[error("unknown format `{0}`: use table, csv, json or focus")]
     BadFormat(String),
     #[error("ledger query failed: {0}")]
     Sql(#[from] rusqlite::Error),
@@ -168,6 +168,8 @@ pub enum Format {
     Json,
 }
 
+/// `focus` is not among these: the FOCUS export (`crate::focus`) has its own rows and
+/// columns, so callers choose it before parsing a report format.
 impl std::str::FromStr for Format {
     type Err = ReportError;
     fn from_str(s: &str) -> Result<Self, ReportError> {
