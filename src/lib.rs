@@ -32,6 +32,7 @@ pub mod gpu;
 pub mod error;
 pub mod admin;
 pub mod report;
+pub mod focus;
 pub mod keys;
 pub mod sim;
 pub mod demo;

@@ -84,7 +84,8 @@ enum Command {
         #[arg(long, default_value = "config/tollgate.toml")]
         config: PathBuf,
         /// Group by these, comma-separated: team, model, requested_model, backend, key,
-        /// status, endpoint, day, hour, or a tag key such as project.
+        /// status, endpoint, day, hour, or a tag key such as project. Not for focus, whose
+        /// rows are always team x backend x model x hour.
         #[arg(long, default_value = "team,model")]
         by: String,
         /// Start: 2026-11-01, 2026-11-01T00:00:00Z, or an age like 24h or 7d.
@@ -92,7 +93,7 @@ enum Command {
         since: Option<String>,
         #[arg(long)]
         until: Option<String>,
-        /// table, csv or json.
+        /// table, csv, json, or focus (FinOps FOCUS cost and usage rows, CSV).
         #[arg(long, default_value = "table")]
         format: String,
     },
@@ -225,14 +226,23 @@ fn report(
         .strip_prefix("sqlite://")
         .context("only sqlite:// ledgers are supported so far")?;
     let now = tollgate::budget::unix_now_us();
-    let dims = Dim::parse_list(by)?;
     let from = since.map(|s| report::parse_time(&s, now)).transpose()?;
     let to = until.map(|s| report::parse_time(&s, now)).transpose()?;
-    let format: Format = format.parse()?;
+    // FOCUS is not a rendering of the grouped report: its rows and columns are fixed.
+    let report = if format == "focus" {
+        None
+    } else {
+        Some((Dim::parse_list(by)?, format.parse::<Format>()?))
+    };
     let conn = tollgate::ledger::sqlite::open_read(std::path::Path::new(path))
         .with_context(|| format!("cannot open the ledger {path} (has the gateway run yet?)"))?;
-    let rows = report::query(&conn, &dims, from, to)?;
-    print!("{}", report::render(&dims, &rows, format));
+    match report {
+        None => print!("{}", tollgate::focus::export(&conn, &cfg, from, to)?),
+        Some((dims, format)) => {
+            let rows = report::query(&conn, &dims, from, to)?;
+            print!("{}", report::render(&dims, &rows, format));
+        }
+    }
     Ok(())
 }
 

@@ -27,7 +27,7 @@ pub enum ReportError {
     BadDim(String),
     #[error("cannot read `{0}` as a time: use 2026-11-22, 2026-11-22T10:00:00Z, or an age like 30m, 24h, 7d")]
     BadTime(String),
-    #[error("unknown format `{0}`: use table, csv or json")]
+    #[error("unknown format `{0}`: use table, csv, json or focus")]
     BadFormat(String),
     #[error("ledger query failed: {0}")]
     Sql(#[from] rusqlite::Error),
@@ -168,6 +168,8 @@ pub enum Format {
     Json,
 }
 
+/// `focus` is not among these: the FOCUS export (`crate::focus`) has its own rows and
+/// columns, so callers choose it before parsing a report format.
 impl std::str::FromStr for Format {
     type Err = ReportError;
     fn from_str(s: &str) -> Result<Self, ReportError> {
@@ -308,8 +310,9 @@ fn usd_number(nusd: i64) -> serde_json::Value {
     serde_json::from_str(&format_usd(nusd)).unwrap_or(serde_json::Value::Null)
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
+/// One CSV field, quoted as RFC 4180 asks when it holds a separator, a quote or a line break.
+pub(crate) fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_string()
@@ -381,6 +384,14 @@ mod tests {
             10_000_000_000 - 7_200_000_000
         );
         assert!(parse_time("yesterday", 0).is_err());
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_only_when_they_must_be() {
+        assert_eq!(csv_field("plain text"), "plain text");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("line\r\nbreak"), "\"line\r\nbreak\"");
     }
 
     #[test]

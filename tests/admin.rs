@@ -93,6 +93,17 @@ async fn the_admin_key_guards_everything_but_health() {
             .status(),
         200
     );
+    assert_eq!(
+        get("/admin/report/focus", None).await.unwrap().status(),
+        401
+    );
+    assert_eq!(
+        get("/admin/report/focus", Some("adm-secret"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     running.shutdown().await;
 }
 

@@ -10,7 +10,7 @@ use crate::ledger::Ledger;
 use crate::live::{Live, LiveState};
 use crate::report;
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_DISPOSITION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::convert::Infallible;
@@ -31,65 +31,106 @@ pub struct Admin {
 
 impl Admin {
     pub async fn handle<B>(self, req: Request<B>) -> Result<Response<GatewayBody>, Infallible> {
+        // Reports read the ledger and must wait for it, which `route` cannot.
+        let path = req.uri().path();
         if req.method() == Method::GET
-            && req.uri().path() == "/admin/usage"
+            && matches!(path, "/admin/usage" | "/admin/report/focus")
             && self.authorized(&req)
         {
-            return Ok(self.usage(req.uri().query().unwrap_or("")).await);
+            let query = req.uri().query().unwrap_or("");
+            return Ok(if path == "/admin/usage" {
+                self.usage(query).await
+            } else {
+                self.focus(query).await
+            });
         }
         Ok(self.route(&req))
     }
 
     /// `GET /admin/usage?group_by=team,model&from=…&to=…`: the ledger report as JSON.
     async fn usage(&self, query: &str) -> Response<GatewayBody> {
-        let param = |name: &str| {
-            query
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| percent_decode(v))
-        };
-        let now = crate::budget::unix_now_us();
         let parsed = (|| -> Result<_, report::ReportError> {
-            let by = report::Dim::parse_list(&param("group_by").unwrap_or_else(|| "team".into()))?;
-            let from = param("from")
-                .map(|v| report::parse_time(&v, now))
-                .transpose()?;
-            let to = param("to")
-                .map(|v| report::parse_time(&v, now))
-                .transpose()?;
+            let by = report::Dim::parse_list(
+                &param(query, "group_by").unwrap_or_else(|| "team".into()),
+            )?;
+            let (from, to) = period(query)?;
             Ok((by, from, to))
         })();
         let (by, from, to) = match parsed {
             Ok(p) => p,
             Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         };
-        let path = self.ledger.path.clone();
-        let rows = tokio::task::spawn_blocking(move || {
-            let conn = crate::ledger::sqlite::open_read(&path)?;
-            let rows = report::query(&conn, &by, from, to)?;
-            Ok::<_, report::ReportError>(report::render(&by, &rows, report::Format::Json))
-        })
-        .await;
-        match rows {
-            Ok(Ok(json)) => {
+        let json = self
+            .read_ledger("usage report", move |conn| {
+                let rows = report::query(conn, &by, from, to)?;
+                Ok(report::render(&by, &rows, report::Format::Json))
+            })
+            .await;
+        match json {
+            Ok(json) => {
                 let mut resp = Response::new(GatewayBody::full(Bytes::from(json)));
                 resp.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 resp
             }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "usage report failed");
-                error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the ledger could not be read",
-                )
-            }
-            Err(_) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the ledger could not be read",
-            ),
+            Err(resp) => resp,
         }
+    }
+
+    /// `GET /admin/report/focus?from=…&to=…`: the FOCUS export as a CSV download.
+    async fn focus(&self, query: &str) -> Response<GatewayBody> {
+        let (from, to) = match period(query) {
+            Ok(p) => p,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        let config = self.live.load().config.clone();
+        let csv = self
+            .read_ledger("FOCUS export", move |conn| {
+                crate::focus::export(conn, &config, from, to)
+            })
+            .await;
+        match csv {
+            Ok(csv) => {
+                let mut resp = Response::new(GatewayBody::full(Bytes::from(csv)));
+                let h = resp.headers_mut();
+                h.insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/csv; charset=utf-8"),
+                );
+                h.insert(
+                    CONTENT_DISPOSITION,
+                    HeaderValue::from_static("attachment; filename=\"tollgate-focus.csv\""),
+                );
+                resp
+            }
+            Err(resp) => resp,
+        }
+    }
+
+    /// Runs `read` on a read-only ledger connection on the blocking pool: a report can scan
+    /// many rows, and the runtime must keep serving meanwhile. A failure is logged here and
+    /// answered with a 500 that says nothing internal.
+    async fn read_ledger(
+        &self,
+        what: &'static str,
+        read: impl FnOnce(&rusqlite::Connection) -> Result<String, report::ReportError> + Send + 'static,
+    ) -> Result<String, Response<GatewayBody>> {
+        let path = self.ledger.path.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let conn = crate::ledger::sqlite::open_read(&path)?;
+            read(&conn)
+        })
+        .await;
+        let failure = match out {
+            Ok(Ok(text)) => return Ok(text),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(error = %failure, "{what} failed");
+        Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the ledger could not be read",
+        ))
     }
 
     fn route<B>(&self, req: &Request<B>) -> Response<GatewayBody> {
@@ -237,6 +278,26 @@ fn error(status: StatusCode, message: &str) -> Response<GatewayBody> {
         status,
         serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": null, "param": null}}),
     )
+}
+
+/// The first value of `name` in a query string, decoded.
+fn param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(v))
+}
+
+/// A report's `from` and `to`, each optional.
+fn period(query: &str) -> Result<(Option<i64>, Option<i64>), report::ReportError> {
+    let now = crate::budget::unix_now_us();
+    let at = |name| {
+        param(query, name)
+            .map(|v| report::parse_time(&v, now))
+            .transpose()
+    };
+    Ok((at("from")?, at("to")?))
 }
 
 /// `%XX` and `+` in a query value.

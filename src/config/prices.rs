@@ -105,7 +105,8 @@ impl Catalog {
             .or_else(|| self.models.get(model.rsplit('/').next()?))
     }
 
-    fn price(&self, model: &str) -> Option<Price> {
+    /// The catalog's public price for a model, whatever a backend configures for it.
+    pub fn price(&self, model: &str) -> Option<Price> {
         let m = self.get(model)?;
         let input = m.input_usd_per_mtok? / 1e6;
         // Embedding models produce no output tokens; the catalog lists no output price for some.
