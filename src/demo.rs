@@ -253,11 +253,24 @@ async fn send(
 async fn print_cost_report(gw: &app::Running, since_us: i64) -> anyhow::Result<()> {
     use crate::report::{self, Dim, Format};
     let path = gw.ledger.path.clone();
+    let config = gw.live.load().config.clone();
     let table = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
         let conn = crate::ledger::sqlite::open_read(&path)?;
         let by = [Dim::Team, Dim::Model, Dim::Backend];
         let rows = report::query(&conn, &by, Some(since_us), None)?;
-        Ok(report::render(&by, &rows, Format::Table))
+        let gpus = report::backends::economics(
+            &conn,
+            &config,
+            &crate::config::prices::Catalog::builtin(),
+            Some(since_us),
+            None,
+            crate::budget::unix_now_us(),
+        )?;
+        Ok(format!(
+            "{}\n{}",
+            report::render(&by, &rows, Format::Table),
+            report::backends::render(&gpus, Format::Table)
+        ))
     })
     .await??;
     println!(

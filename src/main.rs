@@ -96,6 +96,10 @@ enum Command {
         /// table, csv, json, or focus (FinOps FOCUS cost and usage rows, CSV).
         #[arg(long, default_value = "table")]
         format: String,
+        /// Only the self-hosted backends' unit economics (GPU hours paid, utilization, idle
+        /// cost, break-even against commercial models). The table and JSON show them anyway.
+        #[arg(long)]
+        backends: bool,
     },
     /// Manage client keys.
     Key {
@@ -158,7 +162,8 @@ fn main() -> anyhow::Result<()> {
             since,
             until,
             format,
-        } => report(&config, &by, since, until, &format),
+            backends,
+        } => report(&config, &by, since, until, &format, backends),
         Command::Demo {
             serve,
             requests_per_team,
@@ -218,6 +223,7 @@ fn report(
     since: Option<String>,
     until: Option<String>,
     format: &str,
+    backends_only: bool,
 ) -> anyhow::Result<()> {
     use tollgate::report::{self, Dim, Format};
     let cfg = config::load(config, &config::process_env)?;
@@ -239,8 +245,37 @@ fn report(
     match report {
         None => print!("{}", tollgate::focus::export(&conn, &cfg, from, to)?),
         Some((dims, format)) => {
+            let gpus = report::backends::economics(
+                &conn,
+                &cfg,
+                &tollgate::config::prices::Catalog::builtin(),
+                from,
+                to,
+                now,
+            )?;
+            if backends_only {
+                print!("{}", report::backends::render(&gpus, format));
+                return Ok(());
+            }
             let rows = report::query(&conn, &dims, from, to)?;
-            print!("{}", report::render(&dims, &rows, format));
+            match format {
+                // One JSON document with both parts; CSV holds one table, so `--backends`.
+                Format::Json => {
+                    let groups: serde_json::Value =
+                        serde_json::from_str(&report::render(&dims, &rows, format))?;
+                    let gpus: serde_json::Value =
+                        serde_json::from_str(&report::backends::render(&gpus, format))?;
+                    let doc = serde_json::json!({"groups": groups, "self_hosted_backends": gpus});
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
+                }
+                Format::Csv => print!("{}", report::render(&dims, &rows, format)),
+                Format::Table => {
+                    print!("{}", report::render(&dims, &rows, format));
+                    if !gpus.is_empty() {
+                        print!("\n{}", report::backends::render(&gpus, format));
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -3,6 +3,8 @@
 
 use crate::meter::format_usd;
 use rusqlite::Connection;
+
+pub mod backends;
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,11 +103,16 @@ impl Dim {
 pub struct Row {
     pub keys: Vec<String>,
     pub requests: u64,
+    /// Requests that ended `ok`: the inferences a cost per inference divides by.
+    pub inferences: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cost_nusd: i64,
     /// Successful requests to models with no price: their cost is unknown, not zero.
     pub unpriced_requests: u64,
+    /// Median and 95th percentile (nearest rank) of the cost of the priced inferences.
+    pub p50_nusd: Option<i64>,
+    pub p95_nusd: Option<i64>,
 }
 
 /// Rows for `[from_us, to_us)`, most expensive first.
@@ -134,31 +141,78 @@ pub fn query(
     };
     let sql = format!(
         "SELECT {select_keys} COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),
-                COALESCE(SUM(cost_nusd), 0), COALESCE(SUM(CASE WHEN priced = 0 AND status = 'ok' THEN 1 ELSE 0 END), 0)
+                COALESCE(SUM(cost_nusd), 0), COALESCE(SUM(CASE WHEN priced = 0 AND status = 'ok' THEN 1 ELSE 0 END), 0),
+                COALESCE(SUM(CASE WHEN status = 'ok' THEN 1 ELSE 0 END), 0)
          FROM requests WHERE started_at_us >= ?1 AND started_at_us < ?2 {group}
          ORDER BY {} DESC",
         keys.len() + 4
     );
+    let range = [from_us.unwrap_or(i64::MIN), to_us.unwrap_or(i64::MAX)];
     let mut stmt = conn.prepare(&sql)?;
     let n = keys.len();
-    let rows = stmt.query_map(
-        [from_us.unwrap_or(i64::MIN), to_us.unwrap_or(i64::MAX)],
-        |r| {
-            let mut keys = Vec::with_capacity(n);
-            for i in 0..n {
-                keys.push(r.get::<_, Option<String>>(i)?.unwrap_or_else(|| "-".into()));
-            }
-            Ok(Row {
-                keys,
-                requests: r.get::<_, i64>(n)? as u64,
-                prompt_tokens: r.get::<_, i64>(n + 1)? as u64,
-                completion_tokens: r.get::<_, i64>(n + 2)? as u64,
-                cost_nusd: r.get(n + 3)?,
-                unpriced_requests: r.get::<_, i64>(n + 4)? as u64,
-            })
-        },
-    )?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let rows = stmt.query_map(range, |r| {
+        Ok(Row {
+            keys: group_keys(r, n)?,
+            requests: r.get::<_, i64>(n)? as u64,
+            prompt_tokens: r.get::<_, i64>(n + 1)? as u64,
+            completion_tokens: r.get::<_, i64>(n + 2)? as u64,
+            cost_nusd: r.get(n + 3)?,
+            unpriced_requests: r.get::<_, i64>(n + 4)? as u64,
+            inferences: r.get::<_, i64>(n + 5)? as u64,
+            p50_nusd: None,
+            p95_nusd: None,
+        })
+    })?;
+    let mut rows: Vec<Row> = rows.collect::<Result<_, _>>()?;
+
+    // Percentiles by nearest rank, ranked inside SQLite so memory does not grow with the
+    // ledger: rank ⌈p·n⌉ of the group's costs in ascending order.
+    let cols: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+    let partition = if n == 0 {
+        String::new()
+    } else {
+        // The expressions, not their aliases: a window cannot see its own SELECT's names.
+        format!("PARTITION BY {}", keys.join(", "))
+    };
+    let aliased: String = keys
+        .iter()
+        .zip(&cols)
+        .map(|(k, c)| format!("{k} AS {c}, "))
+        .collect();
+    let sql = format!(
+        "WITH ranked AS (
+           SELECT {aliased} cost_nusd,
+                  ROW_NUMBER() OVER ({partition} ORDER BY cost_nusd) AS rn,
+                  COUNT(*) OVER ({partition}) AS n
+           FROM requests
+           WHERE started_at_us >= ?1 AND started_at_us < ?2 AND status = 'ok' AND priced = 1)
+         SELECT {select} MAX(CASE WHEN rn = (n * 50 + 99) / 100 THEN cost_nusd END),
+                MAX(CASE WHEN rn = (n * 95 + 99) / 100 THEN cost_nusd END)
+         FROM ranked {group}",
+        select = cols.iter().map(|c| format!("{c}, ")).collect::<String>(),
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let mut percentiles: std::collections::HashMap<Vec<String>, (Option<i64>, Option<i64>)> =
+        std::collections::HashMap::new();
+    for p in stmt.query_map(range, |r| {
+        Ok((group_keys(r, n)?, (r.get(n)?, r.get(n + 1)?)))
+    })? {
+        let (k, v) = p?;
+        percentiles.insert(k, v);
+    }
+    for row in &mut rows {
+        if let Some(&(p50, p95)) = percentiles.get(&row.keys) {
+            row.p50_nusd = p50;
+            row.p95_nusd = p95;
+        }
+    }
+    Ok(rows)
+}
+
+fn group_keys(r: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Vec<String>> {
+    (0..n)
+        .map(|i| Ok(r.get::<_, Option<String>>(i)?.unwrap_or_else(|| "-".into())))
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,13 +236,20 @@ impl std::str::FromStr for Format {
     }
 }
 
-/// Cost per inference in nano-dollars, rounded.
+/// Cost per successful inference in nano-dollars, rounded: everything the group spent
+/// (partial answers and broken streams included) over the answers it got.
 fn per_inference(r: &Row) -> i64 {
-    if r.requests == 0 {
+    if r.inferences == 0 {
         0
     } else {
-        (r.cost_nusd as f64 / r.requests as f64).round() as i64
+        (r.cost_nusd as f64 / r.inferences as f64).round() as i64
     }
+}
+
+/// Tokens (prompt and completion) bought per dollar; `None` when nothing was spent.
+fn tokens_per_usd(r: &Row) -> Option<f64> {
+    (r.cost_nusd > 0)
+        .then(|| (r.prompt_tokens + r.completion_tokens) as f64 / (r.cost_nusd as f64 / 1e9))
 }
 
 pub fn render(by: &[Dim], rows: &[Row], format: Format) -> String {
@@ -206,9 +267,24 @@ pub fn render(by: &[Dim], rows: &[Row], format: Format) -> String {
                     o.insert("prompt_tokens".into(), r.prompt_tokens.into());
                     o.insert("completion_tokens".into(), r.completion_tokens.into());
                     o.insert("cost_usd".into(), usd_number(r.cost_nusd));
+                    o.insert("inferences".into(), r.inferences.into());
                     o.insert(
                         "cost_per_inference_usd".into(),
                         usd_number(per_inference(r)),
+                    );
+                    o.insert(
+                        "cost_per_inference_p50_usd".into(),
+                        r.p50_nusd.map_or(serde_json::Value::Null, usd_number),
+                    );
+                    o.insert(
+                        "cost_per_inference_p95_usd".into(),
+                        r.p95_nusd.map_or(serde_json::Value::Null, usd_number),
+                    );
+                    o.insert(
+                        "tokens_per_usd".into(),
+                        tokens_per_usd(r)
+                            .map(|t| serde_json::Value::from((t * 100.0).round() / 100.0))
+                            .unwrap_or(serde_json::Value::Null),
                     );
                     o.insert("unpriced_requests".into(), r.unpriced_requests.into());
                     serde_json::Value::Object(o)
@@ -221,19 +297,23 @@ pub fn render(by: &[Dim], rows: &[Row], format: Format) -> String {
             for d in by {
                 let _ = write!(out, "{},", d.name());
             }
-            out.push_str("requests,prompt_tokens,completion_tokens,cost_usd,cost_per_inference_usd,unpriced_requests\n");
+            out.push_str("requests,inferences,prompt_tokens,completion_tokens,cost_usd,cost_per_inference_usd,cost_per_inference_p50_usd,cost_per_inference_p95_usd,tokens_per_usd,unpriced_requests\n");
             for r in rows {
                 for k in &r.keys {
                     let _ = write!(out, "{},", csv_field(k));
                 }
                 let _ = writeln!(
                     out,
-                    "{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{}",
                     r.requests,
+                    r.inferences,
                     r.prompt_tokens,
                     r.completion_tokens,
                     format_usd(r.cost_nusd),
                     format_usd(per_inference(r)),
+                    r.p50_nusd.map(format_usd).unwrap_or_default(),
+                    r.p95_nusd.map(format_usd).unwrap_or_default(),
+                    tokens_per_usd(r).map_or(String::new(), |t| format!("{t:.2}")),
                     r.unpriced_requests
                 );
             }
@@ -255,29 +335,39 @@ pub fn render(by: &[Dim], rows: &[Row], format: Format) -> String {
             }
             let _ = writeln!(
                 out,
-                "{:>9} {:>12} {:>12} {:>14} {:>14}",
-                "requests", "prompt", "completion", "cost_usd", "usd/inference"
+                "{:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
+                "requests", "prompt", "completion", "cost_usd", "usd/inf", "p50", "p95", "tok/usd"
             );
             let mut total = Row {
                 keys: vec![],
                 requests: 0,
+                inferences: 0,
                 prompt_tokens: 0,
                 completion_tokens: 0,
                 cost_nusd: 0,
                 unpriced_requests: 0,
+                p50_nusd: None,
+                p95_nusd: None,
             };
+            let usd = |nusd: Option<i64>| {
+                nusd.map_or("-".to_string(), |n| format!("{:.6}", n as f64 / 1e9))
+            };
+            let tok = |r: &Row| tokens_per_usd(r).map_or("-".to_string(), |t| format!("{t:.0}"));
             for r in rows {
                 for (k, w) in r.keys.iter().zip(&widths) {
                     let _ = write!(out, "{k:<w$}  ");
                 }
                 let _ = writeln!(
                     out,
-                    "{:>9} {:>12} {:>12} {:>14.6} {:>14.8}{}",
+                    "{:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}{}",
                     r.requests,
                     r.prompt_tokens,
                     r.completion_tokens,
-                    r.cost_nusd as f64 / 1e9,
-                    per_inference(r) as f64 / 1e9,
+                    usd(Some(r.cost_nusd)),
+                    usd((r.inferences > 0).then(|| per_inference(r))),
+                    usd(r.p50_nusd),
+                    usd(r.p95_nusd),
+                    tok(r),
                     if r.unpriced_requests > 0 {
                         format!("  ({} unpriced)", r.unpriced_requests)
                     } else {
@@ -285,6 +375,7 @@ pub fn render(by: &[Dim], rows: &[Row], format: Format) -> String {
                     }
                 );
                 total.requests += r.requests;
+                total.inferences += r.inferences;
                 total.prompt_tokens += r.prompt_tokens;
                 total.completion_tokens += r.completion_tokens;
                 total.cost_nusd += r.cost_nusd;
@@ -292,13 +383,16 @@ pub fn render(by: &[Dim], rows: &[Row], format: Format) -> String {
             let pad: usize = widths.iter().map(|w| w + 2).sum();
             let _ = writeln!(
                 out,
-                "{:<pad$}{:>9} {:>12} {:>12} {:>14.6} {:>14.8}",
+                "{:<pad$}{:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
                 "total",
                 total.requests,
                 total.prompt_tokens,
                 total.completion_tokens,
-                total.cost_nusd as f64 / 1e9,
-                per_inference(&total) as f64 / 1e9
+                usd(Some(total.cost_nusd)),
+                usd((total.inferences > 0).then(|| per_inference(&total))),
+                "",
+                "",
+                tok(&total)
             );
         }
     }
@@ -392,6 +486,54 @@ mod tests {
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_field("line\r\nbreak"), "\"line\r\nbreak\"");
+    }
+
+    #[test]
+    fn groups_carry_cost_per_inference_percentiles_and_tokens_per_dollar() {
+        use crate::ledger::testing::{rec, tokens, TempLedger};
+        let at = |i: i64| 1_795_341_600_000_000 + i;
+        let mut records = vec![];
+        for (i, cost) in [(1, 1_000_000_000), (2, 2_000_000_000), (3, 10_000_000_000)] {
+            records.push(tokens(
+                rec(at(i), "a", Some("b"), "m", "{}"),
+                1_000,
+                1_000,
+                cost,
+            ));
+        }
+        // A broken stream still cost money: in the mean, not in the percentiles of answers.
+        records.push(crate::ledger::Record {
+            status: "upstream_broken",
+            ..tokens(rec(at(4), "a", Some("b"), "m", "{}"), 0, 0, 3_000_000_000)
+        });
+        records.push(tokens(rec(at(5), "z", Some("b"), "m", "{}"), 10, 0, 0));
+        let l = TempLedger::with("report-percentiles", &records);
+        let rows = query(&l.conn, &[Dim::Team], None, None).unwrap();
+        let a = rows.iter().find(|r| r.keys == ["a"]).unwrap();
+        assert_eq!((a.requests, a.inferences), (4, 3));
+        assert_eq!(
+            per_inference(a),
+            5_333_333_333,
+            "$16 over 3 answers, rounded"
+        );
+        assert_eq!(
+            (a.p50_nusd, a.p95_nusd),
+            (Some(2_000_000_000), Some(10_000_000_000))
+        );
+        assert_eq!(tokens_per_usd(a), Some(6_000.0 / 16.0));
+        let z = rows.iter().find(|r| r.keys == ["z"]).unwrap();
+        assert_eq!(
+            (z.p50_nusd, tokens_per_usd(z)),
+            (Some(0), None),
+            "free: no tokens per dollar"
+        );
+        let csv = render(&[Dim::Team], &rows, Format::Csv);
+        assert!(
+            csv.contains(
+                "a,4,3,3000,3000,16.000000000,5.333333333,2.000000000,10.000000000,375.00,0"
+            ),
+            "{csv}"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 use super::*;
-use crate::ledger::{sqlite, Record};
-use std::path::PathBuf;
+use crate::ledger::testing::{rec, tokens, TempLedger};
+use crate::ledger::Record;
 
 /// 2026-11-22T10:00:00Z
 const H0: i64 = 1_795_341_600_000_000;
@@ -41,69 +41,6 @@ request_tags = ["project"]
 
 fn config() -> Config {
     crate::config::parse(CONFIG, "focus.toml", &|_| None).unwrap()
-}
-
-/// A ledger file in a directory of its own, removed when dropped.
-struct TempLedger {
-    dir: PathBuf,
-    conn: Connection,
-}
-
-impl TempLedger {
-    fn with(name: &str, records: &[Record]) -> TempLedger {
-        let dir =
-            std::env::temp_dir().join(format!("tollgate-focus-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut conn = sqlite::open(&dir.join("ledger.db"), false).unwrap();
-        sqlite::insert_batch(&mut conn, records.iter()).unwrap();
-        TempLedger { dir, conn }
-    }
-}
-
-impl Drop for TempLedger {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A successful request with no tokens yet; tests fill in what they need.
-fn rec(at_us: i64, team: &str, backend: Option<&str>, model: &str, tags: &str) -> Record {
-    Record {
-        id: format!("r{at_us}"),
-        started_at_us: at_us,
-        ended_at_us: at_us + 1_000,
-        team: team.into(),
-        key_id: "k1".into(),
-        tags: tags.into(),
-        endpoint: "/v1/chat/completions",
-        requested_model: model.into(),
-        backend: backend.map(Into::into),
-        served_model: backend.map(|_| model.into()),
-        prompt_tokens: Some(0),
-        completion_tokens: Some(0),
-        cached_tokens: Some(0),
-        cache_write_tokens: Some(0),
-        reasoning_tokens: Some(0),
-        token_source: Some(TokenSource::Upstream),
-        cost_nusd: 0,
-        priced: true,
-        egress_bytes: 0,
-        status: "ok",
-        http_status: 200,
-        attempts: 1,
-        latency_ms: 1.0,
-        ttft_ms: None,
-        stream: false,
-    }
-}
-
-fn tokens(r: Record, prompt: u64, completion: u64, cost_nusd: i64) -> Record {
-    Record {
-        prompt_tokens: Some(prompt),
-        completion_tokens: Some(completion),
-        cost_nusd,
-        ..r
-    }
 }
 
 /// Two hours, two teams, two configured backends and a retired one, a varying `project`

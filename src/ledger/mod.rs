@@ -14,6 +14,8 @@
 //! unhealthy and the gateway refuses billable requests with 503 until a retry succeeds.
 
 pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use crate::meter::TokenSource;
 use std::path::PathBuf;
