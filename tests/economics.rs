@@ -124,6 +124,13 @@ async fn a_gpu_busy_half_a_simulated_hour_shows_paid_charged_and_idle_cost() {
         1.0,
         "quiet for 30 min, flagged after 10"
     );
+    let backends = gw.admin_get("/admin/backends").await.json();
+    let gpu = &backends[0]["gpu"];
+    assert_eq!(backends[0]["name"], "gpu-econ");
+    assert_eq!(gpu["busy_ratio"], 0.5);
+    assert_eq!(gpu["paid_usd"], 2.0);
+    assert_eq!(gpu["idle"], true);
+    assert!(backends[1]["gpu"].is_null(), "{backends}");
     assert!(
         !m.contains(r#"backend="api-econ",measure="#)
             && !m.contains(r#"tollgate_backend_paid_usd_total{backend="api-econ"}"#),

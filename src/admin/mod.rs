@@ -234,11 +234,32 @@ impl Admin {
 }
 
 fn backends(live: &LiveState) -> serde_json::Value {
+    let now = live.clock.now_us();
+    let m = &live.config.metrics;
     serde_json::Value::Array(
         live.backends
             .iter()
             .map(|b| {
+                // GPU economics since the backend was configured, as on /metrics.
+                let gpu = (b.cfg.hosting == crate::config::Hosting::SelfHosted).then(|| {
+                    let r = b.state.occupancy.read(now, m.busy_window, m.idle_after);
+                    let usd = |nusd: i64| {
+                        serde_json::from_str::<serde_json::Value>(&crate::meter::format_usd(nusd))
+                            .unwrap_or_default()
+                    };
+                    let priced = b.cfg.gpu.is_some();
+                    serde_json::json!({
+                        "busy_ratio": r.busy_ratio,
+                        "concurrency_ratio": r.concurrency_ratio,
+                        "idle": r.idle,
+                        "gpu_hours": priced.then_some(r.gpu_hours),
+                        "paid_usd": priced.then(|| usd(r.paid_nusd)),
+                        "charged_usd": priced.then(|| usd(r.charged_nusd)),
+                        "idle_cost_usd": priced.then(|| usd(r.idle_nusd)),
+                    })
+                });
                 serde_json::json!({
+                    "gpu": gpu,
                     "name": &*b.cfg.name,
                     "url": b.cfg.base_url,
                     "hosting": b.cfg.hosting.as_str(),
