@@ -27,7 +27,8 @@ use std::time::Duration;
 
 pub const BACKEND_BUSY_RATIO: &str = "tollgate_backend_busy_ratio";
 pub const BACKEND_BUSY_SECONDS_TOTAL: &str = "tollgate_backend_busy_seconds_total";
-pub const BACKEND_GPU_HOURS_TOTAL: &str = "tollgate_backend_gpu_hours_total";
+/// GPU time in seconds, not hours: Prometheus names carry base units (promtool flags `_hours`).
+pub const BACKEND_GPU_SECONDS_TOTAL: &str = "tollgate_backend_gpu_seconds_total";
 pub const BACKEND_PAID_USD_TOTAL: &str = "tollgate_backend_paid_usd_total";
 pub const BACKEND_CHARGED_USD_TOTAL: &str = "tollgate_backend_charged_usd_total";
 pub const BACKEND_IDLE_COST_USD_TOTAL: &str = "tollgate_backend_idle_cost_usd_total";
@@ -57,7 +58,7 @@ struct Inner {
     gpus: f64,
     /// ∫ rate dt in nano-dollar-microseconds per hour: exact until divided once on reading.
     paid_acc: i128,
-    gpu_hours: f64,
+    gpu_seconds: f64,
     charged_nusd: i64,
     /// The largest `paid − charged` read so far (see [`Reading::idle_nusd`]).
     idle_nusd: i64,
@@ -76,7 +77,7 @@ pub struct Reading {
     /// when requests are charged more than the hours cost (throughput above the rated
     /// `tokens_per_second`), it holds still until the hours catch up.
     pub idle_nusd: i64,
-    pub gpu_hours: f64,
+    pub gpu_seconds: f64,
     pub busy_seconds: f64,
     /// Share of the window with at least one request in flight.
     pub busy_ratio: f64,
@@ -107,7 +108,7 @@ impl Occupancy {
                 rate_nusd_per_hour: 0,
                 gpus: 0.0,
                 paid_acc: 0,
-                gpu_hours: 0.0,
+                gpu_seconds: 0.0,
                 charged_nusd: 0,
                 idle_nusd: 0,
                 max_concurrency: None,
@@ -187,7 +188,7 @@ impl Occupancy {
             paid_nusd,
             charged_nusd: s.charged_nusd,
             idle_nusd: s.idle_nusd,
-            gpu_hours: s.gpu_hours,
+            gpu_seconds: s.gpu_seconds,
             busy_seconds: s.busy_us as f64 / 1e6,
             busy_ratio,
             concurrency_ratio,
@@ -227,7 +228,7 @@ impl Inner {
             self.in_flight_us += self.in_flight as i64 * dt;
         }
         self.paid_acc += self.rate_nusd_per_hour as i128 * dt as i128;
-        self.gpu_hours += self.gpus * dt as f64 / HOUR_US as f64;
+        self.gpu_seconds += self.gpus * dt as f64 / 1e6;
         self.last_us = now_us;
     }
 
@@ -379,16 +380,16 @@ pub fn render(live: &LiveState) -> String {
     }
     family(
         &mut out,
-        BACKEND_GPU_HOURS_TOTAL,
+        BACKEND_GPU_SECONDS_TOTAL,
         "counter",
-        "GPU hours paid for a self-hosted backend: wall hours x count x fraction.",
+        "GPU time paid for a self-hosted backend: wall seconds x count x fraction (divide by 3600 for GPU hours).",
     );
     for (b, r) in &priced {
         let _ = writeln!(
             out,
-            "{BACKEND_GPU_HOURS_TOTAL}{{backend=\"{}\"}} {}",
+            "{BACKEND_GPU_SECONDS_TOTAL}{{backend=\"{}\"}} {}",
             escaped(&b.name),
-            r.gpu_hours
+            r.gpu_seconds
         );
     }
     out
@@ -458,7 +459,7 @@ models = [{{ name = "m" }}]
         assert_eq!(r.idle_nusd, 1_000_000_000);
         assert_eq!(r.busy_ratio, 0.5);
         assert_eq!(r.concurrency_ratio, Some(0.25), "2 of 4 for half the hour");
-        assert_eq!(r.gpu_hours, 1.0);
+        assert_eq!(r.gpu_seconds, 3600.0);
         assert_eq!(r.busy_seconds, 1800.0);
         assert!(r.idle, "quiet for 30 min, flagged after 10");
     }

@@ -134,6 +134,22 @@ fn describe() {
         LEDGER_ERRORS_TOTAL,
         "Failed ledger commits; while they fail, billable requests get 503."
     );
+    describe_gauge!(
+        BUDGET_LIMIT_USD,
+        "A team's dollar budget for its window (day, month, ...), as configured."
+    );
+    describe_gauge!(
+        BUDGET_SPENT_USD,
+        "What a team has spent in its budget window so far, in USD (reservations of requests in flight excluded)."
+    );
+    describe_counter!(
+        BUDGET_REJECTIONS_TOTAL,
+        "Requests refused with 429 because their worst-case cost or tokens did not fit a budget window, by team and window."
+    );
+    describe_gauge!(
+        BUDGET_SOFT_LIMIT_REACHED,
+        "1 once a team's spend in a window has passed the budget's soft_ratio."
+    );
 }
 
 /// The values of the configured tag labels (`metrics.tag_labels`) for one request.

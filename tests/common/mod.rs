@@ -138,6 +138,8 @@ pub struct Harness {
     routing: String,
     clock: Option<std::sync::Arc<dyn tollgate::budget::Clock>>,
     ledger: Option<std::path::PathBuf>,
+    metrics: String,
+    admin_key: Option<String>,
 }
 
 /// A fresh directory under the system temp dir, unique to this process and call.
@@ -157,6 +159,8 @@ pub struct Gateway {
     pub sims: HashMap<String, Sim>,
     pub client: Client<HttpConnector, Full<Bytes>>,
     pub config_text: String,
+    /// Sent with every admin request when the gateway was started with one.
+    pub admin_key: Option<String>,
 }
 
 impl Harness {
@@ -211,11 +215,25 @@ impl Harness {
         self
     }
 
+    /// Extra TOML lines for `[metrics]`.
+    pub fn metrics(mut self, lines: &str) -> Self {
+        self.metrics.push_str(lines);
+        self.metrics.push('\n');
+        self
+    }
+
+    /// Guard the admin port with this key (through `admin_key_env`, as a user would).
+    pub fn admin_key(mut self, key: &str) -> Self {
+        self.admin_key = Some(key.into());
+        self
+    }
+
     pub async fn start(mut self) -> Gateway {
         let clock = self
             .clock
             .take()
             .unwrap_or_else(|| std::sync::Arc::new(tollgate::budget::SystemClock));
+        let admin_key = self.admin_key.clone();
         let (text, sims, env) = self.render().await;
         let cfg = tollgate::config::parse(&text, "test.toml", &|v| env.get(v).cloned())
             .unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
@@ -230,6 +248,7 @@ impl Harness {
             sims,
             client: Client::builder(TokioExecutor::new()).build_http(),
             config_text: text,
+            admin_key,
         }
     }
 
@@ -239,15 +258,21 @@ impl Harness {
             .ledger
             .clone()
             .unwrap_or_else(|| temp_dir("ledger").join("tollgate.db"));
+        let mut env = HashMap::new();
+        let mut server = self.server;
+        if let Some(key) = self.admin_key {
+            server.push_str("admin_key_env = \"TEST_ADMIN_KEY\"\n");
+            env.insert("TEST_ADMIN_KEY".to_string(), key);
+        }
         let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"sqlite://{}\"\n{}\n[routing]\n{}\n",
-            self.server,
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"sqlite://{}\"\n{}\n[routing]\n{}\n[metrics]\n{}\n",
+            server,
             ledger.display(),
             self.store,
-            self.routing
+            self.routing,
+            self.metrics
         );
         let mut sims = HashMap::new();
-        let mut env = HashMap::new();
         for b in self.backends {
             let url = match b.sim {
                 Some(cfg) => {
@@ -413,10 +438,11 @@ impl Gateway {
     }
 
     pub async fn admin_get(&self, path: &str) -> Reply {
-        let req = Request::get(format!("http://{}{path}", self.admin))
-            .body(Full::default())
-            .unwrap();
-        self.send(req).await
+        let mut req = Request::get(format!("http://{}{path}", self.admin));
+        if let Some(key) = &self.admin_key {
+            req = req.header("authorization", format!("Bearer {key}"));
+        }
+        self.send(req.body(Full::default()).unwrap()).await
     }
 
     /// Sends and returns the response with its body not yet read.
