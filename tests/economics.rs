@@ -42,8 +42,7 @@ async fn a_gpu_busy_half_a_simulated_hour_shows_paid_charged_and_idle_cost() {
                 .price(0.15, 0.60),
         )
         .team("econ", "tg-econ")
-        // `[metrics]` is a table of its own; it may follow `[routing]`'s lines.
-        .routing("[metrics]\nbusy_window_s = 3600\nidle_after_s = 600")
+        .metrics("busy_window_s = 3600\nidle_after_s = 600")
         .clock(clock.clone())
         .start()
         .await;
@@ -90,9 +89,9 @@ async fn a_gpu_busy_half_a_simulated_hour_shows_paid_charged_and_idle_cost() {
     assert_eq!(
         number(
             &m,
-            r#"tollgate_backend_gpu_hours_total{backend="gpu-econ"}"#
+            r#"tollgate_backend_gpu_seconds_total{backend="gpu-econ"}"#
         ),
-        1.0
+        3600.0
     );
     assert_eq!(
         sample(&m, r#"tollgate_backend_paid_usd_total{backend="gpu-econ"}"#).as_deref(),
@@ -151,7 +150,7 @@ async fn tag_labels_are_bounded_and_the_gateway_overhead_is_measured() {
             "tg-econ-tags",
             "request_tags = [\"proj_econ\"]",
         )
-        .routing("[metrics]\ntag_labels = [\"proj_econ\"]\nmax_tag_values = 2")
+        .metrics("tag_labels = [\"proj_econ\"]\nmax_tag_values = 2")
         .start()
         .await;
     for proj in ["a", "b", "c", "d", ""] {

@@ -252,7 +252,7 @@ fn backends(live: &LiveState) -> serde_json::Value {
                         "busy_ratio": r.busy_ratio,
                         "concurrency_ratio": r.concurrency_ratio,
                         "idle": r.idle,
-                        "gpu_hours": priced.then_some(r.gpu_hours),
+                        "gpu_hours": priced.then_some(r.gpu_seconds / 3600.0),
                         "paid_usd": priced.then(|| usd(r.paid_nusd)),
                         "charged_usd": priced.then(|| usd(r.charged_nusd)),
                         "idle_cost_usd": priced.then(|| usd(r.idle_nusd)),
