@@ -1,7 +1,7 @@
 //! Routing one request among 50 backends that all serve the same alias: a mix of self-hosted
 //! and commercial, three regions, two context windows, some full, some with an open circuit,
 //! one rate limited. Measures the plan (filters and ranking), the plan plus claiming a slot,
-//! and the `x-tollgate-route` header.
+//! the `x-tollgate-route` header, and the GPU-economics bookkeeping of one request.
 //!
 //! Run: `cargo bench --bench routing`
 
@@ -96,6 +96,22 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("route/header", |b| {
         b.iter(|| explain::header(black_box(&plan), 0, &[]))
+    });
+    // What GPU economics add to every request on a self-hosted backend: the in-flight slot
+    // taken and freed (busy time, request-time integrated on the clock) and the cost charged.
+    let gpu = live
+        .backends
+        .iter()
+        .find(|b| b.cfg.name.starts_with("gpu-") && b.state.in_flight() == 0)
+        .expect("an idle GPU backend")
+        .state
+        .clone();
+    c.bench_function("gpu/enter_leave_charge", |b| {
+        b.iter(|| {
+            let slot = gpu.enter();
+            gpu.occupancy.charge(black_box(1_000));
+            drop(slot);
+        })
     });
     drop(held);
 }
