@@ -400,7 +400,7 @@ pub fn render(by: &[Dim], rows: &[Row], format: Format) -> String {
 }
 
 /// An exact decimal JSON number from nano-dollars.
-fn usd_number(nusd: i64) -> serde_json::Value {
+pub(crate) fn usd_number(nusd: i64) -> serde_json::Value {
     serde_json::from_str(&format_usd(nusd)).unwrap_or(serde_json::Value::Null)
 }
 

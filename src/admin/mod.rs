@@ -243,10 +243,7 @@ fn backends(live: &LiveState) -> serde_json::Value {
                 // GPU economics since the backend was configured, as on /metrics.
                 let gpu = (b.cfg.hosting == crate::config::Hosting::SelfHosted).then(|| {
                     let r = b.state.occupancy.read(now, m.busy_window, m.idle_after);
-                    let usd = |nusd: i64| {
-                        serde_json::from_str::<serde_json::Value>(&crate::meter::format_usd(nusd))
-                            .unwrap_or_default()
-                    };
+                    let usd = report::usd_number;
                     let priced = b.cfg.gpu.is_some();
                     serde_json::json!({
                         "busy_ratio": r.busy_ratio,
