@@ -17,11 +17,12 @@
 use super::{Format, ReportError};
 use crate::config::prices::{self, Catalog, Price};
 use crate::config::{Backend, Config, Hosting};
+use crate::meter::{self, TokenSource, Usage};
 use rusqlite::Connection;
 
 const HOUR_US: f64 = 3_600_000_000.0;
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendEconomics {
     pub backend: String,
     pub from_us: i64,
@@ -44,7 +45,7 @@ pub struct BackendEconomics {
 }
 
 /// The cheapest commercial way to serve the same tokens.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Commercial {
     /// `backend/model`, one per model the self-hosted backend served, joined with `+`.
     pub serving: String,
@@ -98,23 +99,24 @@ pub fn economics(
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let hours = period_us / HOUR_US;
-        let commercial = cheapest_commercial(config, catalog, b, &served).map(|(serving, cost)| {
-            let cost_nusd = cost.round() as i64;
-            Commercial {
-                serving,
-                cost_nusd,
-                owning_saves: if cost > 0.0 {
-                    (cost - paid_nusd as f64) / cost
-                } else {
-                    f64::NEG_INFINITY
-                },
-                break_even_tokens_per_hour: if cost > 0.0 {
-                    rate_nusd_per_hour / (cost / tokens as f64)
-                } else {
-                    f64::INFINITY
-                },
-            }
-        });
+        let commercial =
+            cheapest_commercial(config, catalog, b, &served).map(|(serving, cost_nusd)| {
+                let cost = cost_nusd as f64;
+                Commercial {
+                    serving,
+                    cost_nusd,
+                    owning_saves: if cost > 0.0 {
+                        (cost - paid_nusd as f64) / cost
+                    } else {
+                        f64::NEG_INFINITY
+                    },
+                    break_even_tokens_per_hour: if cost > 0.0 {
+                        rate_nusd_per_hour / (cost / tokens as f64)
+                    } else {
+                        f64::INFINITY
+                    },
+                }
+            });
         out.push(BackendEconomics {
             backend: b.name.to_string(),
             from_us: from,
@@ -218,9 +220,9 @@ fn cheapest_commercial(
     catalog: &Catalog,
     owned: &Backend,
     served: &[Served],
-) -> Option<(String, f64)> {
+) -> Option<(String, i64)> {
     let mut names = Vec::new();
-    let mut total = 0.0;
+    let mut total = 0;
     for s in served.iter().filter(|s| s.prompt + s.completion > 0) {
         let own = owned.models.iter().find(|m| *m.name == *s.model);
         let same = |name: &str| {
@@ -236,18 +238,29 @@ fn cheapest_commercial(
                 let price = prices::resolve(b, m, catalog)?;
                 Some((format!("{}/{}", b.name, m.name), cost_nusd(&price, s)))
             })
-            .min_by(|a, b| a.1.total_cmp(&b.1))?;
+            .min_by_key(|c| c.1)?;
         names.push(best.0);
         total += best.1;
     }
     (!names.is_empty()).then(|| (names.join("+"), total))
 }
 
-/// Base-tier prices: the sums no longer say which request crossed a long-context threshold.
-fn cost_nusd(p: &Price, s: &Served) -> f64 {
-    let uncached = s.prompt.saturating_sub(s.cached);
-    (uncached as f64 * p.input + s.cached as f64 * p.cached_input + s.completion as f64 * p.output)
-        * 1e9
+/// The metering's own pricing, at base-tier prices: the sums no longer say which request
+/// crossed a long-context threshold.
+fn cost_nusd(p: &Price, s: &Served) -> i64 {
+    let base = Price {
+        long_context: None,
+        ..p.clone()
+    };
+    let usage = Usage {
+        prompt: s.prompt,
+        completion: s.completion,
+        cached: s.cached,
+        cache_write: 0,
+        reasoning: 0,
+        source: TokenSource::Upstream,
+    };
+    meter::cost_nusd(Some(&base), &usage, 0, None)
 }
 
 /// The rows as a table (with a sentence per backend on owning vs renting), CSV or JSON.
