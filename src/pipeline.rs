@@ -295,6 +295,7 @@ async fn prepare(
         model_span: summary.model_span.clone(),
         stream_options_span: summary.stream_options_span.clone(),
         ask_usage: summary.stream && !summary.include_usage && endpoint != Endpoint::Embeddings,
+        client_usage: summary.stream && summary.include_usage,
     };
     let (upstream_body, strip_usage) = shape.for_candidate(&candidate);
 
@@ -326,6 +327,7 @@ async fn prepare(
         gw.ledger.clone(),
         budget,
         claim.in_flight,
+        crate::upstream::engine::EngineCounter::new(&candidate.backend, &candidate.model),
     );
     Ok(Exchange {
         plan,
@@ -385,6 +387,8 @@ struct Shape {
     stream_options_span: Option<std::ops::Range<usize>>,
     /// A stream whose client did not ask for usage: ask for it where the backend can.
     ask_usage: bool,
+    /// The client asked for usage on its stream.
+    client_usage: bool,
 }
 
 impl Shape {
@@ -676,6 +680,7 @@ impl Exchange {
             plan,
             idx,
             tried,
+            shape,
             admitted,
             completion,
             request_timeout,
@@ -731,8 +736,10 @@ impl Exchange {
                 status,
             )
             .with_output_limit(output_limit)
+            .with_client_usage(shape.client_usage)
             .with_driver(driver);
-            record_overhead(&candidate, started, upstream_wait);
+            // The head leaves before the stream's end, where its duration is measured.
+            record_overhead(&candidate, started.elapsed(), upstream_wait);
             return Ok(Response::from_parts(parts, GatewayBody::upstream(body)));
         }
 
@@ -772,7 +779,23 @@ impl Exchange {
             }
         };
         let ok = parts.status.is_success();
-        let usage = if ok { meter::usage_of(&bytes) } else { None };
+        let answer = if ok { meter::read_answer(&bytes) } else { None };
+        if ok && answer.is_none() {
+            // A success the client could not parse: an upstream fault, not an answer.
+            let backend = candidate.backend.cfg.name.clone();
+            tracing::warn!(
+                backend = &*backend,
+                "upstream answered 2xx with a body that is not JSON"
+            );
+            forward::count_error(&backend, "malformed_body");
+            candidate.backend.state.on_failure(Failure::Broken);
+            let err = GatewayError::UpstreamFailed { backend };
+            let _ = completion
+                .finish(failure(Status::UpstreamBroken, err.status().as_u16()))
+                .await;
+            return Err(err);
+        }
+        let (usage, text) = answer.unwrap_or_default();
         let outcome = Outcome {
             status: if ok {
                 Status::Ok
@@ -781,7 +804,10 @@ impl Exchange {
             },
             http_status: status,
             usage,
-            generated: (ok && usage.is_none()).then(|| generated_text(&bytes)),
+            generated: ok.then_some(Generated {
+                text,
+                overflow_bytes: 0,
+            }),
             response_bytes: bytes.len() as u64,
             first_token_at: None,
         };
@@ -796,14 +822,23 @@ impl Exchange {
             set_usage_headers(&mut parts.headers, &settled);
         }
         parts.headers.remove(CONTENT_LENGTH);
-        record_overhead(&candidate, started, upstream_wait);
+        record_overhead(
+            &candidate,
+            settled.ended.duration_since(started),
+            upstream_wait,
+        );
         Ok(Response::from_parts(parts, GatewayBody::full(bytes)))
     }
 }
 
-/// The gateway's own share of the time to the response head.
-fn record_overhead(candidate: &Candidate, started: Instant, upstream_wait: std::time::Duration) {
-    let own = started.elapsed().saturating_sub(upstream_wait);
+/// The gateway's own share of `span`, a part of the request's measured duration that starts
+/// where it starts: what is left when the time spent waiting on upstreams is taken out.
+fn record_overhead(
+    candidate: &Candidate,
+    span: std::time::Duration,
+    upstream_wait: std::time::Duration,
+) {
+    let own = span.saturating_sub(upstream_wait);
     metrics::histogram!(m::OVERHEAD_SECONDS, "backend" => candidate.backend.cfg.name.clone())
         .record(own.as_secs_f64());
 }
@@ -852,39 +887,6 @@ fn set_usage_headers(h: &mut http::HeaderMap, s: &Settled) {
         if let Ok(v) = HeaderValue::from_str(&format_usd(s.cost_nusd)) {
             h.insert(X_TOLLGATE_COST_USD.clone(), v);
         }
-    }
-}
-
-/// The generated text of a JSON answer, for a local count when it carries no usage.
-fn generated_text(json: &[u8]) -> Generated {
-    let v: serde_json::Value = serde_json::from_slice(json).unwrap_or_default();
-    let mut text = String::new();
-    for c in v["choices"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        for t in [
-            &c["message"]["content"],
-            &c["message"]["reasoning_content"],
-            &c["text"],
-        ] {
-            if let Some(s) = t.as_str() {
-                text.push_str(s);
-            }
-        }
-        for call in c["message"]["tool_calls"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            text.push_str(call["function"]["name"].as_str().unwrap_or(""));
-            text.push_str(call["function"]["arguments"].as_str().unwrap_or(""));
-        }
-    }
-    Generated {
-        text,
-        overflow_bytes: 0,
     }
 }
 

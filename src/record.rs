@@ -18,6 +18,7 @@ use crate::meter::{self, TokenSource, Usage};
 use crate::metrics as m;
 use crate::route::health::InFlight;
 use crate::tokens::{count_chat_prompt, ChatPrompt, Tokenizers};
+use crate::upstream::engine::EngineCounter;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::oneshot;
@@ -79,6 +80,9 @@ pub struct Settled {
     pub priced: bool,
     /// The record reached the ledger; when false the response must not complete normally.
     pub committed: bool,
+    /// The instant the request's duration was measured to: the gateway's own time of a
+    /// response is measured on the same span, so it can never exceed the duration.
+    pub ended: Instant,
 }
 
 /// Everything needed to settle a request; travels with the response.
@@ -94,6 +98,8 @@ struct Job {
     egress_usd_per_gb: Option<f64>,
     ledger: Arc<Ledger>,
     budget: Option<(Reservation, Arc<BudgetBook>)>,
+    /// Counts with the serving engine's tokenizer, when it has one.
+    engine: Option<EngineCounter>,
 }
 
 impl std::fmt::Debug for Completion {
@@ -114,6 +120,7 @@ impl Completion {
         ledger: Arc<Ledger>,
         budget: Option<(Reservation, Arc<BudgetBook>)>,
         in_flight: InFlight,
+        engine: Option<EngineCounter>,
     ) -> Self {
         let job = Job {
             ctx,
@@ -121,6 +128,7 @@ impl Completion {
             egress_usd_per_gb,
             ledger,
             budget,
+            engine,
         };
         Self {
             job: Some(job),
@@ -160,6 +168,7 @@ impl Completion {
             job.ctx.attempts += 1;
             job.price = candidate.price.clone();
             job.egress_usd_per_gb = candidate.backend.cfg.egress_usd_per_gb;
+            job.engine = EngineCounter::new(&candidate.backend, &candidate.model);
         }
     }
 
@@ -176,29 +185,53 @@ impl Completion {
     }
 
     fn settle(&mut self, outcome: Outcome, reply: Option<oneshot::Sender<Settled>>) {
-        // The slot is free before the record is written; the backend still learns the cost.
-        let backend_state = self._in_flight.take().map(|g| g.backend().clone());
+        let in_flight = self._in_flight.take();
+        let backend_state = in_flight.as_ref().map(|g| g.backend().clone());
         let Some(job) = self.job.take() else { return };
-        let job = Settle {
+        let mut job = Settle {
             job,
             outcome,
             ended: Instant::now(),
             backend_state,
+            engine_counts: (None, None),
         };
-        if job.outcome.usage.is_some()
-            || job.local_count_bytes() <= crate::tokens::INLINE_COUNT_MAX_BYTES
-        {
-            job.run(reply);
-        } else {
-            // A large prompt or answer to count: off the async runtime, behind the semaphore.
-            tokio::spawn(async move {
-                let tok = Tokenizers::shared();
-                let bytes = job.local_count_bytes();
-                let job = tok
-                    .off_runtime(bytes, move |_| job.with_local_usage())
-                    .await;
+        job.distrust_empty_usage();
+        let engine = job.job.engine.clone();
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        match (engine, runtime) {
+            // No usage: the engine counts, while the request still holds its slot (see
+            // `upstream::engine`), then the record is written as usual.
+            (Some(engine), Some(rt)) if job.needs_count() => {
+                rt.spawn(async move {
+                    job.count_with_engine(&engine).await;
+                    drop(in_flight);
+                    job.run_counted(reply).await;
+                });
+            }
+            // Usage came: the record needs nothing more, but an engine that cannot render
+            // its template learns the template's overhead from it, still holding the slot.
+            (Some(engine), Some(rt)) if job.teaches(&engine) => {
+                let body = job.job.ctx.body.clone();
+                let prompt = job.outcome.usage.map_or(0, |u| u.prompt);
                 job.run(reply);
-            });
+                rt.spawn(async move {
+                    if let Err(e) = engine.learn(&body, prompt).await {
+                        tracing::debug!(error = %e, "could not learn the template overhead");
+                    }
+                    drop(in_flight);
+                });
+            }
+            (_, rt) => {
+                // The slot is free before the record is written; the backend still learns
+                // the cost.
+                drop(in_flight);
+                match rt {
+                    Some(rt) if job.local_count_bytes() > crate::tokens::INLINE_COUNT_MAX_BYTES => {
+                        rt.spawn(job.run_counted(reply));
+                    }
+                    _ => job.run(reply),
+                }
+            }
         }
     }
 }
@@ -224,17 +257,108 @@ struct Settle {
     outcome: Outcome,
     ended: Instant,
     backend_state: Option<Arc<crate::route::health::BackendState>>,
+    /// The engine's prompt and completion counts, where it could count one but not both:
+    /// they replace the local ones.
+    engine_counts: (Option<u64>, Option<u64>),
 }
 
 impl Settle {
+    /// A usage that says nothing was generated, beside generated text, is wrong: the text is
+    /// what was served, so it is what is billed.
+    fn distrust_empty_usage(&mut self) {
+        if self.outcome.usage.is_some_and(|u| u.completion == 0) && self.generated_text() > 0 {
+            tracing::warn!(
+                request_id = self.job.ctx.id.as_str(),
+                "upstream usage reports 0 completion tokens for a non-empty answer; counting it"
+            );
+            self.outcome.usage = None;
+        }
+    }
+
+    /// The upstream reported no usage for something it may bill.
+    fn needs_count(&self) -> bool {
+        self.outcome.usage.is_none() && self.outcome.status != Status::UpstreamError
+    }
+
+    fn teaches(&self, engine: &EngineCounter) -> bool {
+        !engine.renders_template()
+            && self
+                .outcome
+                .usage
+                .is_some_and(|u| u.source == TokenSource::Upstream)
+            && self.job.ctx.endpoint == crate::ctx::Endpoint::ChatCompletions
+    }
+
+    /// Fills the usage from the engine's own counts; where the engine cannot count, the local
+    /// count fills in later and the source says `local`.
+    async fn count_with_engine(&mut self, engine: &EngineCounter) {
+        let ctx = &self.job.ctx;
+        let (text, overflow) = self
+            .outcome
+            .generated
+            .as_ref()
+            .map_or(("", 0), |g| (g.text.as_str(), g.overflow_bytes));
+        let prompt = engine.prompt(ctx.endpoint, &ctx.body).await;
+        let completion = engine.text(text).await;
+        match (prompt, completion) {
+            (Ok(prompt), Ok(completion)) => {
+                self.outcome.usage = Some(Usage {
+                    prompt,
+                    completion: completion + overflow.div_ceil(4),
+                    cached: 0,
+                    cache_write: 0,
+                    reasoning: 0,
+                    source: TokenSource::Engine,
+                });
+            }
+            (prompt, completion) => {
+                for e in [prompt.as_ref().err(), completion.as_ref().err()]
+                    .into_iter()
+                    .flatten()
+                {
+                    tracing::debug!(request_id = ctx.id.as_str(), error = %e, "engine count failed; counting locally");
+                }
+                self.engine_counts = (
+                    prompt.ok(),
+                    completion.ok().map(|c| c + overflow.div_ceil(4)),
+                );
+            }
+        }
+    }
+
+    /// Counts locally what is still missing (off the runtime when large), then records.
+    async fn run_counted(self, reply: Option<oneshot::Sender<Settled>>) {
+        let job = if self.local_count_bytes() > crate::tokens::INLINE_COUNT_MAX_BYTES {
+            let tok = Tokenizers::shared();
+            let bytes = self.local_count_bytes();
+            tok.off_runtime(bytes, move |_| self.with_local_usage())
+                .await
+        } else {
+            self
+        };
+        job.run(reply);
+    }
+
+    fn generated_text(&self) -> usize {
+        self.outcome.generated.as_ref().map_or(0, |g| g.text.len())
+    }
+
+    /// Bytes a local count would tokenize (none when the usage is known).
     fn local_count_bytes(&self) -> usize {
-        self.job.ctx.body.len() + self.outcome.generated.as_ref().map_or(0, |g| g.text.len())
+        match self.outcome.usage {
+            Some(_) => 0,
+            None => self.job.ctx.body.len() + self.generated_text(),
+        }
     }
 
     /// Counts locally what the upstream did not report.
     fn with_local_usage(mut self) -> Self {
         if self.outcome.usage.is_none() {
-            self.outcome.usage = Some(local_usage(&self.job.ctx, self.outcome.generated.as_ref()));
+            let mut usage = local_usage(&self.job.ctx, self.outcome.generated.as_ref());
+            let (prompt, completion) = self.engine_counts;
+            usage.prompt = prompt.unwrap_or(usage.prompt);
+            usage.completion = completion.unwrap_or(usage.completion);
+            self.outcome.usage = Some(usage);
         }
         self
     }
@@ -282,6 +406,7 @@ impl Settle {
             .served_model
             .clone()
             .unwrap_or_else(|| ctx.requested_model.clone());
+        let latency = this.ended.duration_since(ctx.started);
         record_metrics(
             &team,
             &model,
@@ -292,10 +417,10 @@ impl Settle {
             ctx,
             cost_nusd,
             priced,
+            latency,
         );
 
         let ended_at_us = crate::budget::unix_now_us();
-        let latency = this.ended.duration_since(ctx.started);
         let record = Record {
             id: ctx.id.as_str().to_string(),
             started_at_us: ended_at_us - latency.as_micros() as i64,
@@ -330,6 +455,7 @@ impl Settle {
             cost_nusd,
             priced,
             committed: false,
+            ended: this.ended,
         };
         let reply = reply.map(|tx| -> Box<dyn FnOnce(bool) + Send> {
             Box::new(move |committed| {
@@ -418,6 +544,7 @@ fn record_metrics(
     ctx: &RequestCtx,
     cost_nusd: i64,
     priced_model: bool,
+    duration: std::time::Duration,
 ) {
     let label = |k: &'static str, v: metrics::SharedString| metrics::Label::new(k, v);
     let base = || {
@@ -433,7 +560,7 @@ fn record_metrics(
     let mut with_status = base();
     with_status.push(label("status", o.status.as_str().into()));
     metrics::histogram!(m::REQUEST_DURATION_SECONDS, with_status.clone())
-        .record(ctx.started.elapsed().as_secs_f64());
+        .record(duration.as_secs_f64());
     // Counters carry the configured tag labels; histograms do not (a series per bucket).
     ctx.metric_tags.extend(&mut with_status);
     metrics::counter!(m::REQUESTS_TOTAL, with_status).increment(1);

@@ -34,10 +34,20 @@ async fn chat_json_is_forwarded_with_the_alias_resolved() {
         r.headers["x-tollgate-model"],
         "meta-llama/Llama-3.1-8B-Instruct"
     );
-    assert!(r.headers["x-tollgate-request-id"]
-        .to_str()
-        .unwrap()
-        .starts_with("req_"));
+    // A UUID: the id also goes upstream as `x-request-id`, where strict servers want one.
+    let id = r.headers["x-tollgate-request-id"].to_str().unwrap();
+    assert_eq!(id.len(), 36, "{id}");
+    assert_eq!(id.matches('-').count(), 4, "{id}");
+    assert_eq!(
+        gw.sim("llama")
+            .stats
+            .last_headers
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()["x-request-id"],
+        id
+    );
     // The backend saw its own model name, not the alias, and the rest of the body intact.
     let sent: serde_json::Value = serde_json::from_slice(
         gw.sim("llama")

@@ -5,15 +5,20 @@
 //! a client can leave. Each count carries its source, and "unknown" is never silently zero:
 //! a priced model always gets a cost, from local counts if need be.
 
+pub mod scan;
 pub mod sse;
+pub mod template;
 
 use crate::config::prices::Price;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenSource {
+    /// The response's own `usage`: what the provider bills.
     Upstream,
+    /// Counted by the serving engine's own tokenizer endpoint (see `upstream::engine`).
+    Engine,
+    /// Counted here with a tiktoken encoding (exact for OpenAI models, a named stand-in else).
     Local,
 }
 
@@ -21,6 +26,7 @@ impl TokenSource {
     pub fn as_str(self) -> &'static str {
         match self {
             TokenSource::Upstream => "upstream",
+            TokenSource::Engine => "engine",
             TokenSource::Local => "local",
         }
     }
@@ -97,19 +103,27 @@ impl WireUsage {
     }
 }
 
-#[derive(Deserialize)]
-struct HasUsage<'a> {
-    #[serde(borrow)]
-    usage: Option<&'a RawValue>,
+/// A `usage` value (the object itself) as counts; `None` when it is `null`, malformed, of the
+/// wrong types or negative: the request already succeeded, only its count is lost, and the
+/// caller counts instead.
+pub fn usage_json(value: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<Option<WireUsage>>(value)
+        .ok()??
+        .to_usage()
 }
 
-/// The `usage` of a JSON response body or stream chunk. A missing, `null` or malformed
-/// usage is `None`, never an error: the request already succeeded, only its count is lost.
+/// What a whole JSON answer says: its usage (see [`usage_json`]) and its generated text, read
+/// by the same scanner as stream events. `None` when the answer is not valid JSON.
+pub fn read_answer(json: &[u8]) -> Option<(Option<Usage>, String)> {
+    let mut text = String::new();
+    let found = scan::scan(json, &mut text).ok()?;
+    let usage = found.usage.and_then(|span| usage_json(&json[span]));
+    Some((usage, text))
+}
+
+/// The `usage` of a JSON response body or stream chunk (see [`usage_json`]).
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
-    let raw = serde_json::from_slice::<HasUsage<'_>>(json).ok()?.usage?;
-    serde_json::from_str::<WireUsage>(raw.get())
-        .ok()?
-        .to_usage()
+    read_answer(json)?.0
 }
 
 /// Cost in nano-dollars (integers, so sums never drift): tokens x prices, plus egress.

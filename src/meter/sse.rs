@@ -1,43 +1,79 @@
 //! Watches an SSE stream as it passes: reads `usage` from whichever event carries it, keeps
-//! the generated text for a local count, holds back `data: [DONE]` so the gateway's own
-//! closing comment can go before it, and removes the usage the gateway asked for on a
-//! client's behalf when the client did not ask for it.
+//! the generated text for a count when usage never comes, holds back `data: [DONE]` so the
+//! gateway's own closing comment can go before it, and removes the usage the gateway asked
+//! for on a client's behalf when the client did not ask for it.
 //!
 //! Events are forwarded as soon as their terminating blank line arrives. Only the bytes of an
-//! event not yet complete wait here, which is what lets an event be dropped or rewritten.
-//! A frame made of whole events that need no change is forwarded as the same `Bytes`.
+//! event not yet complete wait here, which is what lets an event be dropped or rewritten; that
+//! wait is bounded ([`MAX_EVENT_BYTES`]) and each byte is searched for an event end once. A
+//! frame made of whole events that need no change is forwarded as the same `Bytes`.
 //!
-//! Events are scanned, not parsed: only the one that carries `usage` is parsed. From the others
-//! only the generated text is kept (the string values of `content`, `text`, `arguments`,
-//! `reasoning_content`), a few bytes a token, for a local count if usage never comes.
+//! Each event's JSON goes through [`scan`](super::scan): a validating one-pass scanner that
+//! gives a full parse's answer on any valid JSON (spacing, key order, escapes, multi-line
+//! `data:`), so every engine's dialect is metered alike. An event that is not valid JSON is a
+//! protocol violation: nothing from it on is forwarded, and the stream is ended by the gateway.
 
-use super::{usage_of, Usage};
+use super::scan::{scan, Scan};
+use super::{usage_json, Usage};
 use bytes::{Bytes, BytesMut};
-use memchr::memmem;
 use std::borrow::Cow;
 
-/// Generated text kept for a local count, at most; past it, bytes are counted instead.
+/// Generated text kept for a count, at most; past it, bytes are counted instead.
 const MAX_KEPT: usize = 4 << 20;
+/// Longest event accepted. Engines send events of a few hundred bytes; one that never ends
+/// would otherwise grow without bound.
+pub const MAX_EVENT_BYTES: usize = 4 << 20;
+
+/// How an upstream broke the SSE protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// An event's data is not valid JSON.
+    MalformedEvent,
+    /// An event grew past [`MAX_EVENT_BYTES`] without ending.
+    EventTooLarge,
+}
+
+impl Violation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Violation::MalformedEvent => "malformed_event",
+            Violation::EventTooLarge => "event_too_large",
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct SseObserver {
     partial: BytesMut,
+    /// Bytes of `partial` already searched for an event end, and where its last line starts.
+    searched: usize,
+    line_start: usize,
     /// The gateway added `stream_options.include_usage`; the client must not see its effects.
     strip_usage: bool,
+    /// The last valid `usage` the stream carried (cumulative when an engine repeats it).
     pub usage: Option<Usage>,
-    /// Generated text, for a local count if usage never comes.
+    /// Generated text, for a count if usage never comes.
     text: String,
     /// Text bytes beyond [`MAX_KEPT`].
     overflow_bytes: u64,
-    /// Events that carried generated text (for the time to first token).
+    /// The generated text of the event being scanned (reused).
+    scratch: String,
+    /// Events that carried generated text (for the time to first token and the budget cut).
     pub content_events: u64,
     pub saw_done: bool,
+    /// An event carried an `error` object (an engine reporting a failure mid-stream).
+    pub error_event: bool,
+    /// A `usage` object was present but unusable (wrong types, negative numbers).
+    pub bad_usage: bool,
+    /// Set once the upstream broke the protocol; nothing more is forwarded.
+    pub violation: Option<Violation>,
 }
 
 enum Verdict {
     Keep,
     Drop,
     Rewrite(Vec<u8>),
+    Violation(Violation),
 }
 
 impl SseObserver {
@@ -50,45 +86,74 @@ impl SseObserver {
 
     /// Takes one upstream frame; returns what to send the client now (possibly nothing).
     pub fn feed(&mut self, frame: Bytes) -> Option<Bytes> {
+        if self.violation.is_some() {
+            return None;
+        }
         if self.partial.is_empty() {
-            let complete = complete_len(&frame);
+            // Usual case: the frame holds whole events; only an unfinished tail waits.
+            let (complete, line_start) = ends(&frame, 0, 0);
             if complete == frame.len() {
                 return self.process(frame);
             }
-            self.partial.extend_from_slice(&frame);
-        } else {
-            self.partial.extend_from_slice(&frame);
+            self.partial.extend_from_slice(&frame[complete..]);
+            self.searched = self.partial.len();
+            self.line_start = line_start - complete;
+            self.check_size();
+            return if complete == 0 {
+                None
+            } else {
+                self.process(frame.slice(..complete))
+            };
         }
-        let complete = complete_len(&self.partial);
+        self.partial.extend_from_slice(&frame);
+        let (complete, line_start) = ends(&self.partial, self.searched, self.line_start);
+        self.searched = self.partial.len() - complete;
+        self.line_start = line_start - complete;
         if complete == 0 {
+            self.check_size();
             return None;
         }
         let events = self.partial.split_to(complete).freeze();
+        self.check_size();
         self.process(events)
+    }
+
+    fn check_size(&mut self) {
+        if self.partial.len() > MAX_EVENT_BYTES {
+            self.violation = Some(Violation::EventTooLarge);
+            self.partial = BytesMut::new();
+        }
     }
 
     /// Bytes of a last event that never got its blank line.
     pub fn finish(&mut self) -> Option<Bytes> {
-        if self.partial.is_empty() {
+        if self.partial.is_empty() || self.violation.is_some() {
             return None;
         }
-        let rest = std::mem::take(&mut self.partial).freeze();
-        let mut with_end = BytesMut::from(&rest[..]);
-        with_end.extend_from_slice(b"\n\n");
-        self.process(with_end.freeze())
+        let mut rest = std::mem::take(&mut self.partial);
+        rest.extend_from_slice(b"\n\n");
+        self.process(rest.freeze())
     }
 
     /// Whole events in, what to forward out.
     fn process(&mut self, events: Bytes) -> Option<Bytes> {
         let mut out: Option<BytesMut> = None;
         let mut start = 0;
-        for end in boundaries(&events) {
+        let mut at = 0;
+        while at < events.len() {
+            let (end, _) = ends_first(&events, at);
             let event = &events[start..end];
             match self.inspect(event) {
                 Verdict::Keep => {
                     if let Some(o) = out.as_mut() {
                         o.extend_from_slice(event);
                     }
+                }
+                Verdict::Violation(v) => {
+                    self.violation = Some(v);
+                    self.partial = BytesMut::new();
+                    let o = out.get_or_insert_with(|| BytesMut::from(&events[..start]));
+                    return (!o.is_empty()).then(|| std::mem::take(o).freeze());
                 }
                 verdict => {
                     let o = out.get_or_insert_with(|| BytesMut::from(&events[..start]));
@@ -98,6 +163,7 @@ impl SseObserver {
                 }
             }
             start = end;
+            at = end;
         }
         match out {
             None if events.is_empty() => None,
@@ -111,140 +177,152 @@ impl SseObserver {
         let Some(data) = data_of(event) else {
             return Verdict::Keep;
         };
-        if data.as_ref() == b"[DONE]" {
+        let trimmed = data.trim_ascii();
+        if trimmed == b"[DONE]" {
             self.saw_done = true;
             return Verdict::Drop;
         }
-        if data.first() != Some(&b'{') {
+        if trimmed.is_empty() {
             return Verdict::Keep;
         }
-        let has_usage = memmem::find(&data, b"\"usage\":{").is_some()
-            || memmem::find(&data, b"\"usage\": {").is_some();
-        if has_usage {
-            if let Some(u) = usage_of(&data) {
-                self.usage = Some(u);
+        self.scratch.clear();
+        let Ok(found) = scan(&data, &mut self.scratch) else {
+            return Verdict::Violation(Violation::MalformedEvent);
+        };
+        if let Some(span) = &found.usage {
+            match usage_json(&data[span.clone()]) {
+                Some(u) => self.usage = Some(u),
+                None => self.bad_usage = true,
             }
         }
-        let mut carried = false;
-        for key in TEXT_KEYS {
-            for at in memmem::find_iter(&data, key) {
-                // The key's value starts at its opening quote (the last byte of the key).
-                let start = at + key.len() - 1;
-                let Some(value) = json_string(&data[start..]) else {
-                    continue;
-                };
-                if value.is_empty() {
-                    continue;
-                }
-                carried = true;
-                if self.text.len() + value.len() <= MAX_KEPT {
-                    self.text.push_str(&value);
-                } else {
-                    self.overflow_bytes += value.len() as u64;
-                }
-            }
+        if found.error {
+            self.error_event = true;
         }
-        if carried {
+        if !self.scratch.is_empty() {
             self.content_events += 1;
+            if self.text.len() + self.scratch.len() <= MAX_KEPT {
+                self.text.push_str(&self.scratch);
+            } else {
+                self.overflow_bytes += self.scratch.len() as u64;
+            }
         }
         if self.strip_usage {
-            if has_usage && memmem::find(&data, b"\"choices\":[]").is_some() {
-                return Verdict::Drop;
-            }
-            return strip_usage_field(event);
+            return strip_usage(event, &data, &found);
         }
         Verdict::Keep
     }
 
-    /// The text the stream generated (content, reasoning, tool calls), for a local count,
-    /// and the bytes past what was kept.
-    pub fn generated(&self) -> (String, u64) {
-        (self.text.clone(), self.overflow_bytes)
+    /// The text the stream generated (content, reasoning, tool calls), for a count, and the
+    /// bytes past what was kept. Taken: asked once, when the stream is settled.
+    pub fn take_generated(&mut self) -> (String, u64) {
+        (std::mem::take(&mut self.text), self.overflow_bytes)
     }
 }
 
-/// Keys whose string values are generated text, quote included.
-const TEXT_KEYS: [&[u8]; 4] = [
-    b"\"content\":\"",
-    b"\"text\":\"",
-    b"\"arguments\":\"",
-    b"\"reasoning_content\":\"",
-];
-
-/// The JSON string literal at the start of `b` (which begins with `"`), decoded.
-fn json_string(b: &[u8]) -> Option<Cow<'_, str>> {
-    let mut i = 1;
-    while i < b.len() {
-        match b[i] {
-            b'\\' => i += 2,
-            b'"' => return serde_json::from_slice(&b[..=i]).ok(),
-            _ => i += 1,
+/// Hides the usage the client did not ask for: the usage-only chunk goes, and a `usage`
+/// member (`null` on every chunk, or counts on the last one) is cut out of the others.
+fn strip_usage(event: &[u8], data: &Cow<'_, [u8]>, found: &Scan) -> Verdict {
+    if found.usage.is_some() && found.choices_empty {
+        return Verdict::Drop;
+    }
+    let Some(cut) = &found.usage_member else {
+        return Verdict::Keep;
+    };
+    let mut new_data = Vec::with_capacity(data.len());
+    new_data.extend_from_slice(&data[..cut.start]);
+    new_data.extend_from_slice(&data[cut.end..]);
+    match data {
+        // One `data:` line: splice in place, the rest of the event as it was.
+        Cow::Borrowed(d) => {
+            let offset = d.as_ptr() as usize - event.as_ptr() as usize;
+            let mut v = Vec::with_capacity(event.len());
+            v.extend_from_slice(&event[..offset]);
+            v.extend_from_slice(&new_data);
+            v.extend_from_slice(&event[offset + d.len()..]);
+            Verdict::Rewrite(v)
         }
-    }
-    None
-}
-
-/// Length of the prefix made of complete events (ending in a blank line).
-fn complete_len(b: &[u8]) -> usize {
-    boundaries(b).last().unwrap_or(0)
-}
-
-/// End offsets of complete events: just past each blank line (`\n\n` or `\r\n\r\n`).
-fn boundaries(b: &[u8]) -> impl Iterator<Item = usize> + '_ {
-    let mut line_start = 0;
-    let mut i = 0;
-    std::iter::from_fn(move || {
-        while i < b.len() {
-            if b[i] == b'\n' {
-                let line = &b[line_start..i];
-                i += 1;
-                let blank = line.is_empty() || line == b"\r";
-                line_start = i;
-                if blank {
-                    return Some(i);
+        // Several `data:` lines: the other fields as they were, the data on one line (its
+        // newlines were JSON whitespace: a string cannot hold a raw one).
+        Cow::Owned(_) => {
+            let mut v = Vec::with_capacity(event.len());
+            let mut data_written = false;
+            for line in lines(event) {
+                if is_data_line(line) {
+                    if !data_written {
+                        v.extend_from_slice(b"data: ");
+                        v.extend(new_data.iter().map(|&c| if c == b'\n' { b' ' } else { c }));
+                        v.push(b'\n');
+                        data_written = true;
+                    }
+                } else if !line.is_empty() {
+                    v.extend_from_slice(line);
+                    v.push(b'\n');
                 }
-            } else {
-                i += 1;
             }
+            v.push(b'\n');
+            Verdict::Rewrite(v)
         }
-        None
-    })
+    }
 }
 
-/// The event's data (its `data:` lines joined by `\n`), or `None` for a comment-only event.
+/// Searches `b` from `from` (where the line in progress started at `line_start`) for event
+/// ends; returns the offset just past the last one (0 if none) and where the last line starts.
+fn ends(b: &[u8], from: usize, mut line_start: usize) -> (usize, usize) {
+    let mut complete = 0;
+    for nl in memchr::memchr_iter(b'\n', &b[from..]).map(|i| i + from) {
+        let line = &b[line_start..nl];
+        if line.is_empty() || line == b"\r" {
+            complete = nl + 1;
+        }
+        line_start = nl + 1;
+    }
+    (complete, line_start)
+}
+
+/// The end of the first event starting at `from` in a buffer of whole events.
+fn ends_first(b: &[u8], from: usize) -> (usize, usize) {
+    let mut line_start = from;
+    for nl in memchr::memchr_iter(b'\n', &b[from..]).map(|i| i + from) {
+        let line = &b[line_start..nl];
+        if line.is_empty() || line == b"\r" {
+            return (nl + 1, nl + 1);
+        }
+        line_start = nl + 1;
+    }
+    (b.len(), b.len())
+}
+
+fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
+    event
+        .split(|&c| c == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+}
+
+fn is_data_line(line: &[u8]) -> bool {
+    line == b"data" || line.starts_with(b"data:")
+}
+
+/// The event's data (its `data:` lines joined by `\n`, one leading space of each removed),
+/// or `None` for an event with no data (comments, keep-alives).
 fn data_of(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     let mut data: Option<Cow<'_, [u8]>> = None;
-    for line in event.split(|&c| c == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-            data = Some(match data {
-                None => Cow::Borrowed(rest),
-                Some(prev) => {
-                    let mut v = prev.into_owned();
-                    v.push(b'\n');
-                    v.extend_from_slice(rest);
-                    Cow::Owned(v)
-                }
-            });
+    for line in lines(event) {
+        if !is_data_line(line) {
+            continue;
         }
+        let rest = &line[line.len().min(5)..];
+        let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+        data = Some(match data {
+            None => Cow::Borrowed(rest),
+            Some(prev) => {
+                let mut v = prev.into_owned();
+                v.push(b'\n');
+                v.extend_from_slice(rest);
+                Cow::Owned(v)
+            }
+        });
     }
     data
-}
-
-/// Removes `"usage":null` that `include_usage` adds to every chunk, so a client that did not
-/// ask sees the chunks it would see without the gateway. Compact JSON only (what vLLM, OpenAI
-/// and llama.cpp send); anything else is left alone, which SDKs tolerate.
-fn strip_usage_field(event: &[u8]) -> Verdict {
-    for pat in [&b",\"usage\":null"[..], b"\"usage\":null,"] {
-        if let Some(at) = memmem::find(event, pat) {
-            let mut v = Vec::with_capacity(event.len());
-            v.extend_from_slice(&event[..at]);
-            v.extend_from_slice(&event[at + pat.len()..]);
-            return Verdict::Rewrite(v);
-        }
-    }
-    Verdict::Keep
 }
 
 #[cfg(test)]
@@ -267,7 +345,7 @@ mod tests {
         assert_eq!(o.feed(Bytes::from(DONE)), None);
         assert!(o.saw_done);
         assert_eq!(o.usage.unwrap().completion, 2);
-        assert_eq!(o.generated().0, "Hi");
+        assert_eq!(o.take_generated().0, "Hi");
     }
 
     #[test]
@@ -278,8 +356,23 @@ mod tests {
         assert_eq!(o.feed(Bytes::copy_from_slice(a.as_bytes())), None);
         let out = o.feed(Bytes::copy_from_slice(b.as_bytes())).unwrap();
         assert_eq!(out, all.as_bytes());
-        assert_eq!(o.generated().0, "Hello");
+        assert_eq!(o.take_generated().0, "Hello");
         assert_eq!(o.content_events, 2);
+    }
+
+    #[test]
+    fn a_frame_with_whole_events_and_a_tail_forwards_the_whole_ones_now() {
+        let mut o = SseObserver::new(false);
+        let all = format!("{}{}", chunk("a"), chunk("b"));
+        let cut = chunk("a").len() + 5;
+        let out = o
+            .feed(Bytes::copy_from_slice(&all.as_bytes()[..cut]))
+            .unwrap();
+        assert_eq!(out, chunk("a").as_bytes());
+        let out = o
+            .feed(Bytes::copy_from_slice(&all.as_bytes()[cut..]))
+            .unwrap();
+        assert_eq!(out, chunk("b").as_bytes());
     }
 
     #[test]
@@ -295,19 +388,35 @@ mod tests {
     }
 
     #[test]
+    fn usage_is_removed_from_spaced_and_multi_line_json_too() {
+        let mut o = SseObserver::new(true);
+        let spaced =
+            "data: {\"choices\": [{\"delta\": {\"content\": \"Hi\"}}], \"usage\": null}\n\n";
+        let out = o.feed(Bytes::from(spaced)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out[6..]).unwrap();
+        assert!(v.get("usage").is_none());
+        let multi = "event: chunk\ndata: {\"choices\": [{\"delta\": {\"content\": \"!\"}}],\ndata:  \"usage\": null}\n\n";
+        let out = o.feed(Bytes::from(multi)).unwrap();
+        let s = std::str::from_utf8(&out).unwrap();
+        assert!(s.starts_with("event: chunk\ndata: "), "{s}");
+        assert!(!s.contains("usage"), "{s}");
+        assert_eq!(o.take_generated().0, "Hi!");
+    }
+
+    #[test]
     fn usage_is_read_from_a_chunk_that_still_has_choices() {
         let mut o = SseObserver::new(false);
         let last = "data: {\"choices\":[{\"delta\":{\"content\":\"!\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n";
         assert_eq!(o.feed(Bytes::from(last)).unwrap(), last);
         assert_eq!(o.usage.unwrap().prompt, 3);
-        assert_eq!(o.generated().0, "!");
+        assert_eq!(o.take_generated().0, "!");
     }
 
     #[test]
-    fn escaped_text_is_decoded_for_the_local_count() {
+    fn escaped_text_is_decoded_for_the_count() {
         let mut o = SseObserver::new(false);
         o.feed(Bytes::from(r#"data: {"choices":[{"delta":{"content":"say \"hi\"\n","tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]}}]}"#.to_string() + "\n\n"));
-        assert_eq!(o.generated().0, "say \"hi\"\n{\"a\":1}");
+        assert_eq!(o.take_generated().0, "say \"hi\"\n{\"a\":1}");
         assert_eq!(o.content_events, 1);
     }
 
@@ -316,7 +425,7 @@ mod tests {
         let mut o = SseObserver::new(false);
         let s = ": ping\r\n\r\ndata: {\"choices\":[{\"text\":\"x\"}]}\r\n\r\n";
         assert_eq!(o.feed(Bytes::from(s)).unwrap(), s);
-        assert_eq!(o.generated().0, "x");
+        assert_eq!(o.take_generated().0, "x");
     }
 
     #[test]
@@ -324,5 +433,37 @@ mod tests {
         let mut o = SseObserver::new(false);
         assert_eq!(o.feed(Bytes::from("data: {\"choices\":[]}")), None);
         assert_eq!(o.finish().unwrap(), "data: {\"choices\":[]}\n\n");
+    }
+
+    #[test]
+    fn a_malformed_event_stops_forwarding_at_it() {
+        let mut o = SseObserver::new(false);
+        let frame = format!("{}data: {{\"choices\": [\n\n{}", chunk("a"), chunk("b"));
+        let out = o.feed(Bytes::from(frame)).unwrap();
+        assert_eq!(out, chunk("a").as_bytes());
+        assert_eq!(o.violation, Some(Violation::MalformedEvent));
+        assert_eq!(o.feed(Bytes::from(chunk("c"))), None);
+        assert_eq!(o.take_generated().0, "a");
+    }
+
+    #[test]
+    fn bad_usage_is_noted_and_not_used() {
+        let mut o = SseObserver::new(false);
+        let bad = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":-3,\"completion_tokens\":\"x\"}}\n\n";
+        assert!(o.feed(Bytes::from(bad)).is_some());
+        assert!(o.usage.is_none());
+        assert!(o.bad_usage);
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_bounded() {
+        let mut o = SseObserver::new(false);
+        let piece = Bytes::from(vec![b'x'; 64 * 1024]);
+        o.feed(Bytes::from_static(b"data: \""));
+        for _ in 0..(MAX_EVENT_BYTES / piece.len() + 1) {
+            assert_eq!(o.feed(piece.clone()), None);
+        }
+        assert_eq!(o.violation, Some(Violation::EventTooLarge));
+        assert!(o.partial.capacity() < 1024);
     }
 }

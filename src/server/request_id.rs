@@ -13,19 +13,34 @@ use tower::{Layer, Service};
 
 pub static X_TOLLGATE_REQUEST_ID: HeaderName = HeaderName::from_static("x-tollgate-request-id");
 
-/// `req_<process prefix><counter>`: unique across restarts (random prefix) without a syscall
-/// per request.
+/// A UUID (RFC 9562 version 4 layout): a random per-process prefix and a counter, so ids are
+/// unique across restarts without a syscall per request. It is also the `x-request-id` sent
+/// upstream, and strict servers accept only UUIDs there (llama-cpp-python answers anything
+/// else with 400).
 pub fn next_id() -> RequestId {
-    static PREFIX: OnceLock<u32> = OnceLock::new();
+    static PREFIX: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| {
-        let mut b = [0u8; 4];
+        let mut b = [0u8; 8];
         let _ = getrandom::fill(&mut b);
-        u32::from_le_bytes(b)
+        u64::from_le_bytes(b)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let s = format!("req_{prefix:08x}{n:012x}");
-    RequestId(HeaderValue::from_str(&s).expect("hex is a valid header value"))
+    RequestId(HeaderValue::from_str(&uuid_text(prefix, n)).expect("hex is a valid header value"))
+}
+
+/// `prefix` and `n` in a version-4, variant-1 UUID's text form.
+fn uuid_text(prefix: u64, n: u64) -> String {
+    let hi = (prefix & !0xF000) | 0x4000; // version 4 in bits 12-15
+    let lo = (n & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000; // variant 10
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xFFFF,
+        hi & 0xFFFF,
+        lo >> 48,
+        lo & 0xFFFF_FFFF_FFFF
+    )
 }
 
 #[derive(Debug, Clone, Default)]
@@ -89,5 +104,27 @@ where
             resp.headers_mut().insert(X_TOLLGATE_REQUEST_ID.clone(), id);
         }
         Poll::Ready(Ok(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_version_4_uuids() {
+        let s = uuid_text(u64::MAX, 0);
+        assert_eq!(s, "ffffffff-ffff-4fff-8000-000000000000");
+        let s = uuid_text(0, u64::MAX);
+        assert_eq!(s, "00000000-0000-4000-bfff-ffffffffffff");
+        let a = next_id();
+        let b = next_id();
+        assert_ne!(a.as_str(), b.as_str());
+        let parts: Vec<&str> = a.as_str().split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(parts[2].starts_with('4'));
     }
 }

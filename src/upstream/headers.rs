@@ -63,9 +63,9 @@ pub fn to_upstream(headers: &mut HeaderMap, api_key: Option<&str>, request_id: &
             headers.insert(header::AUTHORIZATION, v);
         }
     }
-    if !headers.contains_key(&X_REQUEST_ID) {
-        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    }
+    // The gateway's id, always: it finds the request in both logs, and a client's own id may
+    // be a form a strict server refuses.
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 }
 
 #[cfg(test)]
@@ -103,6 +103,7 @@ mod tests {
         );
         h.insert("x-api-key", HeaderValue::from_static("tg-client"));
         h.insert("x-tollgate-tags", HeaderValue::from_static("project=a"));
+        h.insert("x-request-id", HeaderValue::from_static("client-chosen"));
         to_upstream(
             &mut h,
             Some("sk-backend"),

@@ -16,7 +16,7 @@ use crate::config::OnDisconnect;
 use crate::ctx::Endpoint;
 use crate::error::GatewayError;
 use crate::meter::format_usd;
-use crate::meter::sse::SseObserver;
+use crate::meter::sse::{SseObserver, Violation};
 use crate::record::{Completion, Generated, Outcome, Settled, Status};
 use crate::upstream::h1::Driver;
 use bytes::{Bytes, BytesMut};
@@ -62,6 +62,9 @@ pub struct UpstreamBody {
     who: (String, Arc<str>, Endpoint),
     /// The connection to poll alongside the body (plain-http backends; see `upstream::h1`).
     driver: Option<Driver>,
+    /// The client asked for `stream_options.include_usage`: it gets a usage chunk even when
+    /// the engine sends none (the gateway's counts, then).
+    client_usage: bool,
 }
 
 // === impl UpstreamBody ===
@@ -99,7 +102,13 @@ impl UpstreamBody {
             output_limit: None,
             who,
             driver: None,
+            client_usage: false,
         }
+    }
+
+    pub fn with_client_usage(mut self, asked: bool) -> Self {
+        self.client_usage = asked;
+        self
     }
 
     pub fn with_driver(mut self, driver: Option<Driver>) -> Self {
@@ -114,17 +123,14 @@ impl UpstreamBody {
     }
 
     fn outcome(&mut self, status: Status) -> Outcome {
+        let (text, overflow_bytes) = self.observer.take_generated();
         Outcome {
             status,
             http_status: self.http_status,
             usage: self.observer.usage,
-            // Parsing the stream's text costs; only a stream without usage needs it.
-            generated: self.observer.usage.is_none().then(|| {
-                let (text, overflow_bytes) = self.observer.generated();
-                Generated {
-                    text,
-                    overflow_bytes,
-                }
+            generated: Some(Generated {
+                text,
+                overflow_bytes,
             }),
             response_bytes: self.response_bytes,
             first_token_at: self.first_token_at,
@@ -174,6 +180,39 @@ impl UpstreamBody {
         self.settle(Status::UpstreamBroken, Some(err))
     }
 
+    fn violated(&mut self, violation: Violation) {
+        tracing::warn!(
+            backend = &*self.backend,
+            violation = violation.as_str(),
+            "upstream broke the SSE protocol; ending the stream"
+        );
+        crate::upstream::forward::count_error(&self.backend, violation.as_str());
+        if let Some(state) = self.completion.as_ref().and_then(|c| c.backend_state()) {
+            state.on_failure(crate::route::health::Failure::Broken);
+        }
+        let err = GatewayError::UpstreamFailed {
+            backend: self.backend.clone(),
+        };
+        let _ = self.settle(Status::UpstreamBroken, Some(err));
+    }
+
+    /// The usage chunk `include_usage` promises, made from the gateway's counts.
+    fn usage_chunk(&self, u: &crate::meter::Usage) -> Vec<u8> {
+        let (id, model, endpoint) = &self.who;
+        let object = match endpoint {
+            Endpoint::ChatCompletions => "chat.completion.chunk",
+            _ => "text_completion",
+        };
+        let chunk = serde_json::json!({"id": id, "object": object,
+            "created": crate::budget::unix_now_us() / 1_000_000, "model": &**model, "choices": [],
+            "usage": {"prompt_tokens": u.prompt, "completion_tokens": u.completion,
+                      "total_tokens": u.prompt + u.completion}});
+        let mut out = b"data: ".to_vec();
+        out.extend_from_slice(chunk.to_string().as_bytes());
+        out.extend_from_slice(b"\n\n");
+        out
+    }
+
     /// The bytes after the upstream's last event: the cost comment, then `[DONE]` (or the
     /// error event that replaces it).
     fn ending(
@@ -207,6 +246,10 @@ impl UpstreamBody {
                 let u = s
                     .usage
                     .unwrap_or_else(|| unreachable!("settled usage is always known"));
+                let gateway_usage = self.client_usage && self.observer.usage.is_none();
+                if gateway_usage {
+                    out.extend_from_slice(&self.usage_chunk(&u));
+                }
                 out.extend_from_slice(b": tollgate ");
                 let cost = if s.priced {
                     format_usd(s.cost_nusd)
@@ -215,10 +258,11 @@ impl UpstreamBody {
                 };
                 out.extend_from_slice(
                     format!(
-                        r#"{{"cost_usd":{cost},"prompt_tokens":{},"completion_tokens":{},"token_source":"{}"{}}}"#,
+                        r#"{{"cost_usd":{cost},"prompt_tokens":{},"completion_tokens":{},"token_source":"{}"{}{}}}"#,
                         u.prompt,
                         u.completion,
                         u.source.as_str(),
+                        if gateway_usage { r#","usage_chunk":"gateway""# } else { "" },
                         if status == Status::BudgetCut { r#","ended_by":"budget""# } else { "" }
                     )
                     .as_bytes(),
@@ -290,6 +334,12 @@ impl Body for UpstreamBody {
                     }
                     if this.first_token_at.is_none() && this.observer.content_events > 0 {
                         this.first_token_at = Some(std::time::Instant::now());
+                    }
+                    if let Some(v) = this.observer.violation {
+                        // What came before the bad event went out; the client now gets a
+                        // clean error event, and the record what was generated until then.
+                        this.violated(v);
+                        continue;
                     }
                     if this
                         .output_limit
@@ -401,6 +451,7 @@ impl Drop for UpstreamBody {
                     output_limit: None,
                     who: self.who.clone(),
                     driver: self.driver.take(),
+                    client_usage: false,
                 };
                 rt.spawn(async move {
                     // Read to the end for the provider's own usage; what is read goes nowhere.
