@@ -176,9 +176,52 @@ pub struct RawBackend {
     /// Ask for `stream_options.include_usage` on streams (the server supports it).
     #[serde(default = "yes")]
     pub stream_usage: bool,
+    /// The server software behind `url`: how the gateway counts tokens with the engine's own
+    /// tokenizer when a response carries no usage, and which quirks it allows for.
+    #[serde(default)]
+    pub engine: Engine,
     /// Active health probe; on by default for self-hosted backends only.
     pub health_check: Option<RawHealthCheck>,
     pub models: Vec<RawModel>,
+}
+
+/// Inference server software, as far as metering cares: each has its own tokenize endpoint
+/// (docs/ENGINES.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+pub enum Engine {
+    /// Any OpenAI-compatible server, or OpenAI itself: no tokenize endpoint assumed.
+    #[default]
+    #[serde(rename = "openai")]
+    OpenAi,
+    #[serde(rename = "vllm")]
+    Vllm,
+    /// llama.cpp's own `llama-server`.
+    #[serde(rename = "llama.cpp")]
+    LlamaCpp,
+    /// The OpenAI server of the llama-cpp-python bindings.
+    #[serde(rename = "llama-cpp-python")]
+    LlamaCppPython,
+    /// Hugging Face text-generation-inference.
+    #[serde(rename = "tgi")]
+    Tgi,
+    #[serde(rename = "sglang")]
+    Sglang,
+    #[serde(rename = "ollama")]
+    Ollama,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::OpenAi => "openai",
+            Engine::Vllm => "vllm",
+            Engine::LlamaCpp => "llama.cpp",
+            Engine::LlamaCppPython => "llama-cpp-python",
+            Engine::Tgi => "tgi",
+            Engine::Sglang => "sglang",
+            Engine::Ollama => "ollama",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -215,6 +215,7 @@ pub struct Backend {
     pub stream_idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub stream_usage: bool,
+    pub engine: super::Engine,
     /// `None`: not probed (passive health only).
     pub health_check: Option<HealthCheck>,
     pub models: Vec<BackendModel>,
@@ -661,6 +662,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
             stream_idle_timeout,
             pool_idle_timeout,
             stream_usage: b.stream_usage,
+            engine: b.engine,
             health_check,
             models,
         }));

@@ -95,6 +95,8 @@ pub struct BackendState {
     circuit_open_ms: AtomicU64,
     /// Wall-time accounting (busy time, GPU hours paid and charged), on the gateway's clock.
     pub occupancy: Occupancy,
+    /// What each model's chat template adds to prompts, learned from the engine's counts.
+    pub template: crate::meter::template::TemplateMemory,
     clock: Arc<dyn Clock>,
 }
 
@@ -133,6 +135,7 @@ impl BackendState {
                 (crate::config::DEFAULT_CIRCUIT_OPEN_S * 1000.0) as u64,
             ),
             occupancy: Occupancy::new(clock.now_us()),
+            template: Default::default(),
             clock,
         }
     }

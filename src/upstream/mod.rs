@@ -1,6 +1,7 @@
 //! Talking to backends: the pooled client, one forwarding attempt, and the streaming body.
 
 pub mod client;
+pub mod engine;
 pub mod forward;
 pub mod h1;
 pub mod headers;
