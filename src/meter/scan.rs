@@ -12,10 +12,15 @@
 //!
 //! ```text
 //! choices.*.text                                   completions
-//! choices.*.{delta,message}.content                 string, or parts: content.*.text
+//! choices.*.{delta,message}.content                 string, or parts: content.*.text,
+//!                                                   content.*.thinking.*.text (Magistral)
 //! choices.*.{delta,message}.{reasoning_content,reasoning}
-//! choices.*.{delta,message}.tool_calls.*.function.{name,arguments}
+//! choices.*.{delta,message}.tool_calls.*.function.arguments
 //! ```
+//!
+//! A tool call's name is not counted (a few tokens, and engines repeat it on every chunk),
+//! nor the legacy `function_call`, which llama-cpp-python sends beside `tool_calls` with the
+//! same arguments.
 
 use std::ops::Range;
 
@@ -92,8 +97,9 @@ impl Path {
             (Path::Message, b"reasoning_content" | b"reasoning") => Path::Text,
             (Path::Message, b"tool_calls") => Path::ToolCalls,
             (Path::ContentPart, b"text") => Path::Text,
+            (Path::ContentPart, b"thinking") => Path::ContentParts,
             (Path::ToolCall, b"function") => Path::Function,
-            (Path::Function, b"name" | b"arguments") => Path::Text,
+            (Path::Function, b"arguments") => Path::Text,
             _ => Path::Other,
         }
     }
@@ -292,8 +298,8 @@ impl<'a> Scanner<'a, '_> {
             "reasoning" => b"reasoning",
             "tool_calls" => b"tool_calls",
             "function" => b"function",
-            "name" => b"name",
             "arguments" => b"arguments",
+            "thinking" => b"thinking",
             _ => b"",
         })
     }
@@ -498,8 +504,8 @@ mod tests {
         let (s, text) = run(
             r#"{"choices":[{"delta":{"reasoning_content":"think ","tool_calls":[{"index":0,"function":{"name":"f","arguments":"{\"a\":1}"}}]}},{"message":{"content":[{"type":"text","text":"A"}],"reasoning":"R"}}]}"#,
         );
-        assert_eq!(text, "think f{\"a\":1}AR");
-        assert_eq!(s.text_parts, 5);
+        assert_eq!(text, "think {\"a\":1}AR");
+        assert_eq!(s.text_parts, 4);
     }
 
     #[test]
