@@ -12,27 +12,44 @@ const LLAMA: &str = "meta-llama/Llama-3.1-8B-Instruct";
 
 /// Written out again rather than taken from `tollgate::focus::COLUMNS`: this is the contract
 /// FinOps tools load by, and a change to the code's list must fail here.
-const COLUMNS: [&str; 25] = [
+const COLUMNS: [&str; 42] = [
     "BilledCost",
     "EffectiveCost",
     "ListCost",
+    "ContractedCost",
     "BillingCurrency",
+    "BillingAccountId",
+    "BillingAccountName",
+    "BillingPeriodStart",
+    "BillingPeriodEnd",
     "ChargePeriodStart",
     "ChargePeriodEnd",
     "ChargeCategory",
+    "ChargeClass",
+    "ChargeFrequency",
     "ChargeDescription",
+    "InvoiceId",
+    "InvoiceIssuerName",
+    "ServiceProviderName",
+    "HostProviderName",
+    "ProviderName",
+    "PublisherName",
     "ServiceName",
     "ServiceCategory",
-    "ProviderName",
+    "ServiceSubcategory",
     "ResourceId",
     "ResourceName",
     "RegionId",
+    "SkuId",
+    "SkuPriceId",
     "ConsumedQuantity",
     "ConsumedUnit",
     "PricingQuantity",
     "PricingUnit",
     "Tags",
     "x_Team",
+    "x_PrincipalId",
+    "x_CredentialId",
     "x_Hosting",
     "x_Requests",
     "x_PromptTokens",
@@ -94,6 +111,7 @@ fn nanos(usd: &str) -> i64 {
 /// What the ledger holds of one request.
 struct Request {
     team: String,
+    key_id: String,
     model: String,
     backend: String,
     started_at_us: i64,
@@ -150,11 +168,12 @@ async fn focus_export_adds_up_to_the_ledger_from_admin_and_cli() {
 
     let ledger: Vec<Request> = gw.ledger(
         "SELECT team, served_model, backend, started_at_us, prompt_tokens, completion_tokens,
-                cached_tokens, cost_nusd, egress_bytes FROM requests",
+                cached_tokens, cost_nusd, egress_bytes, key_id FROM requests",
         |r| {
             let count = |i| r.get::<_, i64>(i).map(|n| n as u64);
             Ok(Request {
                 team: r.get(0)?,
+                key_id: r.get(9)?,
                 model: r.get(1)?,
                 backend: r.get(2)?,
                 started_at_us: r.get(3)?,
@@ -204,24 +223,26 @@ async fn focus_export_adds_up_to_the_ledger_from_admin_and_cli() {
         16
     );
 
-    // One row per team × model × backend × hour (a run can straddle an hour).
+    // One row per team × key × model × backend × hour (a run can straddle an hour).
     let hour = |us: i64| tollgate::report::format_time(us - us.rem_euclid(3_600_000_000));
-    let expected: BTreeSet<(String, String, String, String)> = ledger
+    let expected: BTreeSet<(String, String, String, String, String)> = ledger
         .iter()
         .map(|l| {
             (
                 l.team.clone(),
+                l.key_id.clone(),
                 l.model.clone(),
                 l.backend.clone(),
                 hour(l.started_at_us),
             )
         })
         .collect();
-    let seen: Vec<(String, String, String, String)> = rows
+    let seen: Vec<(String, String, String, String, String)> = rows
         .iter()
         .map(|r| {
             (
                 r["x_Team"].clone(),
+                r["x_CredentialId"].clone(),
                 r["ResourceName"].clone(),
                 r["ServiceName"].clone(),
                 r["ChargePeriodStart"].clone(),
@@ -235,6 +256,12 @@ async fn focus_export_adds_up_to_the_ledger_from_admin_and_cli() {
     for r in &rows {
         let tags: serde_json::Value = serde_json::from_str(&r["Tags"]).unwrap();
         let department = if r["x_Team"] == "search" { "rnd" } else { "cx" };
+        // The gateway's operator sells and bills every row, whichever backend served it.
+        assert_eq!(
+            (&*r["ServiceProviderName"], &*r["ProviderName"]),
+            ("Tollgate", "Tollgate")
+        );
+        assert_eq!(r["InvoiceIssuerName"], "Tollgate");
         assert_eq!(
             tags["department"], department,
             "team tags are on every request"
@@ -242,8 +269,8 @@ async fn focus_export_adds_up_to_the_ledger_from_admin_and_cli() {
         match r["ServiceName"].as_str() {
             "llama" => {
                 assert_eq!(
-                    (&*r["ProviderName"], &*r["x_Hosting"], &*r["RegionId"]),
-                    ("self-hosted", "self_hosted", "eu")
+                    (&*r["HostProviderName"], &*r["x_Hosting"], &*r["RegionId"]),
+                    ("Tollgate", "self_hosted", "eu")
                 );
                 assert_eq!(r["ResourceId"], format!("llama/{LLAMA}"));
                 assert_eq!(
@@ -253,7 +280,7 @@ async fn focus_export_adds_up_to_the_ledger_from_admin_and_cli() {
             }
             "openai" => {
                 assert_eq!(
-                    (&*r["ProviderName"], &*r["x_Hosting"], &*r["RegionId"]),
+                    (&*r["HostProviderName"], &*r["x_Hosting"], &*r["RegionId"]),
                     ("openai", "commercial", "us")
                 );
                 // Each request at the catalog price, egress included, as metering rounds it.
@@ -262,6 +289,7 @@ async fn focus_export_adds_up_to_the_ledger_from_admin_and_cli() {
                     .filter(|l| {
                         l.backend == "openai"
                             && l.team == r["x_Team"]
+                            && l.key_id == r["x_CredentialId"]
                             && hour(l.started_at_us) == r["ChargePeriodStart"]
                     })
                     .map(|l| cost_nusd(Some(&catalog), &l.usage, l.egress_bytes, Some(0.09)))
