@@ -1,8 +1,8 @@
 //! The ledger as a FinOps Foundation FOCUS export: cost and usage rows in the columns FinOps
 //! tools already load for cloud bills, so inference spend sits next to the bills it is
-//! compared with. It passes the Foundation's own validator (FOCUS 1.2, `focus-validator`
-//! 2.2.1: `scripts/focus-validator.sh`), and carries the FOCUS 1.3 provider columns beside
-//! the ones 1.3 deprecates.
+//! compared with. The Foundation's own validator finds no failure in it (FOCUS 1.2 rules,
+//! `focus-validator` 2.2.1, as `scripts/focus-validator.sh` runs and reads it), and it
+//! carries the FOCUS 1.3 provider columns beside the ones 1.3 deprecates.
 //!
 //! A FOCUS row is a charge, not a request: one per team × key × backend × served model × UTC
 //! hour (the hour the request started), the finest period cloud bills use. The key is part of
