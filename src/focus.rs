@@ -1,26 +1,38 @@
 //! The ledger as a FinOps Foundation FOCUS export: cost and usage rows in the columns FinOps
 //! tools already load for cloud bills, so inference spend sits next to the bills it is
-//! compared with.
+//! compared with. The Foundation's own validator finds no failure in it (FOCUS 1.2 rules,
+//! `focus-validator` 2.2.1, as `scripts/focus-validator.sh` runs and reads it), and it
+//! carries the FOCUS 1.3 provider columns beside the ones 1.3 deprecates.
 //!
-//! A FOCUS row is a charge, not a request: one per team × backend × served model × UTC hour
-//! (the hour the request started), the finest period cloud bills use. Requests refused before
-//! any backend was asked, and requests the backend refused (`upstream_error`), billed nothing
-//! and appear in no row.
+//! A FOCUS row is a charge, not a request: one per team × key × backend × served model × UTC
+//! hour (the hour the request started), the finest period cloud bills use. The key is part of
+//! the row because `x_CredentialId` (FOCUS 1.5's CredentialId) must name the one credential
+//! the charge's requests presented; a team has the few keys its config lists, so this adds a
+//! row per key a team used in that hour, never one per request. Requests refused before any
+//! backend was asked, and requests the backend refused (`upstream_error`), billed nothing and
+//! appear in no row.
 //!
 //! ```text
-//!  requests in [from, to) ──one pass──► BTreeMap<(hour, team, backend, model), Charge> ──► CSV
+//!  requests in [from, to) ──one pass──► BTreeMap<(hour, team, backend, model, key), Charge> ──► CSV
 //! ```
 //!
 //! Memory grows with the number of rows, never with the number of requests. The map's key
 //! order is the export's order.
+//!
+//! Who is who: the gateway's operator (`[focus] provider_name`) is the service provider its
+//! teams buy inference from and the invoice issuer that charges them back: it picks the
+//! backend, sets the price a team pays and bills it. The backend is the host that ran the
+//! inference (a commercial API, or the operator's own GPUs) and, in FOCUS 1.2's terms, the
+//! publisher that produced it.
 //!
 //! Money stays in integer nano-dollars until it is printed. `BilledCost` is the ledger's cost;
 //! `ListCost` re-prices each request of a commercial backend at the catalog's public price
 //! with the metering code's own function, so a backend billed at the catalog price has a list
 //! cost equal to its billed cost to the nano-dollar, and a negotiated price shows as the gap.
 
+use crate::budget::window;
 use crate::config::prices::{Catalog, Price};
-use crate::config::{Backend, Config, Hosting};
+use crate::config::{Backend, Config, Focus, Hosting, Window};
 use crate::meter::{self, format_usd, TokenSource, Usage};
 use crate::report::{csv_field, format_time, ReportError};
 use rusqlite::Connection;
@@ -30,27 +42,44 @@ use std::collections::{BTreeMap, HashMap};
 const HOUR_US: i64 = 3_600_000_000;
 
 /// The export's header, in order: FOCUS columns, then ours with FOCUS's `x_` prefix.
-pub const COLUMNS: [&str; 25] = [
+pub const COLUMNS: [&str; 42] = [
     "BilledCost",
     "EffectiveCost",
     "ListCost",
+    "ContractedCost",
     "BillingCurrency",
+    "BillingAccountId",
+    "BillingAccountName",
+    "BillingPeriodStart",
+    "BillingPeriodEnd",
     "ChargePeriodStart",
     "ChargePeriodEnd",
     "ChargeCategory",
+    "ChargeClass",
+    "ChargeFrequency",
     "ChargeDescription",
+    "InvoiceId",
+    "InvoiceIssuerName",
+    "ServiceProviderName",
+    "HostProviderName",
+    "ProviderName",
+    "PublisherName",
     "ServiceName",
     "ServiceCategory",
-    "ProviderName",
+    "ServiceSubcategory",
     "ResourceId",
     "ResourceName",
     "RegionId",
+    "SkuId",
+    "SkuPriceId",
     "ConsumedQuantity",
     "ConsumedUnit",
     "PricingQuantity",
     "PricingUnit",
     "Tags",
     "x_Team",
+    "x_PrincipalId",
+    "x_CredentialId",
     "x_Hosting",
     "x_Requests",
     "x_PromptTokens",
@@ -58,13 +87,15 @@ pub const COLUMNS: [&str; 25] = [
     "x_CachedTokens",
 ];
 
-/// What one team spent on one model of one backend in one hour.
+/// What one key of one team spent on one model of one backend in one hour.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Charge {
     pub period_start_us: i64,
     pub team: String,
     pub backend: String,
     pub model: String,
+    /// The key's id (`k-` and the start of its hash), never the key.
+    pub key_id: String,
     /// `None`: the backend is no longer in the config.
     pub hosting: Option<Hosting>,
     pub region: Option<String>,
@@ -78,6 +109,9 @@ pub struct Charge {
     pub tags: BTreeMap<String, Value>,
 }
 
+/// Period start, team, backend, model, key id: a row of the export, in its order.
+type ChargeKey = (i64, String, String, String, String);
+
 /// A charge being summed, with what re-pricing its requests needs.
 struct Acc {
     charge: Charge,
@@ -89,7 +123,7 @@ struct Acc {
 }
 
 /// Charges for requests that started in `[from_us, to_us)`, in FOCUS order: by period start,
-/// team, backend, model. `config` says each backend's hosting and region.
+/// team, backend, model, key. `config` says each backend's hosting and region.
 pub fn query(
     conn: &Connection,
     config: &Config,
@@ -102,13 +136,13 @@ pub fn query(
     let mut stmt = conn.prepare(
         "SELECT started_at_us, team, backend, COALESCE(served_model, requested_model), tags,
                 prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
-                cost_nusd, egress_bytes
+                cost_nusd, egress_bytes, key_id
          FROM requests
          WHERE started_at_us >= ?1 AND started_at_us < ?2
            AND backend IS NOT NULL AND status != 'upstream_error'",
     )?;
     let mut rows = stmt.query([from_us.unwrap_or(i64::MIN), to_us.unwrap_or(i64::MAX)])?;
-    let mut charges: BTreeMap<(i64, String, String, String), Acc> = BTreeMap::new();
+    let mut charges: BTreeMap<ChargeKey, Acc> = BTreeMap::new();
     while let Some(r) = rows.next()? {
         let started: i64 = r.get(0)?;
         let key = (
@@ -116,6 +150,7 @@ pub fn query(
             r.get(1)?,
             r.get(2)?,
             r.get(3)?,
+            r.get(11)?,
         );
         // Counts are NULL when unknown; a negative one could only come from a damaged file.
         let count = |i: usize| -> rusqlite::Result<u64> {
@@ -139,45 +174,13 @@ pub fn query(
     Ok(charges.into_values().map(|a| a.charge).collect())
 }
 
-/// The charges as CSV, header first; fields are quoted as RFC 4180 asks.
-pub fn render(charges: &[Charge]) -> String {
+/// The charges as CSV, header first; fields are quoted as RFC 4180 asks. `focus` names the
+/// billing account, the provider and the invoice issuer.
+pub fn render(focus: &Focus, charges: &[Charge]) -> String {
     let mut out = COLUMNS.join(",");
     out.push('\n');
     for c in charges {
-        let tokens = c.prompt_tokens.saturating_add(c.completion_tokens);
-        let (provider, hosting) = match c.hosting {
-            Some(Hosting::Commercial) => (c.backend.as_str(), Hosting::Commercial.as_str()),
-            Some(Hosting::SelfHosted) => ("self-hosted", Hosting::SelfHosted.as_str()),
-            None => ("unknown", "unknown"),
-        };
-        let fields: [String; COLUMNS.len()] = [
-            format_usd(c.billed_nusd),
-            format_usd(c.billed_nusd),
-            format_usd(c.list_nusd),
-            "USD".into(),
-            format_time(c.period_start_us),
-            format_time(c.period_start_us.saturating_add(HOUR_US)),
-            "Usage".into(),
-            format!("LLM inference: {} on {}", c.model, c.backend),
-            c.backend.clone(),
-            "AI and Machine Learning".into(),
-            provider.into(),
-            format!("{}/{}", c.backend, c.model),
-            c.model.clone(),
-            c.region.clone().unwrap_or_default(),
-            tokens.to_string(),
-            "Tokens".into(),
-            per_million(tokens),
-            "1M Tokens".into(),
-            serde_json::to_string(&c.tags).unwrap_or_else(|_| "{}".into()),
-            c.team.clone(),
-            hosting.into(),
-            c.requests.to_string(),
-            c.prompt_tokens.to_string(),
-            c.completion_tokens.to_string(),
-            c.cached_tokens.to_string(),
-        ];
-        for (i, f) in fields.iter().enumerate() {
+        for (i, f) in fields(focus, c).iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }
@@ -188,6 +191,85 @@ pub fn render(charges: &[Charge]) -> String {
     out
 }
 
+/// One charge's row, in [`COLUMNS`] order; an empty field is FOCUS's null.
+fn fields(focus: &Focus, c: &Charge) -> [String; COLUMNS.len()] {
+    let tokens = c.prompt_tokens.saturating_add(c.completion_tokens);
+    let billed = format_usd(c.billed_nusd);
+    let (billing_start, billing_end) = window::bounds(Window::Month, c.period_start_us);
+    // Who ran the inference: a commercial backend is its own host and produced what was sold;
+    // a self-hosted one ran on GPUs the operator runs (or rents: `host_provider_name`). A
+    // backend gone from the config has no known host: FOCUS 1.3's "Not Applicable" is its
+    // value for a host that cannot be determined.
+    let (host, publisher, hosting) = match c.hosting {
+        Some(Hosting::Commercial) => (&*c.backend, &*c.backend, Hosting::Commercial.as_str()),
+        Some(Hosting::SelfHosted) => (
+            &*focus.host_provider_name,
+            &*focus.provider_name,
+            Hosting::SelfHosted.as_str(),
+        ),
+        None => ("Not Applicable", "unknown", "unknown"),
+    };
+    [
+        billed.clone(),
+        // No commitment discount is amortized into a charge: effective = billed.
+        billed.clone(),
+        format_usd(c.list_nusd),
+        // Tokens at the price the gateway has for this backend (its contract, or the catalog),
+        // before any commitment discount, of which there are none: what it billed.
+        billed,
+        "USD".into(),
+        focus.billing_account_id.clone(),
+        focus.billing_account_name.clone(),
+        // The calendar month (UTC) of the charge: an hour never straddles two.
+        format_time(billing_start),
+        format_time(billing_end),
+        format_time(c.period_start_us),
+        format_time(c.period_start_us.saturating_add(HOUR_US)),
+        "Usage".into(),
+        // Null: a correction of an invoiced period is the only other class, and the ledger
+        // never corrects a charge.
+        String::new(),
+        "Usage-Based".into(),
+        format!("LLM inference: {} on {}", c.model, c.backend),
+        // Null: the gateway issues no invoice with an id; its charges are not on one.
+        String::new(),
+        // The operator both sells and bills: with the backend as provider, FOCUS would read
+        // the charge as collected by a third party and require a BilledCost of 0.
+        focus.invoice_issuer_name.clone(),
+        focus.provider_name.clone(),
+        host.into(),
+        focus.provider_name.clone(),
+        publisher.into(),
+        c.backend.clone(),
+        "AI and Machine Learning".into(),
+        "Generative AI".into(),
+        format!("{}/{}", c.backend, c.model),
+        c.model.clone(),
+        c.region.clone().unwrap_or_default(),
+        // The product is the model, the same whichever backend serves it; its price is the
+        // backend's (config/prices.toml or the backend's own), so one SkuPriceId per backend
+        // and model, with one parent SkuId.
+        c.model.clone(),
+        format!("{}/{}", c.backend, c.model),
+        tokens.to_string(),
+        "Tokens".into(),
+        per_million(tokens),
+        // FOCUS's UnitFormat: a count and a unit, as prices per million tokens are quoted.
+        "1000000 Tokens".into(),
+        serde_json::to_string(&c.tags).unwrap_or_else(|_| "{}".into()),
+        c.team.clone(),
+        // FOCUS 1.5's PrincipalId: the team is who a key authenticates.
+        c.team.clone(),
+        // FOCUS 1.5's CredentialId: an identifier of the key, never the key itself.
+        c.key_id.clone(),
+        hosting.into(),
+        c.requests.to_string(),
+        c.prompt_tokens.to_string(),
+        c.completion_tokens.to_string(),
+        c.cached_tokens.to_string(),
+    ]
+}
+
 /// The FOCUS CSV for `[from_us, to_us)`.
 pub fn export(
     conn: &Connection,
@@ -195,7 +277,7 @@ pub fn export(
     from_us: Option<i64>,
     to_us: Option<i64>,
 ) -> Result<String, ReportError> {
-    Ok(render(&query(conn, config, from_us, to_us)?))
+    Ok(render(&config.focus, &query(conn, config, from_us, to_us)?))
 }
 
 /// `1234` tokens → `0.001234` (millions of tokens), exact.
@@ -207,7 +289,7 @@ fn per_million(tokens: u64) -> String {
 
 impl Acc {
     fn new(
-        (period_start_us, team, backend, model): &(i64, String, String, String),
+        (period_start_us, team, backend, model, key_id): &ChargeKey,
         backends: &HashMap<&str, &Backend>,
         catalog: &Catalog,
     ) -> Acc {
@@ -224,6 +306,7 @@ impl Acc {
                 team: team.clone(),
                 backend: backend.clone(),
                 model: model.clone(),
+                key_id: key_id.clone(),
                 hosting: cfg.map(|b| b.hosting),
                 region: cfg.and_then(|b| b.region.as_deref().map(str::to_string)),
                 requests: 0,

@@ -9,8 +9,8 @@ mod validate;
 
 pub use validate::{
     load, parse, parse_key_hash, process_env, validate, Backend, BackendModel, Budget, Config,
-    ConfigError, ConfigErrors, Features, GpuCost, HealthCheck, Hosting, Metrics, OnDisconnect,
-    Protocol, Routing, SelfHostedCost, Server, Team, Window,
+    ConfigError, ConfigErrors, Features, Focus, GpuCost, HealthCheck, Hosting, Metrics,
+    OnDisconnect, Protocol, Routing, SelfHostedCost, Server, Team, Window,
 };
 
 use serde::Deserialize;
@@ -54,6 +54,8 @@ pub struct RawConfig {
     pub team: Vec<RawTeam>,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub focus: RawFocus,
 }
 
 #[derive(Debug, Deserialize)]
@@ -356,3 +358,39 @@ pub const RESERVED_LABELS: &[&str] = &[
     "job",
     "instance",
 ];
+
+pub const DEFAULT_FOCUS_BILLING_ACCOUNT_ID: &str = "tollgate";
+pub const DEFAULT_FOCUS_BILLING_ACCOUNT_NAME: &str = "Tollgate";
+pub const DEFAULT_FOCUS_PROVIDER_NAME: &str = "Tollgate";
+
+/// Who bills whom in the FOCUS export (`tollgate report --format focus`). The gateway is the
+/// service provider its teams buy inference from: the backends behind it are its hosts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFocus {
+    /// BillingAccountId: the account the gateway's charges are billed to (a cost center, a
+    /// chargeback account).
+    pub billing_account_id: String,
+    /// BillingAccountName: that account's display name.
+    pub billing_account_name: String,
+    /// ServiceProviderName (and the deprecated ProviderName): who makes inference available
+    /// through this gateway, e.g. your platform team or company.
+    pub provider_name: String,
+    /// InvoiceIssuerName: who charges the teams for it; default: `provider_name`.
+    pub invoice_issuer_name: Option<String>,
+    /// HostProviderName of self-hosted backends: who runs their GPUs (you, or the cloud you
+    /// rent them from); default: `provider_name`.
+    pub host_provider_name: Option<String>,
+}
+
+impl Default for RawFocus {
+    fn default() -> Self {
+        Self {
+            billing_account_id: DEFAULT_FOCUS_BILLING_ACCOUNT_ID.into(),
+            billing_account_name: DEFAULT_FOCUS_BILLING_ACCOUNT_NAME.into(),
+            provider_name: DEFAULT_FOCUS_PROVIDER_NAME.into(),
+            invoice_issuer_name: None,
+            host_provider_name: None,
+        }
+    }
+}

@@ -21,6 +21,7 @@ pub struct Config {
     pub backends: Vec<Arc<Backend>>,
     pub teams: Vec<Arc<Team>>,
     pub metrics: Metrics,
+    pub focus: Focus,
     /// Things worth a log line that do not stop the gateway.
     pub warnings: Vec<String>,
     /// `api_key_env` variables that are not set: `serve` refuses to start, `check` warns.
@@ -757,6 +758,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
     }
 
     let metrics = metrics(raw.metrics, &mut c);
+    let focus = focus(raw.focus, &mut c, &mut warnings);
     if c.errors.is_empty() {
         Ok(Config {
             server,
@@ -767,6 +769,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
             backends,
             teams,
             metrics,
+            focus,
             warnings,
             missing_keys,
         })
@@ -856,6 +859,45 @@ fn metrics(raw: super::RawMetrics, c: &mut Checker) -> Metrics {
         max_tag_values,
         idle_after,
         busy_window,
+    }
+}
+
+/// Who bills whom in the FOCUS export (`[focus]`): the names FinOps tools group charges by.
+#[derive(Debug, Clone)]
+pub struct Focus {
+    pub billing_account_id: String,
+    pub billing_account_name: String,
+    pub provider_name: String,
+    pub invoice_issuer_name: String,
+    pub host_provider_name: String,
+}
+
+fn focus(raw: super::RawFocus, c: &mut Checker, warnings: &mut Vec<String>) -> Focus {
+    let provider_name = raw.provider_name;
+    let invoice_issuer_name = raw
+        .invoice_issuer_name
+        .unwrap_or_else(|| provider_name.clone());
+    let host_provider_name = raw
+        .host_provider_name
+        .unwrap_or_else(|| provider_name.clone());
+    c.name("focus.billing_account_id", &raw.billing_account_id);
+    c.name("focus.billing_account_name", &raw.billing_account_name);
+    c.name("focus.provider_name", &provider_name);
+    c.name("focus.invoice_issuer_name", &invoice_issuer_name);
+    c.name("focus.host_provider_name", &host_provider_name);
+    if invoice_issuer_name != provider_name {
+        warnings.push(format!(
+            "focus.invoice_issuer_name `{invoice_issuer_name}` differs from focus.provider_name \
+             `{provider_name}`: FOCUS reads that as a third party collecting the payment and \
+             expects a BilledCost of 0 (focus-validator rule BilledCost-C-005-C)"
+        ));
+    }
+    Focus {
+        billing_account_id: raw.billing_account_id,
+        billing_account_name: raw.billing_account_name,
+        provider_name,
+        invoice_issuer_name,
+        host_provider_name,
     }
 }
 

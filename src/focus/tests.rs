@@ -43,8 +43,9 @@ fn config() -> Config {
     crate::config::parse(CONFIG, "focus.toml", &|_| None).unwrap()
 }
 
-/// Two hours, two teams, two configured backends and a retired one, a varying `project`
-/// tag; and the requests no row may count: refused, failed upstream, outside the period.
+/// Two hours, two teams, one of them with two keys, two configured backends and a retired
+/// one, a varying `project` tag; and the requests no row may count: refused, failed upstream,
+/// outside the period.
 fn ledger() -> Vec<Record> {
     let search = |p: &str| format!(r#"{{"department":"rnd","project":"{p}"}}"#);
     let support = |p: &str| format!(r#"{{"project":"{p}"}}"#);
@@ -123,6 +124,22 @@ fn ledger() -> Vec<Record> {
             5,
             6,
         ),
+        // The team's other key: a row of its own.
+        Record {
+            key_id: "k2".into(),
+            ..tokens(
+                rec(
+                    H0 + 40 * MIN,
+                    "support",
+                    Some("llama"),
+                    LLAMA,
+                    &support("y"),
+                ),
+                7,
+                8,
+                9,
+            )
+        },
         tokens(
             rec(H0 + 10 * MIN, "support", Some("retired"), "gpt-4o", "{}"),
             100,
@@ -190,11 +207,11 @@ fn period() -> (Option<i64>, Option<i64>) {
 }
 
 #[test]
-fn one_charge_per_team_backend_model_and_hour_in_focus_order() {
+fn one_charge_per_team_backend_model_key_and_hour_in_focus_order() {
     let db = TempLedger::with("groups", &ledger());
     let (from, to) = period();
     let charges = query(&db.conn, &config(), from, to).unwrap();
-    let keys: Vec<(i64, &str, &str, &str, u64)> = charges
+    let keys: Vec<(i64, &str, &str, &str, &str, u64)> = charges
         .iter()
         .map(|c| {
             (
@@ -202,6 +219,7 @@ fn one_charge_per_team_backend_model_and_hour_in_focus_order() {
                 &*c.team,
                 &*c.backend,
                 &*c.model,
+                &*c.key_id,
                 c.requests,
             )
         })
@@ -209,11 +227,12 @@ fn one_charge_per_team_backend_model_and_hour_in_focus_order() {
     assert_eq!(
         keys,
         vec![
-            (H0, "search", "llama", LLAMA, 1),
-            (H0, "search", "openai", "gpt-4o-mini", 2),
-            (H0, "support", "llama", LLAMA, 2),
-            (H0, "support", "retired", "gpt-4o", 1),
-            (H0 + 60 * MIN, "search", "llama", LLAMA, 1),
+            (H0, "search", "llama", LLAMA, "k1", 1),
+            (H0, "search", "openai", "gpt-4o-mini", "k1", 2),
+            (H0, "support", "llama", LLAMA, "k1", 2),
+            (H0, "support", "llama", LLAMA, "k2", 1),
+            (H0, "support", "retired", "gpt-4o", "k1", 1),
+            (H0 + 60 * MIN, "search", "llama", LLAMA, "k1", 1),
         ]
     );
 
@@ -239,12 +258,13 @@ fn one_charge_per_team_backend_model_and_hour_in_focus_order() {
         (12_345, 12_345)
     );
     assert_eq!((charges[2].billed_nusd, charges[2].list_nusd), (9, 9));
+    assert_eq!((charges[3].billed_nusd, charges[3].list_nusd), (9, 9));
     assert_eq!(
-        (charges[3].billed_nusd, charges[3].list_nusd),
+        (charges[4].billed_nusd, charges[4].list_nusd),
         (1_000, 1_000)
     );
     assert_eq!(
-        (charges[3].hosting, charges[3].region.as_deref()),
+        (charges[4].hosting, charges[4].region.as_deref()),
         (None, None)
     );
 }
@@ -266,6 +286,7 @@ fn tags_are_those_every_request_of_the_charge_shares() {
             r#"{"department":"rnd"}"#,
             // Projects x and y, no team tags.
             "{}",
+            r#"{"project":"y"}"#,
             "{}",
             r#"{"department":"rnd","project":"alpha"}"#,
         ]
@@ -278,33 +299,182 @@ fn csv_rows_carry_exact_money_hour_bounds_and_quoted_tags() {
     let (from, to) = period();
     let csv = export(&db.conn, &config(), from, to).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines.len(), 6, "{csv}");
+    assert_eq!(lines.len(), 7, "{csv}");
     assert_eq!(lines[0], COLUMNS.join(","));
     assert_eq!(
         lines[1],
-        "0.000012345,0.000012345,0.000012345,USD,2026-11-22T10:00:00Z,2026-11-22T11:00:00Z,Usage,\
-         LLM inference: meta-llama/Llama-3.1-8B-Instruct on llama,llama,AI and Machine Learning,\
-         self-hosted,llama/meta-llama/Llama-3.1-8B-Instruct,meta-llama/Llama-3.1-8B-Instruct,eu,\
-         1000,Tokens,0.001000,1M Tokens,\"{\"\"department\"\":\"\"rnd\"\",\"\"project\"\":\"\"alpha\"\"}\",\
-         search,self_hosted,1,300,700,0"
+        "0.000012345,0.000012345,0.000012345,0.000012345,USD,tollgate,Tollgate,\
+         2026-11-01T00:00:00Z,2026-12-01T00:00:00Z,2026-11-22T10:00:00Z,2026-11-22T11:00:00Z,\
+         Usage,,Usage-Based,LLM inference: meta-llama/Llama-3.1-8B-Instruct on llama,,\
+         Tollgate,Tollgate,Tollgate,Tollgate,Tollgate,llama,AI and Machine Learning,Generative AI,\
+         llama/meta-llama/Llama-3.1-8B-Instruct,meta-llama/Llama-3.1-8B-Instruct,eu,\
+         meta-llama/Llama-3.1-8B-Instruct,llama/meta-llama/Llama-3.1-8B-Instruct,\
+         1000,Tokens,0.001000,1000000 Tokens,\"{\"\"department\"\":\"\"rnd\"\",\"\"project\"\":\"\"alpha\"\"}\",\
+         search,search,k1,self_hosted,1,300,700,0"
     );
     assert_eq!(
         lines[2],
-        "0.000150000,0.000150000,0.000885000,USD,2026-11-22T10:00:00Z,2026-11-22T11:00:00Z,Usage,\
-         LLM inference: gpt-4o-mini on openai,openai,AI and Machine Learning,openai,\
-         openai/gpt-4o-mini,gpt-4o-mini,us,3600,Tokens,0.003600,1M Tokens,\
-         \"{\"\"department\"\":\"\"rnd\"\"}\",search,commercial,2,3000,600,200"
+        "0.000150000,0.000150000,0.000885000,0.000150000,USD,tollgate,Tollgate,\
+         2026-11-01T00:00:00Z,2026-12-01T00:00:00Z,2026-11-22T10:00:00Z,2026-11-22T11:00:00Z,\
+         Usage,,Usage-Based,LLM inference: gpt-4o-mini on openai,,\
+         Tollgate,Tollgate,openai,Tollgate,openai,openai,AI and Machine Learning,Generative AI,\
+         openai/gpt-4o-mini,gpt-4o-mini,us,gpt-4o-mini,openai/gpt-4o-mini,\
+         3600,Tokens,0.003600,1000000 Tokens,\"{\"\"department\"\":\"\"rnd\"\"}\",\
+         search,search,k1,commercial,2,3000,600,200"
     );
     assert!(
-        lines[4].contains(",unknown,retired/gpt-4o,gpt-4o,,200,")
-            && lines[4].ends_with(",unknown,1,100,100,0"),
-        "{}",
-        lines[4]
-    );
-    assert!(
-        lines[5].contains(",2026-11-22T11:00:00Z,2026-11-22T12:00:00Z,"),
+        lines[5].contains(",Tollgate,Tollgate,Not Applicable,Tollgate,unknown,retired,")
+            && lines[5].contains(",retired/gpt-4o,gpt-4o,,gpt-4o,retired/gpt-4o,200,")
+            && lines[5].ends_with(",support,support,k1,unknown,1,100,100,0"),
         "{}",
         lines[5]
+    );
+    assert!(
+        lines[6].contains(",2026-11-22T11:00:00Z,2026-11-22T12:00:00Z,"),
+        "{}",
+        lines[6]
+    );
+}
+
+/// A charge's row as column → value.
+fn row(focus: &Focus, charge: &Charge) -> BTreeMap<&'static str, String> {
+    COLUMNS.into_iter().zip(fields(focus, charge)).collect()
+}
+
+#[test]
+fn the_operator_sells_and_bills_and_the_backend_hosts() {
+    let config = crate::config::parse(
+        &format!(
+            "{CONFIG}\n[focus]\nbilling_account_id = \"cc-42\"\nbilling_account_name = \"R&D\"\n\
+             provider_name = \"Acme AI Platform\"\nhost_provider_name = \"Acme DC\"\n"
+        ),
+        "focus.toml",
+        &|_| None,
+    )
+    .unwrap();
+    let db = TempLedger::with("who", &ledger());
+    let (from, to) = period();
+    let charges = query(&db.conn, &config, from, to).unwrap();
+    let who = |c: &Charge| {
+        let r = row(&config.focus, c);
+        [
+            "BillingAccountId",
+            "BillingAccountName",
+            "InvoiceIssuerName",
+            "ServiceProviderName",
+            "ProviderName",
+            "HostProviderName",
+            "PublisherName",
+            "x_Hosting",
+        ]
+        .map(|col| r[col].clone())
+    };
+    // Self-hosted: the operator's own inference, on the GPUs `host_provider_name` runs.
+    assert_eq!(
+        who(&charges[0]),
+        [
+            "cc-42",
+            "R&D",
+            "Acme AI Platform",
+            "Acme AI Platform",
+            "Acme AI Platform",
+            "Acme DC",
+            "Acme AI Platform",
+            "self_hosted"
+        ]
+    );
+    // Commercial: the operator resells what the backend produced and hosted.
+    assert_eq!(
+        who(&charges[1]),
+        [
+            "cc-42",
+            "R&D",
+            "Acme AI Platform",
+            "Acme AI Platform",
+            "Acme AI Platform",
+            "openai",
+            "openai",
+            "commercial"
+        ]
+    );
+    // Gone from the config: still sold and billed by the operator; who ran it is unknown.
+    assert_eq!(
+        who(&charges[4]),
+        [
+            "cc-42",
+            "R&D",
+            "Acme AI Platform",
+            "Acme AI Platform",
+            "Acme AI Platform",
+            "Not Applicable",
+            "unknown",
+            "unknown"
+        ]
+    );
+}
+
+#[test]
+fn every_row_is_usage_at_contract_price_on_no_invoice_with_its_key() {
+    let db = TempLedger::with("usage", &ledger());
+    let (from, to) = period();
+    let config = config();
+    for c in query(&db.conn, &config, from, to).unwrap() {
+        let r = row(&config.focus, &c);
+        assert_eq!(
+            (&*r["ChargeCategory"], &*r["ChargeFrequency"]),
+            ("Usage", "Usage-Based")
+        );
+        // Null: no correction, no invoice id.
+        assert_eq!((&*r["ChargeClass"], &*r["InvoiceId"]), ("", ""));
+        assert_eq!(r["ContractedCost"], r["BilledCost"]);
+        assert_eq!(r["EffectiveCost"], r["BilledCost"]);
+        assert_eq!(r["PricingUnit"], "1000000 Tokens");
+        assert_eq!(r["ServiceSubcategory"], "Generative AI");
+        assert_eq!(r["SkuId"], c.model);
+        assert_eq!(r["SkuPriceId"], format!("{}/{}", c.backend, c.model));
+        assert_eq!((&*r["x_PrincipalId"], &*r["x_Team"]), (&*c.team, &*c.team));
+        assert_eq!(r["x_CredentialId"], c.key_id);
+    }
+}
+
+#[test]
+fn the_billing_period_is_the_calendar_month_of_the_charge() {
+    // 2026-12-31T23:30:00Z and 2027-01-01T00:00:00Z: the same night, two billing periods.
+    const NEW_YEAR: i64 = 1_798_761_600_000_000;
+    let records = [NEW_YEAR - 30 * MIN, NEW_YEAR]
+        .map(|at| tokens(rec(at, "search", Some("llama"), LLAMA, "{}"), 1, 1, 1));
+    let db = TempLedger::with("months", &records);
+    let config = config();
+    let periods: Vec<[String; 4]> = query(&db.conn, &config, None, None)
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let r = row(&config.focus, c);
+            [
+                "BillingPeriodStart",
+                "BillingPeriodEnd",
+                "ChargePeriodStart",
+                "ChargePeriodEnd",
+            ]
+            .map(|col| r[col].clone())
+        })
+        .collect();
+    assert_eq!(
+        periods,
+        vec![
+            [
+                "2026-12-01T00:00:00Z",
+                "2027-01-01T00:00:00Z",
+                "2026-12-31T23:00:00Z",
+                "2027-01-01T00:00:00Z"
+            ],
+            [
+                "2027-01-01T00:00:00Z",
+                "2027-02-01T00:00:00Z",
+                "2027-01-01T00:00:00Z",
+                "2027-01-01T01:00:00Z"
+            ],
+        ]
     );
 }
 

@@ -132,13 +132,14 @@ impl Backend {
 #[derive(Default)]
 pub struct Harness {
     backends: Vec<Backend>,
-    teams: Vec<(String, String, String)>,
+    teams: Vec<(String, Vec<String>, String)>,
     server: String,
     store: String,
     routing: String,
     clock: Option<std::sync::Arc<dyn tollgate::budget::Clock>>,
     ledger: Option<std::path::PathBuf>,
     metrics: String,
+    focus: String,
     admin_key: Option<String>,
 }
 
@@ -178,7 +179,15 @@ impl Harness {
     }
 
     pub fn team_toml(mut self, name: &str, key: &str, extra: &str) -> Self {
-        self.teams.push((name.into(), key.into(), extra.into()));
+        self.teams
+            .push((name.into(), vec![key.into()], extra.into()));
+        self
+    }
+
+    /// A team with several keys.
+    pub fn team_keys(mut self, name: &str, keys: &[&str], extra: &str) -> Self {
+        let keys = keys.iter().map(|k| k.to_string()).collect();
+        self.teams.push((name.into(), keys, extra.into()));
         self
     }
 
@@ -219,6 +228,13 @@ impl Harness {
     pub fn metrics(mut self, lines: &str) -> Self {
         self.metrics.push_str(lines);
         self.metrics.push('\n');
+        self
+    }
+
+    /// Extra TOML lines for `[focus]`.
+    pub fn focus(mut self, lines: &str) -> Self {
+        self.focus.push_str(lines);
+        self.focus.push('\n');
         self
     }
 
@@ -265,12 +281,13 @@ impl Harness {
             env.insert("TEST_ADMIN_KEY".to_string(), key);
         }
         let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"sqlite://{}\"\n{}\n[routing]\n{}\n[metrics]\n{}\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"sqlite://{}\"\n{}\n[routing]\n{}\n[metrics]\n{}\n[focus]\n{}\n",
             server,
             ledger.display(),
             self.store,
             self.routing,
-            self.metrics
+            self.metrics,
+            self.focus
         );
         let mut sims = HashMap::new();
         for b in self.backends {
@@ -304,10 +321,19 @@ impl Harness {
                 b.model_extra
             ));
         }
-        for (name, key, extra) in self.teams {
-            let hash = tollgate::keys::hex(&tollgate::keys::hash_key(&key));
+        for (name, keys, extra) in self.teams {
+            let hashes: Vec<String> = keys
+                .iter()
+                .map(|k| {
+                    format!(
+                        "\"sha256:{}\"",
+                        tollgate::keys::hex(&tollgate::keys::hash_key(k))
+                    )
+                })
+                .collect();
             text.push_str(&format!(
-                "\n[[team]]\nname = \"{name}\"\nkeys = [\"sha256:{hash}\"]\n{extra}\n"
+                "\n[[team]]\nname = \"{name}\"\nkeys = [{}]\n{extra}\n",
+                hashes.join(", ")
             ));
         }
         (text, sims, env)

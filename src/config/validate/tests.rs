@@ -126,3 +126,64 @@ fn url_credentials_would_leak_and_are_refused() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn the_focus_section_has_defaults_and_names_its_fields() {
+    let c = parse(MINIMAL, "t.toml", &no_env).unwrap();
+    assert_eq!(c.focus.billing_account_id, DEFAULT_FOCUS_BILLING_ACCOUNT_ID);
+    assert_eq!(
+        c.focus.billing_account_name,
+        DEFAULT_FOCUS_BILLING_ACCOUNT_NAME
+    );
+    assert_eq!(c.focus.provider_name, DEFAULT_FOCUS_PROVIDER_NAME);
+    // The issuer and the self-hosted GPUs' host are the provider unless said otherwise.
+    assert_eq!(c.focus.invoice_issuer_name, DEFAULT_FOCUS_PROVIDER_NAME);
+    assert_eq!(c.focus.host_provider_name, DEFAULT_FOCUS_PROVIDER_NAME);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+    let set = format!(
+        "{MINIMAL}\n[focus]\nbilling_account_id = \"cc-42\"\nbilling_account_name = \"R&D\"\n\
+         provider_name = \"Acme AI Platform\"\nhost_provider_name = \"AWS\"\n"
+    );
+    let c = parse(&set, "t.toml", &no_env).unwrap();
+    assert_eq!(
+        (
+            &*c.focus.billing_account_id,
+            &*c.focus.billing_account_name,
+            &*c.focus.provider_name,
+            &*c.focus.invoice_issuer_name,
+            &*c.focus.host_provider_name
+        ),
+        (
+            "cc-42",
+            "R&D",
+            "Acme AI Platform",
+            "Acme AI Platform",
+            "AWS"
+        )
+    );
+
+    let errs = errors_of(&format!(
+        "{MINIMAL}\n[focus]\nbilling_account_id = \"\"\ninvoice_issuer_name = \" \"\n"
+    ));
+    assert_eq!(
+        errs,
+        vec![
+            "focus.billing_account_id must not be empty",
+            "focus.invoice_issuer_name must not be empty",
+        ]
+    );
+    let errs = errors_of(&format!("{MINIMAL}\n[focus]\nbiling_account_id = \"x\"\n"));
+    assert!(
+        errs[0].contains("unknown field `biling_account_id`"),
+        "{errs:?}"
+    );
+
+    let other_issuer = format!("{MINIMAL}\n[focus]\ninvoice_issuer_name = \"Finance\"\n");
+    let c = parse(&other_issuer, "t.toml", &no_env).unwrap();
+    assert!(
+        c.warnings[0].contains("BilledCost-C-005-C"),
+        "{:?}",
+        c.warnings
+    );
+}
