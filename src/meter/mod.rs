@@ -112,12 +112,37 @@ pub fn usage_json(value: &[u8]) -> Option<Usage> {
         .to_usage()
 }
 
+/// llama.cpp's `timings` as counts: the prompt is what it evaluated plus what it took from
+/// its cache, the completion what it predicted. Exact, and on every answer of that server,
+/// including streams whose client did not ask for usage.
+pub fn timings_json(value: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct Timings {
+        prompt_n: u64,
+        #[serde(default)]
+        cache_n: u64,
+        predicted_n: u64,
+    }
+    let t: Timings = serde_json::from_slice(value).ok()?;
+    Some(Usage {
+        prompt: t.prompt_n + t.cache_n,
+        completion: t.predicted_n,
+        cached: t.cache_n,
+        cache_write: 0,
+        reasoning: 0,
+        source: TokenSource::Upstream,
+    })
+}
+
 /// What a whole JSON answer says: its usage (see [`usage_json`]) and its generated text, read
 /// by the same scanner as stream events. `None` when the answer is not valid JSON.
 pub fn read_answer(json: &[u8]) -> Option<(Option<Usage>, String)> {
     let mut text = String::new();
     let found = scan::scan(json, &mut text).ok()?;
-    let usage = found.usage.and_then(|span| usage_json(&json[span]));
+    let usage = found
+        .usage
+        .and_then(|span| usage_json(&json[span]))
+        .or_else(|| found.timings.and_then(|span| timings_json(&json[span])));
     Some((usage, text))
 }
 

@@ -35,6 +35,8 @@ pub struct Scan {
     /// to remove the member with its separating comma.
     pub usage: Option<Range<usize>>,
     pub usage_member: Option<Range<usize>>,
+    /// The top-level `timings` object (llama.cpp's server: its own counts, on the last chunk).
+    pub timings: Option<Range<usize>>,
     /// The top-level `choices` is `[]`.
     pub choices_empty: bool,
     /// The document has a top-level `error` member that is not `null`.
@@ -81,6 +83,7 @@ enum Path {
     /// A string here is generated text.
     Text,
     Usage,
+    Timings,
     Error,
     Other,
 }
@@ -90,6 +93,7 @@ impl Path {
         match (self, key) {
             (Path::Root, b"choices") => Path::Choices,
             (Path::Root, b"usage") => Path::Usage,
+            (Path::Root, b"timings") => Path::Timings,
             (Path::Root, b"error") => Path::Error,
             (Path::Choice, b"text") => Path::Text,
             (Path::Choice, b"delta" | b"message") => Path::Message,
@@ -244,6 +248,7 @@ impl<'a> Scanner<'a, '_> {
                 self.out.usage = (!is_null).then(|| value.clone());
                 self.out.usage_member = Some(prev_comma.unwrap_or(key_start)..value.end);
             }
+            Path::Timings => self.out.timings = (!is_null).then_some(value),
             Path::Choices => self.out.choices_empty = is_empty_array(&self.b[value]),
             Path::Error => self.out.error = !is_null,
             _ => {}
@@ -289,6 +294,7 @@ impl<'a> Scanner<'a, '_> {
         Ok(match decoded.as_str() {
             "choices" => b"choices",
             "usage" => b"usage",
+            "timings" => b"timings",
             "error" => b"error",
             "text" => b"text",
             "delta" => b"delta",

@@ -14,7 +14,7 @@
 //! protocol violation: nothing from it on is forwarded, and the stream is ended by the gateway.
 
 use super::scan::{scan, Scan};
-use super::{usage_json, Usage};
+use super::{timings_json, usage_json, Usage};
 use bytes::{Bytes, BytesMut};
 use std::borrow::Cow;
 
@@ -52,6 +52,8 @@ pub struct SseObserver {
     strip_usage: bool,
     /// The last valid `usage` the stream carried (cumulative when an engine repeats it).
     pub usage: Option<Usage>,
+    /// llama.cpp's `timings` counts, for a stream that carried no usage.
+    pub timings: Option<Usage>,
     /// Generated text, for a count if usage never comes.
     text: String,
     /// Text bytes beyond [`MAX_KEPT`].
@@ -195,6 +197,9 @@ impl SseObserver {
                 None => self.bad_usage = true,
             }
         }
+        if let Some(span) = &found.timings {
+            self.timings = timings_json(&data[span.clone()]).or(self.timings);
+        }
         if found.error {
             self.error_event = true;
         }
@@ -210,6 +215,11 @@ impl SseObserver {
             return strip_usage(event, &data, &found);
         }
         Verdict::Keep
+    }
+
+    /// The counts the stream carried: its usage, else the engine's timings.
+    pub fn reported(&self) -> Option<Usage> {
+        self.usage.or(self.timings)
     }
 
     /// The text the stream generated (content, reasoning, tool calls), for a count, and the
@@ -410,6 +420,16 @@ mod tests {
         assert_eq!(o.feed(Bytes::from(last)).unwrap(), last);
         assert_eq!(o.usage.unwrap().prompt, 3);
         assert_eq!(o.take_generated().0, "!");
+    }
+
+    #[test]
+    fn llama_cpp_timings_count_when_no_usage_comes() {
+        let mut o = SseObserver::new(false);
+        let last = "data: {\"choices\":[{\"finish_reason\":\"stop\",\"index\":0,\"delta\":{}}],\"timings\":{\"cache_n\":24,\"prompt_n\":13,\"prompt_ms\":49.04,\"predicted_n\":26}}\n\n";
+        o.feed(Bytes::from(last));
+        assert_eq!(o.usage, None);
+        let u = o.reported().unwrap();
+        assert_eq!((u.prompt, u.completion, u.cached), (37, 26, 24));
     }
 
     #[test]

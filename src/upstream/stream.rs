@@ -127,7 +127,7 @@ impl UpstreamBody {
         Outcome {
             status,
             http_status: self.http_status,
-            usage: self.observer.usage,
+            usage: self.observer.reported(),
             generated: Some(Generated {
                 text,
                 overflow_bytes,
