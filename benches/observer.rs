@@ -23,7 +23,16 @@ fn events(spaced: bool) -> Vec<Bytes> {
     };
     let mut out = vec![chunk(&format!("{{\"role\"{colon}\"assistant\"}}"), "null")];
     for i in 0..TOKENS {
-        let word = ["The", " gateway", " counts", " every", " token", " and", " \\\"prices\\\"", " it"][i % 8];
+        let word = [
+            "The",
+            " gateway",
+            " counts",
+            " every",
+            " token",
+            " and",
+            " \\\"prices\\\"",
+            " it",
+        ][i % 8];
         out.push(chunk(&format!("{{\"content\"{colon}\"{word}\"}}"), "null"));
     }
     out.push(chunk("{}", "\"stop\""));
@@ -60,9 +69,11 @@ fn bench(c: &mut Criterion) {
             |b, frames| b.iter(|| observe(frames)),
         );
         g.throughput(Throughput::Bytes(bytes as u64));
-        g.bench_with_input(BenchmarkId::new("one_frame", dialect), &whole, |b, frames| {
-            b.iter(|| observe(frames))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("one_frame", dialect),
+            &whole,
+            |b, frames| b.iter(|| observe(frames)),
+        );
     }
     g.finish();
 }

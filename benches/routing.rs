@@ -90,7 +90,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("route/plan_and_claim_50_backends", |b| {
         b.iter(|| {
             let plan = live.router.plan(black_box(&request)).unwrap();
-            let claim = plan.ranked[0].candidate.claim(false);
+            let claim = plan.ranked[0].candidate.claim();
             (plan, claim)
         })
     });

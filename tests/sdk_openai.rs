@@ -8,54 +8,17 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const RESEARCH_KEY: &str = "tg-test-research";
 
-fn venv_python() -> Result<PathBuf, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = root.join("target/sdk-venv");
-    let python = venv.join("bin/python");
-    let requirements = root.join("tests/sdk/requirements.txt");
-    let has_sdk = |py: &Path| {
-        let want = std::fs::read_to_string(&requirements).unwrap_or_default();
-        let want = want
-            .lines()
-            .find_map(|l| l.strip_prefix("openai=="))
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        Command::new(py)
-            .args(["-c", "import openai; print(openai.__version__)"])
-            .output()
-            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == want)
-    };
-    if has_sdk(&python) {
-        return Ok(python);
-    }
-    let made = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status();
-    if !made.is_ok_and(|s| s.success()) {
-        return Err("`python3 -m venv` failed (is Python 3 with venv installed?)".into());
-    }
-    let pip = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-        .arg(&requirements)
-        .status();
-    if !pip.is_ok_and(|s| s.success()) || !has_sdk(&python) {
-        return Err(
-            "installing tests/sdk/requirements.txt failed (no package index reachable?)".into(),
-        );
-    }
-    Ok(python)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_sdk_works_through_the_gateway() {
-    let python = match tokio::task::spawn_blocking(venv_python).await.unwrap() {
+    let python = match tokio::task::spawn_blocking(openai_sdk_python)
+        .await
+        .unwrap()
+    {
         Ok(p) => p,
         Err(why) if std::env::var_os("CI").is_none() => {
             eprintln!("SKIPPED the_official_openai_python_sdk_works_through_the_gateway: {why}");

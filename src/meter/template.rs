@@ -52,23 +52,32 @@ impl TemplateMemory {
         if let Some(&o) = learned.get(&(model.clone(), shape)) {
             return Some(o);
         }
-        let mut same: Vec<(u32, u64)> = learned
-            .iter()
-            .filter(|((m, s), _)| m == model && s.system == shape.system)
-            .map(|((_, s), &o)| (s.messages, o))
-            .collect();
-        same.sort_unstable();
+        let kind = |system: bool| {
+            let mut v: Vec<(u32, u64)> = learned
+                .iter()
+                .filter(|((m, s), _)| m == model && s.system == system)
+                .map(|((_, s), &o)| (s.messages, o))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let same = kind(shape.system);
         let nearest = same
             .iter()
             .min_by_key(|(n, _)| n.abs_diff(shape.messages))
             .copied()?;
-        let step = match (same.first(), same.last()) {
+        let step_of = |v: &[(u32, u64)]| match (v.first(), v.last()) {
             (Some(&(n0, o0)), Some(&(n1, o1))) if n1 > n0 => {
-                (o1 as f64 - o0 as f64) / f64::from(n1 - n0)
+                Some((o1 as f64 - o0 as f64) / f64::from(n1 - n0))
             }
-            // One shape learned: no step known yet, so the nearest shape's overhead stands.
-            _ => 0.0,
+            _ => None,
         };
+        // The step a message adds is the template's, whatever the first message: learned from
+        // the other kind of prompt when this kind has one shape only. With none, the nearest
+        // shape's overhead stands.
+        let step = step_of(&same)
+            .or_else(|| step_of(&kind(!shape.system)))
+            .unwrap_or(0.0);
         let delta = f64::from(shape.messages) - f64::from(nearest.0);
         Some((nearest.1 as f64 + step * delta).round().max(0.0) as u64)
     }
@@ -123,6 +132,9 @@ mod tests {
         assert_eq!(mem.overhead(&m, shape(2, false)), Some(38));
         assert_eq!(mem.overhead(&m, shape(4, false)), Some(48), "5 a message");
         assert_eq!(mem.overhead(&"other".into(), shape(1, false)), None);
+        // A prompt with a system message: its own base, the step learned without one.
+        mem.learn(&m, shape(2, true), 9, 19);
+        assert_eq!(mem.overhead(&m, shape(4, true)), Some(20));
     }
 
     #[test]

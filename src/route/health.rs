@@ -97,6 +97,9 @@ pub struct BackendState {
     pub occupancy: Occupancy,
     /// What each model's chat template adds to prompts, learned from the engine's counts.
     pub template: crate::meter::template::TemplateMemory,
+    /// Requests waiting at the gateway for a slot, and how they learn that one freed.
+    waiting: AtomicU32,
+    slot_freed: tokio::sync::Notify,
     clock: Arc<dyn Clock>,
 }
 
@@ -136,6 +139,8 @@ impl BackendState {
             ),
             occupancy: Occupancy::new(clock.now_us()),
             template: Default::default(),
+            waiting: AtomicU32::new(0),
+            slot_freed: tokio::sync::Notify::new(),
             clock,
         }
     }
@@ -339,6 +344,35 @@ impl BackendState {
         })
     }
 
+    /// Waits at the gateway for one of `max` slots, until `deadline`. A backend at its cap
+    /// is not sent more: some engines (llama-cpp-python) cut their running stream short when
+    /// another request waits, and every engine serves a cap it was sized for.
+    pub async fn enter_waiting(
+        self: &Arc<Self>,
+        max: u32,
+        deadline: tokio::time::Instant,
+    ) -> Option<InFlight> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = scopeguard_waiting(self);
+        loop {
+            let freed = self.slot_freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check, so a slot freed in between is not missed.
+            freed.as_mut().enable();
+            if let Some(g) = self.try_enter(Some(max)) {
+                return Some(g);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Requests waiting for a slot here now.
+    pub fn waiting(&self) -> u32 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     /// Counts one request against this backend until the guard drops (end of its body).
     pub fn enter(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -380,7 +414,21 @@ impl Drop for InFlight {
             s.probe_since_ms.store(0, Ordering::Relaxed);
         }
         ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => s.name.clone()).decrement(1.0);
+        if s.waiting.load(Ordering::Acquire) > 0 {
+            s.slot_freed.notify_waiters();
+        }
     }
+}
+
+/// Takes a waiter off the count however its wait ends (slot, deadline, client gone).
+fn scopeguard_waiting(state: &BackendState) -> impl Drop + '_ {
+    struct Waiting<'a>(&'a BackendState);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    Waiting(state)
 }
 
 /// Starts an active prober for every backend that has a health check and none running yet;
@@ -412,8 +460,13 @@ async fn probe_loop(
                 return;
             };
             drop(live);
-            let ok = probe(b, &hc).await;
-            b.state.on_probe(ok);
+            // A backend serving requests reports its health through them; a probe beside
+            // them would only add load, and llama-cpp-python cuts a running stream short
+            // whenever another request waits for its model lock.
+            if b.state.in_flight() == 0 {
+                let ok = probe(b, &hc).await;
+                b.state.on_probe(ok);
+            }
             hc.interval
         };
         tokio::time::sleep(interval).await;

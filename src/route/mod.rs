@@ -82,13 +82,9 @@ impl Candidate {
     /// Takes a slot: under the backend's `max_concurrency` (unless `queue`: then it waits in
     /// the backend's own queue), and the probe slot when its circuit is half-open. `None` when
     /// another request took the last one since the plan was made.
-    pub fn claim(&self, queue: bool) -> Option<Claim> {
+    pub fn claim(&self) -> Option<Claim> {
         let state = &self.backend.state;
-        let cap = if queue {
-            None
-        } else {
-            self.backend.cfg.max_concurrency
-        };
+        let cap = self.backend.cfg.max_concurrency;
         match state.availability() {
             Availability::Up => Some(Claim {
                 in_flight: state.try_enter(cap)?,
@@ -101,6 +97,24 @@ impl Candidate {
                 in_flight.mark_probe();
                 Some(Claim { in_flight })
             }
+            _ => None,
+        }
+    }
+}
+
+impl Candidate {
+    /// A slot, waiting at the gateway until `deadline` when the backend is at its cap (the
+    /// request is queued here, not sent to a backend that is full).
+    pub async fn claim_waiting(&self, deadline: tokio::time::Instant) -> Option<Claim> {
+        if let Some(claim) = self.claim() {
+            return Some(claim);
+        }
+        let max = self.backend.cfg.max_concurrency?;
+        let state = &self.backend.state;
+        match state.availability() {
+            Availability::Up => Some(Claim {
+                in_flight: state.enter_waiting(max, deadline).await?,
+            }),
             _ => None,
         }
     }

@@ -111,10 +111,10 @@ fn a_full_self_hosted_backend_overflows_to_the_cheapest_commercial_one() {
     let live = live("marginal");
     let any: Vec<Arc<str>> = vec![];
     let plan = live.router.plan(&req(&any, Prompt::known(10))).unwrap();
-    let first = plan.ranked[0].candidate.claim(false).unwrap();
-    let second = plan.ranked[0].candidate.claim(false).unwrap();
+    let first = plan.ranked[0].candidate.claim().unwrap();
+    let second = plan.ranked[0].candidate.claim().unwrap();
     assert!(
-        plan.ranked[0].candidate.claim(false).is_none(),
+        plan.ranked[0].candidate.claim().is_none(),
         "max_concurrency = 2"
     );
     let plan = live.router.plan(&req(&any, Prompt::known(10))).unwrap();
@@ -127,7 +127,7 @@ fn a_full_self_hosted_backend_overflows_to_the_cheapest_commercial_one() {
         })
     );
     // With nothing else to take it (EU only, the EU provider rate limited), a request queues
-    // at the full backend rather than being refused.
+    // for the full backend rather than being refused: at the gateway, never past the cap.
     live.backends[3].state.on_busy(Duration::from_secs(30));
     let eu: Vec<Arc<str>> = vec!["eu".into()];
     let plan = live.router.plan(&req(&eu, Prompt::known(10))).unwrap();
@@ -137,11 +137,28 @@ fn a_full_self_hosted_backend_overflows_to_the_cheapest_commercial_one() {
         .to_str()
         .unwrap()
         .contains("reason=queued"));
-    let queued = plan.ranked[0]
-        .candidate
-        .claim(true)
-        .expect("queues past the cap");
-    drop((first, second, queued));
+    let candidate = plan.ranked[0].candidate.clone();
+    assert!(candidate.claim().is_none(), "never past the cap");
+    let soon = tokio::time::Instant::now() + Duration::from_millis(20);
+    assert!(
+        rt.block_on(candidate.claim_waiting(soon)).is_none(),
+        "a wait that no freed slot ends"
+    );
+    let state = candidate.backend.state.clone();
+    let later = tokio::time::Instant::now() + Duration::from_secs(10);
+    let queued = rt.block_on(async {
+        let waiter = tokio::spawn(async move { candidate.claim_waiting(later).await });
+        while state.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        waiter
+            .await
+            .unwrap()
+            .expect("the freed slot goes to the waiter")
+    });
+    assert_eq!(state.in_flight(), 2);
+    drop((second, queued));
     let plan = live.router.plan(&req(&any, Prompt::known(10))).unwrap();
     assert_eq!(order(&plan)[0], "llama", "back once a slot frees");
 }

@@ -617,3 +617,47 @@ fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+/// A Python with the pinned official `openai` SDK (tests/sdk/requirements.txt), installed into
+/// target/sdk-venv on first use; `Err` says why it cannot be had here.
+pub fn openai_sdk_python() -> Result<std::path::PathBuf, String> {
+    use std::path::Path;
+    use std::process::Command;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target/sdk-venv");
+    let python = venv.join("bin/python");
+    let requirements = root.join("tests/sdk/requirements.txt");
+    let has_sdk = |py: &Path| {
+        let want = std::fs::read_to_string(&requirements).unwrap_or_default();
+        let want = want
+            .lines()
+            .find_map(|l| l.strip_prefix("openai=="))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        Command::new(py)
+            .args(["-c", "import openai; print(openai.__version__)"])
+            .output()
+            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == want)
+    };
+    if has_sdk(&python) {
+        return Ok(python);
+    }
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        return Err("`python3 -m venv` failed (is Python 3 with venv installed?)".into());
+    }
+    let pip = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&requirements)
+        .status();
+    if !pip.is_ok_and(|s| s.success()) || !has_sdk(&python) {
+        return Err(
+            "installing tests/sdk/requirements.txt failed (no package index reachable?)".into(),
+        );
+    }
+    Ok(python)
+}
