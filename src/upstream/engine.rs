@@ -7,7 +7,7 @@
 //! | engine             | prompt of a chat                           | any text            |
 //! |--------------------|--------------------------------------------|---------------------|
 //! | `llama.cpp`        | `/apply-template`, then `/tokenize`: exact  | `/tokenize`         |
-//! | `vllm`             | `/tokenize` with `messages`: exact          | `/tokenize`         |
+//! | `vllm`, `sglang`   | `/tokenize` with `messages`: exact          | `/tokenize`         |
 //! | `tgi`              | `/chat_tokenize`: exact                     | `/tokenize`         |
 //! | `llama-cpp-python` | contents by `/extras/tokenize/count`, plus  | `/extras/tokenize/count` |
 //! |                    | the template overhead learned from usage    |                     |
@@ -62,11 +62,15 @@ impl EngineCounter {
     /// `None` when the backend's engine has no tokenize endpoint.
     pub fn new(backend: &Arc<RouteBackend>, model: &Arc<str>) -> Option<Self> {
         match backend.cfg.engine {
-            Engine::LlamaCpp | Engine::LlamaCppPython | Engine::Vllm | Engine::Tgi => Some(Self {
+            Engine::LlamaCpp
+            | Engine::LlamaCppPython
+            | Engine::Vllm
+            | Engine::Sglang
+            | Engine::Tgi => Some(Self {
                 backend: backend.clone(),
                 model: model.clone(),
             }),
-            Engine::OpenAi | Engine::Sglang | Engine::Ollama => None,
+            Engine::OpenAi | Engine::Ollama => None,
         }
     }
 
@@ -123,7 +127,7 @@ impl EngineCounter {
                         .await?;
                     list_len(&tokens["tokens"])
                 }
-                Engine::Vllm => {
+                Engine::Vllm | Engine::Sglang => {
                     let mut req = json!({
                         "model": &*self.model,
                         "messages": v["messages"],
@@ -148,9 +152,7 @@ impl EngineCounter {
                         .ok_or(EngineCountError::NotLearned)?;
                     Ok(self.contents(&chat).await? + overhead)
                 }
-                Engine::OpenAi | Engine::Sglang | Engine::Ollama => {
-                    Err(EngineCountError::Unsupported)
-                }
+                Engine::OpenAi | Engine::Ollama => Err(EngineCountError::Unsupported),
             },
             Endpoint::Completions => match &v["prompt"] {
                 Value::String(p) => self.tokenize(p, true).await,
@@ -175,7 +177,7 @@ impl EngineCounter {
                     json!({"content": text, "add_special": special, "parse_special": special});
                 list_len(&self.post("/tokenize", &req).await?["tokens"])
             }
-            Engine::Vllm => {
+            Engine::Vllm | Engine::Sglang => {
                 let req =
                     json!({"model": &*self.model, "prompt": text, "add_special_tokens": special});
                 count_field(&self.post("/tokenize", &req).await?)
@@ -202,7 +204,7 @@ impl EngineCounter {
                 };
                 Ok(n.saturating_sub(offset))
             }
-            Engine::OpenAi | Engine::Sglang | Engine::Ollama => Err(EngineCountError::Unsupported),
+            Engine::OpenAi | Engine::Ollama => Err(EngineCountError::Unsupported),
         }
     }
 
