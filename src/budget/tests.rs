@@ -21,7 +21,6 @@ fn budget(window: Window, usd: Option<f64>, tokens: Option<u64>) -> Budget {
         usd,
         nusd: usd.map(|u| (u * 1e9) as i64),
         soft_ratio: None,
-        fail_open: false,
         per_key: false,
     }
 }

@@ -5,13 +5,11 @@
 //! a [`Config`] whose fields need no "not yet checked" states.
 
 pub mod prices;
+mod types;
 mod validate;
 
-pub use validate::{
-    load, parse, parse_key_hash, process_env, validate, Backend, BackendModel, Budget, Config,
-    ConfigError, ConfigErrors, Features, Focus, GpuCost, HealthCheck, Hosting, Metrics,
-    OnDisconnect, Protocol, Routing, SelfHostedCost, Server, Team, Window,
-};
+pub use types::*;
+pub use validate::{load, parse, parse_key_hash, process_env, validate, EnvLookup};
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -104,9 +102,9 @@ impl Default for RawServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStore {
-    /// `sqlite://path` (embedded) or `postgres://…` (fleet).
+    /// `sqlite://path` (embedded). `postgres://…` (fleet) is refused until this build has it.
     pub ledger: String,
-    /// `local` or `redis://…`.
+    /// `local`. `redis://…` (fleet) is refused until this build has it.
     pub budgets: String,
     /// fsync each ledger group commit: survives power loss, not only a killed process.
     pub fsync: bool,
@@ -125,8 +123,7 @@ impl Default for RawStore {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRouting {
-    /// `marginal` or `rate_card`.
-    pub self_hosted_cost: String,
+    pub self_hosted_cost: SelfHostedCost,
     /// Backends tried for one request, first included.
     pub max_attempts: u32,
     /// Output tokens a request is expected to generate when ranking backends by cost; a
@@ -141,7 +138,7 @@ pub struct RawRouting {
 impl Default for RawRouting {
     fn default() -> Self {
         Self {
-            self_hosted_cost: "marginal".into(),
+            self_hosted_cost: SelfHostedCost::Marginal,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             expected_output_tokens: DEFAULT_EXPECTED_OUTPUT_TOKENS,
             circuit_failures: DEFAULT_CIRCUIT_FAILURES,
@@ -154,23 +151,21 @@ impl Default for RawRouting {
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
     pub name: String,
-    /// `openai` or `anthropic`.
     #[serde(default = "default_protocol")]
-    pub protocol: String,
+    pub protocol: Protocol,
     /// Server root; the request path (`/v1/chat/completions`) is appended.
     pub url: String,
     /// Environment variable with the backend's own key, sent as `Authorization: Bearer`.
     pub api_key_env: Option<String>,
-    /// `self_hosted` or `commercial`.
-    pub hosting: String,
+    pub hosting: Hosting,
     #[serde(default)]
     pub region: Option<String>,
     /// Requests this backend serves at once (a GPU server's batch size).
     pub max_concurrency: Option<u32>,
     pub gpu: Option<RawGpu>,
     pub egress_usd_per_gb: Option<f64>,
-    /// `cancel` or `drain`; default by hosting.
-    pub on_disconnect: Option<String>,
+    /// Default by hosting: `cancel` for self-hosted, `drain` for commercial.
+    pub on_disconnect: Option<OnDisconnect>,
     pub connect_timeout_s: Option<f64>,
     /// Longest silence between two stream events before the stream is cut.
     pub stream_idle_timeout_s: Option<f64>,
@@ -185,45 +180,6 @@ pub struct RawBackend {
     /// Active health probe; on by default for self-hosted backends only.
     pub health_check: Option<RawHealthCheck>,
     pub models: Vec<RawModel>,
-}
-
-/// Inference server software, as far as metering cares: each has its own tokenize endpoint
-/// (docs/ENGINES.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
-pub enum Engine {
-    /// Any OpenAI-compatible server, or OpenAI itself: no tokenize endpoint assumed.
-    #[default]
-    #[serde(rename = "openai")]
-    OpenAi,
-    #[serde(rename = "vllm")]
-    Vllm,
-    /// llama.cpp's own `llama-server`.
-    #[serde(rename = "llama.cpp")]
-    LlamaCpp,
-    /// The OpenAI server of the llama-cpp-python bindings.
-    #[serde(rename = "llama-cpp-python")]
-    LlamaCppPython,
-    /// Hugging Face text-generation-inference.
-    #[serde(rename = "tgi")]
-    Tgi,
-    #[serde(rename = "sglang")]
-    Sglang,
-    #[serde(rename = "ollama")]
-    Ollama,
-}
-
-impl Engine {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Engine::OpenAi => "openai",
-            Engine::Vllm => "vllm",
-            Engine::LlamaCpp => "llama.cpp",
-            Engine::LlamaCppPython => "llama-cpp-python",
-            Engine::Tgi => "tgi",
-            Engine::Sglang => "sglang",
-            Engine::Ollama => "ollama",
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,8 +205,8 @@ fn default_health_timeout() -> f64 {
     DEFAULT_HEALTH_TIMEOUT_S
 }
 
-fn default_protocol() -> String {
-    "openai".into()
+fn default_protocol() -> Protocol {
+    Protocol::OpenAi
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,7 +241,7 @@ pub struct RawModel {
     pub max_output_tokens: Option<u64>,
     /// `tools`, `vision`, `json`: what the model supports. Absent means not declared, and
     /// then requests are not filtered on features.
-    pub features: Option<Vec<String>>,
+    pub features: Option<Vec<Feature>>,
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
     pub cached_input_usd_per_mtok: Option<f64>,
@@ -313,11 +269,12 @@ pub struct RawTeam {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBudget {
-    pub window: String,
+    pub window: Window,
     pub tokens: Option<u64>,
     pub usd: Option<f64>,
     pub soft_ratio: Option<f64>,
-    /// When the budget store cannot answer: refuse (default) or serve unchecked.
+    /// When a shared budget store cannot answer: refuse (default) or serve unchecked. Refused
+    /// by validation while budgets are local (they cannot fail).
     #[serde(default)]
     pub fail_open: bool,
     /// Apply the budget to each of the team's keys separately instead of to the team.

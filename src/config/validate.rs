@@ -1,294 +1,16 @@
-//! Raw TOML -> [`Config`]. Every message names the field it is about, with its index
-//! (`backend[1].models[0].context_window must be > 0`), and all problems are reported at once.
+//! Raw TOML -> [`Config`], one function per section. Every message names the field it is
+//! about, with its index (`backend[1].models[0].context_window must be > 0`), and all problems
+//! are reported at once. Words users choose from (`hosting`, `window`, …) are serde enums in
+//! the raw types, so a typo there is reported with its path by the parser itself.
 
+use super::types::*;
 use super::*;
 use crate::secret::Secret;
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A validated config: nothing in it needs checking again.
-#[derive(Debug)]
-pub struct Config {
-    pub server: Server,
-    pub ledger_url: String,
-    pub ledger_fsync: bool,
-    pub budget_store: String,
-    pub routing: Routing,
-    pub backends: Vec<Arc<Backend>>,
-    pub teams: Vec<Arc<Team>>,
-    pub metrics: Metrics,
-    pub focus: Focus,
-    /// Things worth a log line that do not stop the gateway.
-    pub warnings: Vec<String>,
-    /// `api_key_env` variables that are not set: `serve` refuses to start, `check` warns.
-    pub missing_keys: Vec<String>,
-}
-
-#[derive(Debug)]
-pub struct Server {
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
-    pub admin_key_env: String,
-    pub admin_key: Option<Secret>,
-    pub max_body_bytes: u64,
-    pub request_timeout: Duration,
-    pub header_read_timeout: Duration,
-    pub max_in_flight: usize,
-    pub listen_backlog: u32,
-    pub shutdown_grace: Duration,
-    pub max_response_bytes: u64,
-}
-
-#[derive(Debug)]
-pub struct Routing {
-    pub self_hosted_cost: SelfHostedCost,
-    pub max_attempts: u32,
-    pub expected_output_tokens: u64,
-    pub circuit_failures: u32,
-    pub circuit_open: Duration,
-}
-
-/// What routing counts for a self-hosted backend with spare capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SelfHostedCost {
-    /// Paid-for capacity is free until it is saturated: the baseline stays on owned GPUs.
-    Marginal,
-    /// Its rate card price, compared like any other.
-    RateCard,
-}
-
-impl SelfHostedCost {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SelfHostedCost::Marginal => "marginal",
-            SelfHostedCost::RateCard => "rate_card",
-        }
-    }
-}
-
-/// What a model can do, as declared in config; what a request needs, as parsed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
-pub struct Features(u8);
-
-impl Features {
-    pub const NONE: Features = Features(0);
-    pub const TOOLS: Features = Features(1);
-    pub const VISION: Features = Features(2);
-    pub const JSON: Features = Features(4);
-    /// A model whose `features` are not declared: supports every feature for routing, and
-    /// is told apart from one that declares all three.
-    pub const UNDECLARED: Features = Features(0x80 | 7);
-    const NAMES: [(Features, &'static str); 3] = [
-        (Features::TOOLS, "tools"),
-        (Features::VISION, "vision"),
-        (Features::JSON, "json"),
-    ];
-
-    pub fn from_name(name: &str) -> Option<Features> {
-        Self::NAMES
-            .iter()
-            .find(|(_, n)| *n == name)
-            .map(|(f, _)| *f)
-    }
-
-    pub fn with(self, other: Features) -> Features {
-        Features(self.0 | other.0)
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    /// The features of `self` that `supported` lacks.
-    pub fn missing_from(self, supported: Features) -> Features {
-        Features(self.0 & !supported.0)
-    }
-
-    pub fn names(self) -> impl Iterator<Item = &'static str> {
-        Self::NAMES
-            .iter()
-            .filter(move |(f, _)| self.0 & f.0 != 0)
-            .map(|(_, n)| *n)
-    }
-}
-
-impl fmt::Display for Features {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, n) in self.names().enumerate() {
-            if i > 0 {
-                f.write_str("+")?;
-            }
-            f.write_str(n)?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct HealthCheck {
-    pub path: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    OpenAi,
-    Anthropic,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hosting {
-    SelfHosted,
-    Commercial,
-}
-
-impl Hosting {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Hosting::SelfHosted => "self_hosted",
-            Hosting::Commercial => "commercial",
-        }
-    }
-}
-
-/// What happens upstream when a client goes away mid-response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnDisconnect {
-    /// Stop the upstream request: frees a self-hosted GPU at once.
-    Cancel,
-    /// Read to the end: a commercial provider bills the whole answer anyway, and its final
-    /// usage is the only exact count.
-    Drain,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Window {
-    Minute,
-    Hour,
-    Day,
-    Month,
-}
-
-impl Window {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Window::Minute => "minute",
-            Window::Hour => "hour",
-            Window::Day => "day",
-            Window::Month => "month",
-        }
-    }
-}
-
-impl fmt::Display for Window {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug)]
-pub struct GpuCost {
-    pub hourly_usd: f64,
-    pub count: u32,
-    pub fraction: f64,
-    pub tokens_per_second: Option<f64>,
-}
-
-#[derive(Debug)]
-pub struct Backend {
-    pub name: Arc<str>,
-    pub protocol: Protocol,
-    /// `scheme://authority` plus an optional path prefix without a trailing slash.
-    pub base_url: String,
-    pub api_key: Option<Secret>,
-    pub hosting: Hosting,
-    pub region: Option<Arc<str>>,
-    pub max_concurrency: Option<u32>,
-    pub gpu: Option<GpuCost>,
-    pub egress_usd_per_gb: Option<f64>,
-    pub on_disconnect: OnDisconnect,
-    pub connect_timeout: Duration,
-    pub stream_idle_timeout: Duration,
-    pub pool_idle_timeout: Duration,
-    pub stream_usage: bool,
-    pub engine: super::Engine,
-    /// `None`: not probed (passive health only).
-    pub health_check: Option<HealthCheck>,
-    pub models: Vec<BackendModel>,
-}
-
-#[derive(Debug)]
-pub struct BackendModel {
-    pub name: Arc<str>,
-    pub aliases: Vec<Arc<str>>,
-    pub context_window: Option<u64>,
-    pub max_output_tokens: Option<u64>,
-    pub features: Features,
-    pub input_usd_per_mtok: Option<f64>,
-    pub output_usd_per_mtok: Option<f64>,
-    pub cached_input_usd_per_mtok: Option<f64>,
-}
-
-#[derive(Debug)]
-pub struct Team {
-    pub name: Arc<str>,
-    pub key_hashes: Vec<[u8; 32]>,
-    pub tags: BTreeMap<String, String>,
-    pub request_tags: Vec<String>,
-    pub regions: Vec<Arc<str>>,
-    pub budgets: Vec<Budget>,
-}
-
-#[derive(Debug)]
-pub struct Budget {
-    pub window: Window,
-    pub tokens: Option<u64>,
-    pub usd: Option<f64>,
-    /// `usd` in nano-dollars: budgets compare integers.
-    pub nusd: Option<i64>,
-    pub soft_ratio: Option<f64>,
-    pub fail_open: bool,
-    pub per_key: bool,
-}
-
-/// One problem in a config file, with the field it is about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{} {}", self.path, self.message)
-        }
-    }
-}
-
-/// All the problems found in one file.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigErrors {
-    pub source_name: String,
-    pub errors: Vec<ConfigError>,
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid config {}:", self.source_name)?;
-        for e in &self.errors {
-            write!(f, "\n  - {e}")?;
-        }
-        Ok(())
-    }
-}
 
 /// Where a backend's or the admin key comes from. Tests pass a map, the binary the process env.
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -312,21 +34,41 @@ pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
 
 /// Parses and validates config text; `source_name` only labels errors.
 pub fn parse(text: &str, source_name: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors {
-        source_name: source_name.to_string(),
-        errors: vec![ConfigError {
-            path: String::new(),
-            message: e.to_string().trim_end().to_string(),
-        }],
-    })?;
-    validate(raw, env).map_err(|errors| ConfigErrors {
+    let fail = |errors| ConfigErrors {
         source_name: source_name.to_string(),
         errors,
-    })
+    };
+    let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+        .map_err(|e| fail(vec![parse_error(&e)]))?;
+    validate(raw, env).map_err(fail)
+}
+
+/// A parse error with the field it is about: the parser's path, and its message in ours.
+fn parse_error(e: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let path = e.path().to_string();
+    let inner = e.inner();
+    let message = inner.message().trim_end().to_string();
+    // `unknown variant `x`, expected `a` or `b`` reads better as what the field must be.
+    let message = match message
+        .strip_prefix("unknown variant `")
+        .and_then(|rest| rest.split_once("`, expected "))
+    {
+        Some((got, expected)) => format!("must be {expected}; got `{got}`"),
+        None => message,
+    };
+    let path = if path == "." { String::new() } else { path };
+    let message = match (path.is_empty(), inner.span()) {
+        // Without a field to name (bad TOML syntax), the line says where.
+        (true, Some(_)) => inner.to_string().trim_end().to_string(),
+        _ => message,
+    };
+    ConfigError { path, message }
 }
 
 struct Checker {
     errors: Vec<ConfigError>,
+    warnings: Vec<String>,
+    missing_keys: Vec<String>,
 }
 
 impl Checker {
@@ -367,6 +109,12 @@ impl Checker {
         }
     }
 
+    fn positive<T: Default + PartialEq>(&mut self, path: &str, value: T) {
+        if value == T::default() {
+            self.err(path, "must be > 0");
+        }
+    }
+
     fn name(&mut self, path: &str, value: &str) {
         if value.trim().is_empty() {
             self.err(path, "must not be empty");
@@ -377,11 +125,36 @@ impl Checker {
 }
 
 pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<ConfigError>> {
-    let mut c = Checker { errors: Vec::new() };
-    let mut warnings = Vec::new();
-    let mut missing_keys = Vec::new();
+    let mut c = Checker {
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        missing_keys: Vec::new(),
+    };
+    let server = server(&raw.server, env, &mut c);
+    let (ledger_url, ledger_fsync) = store(raw.store, &mut c);
+    let routing = routing(&raw.routing, &mut c);
+    let backends = backends(raw.backend, env, &mut c);
+    let teams = teams(raw.team, &backends, &mut c);
+    let metrics = metrics(raw.metrics, &mut c);
+    let focus = focus(raw.focus, &mut c);
+    if !c.errors.is_empty() {
+        return Err(c.errors);
+    }
+    Ok(Config {
+        server,
+        ledger_url,
+        ledger_fsync,
+        routing,
+        backends,
+        teams,
+        metrics,
+        focus,
+        warnings: c.warnings,
+        missing_keys: c.missing_keys,
+    })
+}
 
-    let s = &raw.server;
+fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
     let server = Server {
         listen: c.addr("server.listen", &s.listen),
         admin_listen: c.addr("server.admin_listen", &s.admin_listen),
@@ -395,410 +168,369 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
         shutdown_grace: c.seconds("server.shutdown_grace_s", s.shutdown_grace_s),
         max_response_bytes: s.max_response_bytes,
     };
-    if s.max_body_bytes == 0 {
-        c.err("server.max_body_bytes", "must be > 0");
-    }
-    if s.max_in_flight == 0 {
-        c.err("server.max_in_flight", "must be > 0");
-    }
-    if s.listen_backlog == 0 {
-        c.err("server.listen_backlog", "must be > 0");
-    }
+    c.positive("server.max_body_bytes", s.max_body_bytes);
+    c.positive("server.max_in_flight", s.max_in_flight);
+    c.positive("server.listen_backlog", s.listen_backlog);
     if server.listen == server.admin_listen && server.listen.port() != 0 {
         c.err("server.admin_listen", "must differ from server.listen");
     }
     if server.admin_key.is_none() && !server.admin_listen.ip().is_loopback() {
-        warnings.push(format!(
+        c.warnings.push(format!(
             "server.admin_listen is {} but {} is not set: /metrics and /admin are open to the network",
             server.admin_listen, s.admin_key_env
         ));
     }
+    server
+}
 
-    if !(raw.store.ledger.starts_with("sqlite://") || raw.store.ledger.starts_with("postgres://")) {
+/// The stores this build can keep. A store it cannot honour is an error, never ignored: a
+/// user who names Redis believes budgets are shared across replicas.
+fn store(s: RawStore, c: &mut Checker) -> (String, bool) {
+    if !s.ledger.starts_with("sqlite://") {
+        let what = if s.ledger.starts_with("postgres://") || s.ledger.starts_with("postgresql://") {
+            "a PostgreSQL ledger is not supported by this build yet; use sqlite://path".to_string()
+        } else {
+            "must be sqlite://path".to_string()
+        };
         c.err(
             "store.ledger",
-            format!(
-                "must start with sqlite:// or postgres://, got `{}`",
-                raw.store.ledger
-            ),
+            format!("{what} (got `{}`)", redact(&s.ledger)),
         );
     }
-    if !(raw.store.budgets == "local" || raw.store.budgets.starts_with("redis://")) {
+    if s.budgets != "local" {
+        let what = if s.budgets.starts_with("redis://") || s.budgets.starts_with("rediss://") {
+            "budgets shared in Redis are not supported by this build yet; use `local`"
+        } else {
+            "must be `local`"
+        };
         c.err(
             "store.budgets",
-            format!("must be `local` or redis://…, got `{}`", raw.store.budgets),
+            format!("{what} (got `{}`)", redact(&s.budgets)),
         );
     }
-    let self_hosted_cost = match raw.routing.self_hosted_cost.as_str() {
-        "marginal" => SelfHostedCost::Marginal,
-        "rate_card" => SelfHostedCost::RateCard,
-        other => {
-            c.err(
-                "routing.self_hosted_cost",
-                format!("must be `marginal` or `rate_card`, got `{other}`"),
-            );
-            SelfHostedCost::Marginal
-        }
+    (s.ledger, s.fsync)
+}
+
+/// A store URL with any password replaced: errors are printed and logged.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
     };
-    if raw.routing.max_attempts == 0 {
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:*****@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn routing(r: &RawRouting, c: &mut Checker) -> Routing {
+    if r.max_attempts == 0 {
         c.err("routing.max_attempts", "must be >= 1");
     }
-    if raw.routing.circuit_failures == 0 {
+    if r.circuit_failures == 0 {
         c.err("routing.circuit_failures", "must be >= 1");
     }
-    let routing = Routing {
-        self_hosted_cost,
-        max_attempts: raw.routing.max_attempts,
-        expected_output_tokens: raw.routing.expected_output_tokens,
-        circuit_failures: raw.routing.circuit_failures,
-        circuit_open: c.seconds("routing.circuit_open_s", raw.routing.circuit_open_s),
-    };
+    Routing {
+        self_hosted_cost: r.self_hosted_cost,
+        max_attempts: r.max_attempts,
+        expected_output_tokens: r.expected_output_tokens,
+        circuit_failures: r.circuit_failures,
+        circuit_open: c.seconds("routing.circuit_open_s", r.circuit_open_s),
+    }
+}
 
-    let mut backend_names = HashSet::new();
-    let mut backends = Vec::with_capacity(raw.backend.len());
-    if raw.backend.is_empty() {
+fn backends(raw: Vec<RawBackend>, env: EnvLookup<'_>, c: &mut Checker) -> Vec<Arc<Backend>> {
+    if raw.is_empty() {
         c.err("backend", "at least one [[backend]] is needed");
     }
-    for (i, b) in raw.backend.into_iter().enumerate() {
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, b) in raw.into_iter().enumerate() {
         let p = format!("backend[{i}]");
-        c.name(&format!("{p}.name"), &b.name);
-        if !backend_names.insert(b.name.clone()) {
+        if !names.insert(b.name.clone()) {
             c.err(
                 format!("{p}.name"),
                 format!("`{}` is used by another backend", b.name),
             );
         }
-        let protocol = match b.protocol.as_str() {
-            "openai" => Protocol::OpenAi,
-            "anthropic" => {
-                c.err(
-                    format!("{p}.protocol"),
-                    "`anthropic` backends are not supported yet; use `openai`",
-                );
-                Protocol::Anthropic
-            }
-            other => {
-                c.err(
-                    format!("{p}.protocol"),
-                    format!("must be `openai` or `anthropic`, got `{other}`"),
-                );
-                Protocol::OpenAi
-            }
-        };
-        let base_url = match base_url(&b.url) {
-            Ok(u) => u,
-            Err(why) => {
-                c.err(format!("{p}.url"), why);
-                String::new()
-            }
-        };
-        let hosting = match b.hosting.as_str() {
-            "self_hosted" => Hosting::SelfHosted,
-            "commercial" => Hosting::Commercial,
-            other => {
-                c.err(
-                    format!("{p}.hosting"),
-                    format!("must be `self_hosted` or `commercial`, got `{other}`"),
-                );
-                Hosting::Commercial
-            }
-        };
-        let on_disconnect = match b.on_disconnect.as_deref() {
-            None if hosting == Hosting::SelfHosted => OnDisconnect::Cancel,
-            None => OnDisconnect::Drain,
-            Some("cancel") => OnDisconnect::Cancel,
-            Some("drain") => OnDisconnect::Drain,
-            Some(other) => {
-                c.err(
-                    format!("{p}.on_disconnect"),
-                    format!("must be `cancel` or `drain`, got `{other}`"),
-                );
-                OnDisconnect::Cancel
-            }
-        };
-        let api_key = match &b.api_key_env {
-            Some(var) => {
-                let key = env(var).map(Secret::new);
-                if key.is_none() {
-                    missing_keys.push(format!("{p}.api_key_env names ${var}, which is not set"));
-                }
-                key
-            }
-            None => None,
-        };
-        if b.max_concurrency == Some(0) {
-            c.err(format!("{p}.max_concurrency"), "must be > 0");
-        }
-        let gpu = b.gpu.map(|g| {
-            if !(g.hourly_usd.is_finite() && g.hourly_usd >= 0.0) {
-                c.err(format!("{p}.gpu.hourly_usd"), "must be >= 0");
-            }
-            if g.count == 0 {
-                c.err(format!("{p}.gpu.count"), "must be > 0");
-            }
-            if !(g.fraction > 0.0 && g.fraction <= 1.0) {
-                c.err(format!("{p}.gpu.fraction"), "must be in (0, 1]");
-            }
-            if let Some(t) = g.tokens_per_second {
-                if !(t.is_finite() && t > 0.0) {
-                    c.err(format!("{p}.gpu.tokens_per_second"), "must be > 0");
-                }
-            }
-            GpuCost {
-                hourly_usd: g.hourly_usd,
-                count: g.count,
-                fraction: g.fraction,
-                tokens_per_second: g.tokens_per_second,
-            }
-        });
-        c.non_negative(&format!("{p}.egress_usd_per_gb"), b.egress_usd_per_gb);
-        let connect_timeout = c.seconds(
-            &format!("{p}.connect_timeout_s"),
-            b.connect_timeout_s.unwrap_or(DEFAULT_CONNECT_TIMEOUT_S),
-        );
-        let stream_idle_timeout = c.seconds(
-            &format!("{p}.stream_idle_timeout_s"),
-            b.stream_idle_timeout_s
-                .unwrap_or(DEFAULT_STREAM_IDLE_TIMEOUT_S),
-        );
-        let pool_idle_timeout = c.seconds(
-            &format!("{p}.pool_idle_timeout_s"),
-            b.pool_idle_timeout_s.unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT_S),
-        );
-        let health_check = match b.health_check {
-            // Self-hosted servers are probed by default: they are the ones that go away
-            // (a restarted vLLM, a preempted GPU node) and come back.
-            None if hosting == Hosting::SelfHosted => Some(HealthCheck {
-                path: DEFAULT_HEALTH_PATH.into(),
-                interval: Duration::from_secs_f64(DEFAULT_HEALTH_INTERVAL_S),
-                timeout: Duration::from_secs_f64(DEFAULT_HEALTH_TIMEOUT_S),
-            }),
-            None => None,
-            Some(h) if h.interval_s == 0.0 => None,
-            Some(h) => {
-                if !h.path.starts_with('/') || h.path.parse::<http::Uri>().is_err() {
-                    c.err(
-                        format!("{p}.health_check.path"),
-                        format!("must be a path starting with /, got `{}`", h.path),
-                    );
-                }
-                Some(HealthCheck {
-                    path: h.path,
-                    interval: c.seconds(&format!("{p}.health_check.interval_s"), h.interval_s),
-                    timeout: c.seconds(&format!("{p}.health_check.timeout_s"), h.timeout_s),
-                })
-            }
-        };
-        if b.models.is_empty() {
-            c.err(format!("{p}.models"), "must list at least one model");
-        }
-        let mut model_names = HashSet::new();
-        let models = b
-            .models
-            .into_iter()
-            .enumerate()
-            .map(|(j, m)| {
-                let mp = format!("{p}.models[{j}]");
-                c.name(&format!("{mp}.name"), &m.name);
-                if !model_names.insert(m.name.clone()) {
-                    c.err(
-                        format!("{mp}.name"),
-                        format!("`{}` is listed twice in this backend", m.name),
-                    );
-                }
-                for (k, a) in m.aliases.iter().enumerate() {
-                    c.name(&format!("{mp}.aliases[{k}]"), a);
-                }
-                if m.context_window == Some(0) {
-                    c.err(format!("{mp}.context_window"), "must be > 0");
-                }
-                if m.max_output_tokens == Some(0) {
-                    c.err(format!("{mp}.max_output_tokens"), "must be > 0");
-                }
-                let features = match &m.features {
-                    None => Features::UNDECLARED,
-                    Some(list) => list.iter().enumerate().fold(Features::NONE, |acc, (k, f)| {
-                        match Features::from_name(f) {
-                            Some(one) => acc.with(one),
-                            None => {
-                                c.err(
-                                    format!("{mp}.features[{k}]"),
-                                    format!("must be one of tools, vision, json; got `{f}`"),
-                                );
-                                acc
-                            }
-                        }
-                    }),
-                };
-                c.non_negative(&format!("{mp}.input_usd_per_mtok"), m.input_usd_per_mtok);
-                c.non_negative(&format!("{mp}.output_usd_per_mtok"), m.output_usd_per_mtok);
-                c.non_negative(
-                    &format!("{mp}.cached_input_usd_per_mtok"),
-                    m.cached_input_usd_per_mtok,
-                );
-                BackendModel {
-                    name: m.name.into(),
-                    aliases: m.aliases.into_iter().map(Arc::from).collect(),
-                    context_window: m.context_window,
-                    max_output_tokens: m.max_output_tokens,
-                    features,
-                    input_usd_per_mtok: m.input_usd_per_mtok,
-                    output_usd_per_mtok: m.output_usd_per_mtok,
-                    cached_input_usd_per_mtok: m.cached_input_usd_per_mtok,
-                }
-            })
-            .collect();
-        backends.push(Arc::new(Backend {
-            name: b.name.into(),
-            protocol,
-            base_url,
-            api_key,
-            hosting,
-            region: b.region.map(Arc::from),
-            max_concurrency: b.max_concurrency,
-            gpu,
-            egress_usd_per_gb: b.egress_usd_per_gb,
-            on_disconnect,
-            connect_timeout,
-            stream_idle_timeout,
-            pool_idle_timeout,
-            stream_usage: b.stream_usage,
-            engine: b.engine,
-            health_check,
-            models,
-        }));
+        out.push(Arc::new(backend(&p, b, env, c)));
     }
+    out
+}
 
+fn backend(p: &str, b: RawBackend, env: EnvLookup<'_>, c: &mut Checker) -> Backend {
+    c.name(&format!("{p}.name"), &b.name);
+    if b.protocol == Protocol::Anthropic {
+        c.err(
+            format!("{p}.protocol"),
+            "`anthropic` backends are not supported yet; use `openai`",
+        );
+    }
+    let base_url = base_url(&b.url).unwrap_or_else(|why| {
+        c.err(format!("{p}.url"), why);
+        String::new()
+    });
+    let on_disconnect = b.on_disconnect.unwrap_or(match b.hosting {
+        Hosting::SelfHosted => OnDisconnect::Cancel,
+        Hosting::Commercial => OnDisconnect::Drain,
+    });
+    let api_key = b.api_key_env.as_ref().and_then(|var| {
+        let key = env(var).map(Secret::new);
+        if key.is_none() {
+            c.missing_keys
+                .push(format!("{p}.api_key_env names ${var}, which is not set"));
+        }
+        key
+    });
+    if b.max_concurrency == Some(0) {
+        c.err(format!("{p}.max_concurrency"), "must be > 0");
+    }
+    let gpu = b.gpu.map(|g| gpu(p, g, c));
+    c.non_negative(&format!("{p}.egress_usd_per_gb"), b.egress_usd_per_gb);
+    let connect_timeout = c.seconds(
+        &format!("{p}.connect_timeout_s"),
+        b.connect_timeout_s.unwrap_or(DEFAULT_CONNECT_TIMEOUT_S),
+    );
+    let stream_idle_timeout = c.seconds(
+        &format!("{p}.stream_idle_timeout_s"),
+        b.stream_idle_timeout_s
+            .unwrap_or(DEFAULT_STREAM_IDLE_TIMEOUT_S),
+    );
+    let pool_idle_timeout = c.seconds(
+        &format!("{p}.pool_idle_timeout_s"),
+        b.pool_idle_timeout_s.unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT_S),
+    );
+    let health_check = health_check(p, b.health_check, b.hosting, c);
+    if b.models.is_empty() {
+        c.err(format!("{p}.models"), "must list at least one model");
+    }
+    let mut model_names = HashSet::new();
+    let models = b
+        .models
+        .into_iter()
+        .enumerate()
+        .map(|(j, m)| {
+            let mp = format!("{p}.models[{j}]");
+            if !model_names.insert(m.name.clone()) {
+                c.err(
+                    format!("{mp}.name"),
+                    format!("`{}` is listed twice in this backend", m.name),
+                );
+            }
+            model(&mp, m, c)
+        })
+        .collect();
+    Backend {
+        name: b.name.into(),
+        protocol: b.protocol,
+        base_url,
+        api_key,
+        hosting: b.hosting,
+        region: b.region.map(Arc::from),
+        max_concurrency: b.max_concurrency,
+        gpu,
+        egress_usd_per_gb: b.egress_usd_per_gb,
+        on_disconnect,
+        connect_timeout,
+        stream_idle_timeout,
+        pool_idle_timeout,
+        stream_usage: b.stream_usage,
+        engine: b.engine,
+        health_check,
+        models,
+    }
+}
+
+fn gpu(p: &str, g: RawGpu, c: &mut Checker) -> GpuCost {
+    if !(g.hourly_usd.is_finite() && g.hourly_usd >= 0.0) {
+        c.err(format!("{p}.gpu.hourly_usd"), "must be >= 0");
+    }
+    if g.count == 0 {
+        c.err(format!("{p}.gpu.count"), "must be > 0");
+    }
+    if !(g.fraction > 0.0 && g.fraction <= 1.0) {
+        c.err(format!("{p}.gpu.fraction"), "must be in (0, 1]");
+    }
+    if let Some(t) = g.tokens_per_second {
+        if !(t.is_finite() && t > 0.0) {
+            c.err(format!("{p}.gpu.tokens_per_second"), "must be > 0");
+        }
+    }
+    GpuCost {
+        hourly_usd: g.hourly_usd,
+        count: g.count,
+        fraction: g.fraction,
+        tokens_per_second: g.tokens_per_second,
+    }
+}
+
+fn health_check(
+    p: &str,
+    raw: Option<RawHealthCheck>,
+    hosting: Hosting,
+    c: &mut Checker,
+) -> Option<HealthCheck> {
+    match raw {
+        // Self-hosted servers are probed by default: they are the ones that go away (a
+        // restarted vLLM, a preempted GPU node) and come back.
+        None if hosting == Hosting::SelfHosted => Some(HealthCheck {
+            path: DEFAULT_HEALTH_PATH.into(),
+            interval: Duration::from_secs_f64(DEFAULT_HEALTH_INTERVAL_S),
+            timeout: Duration::from_secs_f64(DEFAULT_HEALTH_TIMEOUT_S),
+        }),
+        None => None,
+        Some(h) if h.interval_s == 0.0 => None,
+        Some(h) => {
+            if !h.path.starts_with('/') || h.path.parse::<http::Uri>().is_err() {
+                c.err(
+                    format!("{p}.health_check.path"),
+                    format!("must be a path starting with /, got `{}`", h.path),
+                );
+            }
+            Some(HealthCheck {
+                path: h.path,
+                interval: c.seconds(&format!("{p}.health_check.interval_s"), h.interval_s),
+                timeout: c.seconds(&format!("{p}.health_check.timeout_s"), h.timeout_s),
+            })
+        }
+    }
+}
+
+fn model(mp: &str, m: RawModel, c: &mut Checker) -> BackendModel {
+    c.name(&format!("{mp}.name"), &m.name);
+    for (k, a) in m.aliases.iter().enumerate() {
+        c.name(&format!("{mp}.aliases[{k}]"), a);
+    }
+    if m.context_window == Some(0) {
+        c.err(format!("{mp}.context_window"), "must be > 0");
+    }
+    if m.max_output_tokens == Some(0) {
+        c.err(format!("{mp}.max_output_tokens"), "must be > 0");
+    }
+    let features = match &m.features {
+        None => Features::UNDECLARED,
+        Some(list) => list
+            .iter()
+            .fold(Features::NONE, |acc, f| acc.with(Features::from(*f))),
+    };
+    c.non_negative(&format!("{mp}.input_usd_per_mtok"), m.input_usd_per_mtok);
+    c.non_negative(&format!("{mp}.output_usd_per_mtok"), m.output_usd_per_mtok);
+    c.non_negative(
+        &format!("{mp}.cached_input_usd_per_mtok"),
+        m.cached_input_usd_per_mtok,
+    );
+    BackendModel {
+        name: m.name.into(),
+        aliases: m.aliases.into_iter().map(Arc::from).collect(),
+        context_window: m.context_window,
+        max_output_tokens: m.max_output_tokens,
+        features,
+        input_usd_per_mtok: m.input_usd_per_mtok,
+        output_usd_per_mtok: m.output_usd_per_mtok,
+        cached_input_usd_per_mtok: m.cached_input_usd_per_mtok,
+    }
+}
+
+fn teams(raw: Vec<RawTeam>, backends: &[Arc<Backend>], c: &mut Checker) -> Vec<Arc<Team>> {
     let regions: HashSet<&str> = backends
         .iter()
         .filter_map(|b| b.region.as_deref())
         .collect();
-    let mut team_names = HashSet::new();
+    let mut names = HashSet::new();
     let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
-    let mut teams = Vec::with_capacity(raw.team.len());
-    for (i, t) in raw.team.into_iter().enumerate() {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, t) in raw.into_iter().enumerate() {
         let p = format!("team[{i}]");
-        c.name(&format!("{p}.name"), &t.name);
-        if !team_names.insert(t.name.clone()) {
+        if !names.insert(t.name.clone()) {
             c.err(
                 format!("{p}.name"),
                 format!("`{}` is used by another team", t.name),
             );
         }
-        let mut key_hashes = Vec::with_capacity(t.keys.len());
-        for (k, key) in t.keys.iter().enumerate() {
-            match parse_key_hash(key) {
-                Some(h) => {
-                    if let Some(other) = key_owner.insert(h, t.name.clone()) {
-                        c.err(
-                            format!("{p}.keys[{k}]"),
-                            format!("is also a key of team `{other}`"),
-                        );
-                    }
-                    key_hashes.push(h);
+        out.push(Arc::new(team(&p, t, &regions, &mut key_owner, c)));
+    }
+    out
+}
+
+fn team(
+    p: &str,
+    t: RawTeam,
+    regions: &HashSet<&str>,
+    key_owner: &mut HashMap<[u8; 32], String>,
+    c: &mut Checker,
+) -> Team {
+    c.name(&format!("{p}.name"), &t.name);
+    let mut key_hashes = Vec::with_capacity(t.keys.len());
+    for (k, key) in t.keys.iter().enumerate() {
+        match parse_key_hash(key) {
+            Some(h) => {
+                if let Some(other) = key_owner.insert(h, t.name.clone()) {
+                    c.err(
+                        format!("{p}.keys[{k}]"),
+                        format!("is also a key of team `{other}`"),
+                    );
                 }
-                None => c.err(
-                    format!("{p}.keys[{k}]"),
-                    "must be `sha256:` followed by 64 hex digits (see `tollgate key new`)",
-                ),
+                key_hashes.push(h);
             }
+            None => c.err(
+                format!("{p}.keys[{k}]"),
+                "must be `sha256:` followed by 64 hex digits (see `tollgate key new`)",
+            ),
         }
-        for (k, r) in t.regions.iter().enumerate() {
-            if !regions.contains(r.as_str()) {
-                warnings.push(format!("{p}.regions[{k}]: no backend is in region `{r}`"));
-            }
-        }
-        let budgets = t
-            .budgets
-            .into_iter()
-            .enumerate()
-            .map(|(k, b)| {
-                let bp = format!("{p}.budgets[{k}]");
-                let window = match b.window.as_str() {
-                    "minute" => Window::Minute,
-                    "hour" => Window::Hour,
-                    "day" => Window::Day,
-                    "month" => Window::Month,
-                    other => {
-                        c.err(
-                            format!("{bp}.window"),
-                            format!("must be minute, hour, day or month; got `{other}`"),
-                        );
-                        Window::Day
-                    }
-                };
-                if b.tokens.is_none() && b.usd.is_none() {
-                    c.err(bp.clone(), "needs `tokens` or `usd`");
-                }
-                c.non_negative(&format!("{bp}.usd"), b.usd);
-                if let Some(r) = b.soft_ratio {
-                    if !(r > 0.0 && r <= 1.0) {
-                        c.err(format!("{bp}.soft_ratio"), "must be in (0, 1]");
-                    }
-                }
-                Budget {
-                    window,
-                    tokens: b.tokens,
-                    usd: b.usd,
-                    nusd: b.usd.map(|u| (u * 1e9).round() as i64),
-                    soft_ratio: b.soft_ratio,
-                    fail_open: b.fail_open,
-                    per_key: b.per_key,
-                }
-            })
-            .collect();
-        teams.push(Arc::new(Team {
-            name: t.name.into(),
-            key_hashes,
-            tags: t.tags,
-            request_tags: t.request_tags,
-            regions: t.regions.into_iter().map(Arc::from).collect(),
-            budgets,
-        }));
     }
-
-    let metrics = metrics(raw.metrics, &mut c);
-    let focus = focus(raw.focus, &mut c, &mut warnings);
-    if c.errors.is_empty() {
-        Ok(Config {
-            server,
-            ledger_url: raw.store.ledger,
-            ledger_fsync: raw.store.fsync,
-            budget_store: raw.store.budgets,
-            routing,
-            backends,
-            teams,
-            metrics,
-            focus,
-            warnings,
-            missing_keys,
-        })
-    } else {
-        Err(c.errors)
+    for (k, r) in t.regions.iter().enumerate() {
+        if !regions.contains(r.as_str()) {
+            c.warnings
+                .push(format!("{p}.regions[{k}]: no backend is in region `{r}`"));
+        }
+    }
+    let budgets = t
+        .budgets
+        .into_iter()
+        .enumerate()
+        .map(|(k, b)| budget(&format!("{p}.budgets[{k}]"), b, c))
+        .collect();
+    Team {
+        name: t.name.into(),
+        key_hashes,
+        tags: t.tags,
+        request_tags: t.request_tags,
+        regions: t.regions.into_iter().map(Arc::from).collect(),
+        budgets,
     }
 }
 
-/// What becomes a metric label and how GPU use is watched (`[metrics]`).
-#[derive(Debug, Clone)]
-pub struct Metrics {
-    pub tag_labels: Arc<[Arc<str>]>,
-    pub max_tag_values: usize,
-    pub idle_after: Duration,
-    pub busy_window: Duration,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self {
-            tag_labels: Arc::new([]),
-            max_tag_values: super::DEFAULT_MAX_TAG_VALUES,
-            idle_after: Duration::from_secs_f64(super::DEFAULT_IDLE_AFTER_S),
-            busy_window: Duration::from_secs_f64(super::DEFAULT_BUSY_WINDOW_S),
+fn budget(bp: &str, b: RawBudget, c: &mut Checker) -> Budget {
+    if b.tokens.is_none() && b.usd.is_none() {
+        c.err(bp, "needs `tokens` or `usd`");
+    }
+    c.non_negative(&format!("{bp}.usd"), b.usd);
+    if let Some(r) = b.soft_ratio {
+        if !(r > 0.0 && r <= 1.0) {
+            c.err(format!("{bp}.soft_ratio"), "must be in (0, 1]");
         }
+    }
+    if b.fail_open {
+        // It would matter only when a shared budget store fails; the local store cannot.
+        c.err(
+            format!("{bp}.fail_open"),
+            "has no effect with the local budget store, which cannot fail; remove it",
+        );
+    }
+    Budget {
+        window: b.window,
+        tokens: b.tokens,
+        usd: b.usd,
+        nusd: b.usd.map(|u| (u * 1e9).round() as i64),
+        soft_ratio: b.soft_ratio,
+        per_key: b.per_key,
     }
 }
 
-fn metrics(raw: super::RawMetrics, c: &mut Checker) -> Metrics {
+fn metrics(raw: RawMetrics, c: &mut Checker) -> Metrics {
     let mut labels: Vec<Arc<str>> = Vec::new();
     for (i, key) in raw.tag_labels.iter().enumerate() {
         let field = format!("metrics.tag_labels[{i}]");
@@ -815,7 +547,7 @@ fn metrics(raw: super::RawMetrics, c: &mut Checker) -> Metrics {
                 field,
                 format!("`{key}` is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"),
             );
-        } else if super::RESERVED_LABELS.contains(&key.as_str()) {
+        } else if RESERVED_LABELS.contains(&key.as_str()) {
             c.err(
                 field,
                 format!("`{key}` is a label the gateway already uses"),
@@ -840,20 +572,10 @@ fn metrics(raw: super::RawMetrics, c: &mut Checker) -> Metrics {
         }
         Duration::from_secs_f64(v)
     };
-    let idle_after = seconds(
-        "idle_after_s",
-        raw.idle_after_s,
-        super::DEFAULT_IDLE_AFTER_S,
-    );
-    let busy_window = seconds(
-        "busy_window_s",
-        raw.busy_window_s,
-        super::DEFAULT_BUSY_WINDOW_S,
-    );
-    let max_tag_values = raw.max_tag_values.unwrap_or(super::DEFAULT_MAX_TAG_VALUES);
-    if max_tag_values == 0 {
-        c.err("metrics.max_tag_values", "must be > 0");
-    }
+    let idle_after = seconds("idle_after_s", raw.idle_after_s, DEFAULT_IDLE_AFTER_S);
+    let busy_window = seconds("busy_window_s", raw.busy_window_s, DEFAULT_BUSY_WINDOW_S);
+    let max_tag_values = raw.max_tag_values.unwrap_or(DEFAULT_MAX_TAG_VALUES);
+    c.positive("metrics.max_tag_values", max_tag_values);
     Metrics {
         tag_labels: labels.into(),
         max_tag_values,
@@ -862,17 +584,7 @@ fn metrics(raw: super::RawMetrics, c: &mut Checker) -> Metrics {
     }
 }
 
-/// Who bills whom in the FOCUS export (`[focus]`): the names FinOps tools group charges by.
-#[derive(Debug, Clone)]
-pub struct Focus {
-    pub billing_account_id: String,
-    pub billing_account_name: String,
-    pub provider_name: String,
-    pub invoice_issuer_name: String,
-    pub host_provider_name: String,
-}
-
-fn focus(raw: super::RawFocus, c: &mut Checker, warnings: &mut Vec<String>) -> Focus {
+fn focus(raw: RawFocus, c: &mut Checker) -> Focus {
     let provider_name = raw.provider_name;
     let invoice_issuer_name = raw
         .invoice_issuer_name
@@ -886,7 +598,7 @@ fn focus(raw: super::RawFocus, c: &mut Checker, warnings: &mut Vec<String>) -> F
     c.name("focus.invoice_issuer_name", &invoice_issuer_name);
     c.name("focus.host_provider_name", &host_provider_name);
     if invoice_issuer_name != provider_name {
-        warnings.push(format!(
+        c.warnings.push(format!(
             "focus.invoice_issuer_name `{invoice_issuer_name}` differs from focus.provider_name \
              `{provider_name}`: FOCUS reads that as a third party collecting the payment and \
              expects a BilledCost of 0 (focus-validator rule BilledCost-C-005-C)"

@@ -62,19 +62,52 @@ fn a_missing_backend_key_is_reported_not_fatal() {
 
 #[test]
 fn errors_name_the_field() {
-    let bad = MINIMAL.replace(
-        "aliases = [\"chat-small\"]",
-        "context_window = 0, features = [\"telepathy\"]",
-    );
+    let bad = MINIMAL.replace("aliases = [\"chat-small\"]", "context_window = 0");
     let errs = errors_of(&bad);
     assert!(
         errs.contains(&"backend[0].models[0].context_window must be > 0".to_string()),
         "{errs:?}"
     );
+    // A word users choose from is checked by the parser, and still named by its path.
+    let bad = MINIMAL.replace("aliases = [\"chat-small\"]", "features = [\"telepathy\"]");
+    let errs = errors_of(&bad);
     assert!(
         errs.iter()
             .any(|e| e.starts_with("backend[0].models[0].features[0] must be one of")),
         "{errs:?}"
+    );
+    let errs = errors_of(&MINIMAL.replace("\"self_hosted\"", "\"selfhosted\""));
+    assert_eq!(
+        errs,
+        vec!["backend[0].hosting must be `self_hosted` or `commercial`; got `selfhosted`"]
+    );
+}
+
+#[test]
+fn a_store_this_build_cannot_keep_is_refused_and_its_password_not_shown() {
+    let errs = errors_of(&format!(
+        "[store]\nledger = \"postgres://tg:s3cret@db:5432/ledger\"\nbudgets = \"redis://127.0.0.1:6379\"\n{MINIMAL}"
+    ));
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs[0].starts_with("store.ledger a PostgreSQL ledger is not supported"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[0].contains("postgres://tg:*****@db:5432/ledger"),
+        "{errs:?}"
+    );
+    assert!(!errs.iter().any(|e| e.contains("s3cret")), "{errs:?}");
+    assert!(
+        errs[1].starts_with("store.budgets budgets shared in Redis are not supported"),
+        "{errs:?}"
+    );
+    let errs = errors_of(&format!(
+        "{MINIMAL}budgets = [{{ window = \"day\", tokens = 10, fail_open = true }}]\n"
+    ));
+    assert_eq!(
+        errs,
+        vec!["team[0].budgets[0].fail_open has no effect with the local budget store, which cannot fail; remove it"]
     );
 }
 

@@ -1,0 +1,383 @@
+//! The validated config: what the gateway runs on. Nothing in it needs checking again;
+//! `validate.rs` makes it from the raw TOML types of `mod.rs`.
+
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A validated config: nothing in it needs checking again.
+#[derive(Debug)]
+pub struct Config {
+    pub server: Server,
+    /// `sqlite://path`: the only ledger this build can keep.
+    pub ledger_url: String,
+    pub ledger_fsync: bool,
+    pub routing: Routing,
+    pub backends: Vec<Arc<Backend>>,
+    pub teams: Vec<Arc<Team>>,
+    pub metrics: Metrics,
+    pub focus: Focus,
+    /// Things worth a log line that do not stop the gateway.
+    pub warnings: Vec<String>,
+    /// `api_key_env` variables that are not set: `serve` refuses to start, `check` warns.
+    pub missing_keys: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub admin_key_env: String,
+    pub admin_key: Option<Secret>,
+    pub max_body_bytes: u64,
+    pub request_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_in_flight: usize,
+    pub listen_backlog: u32,
+    pub shutdown_grace: Duration,
+    pub max_response_bytes: u64,
+}
+
+#[derive(Debug)]
+pub struct Routing {
+    pub self_hosted_cost: SelfHostedCost,
+    pub max_attempts: u32,
+    pub expected_output_tokens: u64,
+    pub circuit_failures: u32,
+    pub circuit_open: Duration,
+}
+
+/// What routing counts for a self-hosted backend with spare capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelfHostedCost {
+    /// Paid-for capacity is free until it is saturated: the baseline stays on owned GPUs.
+    Marginal,
+    /// Its rate card price, compared like any other.
+    RateCard,
+}
+
+impl SelfHostedCost {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SelfHostedCost::Marginal => "marginal",
+            SelfHostedCost::RateCard => "rate_card",
+        }
+    }
+}
+
+/// One thing a model can do, as users write it in `features`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Feature {
+    Tools,
+    Vision,
+    Json,
+}
+
+impl From<Feature> for Features {
+    fn from(f: Feature) -> Features {
+        match f {
+            Feature::Tools => Features::TOOLS,
+            Feature::Vision => Features::VISION,
+            Feature::Json => Features::JSON,
+        }
+    }
+}
+
+/// What a model can do, as declared in config; what a request needs, as parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Features(u8);
+
+impl Features {
+    pub const NONE: Features = Features(0);
+    pub const TOOLS: Features = Features(1);
+    pub const VISION: Features = Features(2);
+    pub const JSON: Features = Features(4);
+    /// A model whose `features` are not declared: supports every feature for routing, and
+    /// is told apart from one that declares all three.
+    pub const UNDECLARED: Features = Features(0x80 | 7);
+    const NAMES: [(Features, &'static str); 3] = [
+        (Features::TOOLS, "tools"),
+        (Features::VISION, "vision"),
+        (Features::JSON, "json"),
+    ];
+
+    pub fn from_name(name: &str) -> Option<Features> {
+        Self::NAMES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(f, _)| *f)
+    }
+
+    pub fn with(self, other: Features) -> Features {
+        Features(self.0 | other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The features of `self` that `supported` lacks.
+    pub fn missing_from(self, supported: Features) -> Features {
+        Features(self.0 & !supported.0)
+    }
+
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMES
+            .iter()
+            .filter(move |(f, _)| self.0 & f.0 != 0)
+            .map(|(_, n)| *n)
+    }
+}
+
+impl fmt::Display for Features {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, n) in self.names().enumerate() {
+            if i > 0 {
+                f.write_str("+")?;
+            }
+            f.write_str(n)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[serde(rename = "openai")]
+    OpenAi,
+    Anthropic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hosting {
+    SelfHosted,
+    Commercial,
+}
+
+impl Hosting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hosting::SelfHosted => "self_hosted",
+            Hosting::Commercial => "commercial",
+        }
+    }
+}
+
+/// What happens upstream when a client goes away mid-response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDisconnect {
+    /// Stop the upstream request: frees a self-hosted GPU at once.
+    Cancel,
+    /// Read to the end: a commercial provider bills the whole answer anyway, and its final
+    /// usage is the only exact count.
+    Drain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Window {
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+impl Window {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Window::Minute => "minute",
+            Window::Hour => "hour",
+            Window::Day => "day",
+            Window::Month => "month",
+        }
+    }
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug)]
+pub struct GpuCost {
+    pub hourly_usd: f64,
+    pub count: u32,
+    pub fraction: f64,
+    pub tokens_per_second: Option<f64>,
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub name: Arc<str>,
+    pub protocol: Protocol,
+    /// `scheme://authority` plus an optional path prefix without a trailing slash.
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    pub hosting: Hosting,
+    pub region: Option<Arc<str>>,
+    pub max_concurrency: Option<u32>,
+    pub gpu: Option<GpuCost>,
+    pub egress_usd_per_gb: Option<f64>,
+    pub on_disconnect: OnDisconnect,
+    pub connect_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub stream_usage: bool,
+    pub engine: Engine,
+    /// `None`: not probed (passive health only).
+    pub health_check: Option<HealthCheck>,
+    pub models: Vec<BackendModel>,
+}
+
+#[derive(Debug)]
+pub struct BackendModel {
+    pub name: Arc<str>,
+    pub aliases: Vec<Arc<str>>,
+    pub context_window: Option<u64>,
+    pub max_output_tokens: Option<u64>,
+    pub features: Features,
+    pub input_usd_per_mtok: Option<f64>,
+    pub output_usd_per_mtok: Option<f64>,
+    pub cached_input_usd_per_mtok: Option<f64>,
+}
+
+#[derive(Debug)]
+pub struct Team {
+    pub name: Arc<str>,
+    pub key_hashes: Vec<[u8; 32]>,
+    pub tags: BTreeMap<String, String>,
+    pub request_tags: Vec<String>,
+    pub regions: Vec<Arc<str>>,
+    pub budgets: Vec<Budget>,
+}
+
+#[derive(Debug)]
+pub struct Budget {
+    pub window: Window,
+    pub tokens: Option<u64>,
+    pub usd: Option<f64>,
+    /// `usd` in nano-dollars: budgets compare integers.
+    pub nusd: Option<i64>,
+    pub soft_ratio: Option<f64>,
+    pub per_key: bool,
+}
+
+/// One problem in a config file, with the field it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{} {}", self.path, self.message)
+        }
+    }
+}
+
+/// All the problems found in one file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors {
+    pub source_name: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config {}:", self.source_name)?;
+        for e in &self.errors {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What becomes a metric label and how GPU use is watched (`[metrics]`).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub tag_labels: Arc<[Arc<str>]>,
+    pub max_tag_values: usize,
+    pub idle_after: Duration,
+    pub busy_window: Duration,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            tag_labels: Arc::new([]),
+            max_tag_values: super::DEFAULT_MAX_TAG_VALUES,
+            idle_after: Duration::from_secs_f64(super::DEFAULT_IDLE_AFTER_S),
+            busy_window: Duration::from_secs_f64(super::DEFAULT_BUSY_WINDOW_S),
+        }
+    }
+}
+
+/// Who bills whom in the FOCUS export (`[focus]`): the names FinOps tools group charges by.
+#[derive(Debug, Clone)]
+pub struct Focus {
+    pub billing_account_id: String,
+    pub billing_account_name: String,
+    pub provider_name: String,
+    pub invoice_issuer_name: String,
+    pub host_provider_name: String,
+}
+
+/// Inference server software, as far as metering cares: each has its own tokenize endpoint
+/// (docs/ENGINES.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+pub enum Engine {
+    /// Any OpenAI-compatible server, or OpenAI itself: no tokenize endpoint assumed.
+    #[default]
+    #[serde(rename = "openai")]
+    OpenAi,
+    #[serde(rename = "vllm")]
+    Vllm,
+    /// llama.cpp's own `llama-server`.
+    #[serde(rename = "llama.cpp")]
+    LlamaCpp,
+    /// The OpenAI server of the llama-cpp-python bindings.
+    #[serde(rename = "llama-cpp-python")]
+    LlamaCppPython,
+    /// Hugging Face text-generation-inference.
+    #[serde(rename = "tgi")]
+    Tgi,
+    #[serde(rename = "sglang")]
+    Sglang,
+    #[serde(rename = "ollama")]
+    Ollama,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::OpenAi => "openai",
+            Engine::Vllm => "vllm",
+            Engine::LlamaCpp => "llama.cpp",
+            Engine::LlamaCppPython => "llama-cpp-python",
+            Engine::Tgi => "tgi",
+            Engine::Sglang => "sglang",
+            Engine::Ollama => "ollama",
+        }
+    }
+}
