@@ -78,6 +78,10 @@ enum Command {
         /// Tokens per answer when the request does not cap them lower.
         #[arg(long, default_value_t = 16)]
         tokens: u32,
+        /// Answer like this engine: openai, vllm, llama.cpp, llama-cpp-python, tgi, sglang,
+        /// ollama or mistral (its JSON, stream usage, strict headers and tokenize endpoints).
+        #[arg(long, default_value = "openai")]
+        dialect: sim::Dialect,
     },
     /// Spend and unit-economics reports from the ledger.
     Report {
@@ -180,6 +184,7 @@ fn main() -> anyhow::Result<()> {
             ttft_ms,
             token_ms,
             tokens,
+            dialect,
         } => runtime()?.block_on(async move {
             let cfg = sim::SimConfig {
                 models,
@@ -188,13 +193,14 @@ fn main() -> anyhow::Result<()> {
                 time_to_first_token: Duration::from_millis(ttft_ms),
                 token_interval: Duration::from_millis(token_ms),
                 completion_tokens: tokens,
+                dialect,
                 ..Default::default()
             };
             let addr = SocketAddr::new(host, port);
             let listener = tollgate::server::bind(addr, 4096)
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let s = sim::Sim::start(listener, cfg);
-            eprintln!("simulated OpenAI server on http://{}", s.addr);
+            eprintln!("simulated {dialect} server on http://{}", s.addr);
             app::terminate_signal().await;
             s.stop().await;
             Ok(())

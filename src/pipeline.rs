@@ -398,18 +398,18 @@ struct Shape {
 }
 
 impl Shape {
-    /// The body for `c` (its model name, usage asked for), and whether the usage the client
-    /// did not ask for must be hidden from it.
+    /// The body for `c` (its model name, usage asked for), and whether usage must be hidden
+    /// from the client: it did not ask, whether the gateway did or the engine sends usage
+    /// anyway (llama.cpp and TGI on completions, Mistral on every stream).
     fn for_candidate(&self, c: &Candidate) -> (bytes::Bytes, bool) {
         let mut edits = BodyEdits::default();
         if *c.model != *self.requested {
             edits.set_model(&self.model_span, &c.model);
         }
-        let ask = self.ask_usage && c.backend.cfg.stream_usage;
-        if ask {
+        if self.ask_usage && c.backend.cfg.stream_usage {
             edits.request_stream_usage(&self.body, self.stream_options_span.as_ref());
         }
-        (edits.apply(&self.body), ask)
+        (edits.apply(&self.body), self.ask_usage)
     }
 }
 
@@ -552,7 +552,7 @@ struct Exchange {
     completion: Completion,
     request_timeout: std::time::Duration,
     max_response_bytes: u64,
-    /// The gateway asked for stream usage the client did not: hide it from the client.
+    /// The client streams without asking for usage: hide any from it.
     strip_usage: bool,
     output_limit: Option<u64>,
     /// Time spent waiting on upstreams, so the gateway's own time can be told apart.

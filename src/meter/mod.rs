@@ -69,10 +69,36 @@ pub struct CompletionDetails {
     pub reasoning_tokens: Option<u64>,
 }
 
+/// More tokens than one request can have. A larger count is a broken engine's, not a bill:
+/// trusted, it would price a request at billions and overflow the sums that settle it.
+pub const MAX_REPORTED_TOKENS: u64 = u32::MAX as u64;
+
 impl WireUsage {
-    /// Usable counts, or `None` when the object lacks the prompt count: a half-filled usage
-    /// would understate the bill, so the caller counts locally instead.
+    /// Usable counts, or `None` when the object lacks the prompt count (a half-filled usage
+    /// would understate the bill) or has a count past [`MAX_REPORTED_TOKENS`]: the caller
+    /// counts instead.
     pub fn to_usage(&self) -> Option<Usage> {
+        let counts = [
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_read_input_tokens,
+            self.cache_creation_input_tokens,
+            self.prompt_tokens_details
+                .as_ref()
+                .and_then(|d| d.cached_tokens),
+            self.completion_tokens_details
+                .as_ref()
+                .and_then(|d| d.reasoning_tokens),
+        ];
+        if counts
+            .into_iter()
+            .flatten()
+            .any(|n| n > MAX_REPORTED_TOKENS)
+        {
+            return None;
+        }
         let cache_read = self.cache_read_input_tokens.unwrap_or(0);
         let cache_write = self.cache_creation_input_tokens.unwrap_or(0);
         let (prompt, cached) = match (self.prompt_tokens, self.input_tokens) {
@@ -124,6 +150,12 @@ pub fn timings_json(value: &[u8]) -> Option<Usage> {
         predicted_n: u64,
     }
     let t: Timings = serde_json::from_slice(value).ok()?;
+    if [t.prompt_n, t.cache_n, t.predicted_n]
+        .into_iter()
+        .any(|n| n > MAX_REPORTED_TOKENS)
+    {
+        return None;
+    }
     Some(Usage {
         prompt: t.prompt_n + t.cache_n,
         completion: t.predicted_n,

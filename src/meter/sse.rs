@@ -1,7 +1,7 @@
 //! Watches an SSE stream as it passes: reads `usage` from whichever event carries it, keeps
 //! the generated text for a count when usage never comes, holds back `data: [DONE]` so the
-//! gateway's own closing comment can go before it, and removes the usage the gateway asked
-//! for on a client's behalf when the client did not ask for it.
+//! gateway's own closing comment can go before it, and removes usage from the stream of a
+//! client that did not ask for it (asked for on its behalf, or sent by the engine anyway).
 //!
 //! Events are forwarded as soon as their terminating blank line arrives. Only the bytes of an
 //! event not yet complete wait here, which is what lets an event be dropped or rewritten; that
@@ -48,7 +48,8 @@ pub struct SseObserver {
     /// Bytes of `partial` already searched for an event end, and where its last line starts.
     searched: usize,
     line_start: usize,
-    /// The gateway added `stream_options.include_usage`; the client must not see its effects.
+    /// The client did not ask for usage: it must see none, whether the gateway asked for it
+    /// or the engine sends it anyway.
     strip_usage: bool,
     /// The last valid `usage` the stream carried (cumulative when an engine repeats it).
     pub usage: Option<Usage>,

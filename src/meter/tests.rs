@@ -32,6 +32,29 @@ fn reads_anthropic_usage() {
 }
 
 #[test]
+fn counts_no_request_can_have_are_not_trusted() {
+    let max = MAX_REPORTED_TOKENS;
+    let ok = format!(r#"{{"usage":{{"prompt_tokens":{max},"completion_tokens":1}}}}"#);
+    assert_eq!(usage_of(ok.as_bytes()).unwrap().prompt, max);
+    for usage in [
+        r#"{"prompt_tokens":18446744073709551615,"completion_tokens":16}"#,
+        r#"{"prompt_tokens":10,"completion_tokens":4294967296}"#,
+        r#"{"input_tokens":1,"output_tokens":1,"cache_read_input_tokens":18446744073709551615}"#,
+        r#"{"prompt_tokens":10,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":18446744073709551615}}"#,
+    ] {
+        assert_eq!(
+            usage_of(format!(r#"{{"usage":{usage}}}"#).as_bytes()),
+            None,
+            "{usage}"
+        );
+    }
+    assert_eq!(
+        timings_json(br#"{"prompt_n":18446744073709551615,"cache_n":1,"predicted_n":1}"#),
+        None
+    );
+}
+
+#[test]
 fn missing_null_or_malformed_usage_is_unknown_not_zero() {
     assert_eq!(usage_of(br#"{"choices":[]}"#), None);
     assert_eq!(usage_of(br#"{"usage":null}"#), None);

@@ -2,11 +2,20 @@
 //! responses with `usage`, `stream_options.include_usage`, token-by-token timing and a
 //! concurrency cap that queues like a GPU server's batch (and answers 429 past its queue).
 //!
+//! It speaks OpenAI's own dialect by default, or a self-hosted engine's ([`Dialect`]): that
+//! engine's JSON spacing and escapes, its placement of `usage` in streams, its strict
+//! headers, and its tokenize endpoints, with a tokenizer and chat template its usage agrees
+//! with (`tokenizer`).
+//!
 //! It is the upstream of the demo, the tests and the benchmarks, and users can run it
 //! (`tollgate simulate`) to try a config. Faults can be switched on at run time through
 //! [`Knobs`] to exercise the gateway's error paths.
 
+pub mod dialect;
 mod stream;
+pub mod tokenizer;
+
+pub use dialect::Dialect;
 
 use crate::server::{self, ServeOptions};
 use bytes::Bytes;
@@ -40,6 +49,8 @@ pub struct SimConfig {
     /// Tokens generated when the request sets no lower `max_tokens`.
     pub completion_tokens: u32,
     pub embedding_dims: usize,
+    /// Which engine it answers like.
+    pub dialect: Dialect,
 }
 
 impl Default for SimConfig {
@@ -53,6 +64,7 @@ impl Default for SimConfig {
             token_interval: Duration::ZERO,
             completion_tokens: 16,
             embedding_dims: 16,
+            dialect: Dialect::OpenAi,
         }
     }
 }
@@ -69,7 +81,7 @@ pub struct Knobs {
     /// Pause this long before this token index (1-based) of a stream; with `stall_before_token`.
     pub stall_ms: AtomicU64,
     pub stall_before_token: AtomicU32,
-    /// How `usage` is reported: [`USAGE_NORMAL`], [`USAGE_OMITTED`] or [`USAGE_MALFORMED`].
+    /// How `usage` is reported: [`USAGE_NORMAL`], [`USAGE_OMITTED`] or one of the broken ones.
     pub usage_mode: AtomicU8,
     /// Prompt tokens reported as served from the provider's cache.
     pub cached_tokens: AtomicU32,
@@ -77,13 +89,23 @@ pub struct Knobs {
     pub retry_after_s: AtomicU32,
     /// Crashed: streams break at their next token and new requests lose their connection.
     pub killed: AtomicBool,
+    /// The event of this token (1-based) of a stream is cut in half: not JSON.
+    pub malformed_at_token: AtomicU32,
+    /// Keep the bytes of each stream in [`Stats::last_stream`].
+    pub record_streams: AtomicBool,
 }
 
 pub const USAGE_NORMAL: u8 = 0;
-/// Like servers that report no usage (and ignore `include_usage`).
+/// Like servers that report no usage (and ignore `include_usage`); llama.cpp's `timings` go too.
 pub const USAGE_OMITTED: u8 = 1;
 /// A `usage` object with nonsense in it.
 pub const USAGE_MALFORMED: u8 = 2;
+/// Negative counts.
+pub const USAGE_NEGATIVE: u8 = 3;
+/// `usage` is not an object (an array of the counts).
+pub const USAGE_WRONG_TYPE: u8 = 4;
+/// A prompt count no request can have (`u64::MAX`).
+pub const USAGE_HUGE: u8 = 5;
 
 /// What the simulator saw, for tests to assert on.
 #[derive(Debug, Default)]
@@ -99,6 +121,10 @@ pub struct Stats {
     pub peak_generating: AtomicUsize,
     pub last_headers: Mutex<Option<HeaderMap>>,
     pub last_body: Mutex<Option<Bytes>>,
+    /// Calls to the tokenize endpoints (not counted in `requests`).
+    pub tokenize_requests: AtomicU64,
+    /// Every byte of the last stream sent, with [`Knobs::record_streams`] on.
+    pub last_stream: Mutex<Option<Bytes>>,
 }
 
 struct State {
@@ -185,8 +211,10 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<SimBody>, std::io::Error> {
-    // Inference requests only: health probes would make counts depend on timing.
-    if req.method() == Method::POST {
+    // Inference requests only: health probes and token counts would make counts depend on
+    // timing.
+    let tokenize = tokenizer::serves(state.cfg.dialect.spec().tokenize, req.uri().path());
+    if req.method() == Method::POST && !tokenize {
         state.stats.requests.fetch_add(1, Ordering::Relaxed);
         *state.stats.last_headers.lock().unwrap() = Some(req.headers().clone());
     }
@@ -201,6 +229,18 @@ async fn handle(
 type Reply = Result<Response<SimBody>, Response<SimBody>>;
 
 async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let spec = state.cfg.dialect.spec();
+    if spec.uuid_request_id
+        && req
+            .headers()
+            .get("x-request-id")
+            .is_some_and(|v| !is_uuid(v.as_bytes()))
+    {
+        // starlette-context's middleware, before any route or key check: 400, no body.
+        let mut resp = Response::new(SimBody::full(Bytes::new()));
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        return Err(resp);
+    }
     if let Some(key) = &state.cfg.api_key {
         let ok = req
             .headers()
@@ -234,6 +274,19 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         (&Method::POST, "/v1/chat/completions") => Kind::Chat,
         (&Method::POST, "/v1/completions") => Kind::Completion,
         (&Method::POST, "/v1/embeddings") => Kind::Embedding,
+        (&Method::POST, path) if tokenizer::serves(spec.tokenize, path) => {
+            let path = path.to_string();
+            let (_, v) = read_json(req).await?;
+            state
+                .stats
+                .tokenize_requests
+                .fetch_add(1, Ordering::Relaxed);
+            return tokenizer::answer(spec.tokenize, &path, &v, &state.cfg.models)
+                .map(|answer| json_response(StatusCode::OK, &answer))
+                .map_err(|(status, message)| {
+                    error(status, &message, "invalid_request_error", None)
+                });
+        }
         _ => {
             return Err(error(
                 StatusCode::NOT_FOUND,
@@ -243,28 +296,8 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             ))
         }
     };
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map_err(|_| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "could not read body",
-                "invalid_request_error",
-                None,
-            )
-        })?
-        .to_bytes();
-    *state.stats.last_body.lock().unwrap() = Some(body.clone());
-    let v: Value = serde_json::from_slice(&body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            &format!("We could not parse the JSON body of your request: {e}"),
-            "invalid_request_error",
-            None,
-        )
-    })?;
+    let (body, v) = read_json(req).await?;
+    *state.stats.last_body.lock().unwrap() = Some(body);
     let model = v["model"].as_str().unwrap_or_default().to_string();
     if !state.cfg.models.is_empty() && !state.cfg.models.contains(&model) {
         return Err(error(
@@ -273,6 +306,26 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             "invalid_request_error",
             Some("model_not_found"),
         ));
+    }
+    let stream = v["stream"].as_bool().unwrap_or(false);
+    match v.get("stream_options") {
+        Some(Value::Null) if spec.stream_options_not_null => {
+            return Err(error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Failed to deserialize the JSON body into the target type: stream_options: invalid type: null, expected struct StreamOptions",
+                "validation",
+                None,
+            ))
+        }
+        Some(o) if !o.is_null() && !stream && spec.stream_options_need_stream => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "Stream options can only be defined when `stream=True`.",
+                "BadRequestError",
+                None,
+            ))
+        }
+        _ => {}
     }
 
     let delay = state.knobs.headers_delay_ms.load(Ordering::Relaxed);
@@ -330,23 +383,18 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    if kind != Kind::Embedding {
-        let p = match kind {
-            Kind::Chat => chat_prompt_tokens(&v["messages"]),
-            _ => text_tokens(&v["prompt"]),
-        };
-        state
-            .stats
-            .prompt_tokens
-            .fetch_add(p as u64, Ordering::Relaxed);
-    }
     if kind == Kind::Embedding {
         return Ok(embeddings(&state.cfg, &v, &model));
     }
-    let prompt_tokens = match kind {
-        Kind::Chat => chat_prompt_tokens(&v["messages"]),
-        _ => text_tokens(&v["prompt"]),
+    let prompt_tokens = match (spec.template, kind) {
+        (Some(template), _) => tokenizer::prompt_tokens(template, kind, &v),
+        (None, Kind::Chat) => chat_prompt_tokens(&v["messages"]),
+        (None, _) => text_tokens(&v["prompt"]),
     };
+    state
+        .stats
+        .prompt_tokens
+        .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
     let cap = v["max_completion_tokens"]
         .as_u64()
         .or(v["max_tokens"].as_u64());
@@ -354,8 +402,10 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         Some(c) if c < state.cfg.completion_tokens as u64 => c as u32,
         _ => state.cfg.completion_tokens,
     };
+    let options = &v["stream_options"];
     let gen = TokenStream {
         kind,
+        spec,
         id: format!(
             "{}-sim{id}",
             if kind == Kind::Chat {
@@ -373,9 +423,8 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         } else {
             "stop"
         },
-        include_usage: v["stream_options"]["include_usage"]
-            .as_bool()
-            .unwrap_or(false),
+        include_usage: options["include_usage"].as_bool().unwrap_or(false),
+        continuous_usage: options["continuous_usage_stats"].as_bool().unwrap_or(false),
         usage_mode: state.knobs.usage_mode.load(Ordering::Relaxed),
         cached_tokens: state
             .knobs
@@ -383,7 +432,7 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             .load(Ordering::Relaxed)
             .min(prompt_tokens),
     };
-    if v["stream"].as_bool().unwrap_or(false) {
+    if stream {
         let body = SimBody::stream(gen, &state.cfg, &state.knobs, slot);
         let mut resp = Response::new(body);
         let h = resp.headers_mut();
@@ -403,8 +452,44 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             .tokens_generated
             .fetch_add(n as u64, Ordering::Relaxed);
         drop(slot);
-        Ok(json_response(StatusCode::OK, &gen.full_response()))
+        Ok(json_with(spec.bodies, StatusCode::OK, &gen.full_response()))
     }
+}
+
+/// A request's body and its JSON, or the answer that refuses it.
+async fn read_json(req: Request<Incoming>) -> Result<(Bytes, Value), Response<SimBody>> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "could not read body",
+                "invalid_request_error",
+                None,
+            )
+        })?
+        .to_bytes();
+    let v = serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("We could not parse the JSON body of your request: {e}"),
+            "invalid_request_error",
+            None,
+        )
+    })?;
+    Ok((body, v))
+}
+
+/// What Python's `uuid.UUID(s)` accepts: `urn:uuid:` and braces around, hyphens anywhere,
+/// 32 hex digits.
+fn is_uuid(v: &[u8]) -> bool {
+    let s = String::from_utf8_lossy(v)
+        .replace("urn:", "")
+        .replace("uuid:", "");
+    let hex = s.trim_matches(|c| c == '{' || c == '}').replace('-', "");
+    hex.len() == 32 && hex.bytes().all(|c| c.is_ascii_hexdigit())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -476,9 +561,13 @@ fn embeddings(cfg: &SimConfig, v: &Value, model: &str) -> Response<SimBody> {
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response<SimBody> {
-    let mut resp = Response::new(SimBody::full(Bytes::from(
-        serde_json::to_vec(v).unwrap_or_default(),
-    )));
+    json_with(dialect::Json::Compact, status, v)
+}
+
+fn json_with(json: dialect::Json, status: StatusCode, v: &Value) -> Response<SimBody> {
+    let mut out = Vec::new();
+    json.write(&mut out, v);
+    let mut resp = Response::new(SimBody::full(Bytes::from(out)));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -490,4 +579,28 @@ fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> R
         status,
         &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_checked_as_python_checks_uuids() {
+        for ok in [
+            "0b9e3c7a-1f2d-4e5f-8a6b-7c8d9e0f1a2b",
+            "0b9e3c7a1f2d4e5f8a6b7c8d9e0f1a2b",
+            "{0b9e3c7a-1f2d-4e5f-8a6b-7c8d9e0f1a2b}",
+            "urn:uuid:0b9e3c7a-1f2d-4e5f-8a6b-7c8d9e0f1a2b",
+            "0b9e-3c7a1f2d4e5f8a6b7c8d9e0f1a2b",
+        ] {
+            assert!(super::is_uuid(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "req_0123456789abcdef0123",
+            "",
+            "0b9e3c7a-1f2d-4e5f-8a6b-7c8d9e0f1a2",
+            "g".repeat(32).as_str(),
+        ] {
+            assert!(!super::is_uuid(bad.as_bytes()), "{bad}");
+        }
+    }
 }

@@ -1,6 +1,9 @@
 //! The simulator's response bodies. A stream is generated as hyper polls it, token by token,
-//! with a timer between tokens, like a GPU server emitting each decoding step.
+//! with a timer between tokens, like a GPU server emitting each decoding step. What each
+//! chunk carries besides its token (`usage`, `timings`) and how it is written is the
+//! dialect's (see [`super::dialect`]).
 
+use super::dialect::{Continuous, Json, Others, Spec, StreamUsage, Totals};
 use super::{Kind, Knobs, SimConfig, Stats};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -13,11 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
-
-const WORDS: [&str; 16] = [
-    "The", "gateway", "counts", "every", "token", "and", "prices", "each", "answer", "so", "teams",
-    "see", "what", "their", "models", "cost",
-];
 
 /// A generation slot; counts the simulator's concurrency while held.
 pub struct Slot {
@@ -45,6 +43,7 @@ impl Drop for Slot {
 /// One generation: what it produces, JSON or streamed.
 pub struct TokenStream {
     pub(super) kind: Kind,
+    pub(super) spec: &'static Spec,
     pub id: String,
     pub created: u64,
     pub model: String,
@@ -52,13 +51,27 @@ pub struct TokenStream {
     pub completion_tokens: u32,
     pub finish_reason: &'static str,
     pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats`.
+    pub continuous_usage: bool,
     pub usage_mode: u8,
     pub cached_tokens: u32,
 }
 
+/// Which chunk of a stream is being written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    Role,
+    /// The token with this index (0-based).
+    Token(u32),
+    Finish,
+    /// The extra `choices: []` chunk.
+    Usage,
+}
+
 impl TokenStream {
-    fn token(i: u32) -> String {
-        let w = WORDS[i as usize % WORDS.len()];
+    fn token(&self, i: u32) -> String {
+        let words = self.spec.words;
+        let w = words[i as usize % words.len()];
         if i == 0 {
             w.to_string()
         } else {
@@ -66,43 +79,102 @@ impl TokenStream {
         }
     }
 
-    fn usage(&self) -> Value {
-        match self.usage_mode {
-            super::USAGE_OMITTED => Value::Null,
-            super::USAGE_MALFORMED => json!({"prompt_tokens": "lots", "completion_tokens": -1}),
-            _ => json!({
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-                "completion_tokens_details": {"reasoning_tokens": 0},
-            }),
+    fn stream_usage(&self) -> &'static StreamUsage {
+        match self.kind {
+            Kind::Chat => &self.spec.chat,
+            _ => &self.spec.completion,
         }
     }
 
+    /// An extra `choices: []` chunk with the totals ends the stream.
+    fn usage_chunk_follows(&self) -> bool {
+        self.stream_usage().totals == Totals::WhenAsked && self.include_usage
+    }
+
+    /// Running totals go on every content chunk.
+    fn continuous(&self) -> bool {
+        match self.stream_usage().continuous {
+            Continuous::Unsupported => false,
+            Continuous::WithIncludeUsage => self.continuous_usage && self.include_usage,
+            Continuous::Alone => self.continuous_usage,
+        }
+    }
+
+    /// The usage after `completion` generated tokens, as the usage knob has it reported.
+    fn usage(&self, completion: u32) -> Value {
+        let (p, c) = (self.prompt_tokens, completion);
+        match self.usage_mode {
+            super::USAGE_OMITTED => Value::Null,
+            super::USAGE_MALFORMED => json!({"prompt_tokens": "lots", "completion_tokens": -1}),
+            super::USAGE_NEGATIVE => json!({
+                "prompt_tokens": -i64::from(p), "completion_tokens": -i64::from(c),
+                "total_tokens": -i64::from(p + c),
+            }),
+            super::USAGE_WRONG_TYPE => json!([p, c, p + c]),
+            super::USAGE_HUGE => json!({
+                "prompt_tokens": u64::MAX, "completion_tokens": c, "total_tokens": u64::MAX,
+            }),
+            _ if self.spec.usage_details => json!({
+                "prompt_tokens": p,
+                "completion_tokens": c,
+                "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+                "completion_tokens_details": {"reasoning_tokens": 0},
+            }),
+            _ => {
+                let mut u =
+                    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
+                if self.cached_tokens > 0 {
+                    u["prompt_tokens_details"] = json!({"cached_tokens": self.cached_tokens});
+                }
+                u
+            }
+        }
+    }
+
+    /// llama.cpp's own counts, `None` when usage is switched off.
+    fn timings(&self) -> Option<Value> {
+        (self.spec.timings && self.usage_mode != super::USAGE_OMITTED).then(|| {
+            let (cached, c) = (self.cached_tokens, self.completion_tokens);
+            json!({
+                "cache_n": cached, "prompt_n": self.prompt_tokens - cached, "prompt_ms": 1.5,
+                "prompt_per_token_ms": 0.1, "prompt_per_second": 10000.0,
+                "predicted_n": c, "predicted_ms": f64::from(c) * 2.0,
+                "predicted_per_token_ms": 2.0, "predicted_per_second": 500.0,
+            })
+        })
+    }
+
+    pub fn text(&self) -> String {
+        (0..self.completion_tokens).map(|i| self.token(i)).collect()
+    }
+
     pub fn full_response(&self) -> Value {
-        let text: String = (0..self.completion_tokens).map(Self::token).collect();
+        let text = self.text();
         let mut v = match self.kind {
             Kind::Chat => json!({
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "system_fingerprint": "fp_sim",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": self.finish_reason}],
-                "usage": self.usage(),
+                "usage": self.usage(self.completion_tokens),
             }),
             _ => json!({
                 "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "system_fingerprint": "fp_sim",
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": self.finish_reason}],
-                "usage": self.usage(),
+                "usage": self.usage(self.completion_tokens),
             }),
         };
         if v["usage"].is_null() {
             v.as_object_mut().expect("an object").remove("usage");
         }
+        if let Some(t) = self.timings() {
+            v["timings"] = t;
+        }
         v
     }
 
-    fn chunk(&self, choice: Value) -> Bytes {
+    fn chunk(&self, choice: Value, at: At) -> Bytes {
         let object = if self.kind == Kind::Chat {
             "chat.completion.chunk"
         } else {
@@ -113,41 +185,73 @@ impl TokenStream {
             "system_fingerprint": "fp_sim",
             "choices": if choice.is_null() { json!([]) } else { json!([choice]) },
         });
-        if self.include_usage {
-            v["usage"] = if choice.is_null() {
-                self.usage()
-            } else {
-                Value::Null
-            };
+        let su = self.stream_usage();
+        let usage = match at {
+            At::Usage => Some(self.usage(self.completion_tokens)),
+            At::Finish if su.totals == Totals::OnFinish => Some(self.usage(self.completion_tokens)),
+            At::Token(i) if self.continuous() => Some(self.usage(i + 1)),
+            _ => match su.others {
+                Others::NullAlways => Some(Value::Null),
+                Others::NullWhenAsked if self.include_usage => Some(Value::Null),
+                Others::ZerosWhenAsked if self.include_usage => {
+                    Some(json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}))
+                }
+                _ => None,
+            },
+        };
+        if let Some(u) = usage {
+            v["usage"] = u;
         }
-        sse(&v)
+        let last = match at {
+            At::Usage => true,
+            At::Finish => !self.usage_chunk_follows(),
+            _ => false,
+        };
+        if last {
+            if let Some(t) = self.timings() {
+                v["timings"] = t;
+            }
+        }
+        sse(self.spec.events, &v)
     }
 
     fn role_chunk(&self) -> Option<Bytes> {
         (self.kind == Kind::Chat).then(|| {
-            self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+            self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), At::Role)
         })
     }
 
     fn token_chunk(&self, i: u32) -> Bytes {
-        let t = Self::token(i);
-        match self.kind {
-            Kind::Chat => self.chunk(json!({"index": 0, "delta": {"content": t}, "logprobs": null, "finish_reason": null})),
-            _ => self.chunk(json!({"index": 0, "text": t, "logprobs": null, "finish_reason": null})),
-        }
+        let t = self.token(i);
+        let choice = match self.kind {
+            Kind::Chat => {
+                json!({"index": 0, "delta": {"content": t}, "logprobs": null, "finish_reason": null})
+            }
+            _ => json!({"index": 0, "text": t, "logprobs": null, "finish_reason": null}),
+        };
+        self.chunk(choice, At::Token(i))
     }
 
     fn finish_chunk(&self) -> Bytes {
-        match self.kind {
-            Kind::Chat => self.chunk(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": self.finish_reason})),
-            _ => self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": self.finish_reason})),
-        }
+        let choice = match self.kind {
+            Kind::Chat => {
+                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": self.finish_reason})
+            }
+            _ => {
+                json!({"index": 0, "text": "", "logprobs": null, "finish_reason": self.finish_reason})
+            }
+        };
+        self.chunk(choice, At::Finish)
+    }
+
+    fn usage_chunk(&self) -> Bytes {
+        self.chunk(Value::Null, At::Usage)
     }
 }
 
-fn sse(v: &Value) -> Bytes {
+fn sse(json: Json, v: &Value) -> Bytes {
     let mut out = b"data: ".to_vec();
-    serde_json::to_writer(&mut out, v).expect("a Value always serializes");
+    json.write(&mut out, v);
     out.extend_from_slice(b"\n\n");
     Bytes::from(out)
 }
@@ -174,6 +278,10 @@ pub struct Streaming {
     slot: Option<Slot>,
     stats: Arc<Stats>,
     role_sent: bool,
+    /// The token (1-based) whose event is cut in half: not JSON.
+    malformed_at: u32,
+    /// Every byte sent, for `Stats::last_stream` (when `Knobs::record_streams` is on).
+    record: Option<Vec<u8>>,
 }
 
 pub enum SimBody {
@@ -203,6 +311,8 @@ impl SimBody {
             slot: Some(slot),
             stats,
             role_sent: false,
+            malformed_at: knobs.malformed_at_token.load(Ordering::Relaxed),
+            record: knobs.record_streams.load(Ordering::Relaxed).then(Vec::new),
         }))
     }
 }
@@ -265,7 +375,7 @@ impl Streaming {
                     return self.emit_token(i);
                 }
                 Step::Finish => {
-                    self.step = if self.gen.include_usage {
+                    self.step = if self.gen.usage_chunk_follows() {
                         Step::Usage
                     } else {
                         Step::Done
@@ -275,7 +385,7 @@ impl Streaming {
                 }
                 Step::Usage => {
                     self.step = Step::Done;
-                    return Poll::Ready(Some(Ok(Frame::data(self.gen.chunk(Value::Null)))));
+                    return Poll::Ready(Some(Ok(Frame::data(self.gen.usage_chunk()))));
                 }
                 Step::Done => {
                     self.step = Step::End;
@@ -296,7 +406,26 @@ impl Streaming {
         } else {
             Step::Token(i + 1)
         };
-        Poll::Ready(Some(Ok(Frame::data(self.gen.token_chunk(i)))))
+        let mut chunk = self.gen.token_chunk(i);
+        if self.malformed_at == i + 1 {
+            // Half an event, then its end: what a serializer that failed midway leaves.
+            let mut cut = chunk[..chunk.len() / 2].to_vec();
+            cut.extend_from_slice(b"\n\n");
+            chunk = Bytes::from(cut);
+        }
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn keep(&mut self, b: &Bytes) {
+        if let Some(r) = self.record.as_mut() {
+            r.extend_from_slice(b);
+        }
+    }
+
+    fn store_record(&mut self) {
+        if let Some(r) = self.record.take() {
+            *self.stats.last_stream.lock().unwrap() = Some(Bytes::from(r));
+        }
     }
 }
 
@@ -305,6 +434,7 @@ impl Drop for Streaming {
         if !matches!(self.step, Step::End) {
             self.stats.streams_cancelled.fetch_add(1, Ordering::Relaxed);
         }
+        self.store_record();
     }
 }
 
@@ -318,7 +448,19 @@ impl Body for SimBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             SimBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            SimBody::Stream(s) => s.poll_next(cx),
+            SimBody::Stream(s) => {
+                let frame = s.poll_next(cx);
+                if let Poll::Ready(Some(Ok(f))) = &frame {
+                    if let Some(b) = f.data_ref() {
+                        s.keep(b);
+                    }
+                }
+                if s.step == Step::End {
+                    // Stored before the last event leaves: there once the client has it.
+                    s.store_record();
+                }
+                frame
+            }
         }
     }
 

@@ -8,7 +8,7 @@
 //! |--------------------|--------------------------------------------|---------------------|
 //! | `llama.cpp`        | `/apply-template`, then `/tokenize`: exact  | `/tokenize`         |
 //! | `vllm`, `sglang`   | `/tokenize` with `messages`: exact          | `/tokenize`         |
-//! | `tgi`              | `/chat_tokenize`: exact                     | `/tokenize`         |
+//! | `tgi`              | `/chat_tokenize`: exact                     | `/tokenize`, less BOS |
 //! | `llama-cpp-python` | contents by `/extras/tokenize/count`, plus  | `/extras/tokenize/count` |
 //! |                    | the template overhead learned from usage    |                     |
 //!
@@ -182,30 +182,45 @@ impl EngineCounter {
                     json!({"model": &*self.model, "prompt": text, "add_special_tokens": special});
                 count_field(&self.post("/tokenize", &req).await?)
             }
+            // Both always add what the model adds to a prompt (TGI's request type skips any
+            // `add_special_tokens` it is sent): generated text is counted without it.
             Engine::Tgi => {
-                let req = json!({"inputs": text, "add_special_tokens": special});
-                list_len(&self.post("/tokenize", &req).await?)
+                let n = self.tgi_count(text).await?;
+                self.less_specials(n, special, self.tgi_count("")).await
             }
             Engine::LlamaCppPython => {
-                // Its endpoint always adds what the model adds to a prompt: take that off
-                // generated text (learned once from the empty string).
                 let n = self.extras_count(text).await?;
-                if special {
-                    return Ok(n);
-                }
-                let memory = &self.backend.state.template;
-                let offset = match memory.text_offset(&self.model) {
-                    Some(o) => o,
-                    None => {
-                        let o = self.extras_count("").await?;
-                        memory.set_text_offset(&self.model, o);
-                        o
-                    }
-                };
-                Ok(n.saturating_sub(offset))
+                self.less_specials(n, special, self.extras_count("")).await
             }
             Engine::OpenAi | Engine::Ollama => Err(EngineCountError::Unsupported),
         }
+    }
+
+    /// `n` tokens counted with the special tokens an engine always adds; without them
+    /// unless `special`, as many as the empty string counts (learned once per model).
+    async fn less_specials(
+        &self,
+        n: u64,
+        special: bool,
+        count_empty: impl std::future::Future<Output = Result<u64, EngineCountError>>,
+    ) -> Result<u64, EngineCountError> {
+        if special {
+            return Ok(n);
+        }
+        let memory = &self.backend.state.template;
+        let offset = match memory.text_offset(&self.model) {
+            Some(o) => o,
+            None => {
+                let o = count_empty.await?;
+                memory.set_text_offset(&self.model, o);
+                o
+            }
+        };
+        Ok(n.saturating_sub(offset))
+    }
+
+    async fn tgi_count(&self, text: &str) -> Result<u64, EngineCountError> {
+        list_len(&self.post("/tokenize", &json!({ "inputs": text })).await?)
     }
 
     async fn extras_count(&self, text: &str) -> Result<u64, EngineCountError> {

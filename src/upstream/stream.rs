@@ -63,7 +63,7 @@ pub struct UpstreamBody {
     /// The connection to poll alongside the body (plain-http backends; see `upstream::h1`).
     driver: Option<Driver>,
     /// The client asked for `stream_options.include_usage`: it gets a usage chunk even when
-    /// the engine sends none (the gateway's counts, then).
+    /// the engine sends none, or one that was not billed (the gateway's counts, then).
     client_usage: bool,
 }
 
@@ -246,7 +246,9 @@ impl UpstreamBody {
                 let u = s
                     .usage
                     .unwrap_or_else(|| unreachable!("settled usage is always known"));
-                let gateway_usage = self.client_usage && self.observer.usage.is_none();
+                // The client asked for usage and the stream's own is not what was billed
+                // (none came, or it was not to be trusted): the gateway's goes last.
+                let gateway_usage = self.client_usage && self.observer.usage != Some(u);
                 if gateway_usage {
                     out.extend_from_slice(&self.usage_chunk(&u));
                 }

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use tollgate::app::{self, Running};
-use tollgate::sim::{Sim, SimConfig};
+use tollgate::sim::{Dialect, Sim, SimConfig};
 
 pub const SEARCH_KEY: &str = "tg-test-search";
 pub const OTHER_KEY: &str = "tg-test-other";
@@ -117,6 +117,12 @@ impl Backend {
             .as_mut()
             .expect("only simulated backends have a SimConfig"));
         self
+    }
+
+    /// The simulator answers like this engine, and the backend says which engine it is.
+    pub fn dialect(self, d: Dialect) -> Self {
+        self.config(|c| c.dialect = d)
+            .toml(&format!("engine = \"{}\"", d.engine().as_str()))
     }
 
     /// The simulator requires this key, and the gateway gets it from `api_key_env`.
@@ -363,6 +369,16 @@ impl Reply {
         assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
         assert!(e["type"].is_string(), "{e}");
         e
+    }
+
+    /// The `: tollgate {…}` comment that ends a stream.
+    pub fn closing_comment(&self) -> serde_json::Value {
+        let text = self.text();
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix(": tollgate "))
+            .unwrap_or_else(|| panic!("no closing comment in:\n{text}"));
+        serde_json::from_str(line).unwrap()
     }
 
     /// `data:` payloads of an SSE body, in order.
