@@ -15,7 +15,6 @@ fn team(i: usize) -> Arc<Team> {
         usd,
         nusd: usd.map(|u| (u * 1e9) as i64),
         soft_ratio: Some(0.8),
-        fail_open: false,
         per_key: false,
     };
     Arc::new(Team {
