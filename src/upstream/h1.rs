@@ -194,6 +194,10 @@ impl Driver {
         match Pin::new(&mut c.conn).poll(cx) {
             Poll::Ready(_) => {
                 self.finished = true;
+                // Dropped, not kept: a request still queued on an ended connection (the
+                // backend closed it as the request was handed over) is then cancelled, and
+                // its response future fails at once instead of waiting for the timeout.
+                self.conn = None;
                 Poll::Ready(())
             }
             Poll::Pending => Poll::Pending,
@@ -216,6 +220,43 @@ impl Driver {
             if !self.finished && !c.tx.is_closed() {
                 self.pool.checkin(c);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A pooled connection the backend closed while it sat idle: the request sent on it
+    /// must fail at once (and be retried by `send`), never wait for a response that cannot
+    /// come.
+    #[tokio::test]
+    async fn a_request_on_a_connection_the_backend_closed_fails_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            // Accept and close without reading: what a server does to an idle keep-alive.
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1];
+            let _ = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await;
+            drop(s);
+        });
+        let pool = H1Pool::new(addr.to_string(), Duration::from_secs(1));
+        let conn = pool.connect().await.unwrap();
+        server.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let req = Request::post("/v1/chat/completions")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let sent =
+            tokio::time::timeout(Duration::from_secs(5), pool.clone().send_on(conn, req)).await;
+        match sent {
+            Err(_) => panic!("the request waited on a closed connection"),
+            Ok(Ok(_)) => panic!("no server answered"),
+            Ok(Err(_)) => {}
         }
     }
 }
