@@ -5,7 +5,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::sync::Arc;
-use tollgate::budget::{BudgetBook, Demand, SystemClock};
+use tollgate::budget::{BudgetBook, Demand};
+use tollgate::clock::SystemClock;
 use tollgate::config::{Budget, Team, Window};
 
 fn team(i: usize) -> Arc<Team> {

@@ -1,7 +1,8 @@
 //! Builds a running gateway from a validated config, and owns its shutdown.
 
 use crate::admin::Admin;
-use crate::budget::{BudgetBook, Clock, Demand, SystemClock};
+use crate::budget::{BudgetBook, Demand};
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::ledger::{Ledger, LedgerError};
 use crate::live::{Live, LiveState};

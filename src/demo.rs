@@ -97,7 +97,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
-    let since_us = crate::budget::unix_now_us();
+    let since_us = crate::clock::unix_now_us();
     let results = drive_traffic(gw.addr, opts.requests_per_team).await;
     print_summary(&results, started.elapsed());
     print_cost_report(&gw, since_us).await?;
@@ -264,7 +264,7 @@ async fn print_cost_report(gw: &app::Running, since_us: i64) -> anyhow::Result<(
             &crate::config::prices::Catalog::builtin(),
             Some(since_us),
             None,
-            crate::budget::unix_now_us(),
+            crate::clock::unix_now_us(),
         )?;
         Ok(format!(
             "{}\n{}",

@@ -82,7 +82,7 @@ fn over_budget_message(o: &crate::budget::OverBudget) -> String {
     format!(
         "{who} would exceed its {} budget of {limit} ({used} used or reserved); it resets at {}",
         o.window,
-        crate::report::format_time(o.reset_at_us)
+        crate::clock::format_time(o.reset_at_us)
     )
 }
 
@@ -214,7 +214,7 @@ impl GatewayError {
                 "used_usd": (o.kind == crate::budget::LimitKind::Usd).then(|| crate::meter::format_usd(o.used)),
                 "limit_tokens": (o.kind == crate::budget::LimitKind::Tokens).then_some(o.limit),
                 "used_tokens": (o.kind == crate::budget::LimitKind::Tokens).then_some(o.used),
-                "resets_at": crate::report::format_time(o.reset_at_us),
+                "resets_at": crate::clock::format_time(o.reset_at_us),
             });
         }
         serde_json::to_vec(&body).unwrap_or_default()

@@ -31,10 +31,11 @@
 //! cost equal to its billed cost to the nano-dollar, and a negotiated price shows as the gap.
 
 use crate::budget::window;
+use crate::clock::format_time;
 use crate::config::prices::{Catalog, Price};
 use crate::config::{Backend, Config, Focus, Hosting, Window};
 use crate::meter::{self, format_usd, TokenSource, Usage};
-use crate::report::{csv_field, format_time, ReportError};
+use crate::report::{csv_field, ReportError};
 use rusqlite::Connection;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};

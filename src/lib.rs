@@ -9,6 +9,7 @@
 //!                                  └─► record: ledger (committed before the last byte), metrics
 //! ```
 
+pub mod clock;
 pub mod config;
 pub mod secret;
 pub mod app;

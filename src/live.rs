@@ -5,7 +5,7 @@
 //! or the new one, never a mix. A bad file keeps the old snapshot.
 
 use crate::auth::KeyTable;
-use crate::budget::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock};
 use crate::config::prices::Catalog;
 use crate::config::Config;
 use crate::route::health::BackendState;

@@ -237,7 +237,7 @@ fn report(
         .ledger_url
         .strip_prefix("sqlite://")
         .context("only sqlite:// ledgers are supported so far")?;
-    let now = tollgate::budget::unix_now_us();
+    let now = tollgate::clock::unix_now_us();
     let from = since.map(|s| report::parse_time(&s, now)).transpose()?;
     let to = until.map(|s| report::parse_time(&s, now)).transpose()?;
     // FOCUS is not a rendering of the grouped report: its rows and columns are fixed.

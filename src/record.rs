@@ -420,7 +420,7 @@ impl Settle {
             latency,
         );
 
-        let ended_at_us = crate::budget::unix_now_us();
+        let ended_at_us = crate::clock::unix_now_us();
         let record = Record {
             id: ctx.id.as_str().to_string(),
             started_at_us: ended_at_us - latency.as_micros() as i64,
@@ -479,7 +479,7 @@ pub fn rejected(
     tags: &crate::tags::Tags,
     error: &crate::error::GatewayError,
 ) -> Record {
-    let ended_at_us = crate::budget::unix_now_us();
+    let ended_at_us = crate::clock::unix_now_us();
     let latency = started.elapsed();
     Record {
         id: id.as_str().to_string(),

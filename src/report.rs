@@ -413,19 +413,6 @@ pub(crate) fn csv_field(s: &str) -> String {
     }
 }
 
-/// RFC 3339 UTC, to the second: `2026-11-23T00:00:00Z`.
-pub fn format_time(us: i64) -> String {
-    let secs = us.div_euclid(1_000_000);
-    let (y, m, d) = crate::budget::window::civil_from_days(secs.div_euclid(86_400));
-    let s = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
-}
-
 /// `2026-11-22`, `2026-11-22T10:00:00Z`, or an age (`30m`, `24h`, `7d`) before `now_us`.
 pub fn parse_time(s: &str, now_us: i64) -> Result<i64, ReportError> {
     let bad = || ReportError::BadTime(s.chars().take(40).collect());
@@ -457,7 +444,7 @@ pub fn parse_time(s: &str, now_us: i64) -> Result<i64, ReportError> {
         Some(Err(_)) => return Err(bad()),
     };
     Ok(
-        ((crate::budget::window::days_from_civil(y, mo, day) * 24 + h) * 60 + mi) * 60_000_000
+        ((crate::clock::days_from_civil(y, mo, day) * 24 + h) * 60 + mi) * 60_000_000
             + sec * 1_000_000,
     )
 }

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use std::time::Duration;
-use tollgate::budget::ManualClock;
+use tollgate::clock::ManualClock;
 
 /// gpt-4o at list price; the simulator answers 10 tokens to `max_tokens: 10`.
 fn gpt() -> Backend {

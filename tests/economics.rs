@@ -7,7 +7,7 @@ mod common;
 use common::{chat, collect, Backend, Harness};
 use std::sync::Arc;
 use std::time::Duration;
-use tollgate::budget::ManualClock;
+use tollgate::clock::ManualClock;
 
 /// 2026-11-22T10:00:00Z
 const T0: i64 = 1_795_341_600_000_000;

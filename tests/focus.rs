@@ -362,7 +362,7 @@ async fn focus_export_adds_up_to_the_ledger_from_admin_and_cli() {
     );
 
     // One row per team × key × model × backend × hour (a run can straddle an hour).
-    let hour = |us: i64| tollgate::report::format_time(us - us.rem_euclid(HOUR_US));
+    let hour = |us: i64| tollgate::clock::format_time(us - us.rem_euclid(HOUR_US));
     let expected: BTreeSet<(String, String, String, String, String)> = ledger
         .iter()
         .map(|l| {

@@ -8,7 +8,9 @@ mod common;
 use common::{chat, Backend, Harness, Reply, OTHER_KEY, SEARCH_KEY};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tollgate::clock::ManualClock;
 use tollgate::sim::{Sim, SimConfig};
 
 const LLAMA: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -348,7 +350,9 @@ async fn a_prompt_over_the_small_context_window_goes_to_a_larger_model() {
 
 #[tokio::test]
 async fn a_backend_answering_429_is_avoided_for_its_retry_after() {
-    let gw = fleet(Duration::ZERO, 8).start().await;
+    // The gateway's clock is moved by hand: the Retry-After passes without waiting for it.
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000_000));
+    let gw = fleet(Duration::ZERO, 8).clock(clock.clone()).start().await;
     let llama = gw.sim("llama");
     llama.knobs.retry_after_s.store(2, Ordering::Relaxed);
     llama.knobs.fail_status.store(429, Ordering::Relaxed);
@@ -363,12 +367,12 @@ async fn a_backend_answering_429_is_avoided_for_its_retry_after() {
         route.contains("reason=fallback") && route.contains("tried=llama:429"),
         "{route}"
     );
-    let marked = Instant::now();
     llama.knobs.fail_status.store(0, Ordering::Relaxed);
     assert_eq!(requests(&gw, "llama"), 1);
 
     // For its Retry-After, llama is passed over without being asked.
-    while marked.elapsed() < Duration::from_millis(1700) {
+    for step in [0, 500, 500, 500, 400] {
+        clock.advance(Duration::from_millis(step));
         let r = gw
             .post("/v1/chat/completions", SEARCH_KEY, chat("chat", false))
             .await;
@@ -378,10 +382,9 @@ async fn a_backend_answering_429_is_avoided_for_its_retry_after() {
             "{}",
             route_of(&r)
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(requests(&gw, "llama"), 1);
-    tokio::time::sleep(Duration::from_millis(2100).saturating_sub(marked.elapsed())).await;
+    clock.advance(Duration::from_millis(101));
     let r = gw
         .post("/v1/chat/completions", SEARCH_KEY, chat("chat", false))
         .await;

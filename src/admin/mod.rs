@@ -309,7 +309,7 @@ fn param(query: &str, name: &str) -> Option<String> {
 
 /// A report's `from` and `to`, each optional.
 fn period(query: &str) -> Result<(Option<i64>, Option<i64>), report::ReportError> {
-    let now = crate::budget::unix_now_us();
+    let now = crate::clock::unix_now_us();
     let at = |name| {
         param(query, name)
             .map(|v| report::parse_time(&v, now))
@@ -364,7 +364,7 @@ fn budgets(views: &[crate::budget::BudgetView]) -> serde_json::Value {
                     "reserved_tokens": v.reserved.tokens,
                     "remaining_tokens": v.limit_tokens.map(|l| (l - used_tokens).max(0)),
                     "soft_ratio": v.soft_ratio,
-                    "resets_at": report::format_time(v.resets_at_us),
+                    "resets_at": crate::clock::format_time(v.resets_at_us),
                 })
             })
             .collect(),

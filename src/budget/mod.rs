@@ -15,53 +15,12 @@
 
 pub mod window;
 
+use crate::clock::Clock;
 use crate::config::{Budget, Team, Window};
 use dashmap::DashMap;
-use std::fmt;
-use std::sync::atomic::{AtomicI64, Ordering};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// The time budgets are judged by; tests move it by hand.
-pub trait Clock: Send + Sync + fmt::Debug {
-    fn now_us(&self) -> i64;
-}
-
-#[derive(Debug, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_us(&self) -> i64 {
-        unix_now_us()
-    }
-}
-
-/// Wall-clock time in Unix microseconds: ledger timestamps, budget windows, reports.
-pub fn unix_now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
-
-/// A clock that moves only when told to.
-#[derive(Debug)]
-pub struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    pub fn new(now_us: i64) -> Self {
-        Self(AtomicI64::new(now_us))
-    }
-
-    pub fn advance(&self, by: Duration) {
-        self.0.fetch_add(by.as_micros() as i64, Ordering::Relaxed);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_us(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
 
 /// What a request may consume at most (admission) or did consume (settlement).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,5 +1,7 @@
 use super::*;
+use crate::clock::ManualClock;
 use crate::config::{Budget, Team};
+use std::sync::atomic::Ordering;
 
 const T0: i64 = 1_795_343_400_000_000; // 2026-11-22T10:30:00Z
 

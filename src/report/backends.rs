@@ -265,7 +265,8 @@ fn cost_nusd(p: &Price, s: &Served) -> i64 {
 
 /// The rows as a table (with a sentence per backend on owning vs renting), CSV or JSON.
 pub fn render(rows: &[BackendEconomics], format: Format) -> String {
-    use super::{csv_field, format_time, usd_number};
+    use super::{csv_field, usd_number};
+    use crate::clock::format_time;
     use crate::meter::format_usd;
     use std::fmt::Write as _;
     let mut out = String::new();

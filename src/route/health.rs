@@ -10,14 +10,14 @@
 //!
 //! Everything is atomics: the router reads this state for every candidate of every request.
 
-use crate::budget::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{HealthCheck, Routing};
 use crate::gpu::Occupancy;
 use crate::live::Live;
 use crate::metrics as m;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Why a circuit opened, kept for the route explanation and `/admin/backends`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,16 +103,6 @@ pub struct BackendState {
     clock: Arc<dyn Clock>,
 }
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Milliseconds on a process-wide monotonic clock; starts at 1 so that 0 can mean "unset".
-fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64 + 1
-}
-
 // === impl BackendState ===
 
 impl BackendState {
@@ -172,7 +162,7 @@ impl BackendState {
         if open_until == 0 && busy_until == 0 {
             return Availability::Up;
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         if open_until != 0 {
             if now < open_until {
                 return Availability::Open {
@@ -196,7 +186,7 @@ impl BackendState {
 
     /// Takes the half-open probe slot; false when another request took it first.
     pub fn try_probe(&self) -> bool {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let since = self.probe_since_ms.load(Ordering::Relaxed);
         if since != 0 && now.saturating_sub(since) < PROBE_STALE.as_millis() as u64 {
             return false;
@@ -246,7 +236,7 @@ impl BackendState {
 
     /// The backend answered 429: pass over it for `retry_after`.
     pub fn on_busy(&self, retry_after: Duration) {
-        let until = now_ms() + retry_after.as_millis() as u64;
+        let until = self.clock.now_ms() + retry_after.as_millis() as u64;
         self.busy_until_ms.fetch_max(until, Ordering::Relaxed);
         tracing::info!(
             backend = &*self.name,
@@ -263,9 +253,9 @@ impl BackendState {
                 // The server answers again. If it was unreachable, it is back; if it failed
                 // requests, let the next request check that as a half-open probe.
                 match Failure::from_u8(self.last_failure.load(Ordering::Relaxed)) {
-                    Some(Failure::ServerError | Failure::Broken) => {
-                        self.open_until_ms.store(now_ms(), Ordering::Relaxed)
-                    }
+                    Some(Failure::ServerError | Failure::Broken) => self
+                        .open_until_ms
+                        .store(self.clock.now_ms(), Ordering::Relaxed),
                     _ => self.close(),
                 }
             }
@@ -276,9 +266,10 @@ impl BackendState {
 
     fn open(&self, failure: Failure, for_: Duration) {
         self.last_failure.store(failure as u8, Ordering::Relaxed);
-        let was = self
-            .open_until_ms
-            .swap(now_ms() + for_.as_millis() as u64, Ordering::Relaxed);
+        let was = self.open_until_ms.swap(
+            self.clock.now_ms() + for_.as_millis() as u64,
+            Ordering::Relaxed,
+        );
         self.probe_since_ms.store(0, Ordering::Relaxed);
         if was == 0 {
             tracing::warn!(
@@ -510,8 +501,10 @@ async fn probe(b: &crate::route::RouteBackend, hc: &HealthCheck) -> bool {
 mod tests {
     use super::*;
 
-    fn state(failures: u32, open: Duration) -> BackendState {
-        let s = BackendState::new("b".into());
+    /// A backend on a clock the test moves, so no test waits in real time.
+    fn state(failures: u32, open: Duration) -> (BackendState, Arc<crate::clock::ManualClock>) {
+        let clock = Arc::new(crate::clock::ManualClock::new(1_800_000_000_000_000));
+        let s = BackendState::with_clock("b".into(), clock.clone());
         s.configure(&Routing {
             self_hosted_cost: crate::config::SelfHostedCost::Marginal,
             max_attempts: 3,
@@ -519,12 +512,12 @@ mod tests {
             circuit_failures: failures,
             circuit_open: open,
         });
-        s
+        (s, clock)
     }
 
     #[test]
     fn failures_open_the_circuit_and_a_probe_closes_it() {
-        let s = state(3, Duration::from_millis(30));
+        let (s, clock) = state(3, Duration::from_millis(30));
         s.on_failure(Failure::ServerError);
         s.on_failure(Failure::ServerError);
         assert_eq!(s.availability(), Availability::Up, "two of three failures");
@@ -536,7 +529,7 @@ mod tests {
                 ..
             }
         ));
-        std::thread::sleep(Duration::from_millis(40));
+        clock.advance(Duration::from_millis(40));
         assert_eq!(s.availability(), Availability::HalfOpen);
         assert!(s.try_probe());
         assert!(!s.try_probe(), "one probe at a time");
@@ -557,10 +550,10 @@ mod tests {
 
     #[test]
     fn a_failed_half_open_probe_reopens_and_connect_errors_open_at_once() {
-        let s = state(5, Duration::from_millis(20));
+        let (s, clock) = state(5, Duration::from_millis(20));
         s.on_failure(Failure::Connect);
         assert!(matches!(s.availability(), Availability::Open { .. }));
-        std::thread::sleep(Duration::from_millis(30));
+        clock.advance(Duration::from_millis(30));
         assert!(s.try_probe());
         s.on_failure(Failure::ServerError);
         assert!(matches!(
@@ -574,7 +567,7 @@ mod tests {
 
     #[test]
     fn active_probes_open_and_close() {
-        let s = state(5, Duration::from_secs(60));
+        let (s, _clock) = state(5, Duration::from_secs(60));
         s.on_probe(false);
         assert!(!s.is_up());
         s.on_probe(true);
@@ -595,10 +588,11 @@ mod tests {
 
     #[test]
     fn busy_marks_expire_and_in_flight_follows_guards() {
-        let s = Arc::new(BackendState::new("b".into()));
+        let (s, clock) = state(5, Duration::from_secs(1));
+        let s = Arc::new(s);
         s.on_busy(Duration::from_millis(20));
         assert!(matches!(s.availability(), Availability::Busy { .. }));
-        std::thread::sleep(Duration::from_millis(30));
+        clock.advance(Duration::from_millis(30));
         assert_eq!(s.availability(), Availability::Up);
         let g = s.enter();
         let g2 = s.try_enter(Some(2)).expect("one of two taken");

@@ -204,7 +204,7 @@ impl UpstreamBody {
             _ => "text_completion",
         };
         let chunk = serde_json::json!({"id": id, "object": object,
-            "created": crate::budget::unix_now_us() / 1_000_000, "model": &**model, "choices": [],
+            "created": crate::clock::unix_now_us() / 1_000_000, "model": &**model, "choices": [],
             "usage": {"prompt_tokens": u.prompt, "completion_tokens": u.completion,
                       "total_tokens": u.prompt + u.completion}});
         let mut out = b"data: ".to_vec();
@@ -225,7 +225,7 @@ impl UpstreamBody {
         if status == Status::BudgetCut {
             // What a model that hit its length limit sends, so clients end the answer normally.
             let (id, model, endpoint) = &self.who;
-            let created = crate::budget::unix_now_us() / 1_000_000;
+            let created = crate::clock::unix_now_us() / 1_000_000;
             let chunk = match endpoint {
                 Endpoint::ChatCompletions => {
                     serde_json::json!({"id": id, "object": "chat.completion.chunk",

@@ -142,7 +142,7 @@ pub struct Harness {
     server: String,
     store: String,
     routing: String,
-    clock: Option<std::sync::Arc<dyn tollgate::budget::Clock>>,
+    clock: Option<std::sync::Arc<dyn tollgate::clock::Clock>>,
     ledger: Option<std::path::PathBuf>,
     metrics: String,
     focus: String,
@@ -204,7 +204,7 @@ impl Harness {
     }
 
     /// The clock budgets are judged by.
-    pub fn clock(mut self, clock: std::sync::Arc<dyn tollgate::budget::Clock>) -> Self {
+    pub fn clock(mut self, clock: std::sync::Arc<dyn tollgate::clock::Clock>) -> Self {
         self.clock = Some(clock);
         self
     }
@@ -254,7 +254,7 @@ impl Harness {
         let clock = self
             .clock
             .take()
-            .unwrap_or_else(|| std::sync::Arc::new(tollgate::budget::SystemClock));
+            .unwrap_or_else(|| std::sync::Arc::new(tollgate::clock::SystemClock));
         let admin_key = self.admin_key.clone();
         let (text, sims, env) = self.render().await;
         let cfg = tollgate::config::parse(&text, "test.toml", &|v| env.get(v).cloned())
