@@ -156,7 +156,7 @@ pub async fn start_with_clock(
         )),
     ];
     let upkeep = tokio::spawn(crate::metrics::upkeep(handle));
-    let gpu_watch = tokio::spawn(crate::gpu::watch(Arc::downgrade(&live)));
+    let gpu_watch = tokio::spawn(crate::finops::gpu::watch(Arc::downgrade(&live)));
     tasks.push(tokio::spawn(async move {
         stopped(signal).await;
         upkeep.abort();

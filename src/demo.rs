@@ -251,14 +251,14 @@ async fn send(
 
 /// The ledger's view of this run: what each team spent, on which model and backend.
 async fn print_cost_report(gw: &app::Running, since_us: i64) -> anyhow::Result<()> {
-    use crate::report::{self, Dim, Format};
+    use crate::finops::report::{self, Dim, Format};
     let path = gw.ledger.path.clone();
     let config = gw.live.load().config.clone();
     let table = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
         let conn = crate::ledger::sqlite::open_read(&path)?;
         let by = [Dim::Team, Dim::Model, Dim::Backend];
         let rows = report::query(&conn, &by, Some(since_us), None)?;
-        let gpus = report::backends::economics(
+        let gpus = crate::finops::backends::economics(
             &conn,
             &config,
             &crate::config::prices::Catalog::builtin(),
@@ -269,7 +269,7 @@ async fn print_cost_report(gw: &app::Running, since_us: i64) -> anyhow::Result<(
         Ok(format!(
             "{}\n{}",
             report::render(&by, &rows, Format::Table),
-            report::backends::render(&gpus, Format::Table)
+            crate::finops::backends::render(&gpus, Format::Table)
         ))
     })
     .await??;

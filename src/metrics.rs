@@ -245,8 +245,62 @@ pub fn usd() -> &'static UsdCounters {
     })
 }
 
+/// Prometheus text for the families the `metrics` crate cannot hold: exact USD sums and
+/// figures computed when scraped. The one place that writes the text format by hand.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `# HELP` and `# TYPE` of a family; its samples follow.
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) {
+        for line in [("HELP", help), ("TYPE", kind)] {
+            self.out.push_str("# ");
+            self.out.push_str(line.0);
+            self.out.push(' ');
+            self.out.push_str(name);
+            self.out.push(' ');
+            self.out.push_str(line.1);
+            self.out.push('\n');
+        }
+    }
+
+    /// One sample; label values are escaped here.
+    pub fn sample<'a>(
+        &mut self,
+        name: &str,
+        labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+        value: impl std::fmt::Display,
+    ) {
+        use std::fmt::Write as _;
+        self.out.push_str(name);
+        let mut first = true;
+        for (k, v) in labels {
+            self.out.push(if first { '{' } else { ',' });
+            first = false;
+            self.out.push_str(k);
+            self.out.push_str("=\"");
+            escape(v, &mut self.out);
+            self.out.push('"');
+        }
+        if !first {
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
 /// A label value as the text format wants it.
-pub fn escape(v: &str, out: &mut String) {
+fn escape(v: &str, out: &mut String) {
     for c in v.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -272,7 +326,7 @@ impl UsdCounters {
     }
 
     /// Prometheus text for [`COST_USD_TOTAL`], sorted by labels.
-    pub fn render(&self) -> String {
+    pub fn render(&self, out: &mut Exposition) {
         let mut rows: Vec<(SpendLabels, i64)> = self
             .by_labels
             .iter()
@@ -284,28 +338,24 @@ impl UsdCounters {
             })
             .collect();
         rows.sort();
-        let mut out = format!(
-            "# HELP {COST_USD_TOTAL} Spend in USD, by team, model, backend and the configured tag labels (the ledger's costs, summed).\n# TYPE {COST_USD_TOTAL} counter\n"
+        out.family(
+            COST_USD_TOTAL,
+            "counter",
+            "Spend in USD, by team, model, backend and the configured tag labels (the ledger's costs, summed).",
         );
         for (l, nusd) in rows {
-            out.push_str(COST_USD_TOTAL);
-            out.push_str("{team=\"");
-            escape(&l.team, &mut out);
-            out.push_str("\",model=\"");
-            escape(&l.model, &mut out);
-            out.push_str("\",backend=\"");
-            escape(l.backend.as_deref().unwrap_or(""), &mut out);
-            for (k, v) in l.tags.iter() {
-                out.push_str("\",");
-                out.push_str(k);
-                out.push_str("=\"");
-                escape(v, &mut out);
-            }
-            out.push_str("\"} ");
-            out.push_str(&crate::meter::format_usd(nusd));
-            out.push('\n');
+            let fixed = [
+                ("team", &*l.team),
+                ("model", &*l.model),
+                ("backend", l.backend.as_deref().unwrap_or("")),
+            ];
+            let tags = l.tags.iter().map(|(k, v)| (&**k, &**v));
+            out.sample(
+                COST_USD_TOTAL,
+                fixed.into_iter().chain(tags),
+                crate::meter::format_usd(nusd),
+            );
         }
-        out
     }
 }
 
@@ -352,12 +402,14 @@ mod tests {
         };
         c.add(labels.clone(), 100_000_001);
         c.add(labels, 200_000_002);
+        let mut e = Exposition::new();
+        c.render(&mut e);
+        let text = e.finish();
         assert!(
-            c.render().ends_with(
+            text.ends_with(
                 "tollgate_cost_usd_total{team=\"a\\\"b\",model=\"m\",backend=\"x\"} 0.300000003\n"
             ),
-            "{}",
-            c.render()
+            "{text}"
         );
     }
 }

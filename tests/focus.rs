@@ -25,7 +25,7 @@ const BATCH_KEY: &str = "tg-test-search-batch";
 const RESEARCH_KEY: &str = "tg-test-research";
 const HOUR_US: i64 = 3_600_000_000;
 
-/// Written out again rather than taken from `tollgate::focus::COLUMNS`: this is the contract
+/// Written out again rather than taken from `tollgate::finops::focus::COLUMNS`: this is the contract
 /// FinOps tools load by, and a change to the code's list must fail here.
 const COLUMNS: [&str; 42] = [
     "BilledCost",

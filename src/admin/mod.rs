@@ -5,10 +5,10 @@
 
 use crate::body::GatewayBody;
 use crate::config;
+use crate::finops::report;
 use crate::keys::hash_key;
 use crate::ledger::Ledger;
 use crate::live::{Live, LiveState};
-use crate::report;
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_DISPOSITION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
@@ -86,7 +86,7 @@ impl Admin {
         let config = self.live.load().config.clone();
         let csv = self
             .read_ledger("FOCUS export", move |conn| {
-                crate::focus::export(conn, &config, from, to)
+                crate::finops::focus::export(conn, &config, from, to)
             })
             .await;
         match csv {
@@ -150,8 +150,10 @@ impl Admin {
                 if !text.is_empty() && !text.ends_with('\n') {
                     text.push('\n');
                 }
-                text.push_str(&crate::metrics::usd().render());
-                text.push_str(&crate::gpu::render(&self.live.load()));
+                let mut more = crate::metrics::Exposition::new();
+                crate::metrics::usd().render(&mut more);
+                crate::finops::gpu::render(&self.live.load(), &mut more);
+                text.push_str(&more.finish());
                 let mut resp = Response::new(GatewayBody::full(Bytes::from(text)));
                 resp.headers_mut().insert(
                     CONTENT_TYPE,

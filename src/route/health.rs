@@ -12,9 +12,9 @@
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{HealthCheck, Routing};
-use crate::gpu::Occupancy;
 use crate::live::Live;
 use crate::metrics as m;
+use crate::route::occupancy::Occupancy;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

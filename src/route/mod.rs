@@ -14,6 +14,7 @@
 
 pub mod explain;
 pub mod health;
+pub mod occupancy;
 
 use crate::auth::Principal;
 use crate::config::prices::{self, Catalog, Price};

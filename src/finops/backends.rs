@@ -14,9 +14,9 @@
 //!
 //! The period is the report's `--since`/`--until`, or from the ledger's first record to now.
 
-use super::{Format, ReportError};
 use crate::config::prices::{self, Catalog, Price};
 use crate::config::{Backend, Config, Hosting};
+use crate::finops::report::{Format, ReportError};
 use crate::meter::{self, TokenSource, Usage};
 use rusqlite::Connection;
 
@@ -265,8 +265,8 @@ fn cost_nusd(p: &Price, s: &Served) -> i64 {
 
 /// The rows as a table (with a sentence per backend on owning vs renting), CSV or JSON.
 pub fn render(rows: &[BackendEconomics], format: Format) -> String {
-    use super::{csv_field, usd_number};
     use crate::clock::format_time;
+    use crate::finops::report::{csv_field, usd_number};
     use crate::meter::format_usd;
     use std::fmt::Write as _;
     let mut out = String::new();

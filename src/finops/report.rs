@@ -4,7 +4,6 @@
 use crate::meter::format_usd;
 use rusqlite::Connection;
 
-pub mod backends;
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,7 +221,7 @@ pub enum Format {
     Json,
 }
 
-/// `focus` is not among these: the FOCUS export (`crate::focus`) has its own rows and
+/// `focus` is not among these: the FOCUS export (`crate::finops::focus`) has its own rows and
 /// columns, so callers choose it before parsing a report format.
 impl std::str::FromStr for Format {
     type Err = ReportError;

@@ -1,0 +1,432 @@
+//! The `tollgate` command line: its arguments and what each subcommand does with the library.
+//! `main.rs` only calls [`main`].
+
+use crate::{app, config, demo, keys, route::Router, sim};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An inference gateway with cost metering"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, default_value = "config/tollgate.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config and print the routing table; with --explain, how one request
+    /// would be routed.
+    Check {
+        #[arg(long, default_value = "config/tollgate.toml")]
+        config: PathBuf,
+        /// Rank every candidate for a request, with its expected cost and the filter that
+        /// removed it (backends taken as healthy and idle).
+        #[arg(long, requires = "model")]
+        explain: bool,
+        /// Model name or alias of the request.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        prompt_tokens: u64,
+        /// The request's `max_tokens`; without it the expected output is routing's default.
+        #[arg(long)]
+        output_tokens: Option<u64>,
+        /// The team asking (its regions apply).
+        #[arg(long)]
+        team: Option<String>,
+        /// Features the request needs: tools, vision, json (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
+    },
+    /// Simulated backends, the gateway, traffic from three teams, and a summary.
+    Demo {
+        /// Keep serving afterwards (on config/demo.toml's addresses) until ctrl-c.
+        #[arg(long)]
+        serve: bool,
+        #[arg(long, default_value_t = 24)]
+        requests_per_team: usize,
+    },
+    /// Run a simulated OpenAI-compatible LLM server.
+    Simulate {
+        #[arg(long, default_value_t = 8001)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Model id served (repeatable); none accepts any model.
+        #[arg(long = "model")]
+        models: Vec<String>,
+        /// Require this bearer key.
+        #[arg(long)]
+        api_key: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        max_concurrency: usize,
+        #[arg(long, default_value_t = 0)]
+        ttft_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        token_ms: u64,
+        /// Tokens per answer when the request does not cap them lower.
+        #[arg(long, default_value_t = 16)]
+        tokens: u32,
+        /// Answer like this engine: openai, vllm, llama.cpp, llama-cpp-python, tgi, sglang,
+        /// ollama or mistral (its JSON, stream usage, strict headers and tokenize endpoints).
+        #[arg(long, default_value = "openai")]
+        dialect: sim::Dialect,
+    },
+    /// Spend and unit-economics reports from the ledger.
+    Report {
+        #[arg(long, default_value = "config/tollgate.toml")]
+        config: PathBuf,
+        /// Group by these, comma-separated: team, model, requested_model, backend, key,
+        /// status, endpoint, day, hour, or a tag key such as project. Not for focus, whose
+        /// rows are always team x backend x model x hour.
+        #[arg(long, default_value = "team,model")]
+        by: String,
+        /// Start: 2026-11-01, 2026-11-01T00:00:00Z, or an age like 24h or 7d.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        /// table, csv, json, or focus (FinOps FOCUS cost and usage rows, CSV).
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Only the self-hosted backends' unit economics (GPU hours paid, utilization, idle
+        /// cost, break-even against commercial models). The table and JSON show them anyway.
+        #[arg(long)]
+        backends: bool,
+    },
+    /// Manage client keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a key and print the hash to put in the team's `keys`.
+    New {
+        #[arg(long)]
+        team: String,
+    },
+}
+
+pub fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+                .unwrap_or_else(|_| "tollgate=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check {
+            config,
+            explain,
+            model,
+            prompt_tokens,
+            output_tokens,
+            team,
+            features,
+        } => {
+            let explain = explain.then(|| Explain {
+                model: model.unwrap_or_default(),
+                prompt_tokens,
+                output_tokens,
+                team,
+                features,
+            });
+            check(&config, explain)
+        }
+        Command::Key {
+            command: KeyCommand::New { team },
+        } => {
+            let (key, hash) = keys::new_key().context("reading the OS random source")?;
+            println!("key:  {key}");
+            println!("hash: {hash}");
+            println!("\nGive the key to the caller; it is not stored anywhere. Add the hash to the team:");
+            println!("[[team]]\nname = \"{team}\"\nkeys = [\"{hash}\"]");
+            Ok(())
+        }
+        Command::Serve { config } => runtime()?.block_on(serve(config)),
+        Command::Report {
+            config,
+            by,
+            since,
+            until,
+            format,
+            backends,
+        } => report(&config, &by, since, until, &format, backends),
+        Command::Demo {
+            serve,
+            requests_per_team,
+        } => runtime()?.block_on(demo::run(demo::DemoOptions {
+            serve,
+            requests_per_team,
+        })),
+        Command::Simulate {
+            port,
+            host,
+            models,
+            api_key,
+            max_concurrency,
+            ttft_ms,
+            token_ms,
+            tokens,
+            dialect,
+        } => runtime()?.block_on(async move {
+            let cfg = sim::SimConfig {
+                models,
+                api_key,
+                max_concurrency,
+                time_to_first_token: Duration::from_millis(ttft_ms),
+                token_interval: Duration::from_millis(token_ms),
+                completion_tokens: tokens,
+                dialect,
+                ..Default::default()
+            };
+            let addr = SocketAddr::new(host, port);
+            let listener = crate::server::bind(addr, 4096)
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let s = sim::Sim::start(listener, cfg);
+            eprintln!("simulated {dialect} server on http://{}", s.addr);
+            app::terminate_signal().await;
+            s.stop().await;
+            Ok(())
+        }),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let cfg = config::load(&path, &config::process_env)?;
+    let running = app::start(cfg, Some(path)).await?;
+    app::terminate_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
+    Ok(())
+}
+
+fn report(
+    config: &std::path::Path,
+    by: &str,
+    since: Option<String>,
+    until: Option<String>,
+    format: &str,
+    backends_only: bool,
+) -> anyhow::Result<()> {
+    use crate::finops::report::{self, Dim, Format};
+    let cfg = config::load(config, &config::process_env)?;
+    let path = cfg
+        .ledger_url
+        .strip_prefix("sqlite://")
+        .context("only sqlite:// ledgers are supported so far")?;
+    let now = crate::clock::unix_now_us();
+    let from = since.map(|s| report::parse_time(&s, now)).transpose()?;
+    let to = until.map(|s| report::parse_time(&s, now)).transpose()?;
+    // FOCUS is not a rendering of the grouped report: its rows and columns are fixed.
+    let report = if format == "focus" {
+        None
+    } else {
+        Some((Dim::parse_list(by)?, format.parse::<Format>()?))
+    };
+    let conn = crate::ledger::sqlite::open_read(std::path::Path::new(path))
+        .with_context(|| format!("cannot open the ledger {path} (has the gateway run yet?)"))?;
+    match report {
+        None => print!("{}", crate::finops::focus::export(&conn, &cfg, from, to)?),
+        Some((dims, format)) => {
+            let gpus = crate::finops::backends::economics(
+                &conn,
+                &cfg,
+                &crate::config::prices::Catalog::builtin(),
+                from,
+                to,
+                now,
+            )?;
+            if backends_only {
+                print!("{}", crate::finops::backends::render(&gpus, format));
+                return Ok(());
+            }
+            let rows = report::query(&conn, &dims, from, to)?;
+            match format {
+                // One JSON document with both parts; CSV holds one table, so `--backends`.
+                Format::Json => {
+                    let groups: serde_json::Value =
+                        serde_json::from_str(&report::render(&dims, &rows, format))?;
+                    let gpus: serde_json::Value =
+                        serde_json::from_str(&crate::finops::backends::render(&gpus, format))?;
+                    let doc = serde_json::json!({"groups": groups, "self_hosted_backends": gpus});
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
+                }
+                Format::Csv => print!("{}", report::render(&dims, &rows, format)),
+                Format::Table => {
+                    print!("{}", report::render(&dims, &rows, format));
+                    if !gpus.is_empty() {
+                        print!("\n{}", crate::finops::backends::render(&gpus, format));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The request `tollgate check --explain` routes.
+struct Explain {
+    model: String,
+    prompt_tokens: u64,
+    output_tokens: Option<u64>,
+    team: Option<String>,
+    features: Vec<String>,
+}
+
+fn check(path: &std::path::Path, explain: Option<Explain>) -> anyhow::Result<()> {
+    let cfg = config::load(path, &config::process_env)?;
+    for w in cfg.warnings.iter().chain(&cfg.missing_keys) {
+        println!("warning: {w}");
+    }
+    println!(
+        "{} is valid: {} backends, {} teams.\n",
+        path.display(),
+        cfg.backends.len(),
+        cfg.teams.len()
+    );
+    // The routing table needs no live clients; build them anyway to reuse the router exactly.
+    let rt = runtime()?;
+    let _guard = rt.enter();
+    let live = crate::live::LiveState::build(cfg, None);
+    let router: &Router = &live.router;
+    if let Some(e) = explain {
+        return explain_route(&live, &e);
+    }
+    println!(
+        "{:<34} {:<16} {:<12} {:<7} {:>9} {:<17} {:>15}  serves as",
+        "model or alias", "backend", "hosting", "region", "context", "features", "$/1M in / out"
+    );
+    for (name, candidates) in router.table() {
+        for (i, c) in candidates.iter().enumerate() {
+            let b = &c.backend.cfg;
+            let price = c.price.as_ref().map_or_else(
+                || "unpriced".to_string(),
+                |p| format!("{:.2} / {:.2}", p.input * 1e6, p.output * 1e6),
+            );
+            let features = if c.features == crate::config::Features::UNDECLARED {
+                "(not declared)".to_string()
+            } else if c.features.is_empty() {
+                "none".to_string()
+            } else {
+                c.features.to_string()
+            };
+            println!(
+                "{:<34} {:<16} {:<12} {:<7} {:>9} {:<17} {:>15}  {}",
+                if i == 0 { name } else { "" },
+                b.name,
+                b.hosting.as_str(),
+                b.region.as_deref().unwrap_or("-"),
+                c.context_window.map_or("-".to_string(), |w| w.to_string()),
+                features,
+                price,
+                c.model
+            );
+        }
+    }
+    println!(
+        "\nRouting: {}; up to {} attempts. `tollgate check --explain --model NAME` ranks them for one request.",
+        match live.config.routing.self_hosted_cost {
+            crate::config::SelfHostedCost::Marginal => "self-hosted capacity is free until full (marginal)",
+            crate::config::SelfHostedCost::RateCard => "self-hosted backends compete at their rate card",
+        },
+        live.config.routing.max_attempts
+    );
+    Ok(())
+}
+
+fn explain_route(live: &crate::live::LiveState, e: &Explain) -> anyhow::Result<()> {
+    use crate::config::Features;
+    use crate::route::{explain, Prompt, RouteRequest};
+    let config = &live.config;
+    let regions = match &e.team {
+        None => Vec::new(),
+        Some(name) => config
+            .teams
+            .iter()
+            .find(|t| &*t.name == name)
+            .map(|t| t.regions.clone())
+            .with_context(|| {
+                let names: Vec<&str> = config.teams.iter().map(|t| &*t.name).collect();
+                format!(
+                    "no team `{name}` in the config (teams: {})",
+                    names.join(", ")
+                )
+            })?,
+    };
+    let mut features = Features::NONE;
+    for f in &e.features {
+        features =
+            features
+                .with(Features::from_name(f).with_context(|| {
+                    format!("unknown feature `{f}`: use tools, vision or json")
+                })?);
+    }
+    let request = RouteRequest {
+        model: &e.model,
+        regions: &regions,
+        features,
+        max_output_tokens: e.output_tokens,
+        prompt: Prompt::known(e.prompt_tokens),
+        request_bytes: e.prompt_tokens * 4,
+    };
+    let plan = live
+        .router
+        .plan(&request)
+        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    println!(
+        "request: model `{}`, {} prompt tokens, output {}, team {}{}, features {}",
+        e.model,
+        e.prompt_tokens,
+        e.output_tokens.map_or_else(
+            || format!("~{} expected", config.routing.expected_output_tokens),
+            |n| format!("up to {n}")
+        ),
+        e.team.as_deref().unwrap_or("(any)"),
+        if regions.is_empty() {
+            String::new()
+        } else {
+            let r: Vec<&str> = regions.iter().map(|r| &**r).collect();
+            format!(" (regions {})", r.join(", "))
+        },
+        if features.is_empty() {
+            "none".to_string()
+        } else {
+            features.to_string()
+        },
+    );
+    println!(
+        "policy: self_hosted_cost = {}, max_attempts = {}; every backend taken as healthy and idle\n",
+        config.routing.self_hosted_cost.as_str(),
+        config.routing.max_attempts
+    );
+    print!("{}", explain::table(&plan));
+    if plan.ranked.is_empty() {
+        let team = e.team.as_deref().unwrap_or("(any)");
+        println!("\n{}", Router::refusal(&e.model, team, &plan));
+    }
+    Ok(())
+}

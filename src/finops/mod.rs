@@ -1,0 +1,8 @@
+//! The FinOps wing: what is read from the ledger and the live counters, away from the request
+//! path. Reports and unit economics (`report`, `backends`), the FOCUS export (`focus`), and the
+//! GPU-economics exposition (`gpu`).
+
+pub mod backends;
+pub mod focus;
+pub mod gpu;
+pub mod report;
