@@ -1,14 +1,11 @@
-//! Every way a request can fail, and the one place that decides its status code and body.
+//! Every way a request can fail, as data: its status, its kind, the type, code and param a
+//! client branches on, when to retry. It knows no response body: the edge renders it once,
+//! in the client's protocol (`api::error`).
 //!
-//! Bodies follow OpenAI's `{"error":{"message","type","code","param"}}` so SDKs raise their
-//! usual exceptions (`AuthenticationError` on 401, `NotFoundError` on 404, …). Messages about
-//! bad input say exactly what was wrong; internal and upstream failures say nothing internal
-//! (the real error is logged once, server-side).
+//! Messages about bad input say exactly what was wrong; internal and upstream failures say
+//! nothing internal (the real error is logged once, server-side).
 
-use crate::body::GatewayBody;
-use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use http::{Response, StatusCode};
+use http::StatusCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +57,15 @@ pub enum GatewayError {
     UpstreamFailed { backend: Arc<str> },
     #[error("the gateway cannot record usage right now, so it serves no billable requests; retry shortly")]
     LedgerUnavailable,
+    /// The admin port: no key, or the wrong one.
+    #[error("admin key required")]
+    AdminKey,
+    /// The admin port: a reload found the config file invalid; the running config stays.
+    #[error("{0}")]
+    InvalidConfig(String),
+    /// The admin port: a report could not read the ledger.
+    #[error("the ledger could not be read")]
+    LedgerRead,
     #[error("{}", over_budget_message(.0))]
     OverBudget(Box<crate::budget::OverBudget>),
     #[error("internal error")]
@@ -99,7 +105,11 @@ impl GatewayError {
     /// The only place that maps errors to status codes; no `_` arm, so a new variant must decide.
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::MissingKey | GatewayError::InvalidKey => StatusCode::UNAUTHORIZED,
+            GatewayError::MissingKey | GatewayError::InvalidKey | GatewayError::AdminKey => {
+                StatusCode::UNAUTHORIZED
+            }
+            GatewayError::InvalidConfig(_) => StatusCode::BAD_REQUEST,
+            GatewayError::LedgerRead => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyRead
             | GatewayError::MalformedJson(_)
@@ -141,15 +151,20 @@ impl GatewayError {
             GatewayError::Internal => "internal",
             GatewayError::OverBudget(_) => "over_budget",
             GatewayError::LedgerUnavailable => "ledger_unavailable",
+            GatewayError::AdminKey => "admin_key",
+            GatewayError::InvalidConfig(_) => "invalid_config",
+            GatewayError::LedgerRead => "ledger_read",
         }
     }
 
     /// OpenAI's `type` and `code` fields, as its SDKs and clients expect them.
-    fn openai_type_and_code(&self) -> (&'static str, Option<&'static str>) {
+    pub fn openai_type_and_code(&self) -> (&'static str, Option<&'static str>) {
         match self {
-            GatewayError::MissingKey | GatewayError::InvalidKey => {
+            GatewayError::MissingKey | GatewayError::InvalidKey | GatewayError::AdminKey => {
                 ("invalid_request_error", Some("invalid_api_key"))
             }
+            GatewayError::InvalidConfig(_) => ("invalid_request_error", Some("invalid_config")),
+            GatewayError::LedgerRead => ("server_error", None),
             GatewayError::UnknownModel(_) => ("invalid_request_error", Some("model_not_found")),
             GatewayError::UnknownPath(_) => ("invalid_request_error", Some("unknown_url")),
             GatewayError::BodyTooLarge { .. } => {
@@ -171,7 +186,8 @@ impl GatewayError {
         }
     }
 
-    fn param(&self) -> Option<&'static str> {
+    /// The request field a bad-input error is about.
+    pub fn param(&self) -> Option<&'static str> {
         match self {
             GatewayError::InvalidField { param, .. } => Some(param),
             GatewayError::UnknownModel(_) => Some("model"),
@@ -182,7 +198,8 @@ impl GatewayError {
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    /// When a client may try again, for the `Retry-After` header.
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
             GatewayError::Overloaded | GatewayError::LedgerUnavailable => {
                 Some(Duration::from_secs(1))
@@ -193,44 +210,12 @@ impl GatewayError {
         }
     }
 
-    /// The OpenAI error body as bytes; also used for the error event that ends a broken stream.
-    pub fn body_json(&self) -> Vec<u8> {
-        let (kind, code) = self.openai_type_and_code();
-        let mut body = serde_json::json!({
-            "error": {
-                "message": self.to_string(),
-                "type": kind,
-                "code": code,
-                "param": self.param(),
-            }
-        });
-        if let GatewayError::OverBudget(o) = self {
-            // The same facts as the message, for programs.
-            body["error"]["budget"] = serde_json::json!({
-                "team": &*o.team,
-                "key_id": o.key_id.as_deref(),
-                "window": o.window.as_str(),
-                "limit_usd": (o.kind == crate::budget::LimitKind::Usd).then(|| crate::meter::format_usd(o.limit)),
-                "used_usd": (o.kind == crate::budget::LimitKind::Usd).then(|| crate::meter::format_usd(o.used)),
-                "limit_tokens": (o.kind == crate::budget::LimitKind::Tokens).then_some(o.limit),
-                "used_tokens": (o.kind == crate::budget::LimitKind::Tokens).then_some(o.used),
-                "resets_at": crate::clock::format_time(o.reset_at_us),
-            });
+    /// The budget a refusal is about, for the body's machine-readable details.
+    pub fn over_budget(&self) -> Option<&crate::budget::OverBudget> {
+        match self {
+            GatewayError::OverBudget(o) => Some(o),
+            _ => None,
         }
-        serde_json::to_vec(&body).unwrap_or_default()
-    }
-
-    pub fn into_response(self) -> Response<GatewayBody> {
-        let mut resp = Response::new(GatewayBody::full(Bytes::from(self.body_json())));
-        *resp.status_mut() = self.status();
-        let headers = resp.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(after) = self.retry_after() {
-            // Whole seconds, rounded up: retrying a moment early would only be refused again.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        }
-        resp
     }
 }
 
@@ -239,30 +224,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bodies_are_openai_shaped() {
+    fn a_client_can_branch_on_status_type_and_code() {
         let e = GatewayError::UnknownModel("gpt-9".into());
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
-        let v: serde_json::Value = serde_json::from_slice(&e.body_json()).unwrap();
-        assert_eq!(v["error"]["code"], "model_not_found");
-        assert_eq!(v["error"]["param"], "model");
-        assert_eq!(v["error"]["type"], "invalid_request_error");
-        assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
-    }
-
-    #[test]
-    fn upstream_errors_say_nothing_internal() {
-        let e = GatewayError::UpstreamConnect {
-            backend: "llama".into(),
-        };
-        let text = String::from_utf8(e.body_json()).unwrap();
-        assert!(!text.contains("127.0.0.1"), "{text}");
-        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
-    }
-
-    #[test]
-    fn shed_load_says_when_to_retry() {
-        let resp = GatewayError::Overloaded.into_response();
-        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(resp.headers()[RETRY_AFTER], "1");
+        assert_eq!(
+            e.openai_type_and_code(),
+            ("invalid_request_error", Some("model_not_found"))
+        );
+        assert_eq!(e.param(), Some("model"));
+        assert_eq!(
+            GatewayError::Overloaded.retry_after(),
+            Some(Duration::from_secs(1))
+        );
     }
 }

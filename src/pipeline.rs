@@ -99,7 +99,7 @@ impl tower::Service<Request<Incoming>> for Gateway {
                         tracing::debug!(request_id = id.as_str(), kind = e.kind(), error = %e, "request refused");
                     }
                     metrics::counter!(m::REJECTED_TOTAL, "kind" => e.kind()).increment(1);
-                    e.into_response()
+                    crate::api::error::response(&e)
                 }
             })
         })

@@ -5,6 +5,7 @@
 
 use crate::body::GatewayBody;
 use crate::config;
+use crate::error::GatewayError;
 use crate::finops::report;
 use crate::keys::hash_key;
 use crate::ledger::Ledger;
@@ -58,7 +59,7 @@ impl Admin {
         })();
         let (by, from, to) = match parsed {
             Ok(p) => p,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+            Err(e) => return bad_query(e),
         };
         let json = self
             .read_ledger("usage report", move |conn| {
@@ -81,7 +82,7 @@ impl Admin {
     async fn focus(&self, query: &str) -> Response<GatewayBody> {
         let (from, to) = match period(query) {
             Ok(p) => p,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+            Err(e) => return bad_query(e),
         };
         let config = self.live.load().config.clone();
         let csv = self
@@ -127,10 +128,7 @@ impl Admin {
             Err(e) => e.to_string(),
         };
         tracing::error!(error = %failure, "{what} failed");
-        Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the ledger could not be read",
-        ))
+        Err(error(&GatewayError::LedgerRead))
     }
 
     fn route<B>(&self, req: &Request<B>) -> Response<GatewayBody> {
@@ -141,10 +139,7 @@ impl Admin {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             }
             (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
-            _ if !self.authorized(req) => json(
-                StatusCode::UNAUTHORIZED,
-                serde_json::json!({"error": {"message": "admin key required", "type": "invalid_request_error", "code": "invalid_api_key", "param": null}}),
-            ),
+            _ if !self.authorized(req) => error(&GatewayError::AdminKey),
             (&Method::GET, "/metrics") => {
                 let mut text = self.metrics.render();
                 if !text.is_empty() && !text.ends_with('\n') {
@@ -168,15 +163,11 @@ impl Admin {
             ),
             (&Method::POST, "/admin/reload") => match self.reload() {
                 Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
-                Err(message) => json(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": "invalid_config", "param": null}}),
-                ),
+                Err(message) => error(&GatewayError::InvalidConfig(message)),
             },
-            _ => json(
-                StatusCode::NOT_FOUND,
-                serde_json::json!({"error": {"message": format!("unknown admin path {path}"), "type": "invalid_request_error", "code": "unknown_url", "param": null}}),
-            ),
+            _ => error(&GatewayError::UnknownPath(
+                crate::error::prefix_chars(path, 200).to_string(),
+            )),
         }
     }
 
@@ -293,11 +284,16 @@ fn state_json(a: crate::route::health::Availability) -> serde_json::Value {
     }
 }
 
-fn error(status: StatusCode, message: &str) -> Response<GatewayBody> {
-    json(
-        status,
-        serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": null, "param": null}}),
-    )
+fn error(e: &GatewayError) -> Response<GatewayBody> {
+    crate::api::error::response(e)
+}
+
+/// A query parameter the report cannot use.
+fn bad_query(e: report::ReportError) -> Response<GatewayBody> {
+    error(&GatewayError::InvalidField {
+        param: "query",
+        message: e.to_string(),
+    })
 }
 
 /// The first value of `name` in a query string, decoded.

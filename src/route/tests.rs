@@ -285,7 +285,7 @@ fn a_prompt_too_large_for_every_model_is_a_400() {
     let err = Router::refusal("chat", "search", &plan);
     assert_eq!(err.status(), http::StatusCode::BAD_REQUEST);
     assert!(
-        String::from_utf8(err.body_json())
+        String::from_utf8(crate::api::error::openai_json(&err))
             .unwrap()
             .contains("context_length_exceeded"),
         "OpenAI's code for it"

@@ -71,14 +71,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            return Poll::Ready(Ok(GatewayError::Internal.into_response()));
+            return Poll::Ready(Ok(crate::api::error::response(&GatewayError::Internal)));
         };
         match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(poll) => poll,
             Err(_) => {
                 this.inner.set(None);
                 record_panic();
-                Poll::Ready(Ok(GatewayError::Internal.into_response()))
+                Poll::Ready(Ok(crate::api::error::response(&GatewayError::Internal)))
             }
         }
     }

@@ -74,7 +74,7 @@ where
                 metrics::counter!(m::REJECTED_TOTAL, "kind" => GatewayError::Overloaded.kind())
                     .increment(1);
                 LimitFuture::Shed {
-                    resp: Some(GatewayError::Overloaded.into_response()),
+                    resp: Some(crate::api::error::response(&GatewayError::Overloaded)),
                 }
             }
         }

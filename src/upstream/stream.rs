@@ -277,7 +277,7 @@ impl UpstreamBody {
         match error {
             Some(e) => {
                 out.extend_from_slice(b"data: ");
-                out.extend_from_slice(&e.body_json());
+                out.extend_from_slice(&crate::api::error::openai_json(&e));
                 out.extend_from_slice(b"\n\n");
             }
             None if status == Status::Ok && self.observer.saw_done
