@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
-use tollgate::ctx::Endpoint;
+use tollgate::api::endpoint::Endpoint;
 use tollgate::tokens::{
     count_chat_prompt, estimate_prompt_tokens, ChatPrompt, Encoding, Tokenizers,
 };

@@ -106,7 +106,7 @@ pub async fn start_with_clock(
     let live: Live = Arc::new(ArcSwap::from_pointee(LiveState::build_with_clock(
         config, None, clock,
     )));
-    crate::route::health::ensure_probes(&live);
+    crate::probe::ensure_probes(&live);
     let (shutdown, signal) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

@@ -2,19 +2,12 @@
 //! passed through frame by frame. One concrete type keeps hyper's write path free of boxing.
 
 use crate::server::limits::InFlightPermit;
+use crate::upstream::stream::BodyError;
 use crate::upstream::stream::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error("upstream body failed: {0}")]
-    Upstream(#[from] hyper::Error),
-    #[error("upstream went silent for longer than its idle timeout")]
-    Timeout,
-}
 
 pub struct GatewayBody {
     kind: Kind,
@@ -52,7 +45,18 @@ impl GatewayBody {
         }
     }
 
-    pub fn hold(&mut self, permit: InFlightPermit) {
+    /// An error as the client's protocol shows it.
+    pub fn error(error: &crate::error::GatewayError) -> http::Response<Self> {
+        crate::api::error::response(error, GatewayBody::full)
+    }
+}
+
+impl crate::server::EdgeBody for GatewayBody {
+    fn refusal(error: &crate::error::GatewayError) -> http::Response<Self> {
+        GatewayBody::error(error)
+    }
+
+    fn hold(&mut self, permit: InFlightPermit) {
         self._permit = Some(permit);
     }
 }

@@ -1,5 +1,6 @@
 //! What the gateway knows about one request as it moves through the phases.
 
+use crate::api::endpoint::Endpoint;
 use crate::auth::Principal;
 use crate::tags::Tags;
 use crate::tokens::Counter;
@@ -7,24 +8,6 @@ use bytes::Bytes;
 use http::HeaderValue;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The client API endpoints that are proxied (as opposed to answered locally).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    ChatCompletions,
-    Completions,
-    Embeddings,
-}
-
-impl Endpoint {
-    pub fn path(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "/v1/chat/completions",
-            Endpoint::Completions => "/v1/completions",
-            Endpoint::Embeddings => "/v1/embeddings",
-        }
-    }
-}
 
 /// A request id, kept as a header value because that is how it leaves the gateway.
 #[derive(Debug, Clone)]

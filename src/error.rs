@@ -72,6 +72,15 @@ pub enum GatewayError {
     Internal,
 }
 
+impl From<crate::tags::TagError> for GatewayError {
+    fn from(e: crate::tags::TagError) -> Self {
+        GatewayError::InvalidField {
+            param: e.param,
+            message: e.message,
+        }
+    }
+}
+
 fn over_budget_message(o: &crate::budget::OverBudget) -> String {
     use crate::budget::LimitKind;
     let who = match &o.key_id {

@@ -23,6 +23,7 @@ pub mod api;
 pub mod tokens;
 pub mod budget;
 pub mod route;
+pub mod probe;
 pub mod upstream;
 pub mod body;
 pub mod meter;

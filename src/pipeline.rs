@@ -5,18 +5,20 @@
 //! route path ─ authenticate ─ read body (limit) ─ parse ─ route ─ forward ─ stream back
 //! ```
 
+use crate::api::endpoint::Endpoint;
 use crate::api::openai::BodyEdits;
 use crate::api::{models, openai};
 use crate::body::GatewayBody;
 use crate::budget::{BudgetBook, Demand, Remaining, Reservation};
 use crate::config::OnDisconnect;
-use crate::ctx::{Endpoint, RequestCtx, RequestId};
+use crate::ctx::{RequestCtx, RequestId};
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
 use crate::live::{Live, LiveState};
 use crate::meter::{self, format_usd, sse::SseObserver};
+use crate::meter::{Generated, Outcome, Settled, Status};
 use crate::metrics as m;
-use crate::record::{self, Completion, Generated, Outcome, Settled, Status};
+use crate::record::{self, Completion};
 use crate::route::health::Failure;
 use crate::route::{Candidate, Claim, Plan, Prompt, RouteRequest, Router};
 use crate::server::limits::read_body;
@@ -99,7 +101,7 @@ impl tower::Service<Request<Incoming>> for Gateway {
                         tracing::debug!(request_id = id.as_str(), kind = e.kind(), error = %e, "request refused");
                     }
                     metrics::counter!(m::REJECTED_TOTAL, "kind" => e.kind()).increment(1);
-                    crate::api::error::response(&e)
+                    GatewayBody::error(&e)
                 }
             })
         })
@@ -732,13 +734,21 @@ impl Exchange {
         let status = parts.status.as_u16();
 
         if sse && parts.status.is_success() {
-            let cfg = &candidate.backend.cfg;
+            let who = {
+                let ctx = completion.ctx().expect("not settled yet");
+                crate::upstream::stream::Who {
+                    request_id: ctx.id.as_str().to_string(),
+                    model: candidate.model.clone(),
+                    endpoint: ctx.endpoint,
+                }
+            };
             let body = UpstreamBody::new(
                 incoming,
-                cfg.stream_idle_timeout,
                 SseObserver::new(strip_usage),
-                completion,
-                cfg.on_disconnect,
+                Box::new(completion),
+                &openai::STREAM,
+                who,
+                &candidate.backend,
                 status,
             )
             .with_output_limit(output_limit)

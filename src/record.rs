@@ -14,7 +14,7 @@ use crate::budget::{BudgetBook, Demand, Reservation};
 use crate::config::prices::Price;
 use crate::ctx::RequestCtx;
 use crate::ledger::{Ledger, Record};
-use crate::meter::{self, TokenSource, Usage};
+use crate::meter::{self, Generated, Outcome, Settled, Status, TokenSource, Usage};
 use crate::metrics as m;
 use crate::route::health::InFlight;
 use crate::tokens::{count_chat_prompt, ChatPrompt, Tokenizers};
@@ -22,68 +22,6 @@ use crate::upstream::engine::EngineCounter;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::oneshot;
-
-/// How a request ended, in the ledger's `status` column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    /// The upstream answered 2xx and the client got all of it.
-    Ok,
-    /// The client left before the end.
-    ClientClosed,
-    /// The upstream failed or went silent after the response had started.
-    UpstreamBroken,
-    /// The upstream answered with an error status (passed through), or could not be reached.
-    UpstreamError,
-    /// The gateway refused it before asking any backend (bad input, unknown model, …).
-    Rejected,
-    /// The gateway ended a stream that would have run past its team's hard budget.
-    BudgetCut,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::ClientClosed => "client_closed",
-            Status::UpstreamBroken => "upstream_broken",
-            Status::UpstreamError => "upstream_error",
-            Status::Rejected => "rejected",
-            Status::BudgetCut => "budget_cut",
-        }
-    }
-}
-
-/// Text the model generated, for a local count when the upstream reports no usage.
-#[derive(Debug, Default)]
-pub struct Generated {
-    pub text: String,
-    /// Bytes past what was kept; counted at 4 bytes a token.
-    pub overflow_bytes: u64,
-}
-
-#[derive(Debug)]
-pub struct Outcome {
-    pub status: Status,
-    pub http_status: u16,
-    /// The upstream's own usage, when it reported one.
-    pub usage: Option<Usage>,
-    pub generated: Option<Generated>,
-    pub response_bytes: u64,
-    pub first_token_at: Option<Instant>,
-}
-
-/// A request's final figures.
-#[derive(Debug, Clone, Copy)]
-pub struct Settled {
-    pub usage: Option<Usage>,
-    pub cost_nusd: i64,
-    pub priced: bool,
-    /// The record reached the ledger; when false the response must not complete normally.
-    pub committed: bool,
-    /// The instant the request's duration was measured to: the gateway's own time of a
-    /// response is measured on the same span, so it can never exceed the duration.
-    pub ended: Instant,
-}
 
 /// Everything needed to settle a request; travels with the response.
 pub struct Completion {
@@ -236,6 +174,16 @@ impl Completion {
     }
 }
 
+impl crate::upstream::stream::StreamEnd for Completion {
+    fn finish(self: Box<Self>, outcome: Outcome) -> oneshot::Receiver<Settled> {
+        (*self).finish(outcome)
+    }
+
+    fn abandon(self: Box<Self>, outcome: Outcome) {
+        (*self).finish_detached(outcome)
+    }
+}
+
 impl Drop for Completion {
     fn drop(&mut self) {
         if self.job.is_some() {
@@ -286,7 +234,7 @@ impl Settle {
                 .outcome
                 .usage
                 .is_some_and(|u| u.source == TokenSource::Upstream)
-            && self.job.ctx.endpoint == crate::ctx::Endpoint::ChatCompletions
+            && self.job.ctx.endpoint == crate::api::endpoint::Endpoint::ChatCompletions
     }
 
     /// Fills the usage from the engine's own counts; where the engine cannot count, the local
@@ -474,7 +422,7 @@ pub fn rejected(
     id: &crate::ctx::RequestId,
     started: Instant,
     principal: &crate::auth::Principal,
-    endpoint: crate::ctx::Endpoint,
+    endpoint: crate::api::endpoint::Endpoint,
     requested_model: Option<Arc<str>>,
     tags: &crate::tags::Tags,
     error: &crate::error::GatewayError,

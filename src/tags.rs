@@ -6,7 +6,6 @@
 //! a 400 naming the key, so a typo never silently lands spend on an untagged line.
 
 use crate::config::Team;
-use crate::error::GatewayError;
 use http::HeaderMap;
 use std::collections::BTreeMap;
 
@@ -18,16 +17,25 @@ pub const MAX_VALUE_LEN: usize = 256;
 
 pub type Tags = BTreeMap<String, String>;
 
+/// A tag the request may not set, with the field it came from (the header, `metadata`,
+/// `user`); the caller answers 400 naming that field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TagError {
+    pub param: &'static str,
+    pub message: String,
+}
+
 /// Team tags overlaid with the request's own; the request's win on a shared key.
 pub fn collect(
     team: &Team,
     headers: &HeaderMap,
     metadata: Option<&serde_json::Map<String, serde_json::Value>>,
     user: Option<&str>,
-) -> Result<Tags, GatewayError> {
+) -> Result<Tags, TagError> {
     let mut tags = team.tags.clone();
     let mut set = 0;
-    let mut put = |key: &str, value: &str, source: &'static str| -> Result<(), GatewayError> {
+    let mut put = |key: &str, value: &str, source: &'static str| -> Result<(), TagError> {
         check(team, key, value, source)?;
         set += 1;
         if set > MAX_REQUEST_TAGS {
@@ -73,7 +81,7 @@ pub fn collect(
     Ok(tags)
 }
 
-fn check(team: &Team, key: &str, value: &str, source: &'static str) -> Result<(), GatewayError> {
+fn check(team: &Team, key: &str, value: &str, source: &'static str) -> Result<(), TagError> {
     if key.is_empty()
         || key.len() > MAX_KEY_LEN
         || !key
@@ -115,12 +123,15 @@ fn allowed(team: &Team) -> String {
     }
 }
 
-fn bad(param: &'static str, message: String) -> GatewayError {
-    GatewayError::InvalidField { param, message }
+fn bad(param: &'static str, message: String) -> TagError {
+    TagError { param, message }
 }
 
 fn truncate(s: &str) -> &str {
-    crate::error::prefix_chars(s, MAX_KEY_LEN)
+    match s.char_indices().nth(MAX_KEY_LEN) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
 }
 
 #[cfg(test)]

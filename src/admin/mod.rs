@@ -220,7 +220,7 @@ impl Admin {
         });
         self.live
             .store(Arc::new(LiveState::build(config, Some(&old))));
-        crate::route::health::ensure_probes(&self.live);
+        crate::probe::ensure_probes(&self.live);
         tracing::info!(path = %path.display(), "config reloaded");
         Ok(())
     }
@@ -285,7 +285,7 @@ fn state_json(a: crate::route::health::Availability) -> serde_json::Value {
 }
 
 fn error(e: &GatewayError) -> Response<GatewayBody> {
-    crate::api::error::response(e)
+    GatewayBody::error(e)
 }
 
 /// A query parameter the report cannot use.

@@ -4,7 +4,6 @@
 //! (`AuthenticationError` on 401, `NotFoundError` on 404, `RateLimitError` on 429, …), with
 //! `Retry-After` when waiting will help. The same body is the error event that ends a stream.
 
-use crate::body::GatewayBody;
 use crate::error::GatewayError;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -39,9 +38,10 @@ pub fn openai_json(e: &GatewayError) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
-/// The whole response for an error: status, body, `Retry-After`.
-pub fn response(e: &GatewayError) -> Response<GatewayBody> {
-    let mut resp = Response::new(GatewayBody::full(Bytes::from(openai_json(e))));
+/// The whole response for an error: status, body, `Retry-After`; `body` wraps the bytes in
+/// the response body type of the caller.
+pub fn response<B>(e: &GatewayError, body: impl FnOnce(Bytes) -> B) -> Response<B> {
+    let mut resp = Response::new(body(Bytes::from(openai_json(e))));
     *resp.status_mut() = e.status();
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -75,12 +75,12 @@ mod tests {
         };
         let text = String::from_utf8(openai_json(&e)).unwrap();
         assert!(!text.contains("127.0.0.1"), "{text}");
-        assert_eq!(response(&e).status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(response(&e, |b| b).status(), StatusCode::BAD_GATEWAY);
     }
 
     #[test]
     fn shed_load_says_when_to_retry() {
-        let resp = response(&GatewayError::Overloaded);
+        let resp = response(&GatewayError::Overloaded, |b| b);
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(resp.headers()[RETRY_AFTER], "1");
     }

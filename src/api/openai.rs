@@ -259,6 +259,60 @@ fn json_error(e: serde_json::Error) -> GatewayError {
     }
 }
 
+/// OpenAI's stream endings: the chunks the gateway writes itself, its cost comment, then
+/// `data: [DONE]`, or the error event that replaces it.
+pub struct OpenAiStream;
+
+pub static STREAM: OpenAiStream = OpenAiStream;
+
+impl crate::upstream::stream::StreamWire for OpenAiStream {
+    fn ending(&self, e: &crate::upstream::stream::Ending<'_>) -> Vec<u8> {
+        use crate::meter::Status;
+        let mut out = Vec::with_capacity(200);
+        let (who, created) = (e.who, crate::clock::unix_now_us() / 1_000_000);
+        let chat = who.endpoint == super::endpoint::Endpoint::ChatCompletions;
+        let object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let mut chunk = |v: serde_json::Value| {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(v.to_string().as_bytes());
+            out.extend_from_slice(b"\n\n");
+        };
+        if e.status == Status::BudgetCut {
+            // What a model that hit its length limit sends, so clients end the answer normally.
+            let choice = if chat {
+                serde_json::json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"})
+            } else {
+                serde_json::json!({"index": 0, "text": "", "logprobs": null, "finish_reason": "length"})
+            };
+            chunk(serde_json::json!({"id": who.request_id, "object": object,
+                "created": created, "model": &*who.model, "choices": [choice]}));
+        }
+        if let Some(u) = e.gateway_usage() {
+            chunk(serde_json::json!({"id": who.request_id, "object": object,
+                "created": created, "model": &*who.model, "choices": [],
+                "usage": {"prompt_tokens": u.prompt, "completion_tokens": u.completion,
+                          "total_tokens": u.prompt + u.completion}}));
+        }
+        e.cost_comment(&mut out);
+        match e.error {
+            Some(err) => {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&super::error::openai_json(err));
+                out.extend_from_slice(b"\n\n");
+            }
+            None if e.status == Status::Ok && e.saw_done || e.status == Status::BudgetCut => {
+                out.extend_from_slice(b"data: [DONE]\n\n")
+            }
+            None => {}
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

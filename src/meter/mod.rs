@@ -5,9 +5,12 @@
 //! a client can leave. Each count carries its source, and "unknown" is never silently zero:
 //! a priced model always gets a cost, from local counts if need be.
 
+mod outcome;
 pub mod scan;
 pub mod sse;
 pub mod template;
+
+pub use outcome::{Generated, Outcome, Settled, Status};
 
 use crate::config::prices::Price;
 use serde::Deserialize;

@@ -11,8 +11,7 @@
 //! Everything is atomics: the router reads this state for every candidate of every request.
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{HealthCheck, Routing};
-use crate::live::Live;
+use crate::config::Routing;
 use crate::metrics as m;
 use crate::route::occupancy::Occupancy;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -133,6 +132,15 @@ impl BackendState {
             slot_freed: tokio::sync::Notify::new(),
             clock,
         }
+    }
+
+    /// Marks an active prober as running for this backend; false when one already is.
+    pub fn start_probing(&self) -> bool {
+        !self.probing.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn stop_probing(&self) {
+        self.probing.store(false, Ordering::Release);
     }
 
     /// Takes a (re)loaded backend's GPU cost and cap, for its economics.
@@ -420,81 +428,6 @@ fn scopeguard_waiting(state: &BackendState) -> impl Drop + '_ {
         }
     }
     Waiting(state)
-}
-
-/// Starts an active prober for every backend that has a health check and none running yet;
-/// called at start and after each reload. A prober follows its backend by name through
-/// reloads and stops when the backend leaves the config or the gateway goes away.
-pub fn ensure_probes(live: &Live) {
-    let snapshot = live.load();
-    for b in &snapshot.backends {
-        if b.cfg.health_check.is_some() && !b.state.probing.swap(true, Ordering::AcqRel) {
-            tokio::spawn(probe_loop(Arc::downgrade(live), b.cfg.name.clone()));
-        }
-    }
-}
-
-async fn probe_loop(
-    live: std::sync::Weak<arc_swap::ArcSwap<crate::live::LiveState>>,
-    name: Arc<str>,
-) {
-    loop {
-        // Holds the snapshot only for one probe: a reload or shutdown is seen at the next tick.
-        let interval = {
-            let Some(live) = live.upgrade() else { return };
-            let snapshot = live.load_full();
-            let Some(b) = snapshot.backends.iter().find(|b| b.cfg.name == name) else {
-                return;
-            };
-            let Some(hc) = b.cfg.health_check.clone() else {
-                b.state.probing.store(false, Ordering::Release);
-                return;
-            };
-            drop(live);
-            // A backend serving requests reports its health through them; a probe beside
-            // them would only add load, and llama-cpp-python cuts a running stream short
-            // whenever another request waits for its model lock.
-            if b.state.in_flight() == 0 {
-                let ok = probe(b, &hc).await;
-                b.state.on_probe(ok);
-            }
-            hc.interval
-        };
-        tokio::time::sleep(interval).await;
-    }
-}
-
-/// `GET` the health path: up when it answers anything but a 5xx or 429 in time.
-async fn probe(b: &crate::route::RouteBackend, hc: &HealthCheck) -> bool {
-    let mut req = http::Request::get(format!("{}{}", b.cfg.base_url, hc.path));
-    if let Some(key) = &b.cfg.api_key {
-        req = req.header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", key.expose()),
-        );
-    }
-    let Ok(req) = req.body(http_body_util::Full::new(bytes::Bytes::new())) else {
-        return false;
-    };
-    match tokio::time::timeout(hc.timeout, b.client.request(req)).await {
-        Ok(Ok(resp)) => {
-            let s = resp.status();
-            let ok = !(s.is_server_error() || s == http::StatusCode::TOO_MANY_REQUESTS);
-            if !ok {
-                tracing::debug!(
-                    backend = &*b.cfg.name,
-                    status = s.as_u16(),
-                    "health probe failed"
-                );
-            }
-            ok
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(backend = &*b.cfg.name, error = %e, "health probe failed");
-            false
-        }
-        Err(_) => false,
-    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! every other request on that HTTP/2 connection is lost. The panic is still a bug; it is
 //! logged and counted so it gets fixed.
 
-use crate::body::GatewayBody;
+use super::EdgeBody;
 use crate::error::GatewayError;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -32,11 +32,12 @@ pub struct CatchPanic<S> {
 
 // === impl CatchPanic ===
 
-impl<S, B> Service<Request<B>> for CatchPanic<S>
+impl<S, B, RB> Service<Request<B>> for CatchPanic<S>
 where
-    S: Service<Request<B>, Response = Response<GatewayBody>, Error = Infallible>,
+    S: Service<Request<B>, Response = Response<RB>, Error = Infallible>,
+    RB: EdgeBody,
 {
-    type Response = Response<GatewayBody>;
+    type Response = Response<RB>;
     type Error = Infallible;
     type Future = CatchPanicFuture<S::Future>;
 
@@ -62,23 +63,23 @@ pin_project! {
     }
 }
 
-impl<F> Future for CatchPanicFuture<F>
+impl<F, RB: EdgeBody> Future for CatchPanicFuture<F>
 where
-    F: Future<Output = Result<Response<GatewayBody>, Infallible>>,
+    F: Future<Output = Result<Response<RB>, Infallible>>,
 {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            return Poll::Ready(Ok(crate::api::error::response(&GatewayError::Internal)));
+            return Poll::Ready(Ok(RB::refusal(&GatewayError::Internal)));
         };
         match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(poll) => poll,
             Err(_) => {
                 this.inner.set(None);
                 record_panic();
-                Poll::Ready(Ok(crate::api::error::response(&GatewayError::Internal)))
+                Poll::Ready(Ok(RB::refusal(&GatewayError::Internal)))
             }
         }
     }
@@ -93,6 +94,7 @@ fn record_panic() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::GatewayBody;
     use tower::ServiceExt;
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! Limits that protect the gateway itself: requests in flight (shed, never queue) and
 //! request body size.
 
-use crate::body::GatewayBody;
+use super::EdgeBody;
 use crate::error::GatewayError;
 use crate::metrics as m;
 use bytes::Bytes;
@@ -49,13 +49,14 @@ pub struct InFlightLimit<S> {
 
 // === impl InFlightLimit ===
 
-impl<S, B> Service<Request<B>> for InFlightLimit<S>
+impl<S, B, RB> Service<Request<B>> for InFlightLimit<S>
 where
-    S: Service<Request<B>, Response = Response<GatewayBody>, Error = Infallible>,
+    S: Service<Request<B>, Response = Response<RB>, Error = Infallible>,
+    RB: EdgeBody,
 {
-    type Response = Response<GatewayBody>;
+    type Response = Response<RB>;
     type Error = Infallible;
-    type Future = LimitFuture<S::Future>;
+    type Future = LimitFuture<S::Future, RB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -74,7 +75,7 @@ where
                 metrics::counter!(m::REJECTED_TOTAL, "kind" => GatewayError::Overloaded.kind())
                     .increment(1);
                 LimitFuture::Shed {
-                    resp: Some(crate::api::error::response(&GatewayError::Overloaded)),
+                    resp: Some(RB::refusal(&GatewayError::Overloaded)),
                 }
             }
         }
@@ -94,17 +95,17 @@ impl Drop for InFlightPermit {
 
 pin_project! {
     #[project = LimitProj]
-    pub enum LimitFuture<F> {
+    pub enum LimitFuture<F, RB> {
         Admitted { #[pin] inner: F, permit: Option<InFlightPermit> },
-        Shed { resp: Option<Response<GatewayBody>> },
+        Shed { resp: Option<Response<RB>> },
     }
 }
 
-impl<F> Future for LimitFuture<F>
+impl<F, RB: EdgeBody> Future for LimitFuture<F, RB>
 where
-    F: Future<Output = Result<Response<GatewayBody>, Infallible>>,
+    F: Future<Output = Result<Response<RB>, Infallible>>,
 {
-    type Output = Result<Response<GatewayBody>, Infallible>;
+    type Output = Result<Response<RB>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {

@@ -10,6 +10,14 @@ pub mod catch_panic;
 pub mod limits;
 pub mod request_id;
 
+/// What the server's own layers need of the response body they pass on: an answer of their
+/// own when they refuse a request (shed, panic), rendered by the body's owner in the client's
+/// protocol, and a place to keep the in-flight permit until the last byte.
+pub trait EdgeBody: Sized {
+    fn refusal(error: &crate::error::GatewayError) -> http::Response<Self>;
+    fn hold(&mut self, permit: limits::InFlightPermit);
+}
+
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};

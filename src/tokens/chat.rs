@@ -7,7 +7,7 @@
 //! the image size, which the gateway does not decode).
 
 use super::{Encoding, Tokenizers};
-use crate::ctx::Endpoint;
+use crate::api::endpoint::Endpoint;
 use serde_json::Value;
 
 const PER_MESSAGE: u64 = 3;

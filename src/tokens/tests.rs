@@ -2,7 +2,7 @@
 //! figures recorded in expected.json (docs/TOKENS.md).
 
 use super::*;
-use crate::ctx::Endpoint;
+use crate::api::endpoint::Endpoint;
 
 const ENGLISH: &str = include_str!("../../tests/data/token_sample/english.txt");
 const CODE: &str = include_str!("../../tests/data/token_sample/code.txt");

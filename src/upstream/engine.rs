@@ -18,8 +18,8 @@
 //! time and cuts a running stream when another request waits, so a count must never overlap
 //! the next generation.
 
+use crate::api::endpoint::Endpoint;
 use crate::config::Engine;
-use crate::ctx::Endpoint;
 use crate::meter::template::Shape;
 use crate::route::RouteBackend;
 use bytes::Bytes;

@@ -11,13 +11,17 @@
 //!     └ client left: cancel (drop upstream) or drain (read on for the provider's usage),
 //!       as the backend's on_disconnect says; the record is written either way
 //! ```
+//!
+//! The transport only reports: how the stream ended goes to a [`StreamEnd`] (the meter
+//! settles it), and the bytes of the ending are written by the client protocol's
+//! [`StreamWire`]. It knows neither the ledger nor the wire format of the client.
 
+use crate::api::endpoint::Endpoint;
 use crate::config::OnDisconnect;
-use crate::ctx::Endpoint;
 use crate::error::GatewayError;
-use crate::meter::format_usd;
 use crate::meter::sse::{SseObserver, Violation};
-use crate::record::{Completion, Generated, Outcome, Settled, Status};
+use crate::meter::{Generated, Outcome, Settled, Status, Usage};
+use crate::route::health::{BackendState, Failure};
 use crate::upstream::h1::Driver;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -30,7 +34,85 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::BodyError;
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("upstream body failed: {0}")]
+    Upstream(#[from] hyper::Error),
+    #[error("upstream went silent for longer than its idle timeout")]
+    Timeout,
+}
+
+/// Where a stream reports how it ended; the meter decides what that costs.
+pub trait StreamEnd: Send + 'static {
+    /// The stream ended with its client still there: the settled figures come back, to be
+    /// written before the last bytes.
+    fn finish(self: Box<Self>, outcome: Outcome) -> oneshot::Receiver<Settled>;
+    /// The client left: nobody waits for the figures.
+    fn abandon(self: Box<Self>, outcome: Outcome);
+}
+
+/// Who a stream answers, for the chunks the gateway writes itself.
+#[derive(Debug, Clone)]
+pub struct Who {
+    pub request_id: String,
+    pub model: Arc<str>,
+    pub endpoint: Endpoint,
+}
+
+/// How a stream ends, for the client protocol to write.
+#[derive(Debug)]
+pub struct Ending<'a> {
+    pub who: &'a Who,
+    pub status: Status,
+    /// The settled figures, when the record was committed.
+    pub settled: Option<&'a Settled>,
+    /// What ended the stream early, when something did.
+    pub error: Option<&'a GatewayError>,
+    /// The client asked for usage and the stream's own is not what was billed: the
+    /// gateway's figures go out as a usage chunk.
+    pub gateway_usage: bool,
+    /// The upstream ended its stream properly (`[DONE]`).
+    pub saw_done: bool,
+}
+
+/// A client protocol's stream endings (OpenAI's `data: [DONE]`, Anthropic's `message_stop`).
+pub trait StreamWire: Send + Sync + 'static {
+    /// The bytes after the upstream's last event.
+    fn ending(&self, ending: &Ending<'_>) -> Vec<u8>;
+}
+
+impl Ending<'_> {
+    /// The gateway's own closing comment, `: tollgate {"cost_usd":…}` and a blank line, which
+    /// SSE clients ignore; every protocol writes it before its end.
+    pub fn cost_comment(&self, out: &mut Vec<u8>) {
+        let Some(s) = self.settled else { return };
+        let Some(u) = s.usage else { return };
+        let cost = if s.priced {
+            crate::meter::format_usd(s.cost_nusd)
+        } else {
+            "null".into()
+        };
+        out.extend_from_slice(
+            format!(
+                r#": tollgate {{"cost_usd":{cost},"prompt_tokens":{},"completion_tokens":{},"token_source":"{}"{}{}}}"#,
+                u.prompt,
+                u.completion,
+                u.source.as_str(),
+                if self.gateway_usage { r#","usage_chunk":"gateway""# } else { "" },
+                if self.status == Status::BudgetCut { r#","ended_by":"budget""# } else { "" }
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(b"\n\n");
+    }
+
+    /// The usage the client was billed, when the gateway must send it itself.
+    pub fn gateway_usage(&self) -> Option<Usage> {
+        self.settled
+            .and_then(|s| s.usage)
+            .filter(|_| self.gateway_usage)
+    }
+}
 
 enum State {
     Streaming,
@@ -49,17 +131,19 @@ pub struct UpstreamBody {
     idle: Duration,
     observer: SseObserver,
     state: State,
-    completion: Option<Completion>,
+    end: Option<Box<dyn StreamEnd>>,
+    wire: &'static dyn StreamWire,
     on_disconnect: OnDisconnect,
     backend: Arc<str>,
+    /// The backend's health learns how its stream ended.
+    health: Arc<BackendState>,
     http_status: u16,
     response_bytes: u64,
     first_token_at: Option<std::time::Instant>,
     /// Generated tokens (events) the team's hard budget leaves room for; past it, the stream
     /// is ended cleanly by the gateway.
     output_limit: Option<u64>,
-    /// What a synthetic final chunk needs: request id, served model, endpoint.
-    who: (String, Arc<str>, Endpoint),
+    who: Who,
     /// The connection to poll alongside the body (plain-http backends; see `upstream::h1`).
     driver: Option<Driver>,
     /// The client asked for `stream_options.include_usage`: it gets a usage chunk even when
@@ -70,32 +154,28 @@ pub struct UpstreamBody {
 // === impl UpstreamBody ===
 
 impl UpstreamBody {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         inner: Incoming,
-        idle: Duration,
         observer: SseObserver,
-        completion: Completion,
-        on_disconnect: OnDisconnect,
+        end: Box<dyn StreamEnd>,
+        wire: &'static dyn StreamWire,
+        who: Who,
+        backend: &crate::route::RouteBackend,
         http_status: u16,
     ) -> Self {
-        let ctx = completion.ctx().expect("not settled yet");
-        let backend = ctx.backend.clone().unwrap_or_else(|| "".into());
-        let who = (
-            ctx.id.as_str().to_string(),
-            ctx.served_model
-                .clone()
-                .unwrap_or_else(|| ctx.requested_model.clone()),
-            ctx.endpoint,
-        );
+        let idle = backend.cfg.stream_idle_timeout;
         Self {
             inner: Some(inner),
             timer: Box::pin(tokio::time::sleep(idle)),
             idle,
             observer,
             state: State::Streaming,
-            completion: Some(completion),
-            on_disconnect,
-            backend,
+            end: Some(end),
+            wire,
+            on_disconnect: backend.cfg.on_disconnect,
+            backend: backend.cfg.name.clone(),
+            health: backend.state.clone(),
             http_status,
             response_bytes: 0,
             first_token_at: None,
@@ -144,11 +224,7 @@ impl UpstreamBody {
         // A connection left mid-body cannot be reused: closing it stops the backend.
         self.driver = None;
         let outcome = self.outcome(status);
-        let rx = self
-            .completion
-            .take()
-            .expect("settled once")
-            .finish(outcome);
+        let rx = self.end.take().expect("settled once").finish(outcome);
         self.state = State::Settling { rx, status, error };
         leftover
     }
@@ -171,12 +247,10 @@ impl UpstreamBody {
             ),
         };
         crate::upstream::forward::count_error(&self.backend, kind);
-        if let Some(state) = self.completion.as_ref().and_then(|c| c.backend_state()) {
-            state.on_failure(match error_kind {
-                true => crate::route::health::Failure::Timeout,
-                false => crate::route::health::Failure::Broken,
-            });
-        }
+        self.health.on_failure(match error_kind {
+            true => Failure::Timeout,
+            false => Failure::Broken,
+        });
         self.settle(Status::UpstreamBroken, Some(err))
     }
 
@@ -187,107 +261,40 @@ impl UpstreamBody {
             "upstream broke the SSE protocol; ending the stream"
         );
         crate::upstream::forward::count_error(&self.backend, violation.as_str());
-        if let Some(state) = self.completion.as_ref().and_then(|c| c.backend_state()) {
-            state.on_failure(crate::route::health::Failure::Broken);
-        }
+        self.health.on_failure(Failure::Broken);
         let err = GatewayError::UpstreamFailed {
             backend: self.backend.clone(),
         };
         let _ = self.settle(Status::UpstreamBroken, Some(err));
     }
 
-    /// The usage chunk `include_usage` promises, made from the gateway's counts.
-    fn usage_chunk(&self, u: &crate::meter::Usage) -> Vec<u8> {
-        let (id, model, endpoint) = &self.who;
-        let object = match endpoint {
-            Endpoint::ChatCompletions => "chat.completion.chunk",
-            _ => "text_completion",
-        };
-        let chunk = serde_json::json!({"id": id, "object": object,
-            "created": crate::clock::unix_now_us() / 1_000_000, "model": &**model, "choices": [],
-            "usage": {"prompt_tokens": u.prompt, "completion_tokens": u.completion,
-                      "total_tokens": u.prompt + u.completion}});
-        let mut out = b"data: ".to_vec();
-        out.extend_from_slice(chunk.to_string().as_bytes());
-        out.extend_from_slice(b"\n\n");
-        out
-    }
-
-    /// The bytes after the upstream's last event: the cost comment, then `[DONE]` (or the
-    /// error event that replaces it).
+    /// The bytes after the upstream's last event, in the client's protocol.
     fn ending(
         &self,
         settled: Option<Settled>,
         status: Status,
         error: Option<GatewayError>,
     ) -> Bytes {
-        let mut out = Vec::with_capacity(160);
-        if status == Status::BudgetCut {
-            // What a model that hit its length limit sends, so clients end the answer normally.
-            let (id, model, endpoint) = &self.who;
-            let created = crate::clock::unix_now_us() / 1_000_000;
-            let chunk = match endpoint {
-                Endpoint::ChatCompletions => {
-                    serde_json::json!({"id": id, "object": "chat.completion.chunk",
-                    "created": created, "model": &**model,
-                    "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}]})
-                }
-                _ => {
-                    serde_json::json!({"id": id, "object": "text_completion", "created": created, "model": &**model,
-                    "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}]})
-                }
-            };
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(chunk.to_string().as_bytes());
-            out.extend_from_slice(b"\n\n");
-        }
-        let error = match settled {
-            Some(s) if s.committed => {
-                let u = s
-                    .usage
-                    .unwrap_or_else(|| unreachable!("settled usage is always known"));
-                // The client asked for usage and the stream's own is not what was billed
-                // (none came, or it was not to be trusted): the gateway's goes last.
-                let gateway_usage = self.client_usage && self.observer.usage != Some(u);
-                if gateway_usage {
-                    out.extend_from_slice(&self.usage_chunk(&u));
-                }
-                out.extend_from_slice(b": tollgate ");
-                let cost = if s.priced {
-                    format_usd(s.cost_nusd)
-                } else {
-                    "null".into()
-                };
-                out.extend_from_slice(
-                    format!(
-                        r#"{{"cost_usd":{cost},"prompt_tokens":{},"completion_tokens":{},"token_source":"{}"{}{}}}"#,
-                        u.prompt,
-                        u.completion,
-                        u.source.as_str(),
-                        if gateway_usage { r#","usage_chunk":"gateway""# } else { "" },
-                        if status == Status::BudgetCut { r#","ended_by":"budget""# } else { "" }
-                    )
-                    .as_bytes(),
-                );
-                out.extend_from_slice(b"\n\n");
-                error
-            }
-            _ => Some(error.unwrap_or(GatewayError::LedgerUnavailable)),
+        let settled = settled.filter(|s| s.committed);
+        // A record that did not reach the ledger ends the answer with an error: the client
+        // must not take it for a complete one.
+        let error = match (&settled, error) {
+            (None, e) => Some(e.unwrap_or(GatewayError::LedgerUnavailable)),
+            (Some(_), e) => e,
         };
-        match error {
-            Some(e) => {
-                out.extend_from_slice(b"data: ");
-                out.extend_from_slice(&crate::api::error::openai_json(&e));
-                out.extend_from_slice(b"\n\n");
-            }
-            None if status == Status::Ok && self.observer.saw_done
-                || status == Status::BudgetCut =>
-            {
-                out.extend_from_slice(b"data: [DONE]\n\n")
-            }
-            None => {}
-        }
-        Bytes::from(out)
+        // The client asked for usage and the stream's own is not what was billed (none
+        // came, or it was not to be trusted): the gateway's goes last.
+        let gateway_usage = settled.as_ref().is_some_and(|s| {
+            self.client_usage && s.usage.is_some() && self.observer.usage != s.usage
+        });
+        Bytes::from(self.wire.ending(&Ending {
+            who: &self.who,
+            status,
+            settled: settled.as_ref(),
+            error: error.as_ref(),
+            gateway_usage,
+            saw_done: self.observer.saw_done,
+        }))
     }
 }
 
@@ -432,7 +439,7 @@ impl Batch {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        let (Some(completion), Some(inner)) = (self.completion.take(), self.inner.take()) else {
+        let (Some(end), Some(inner)) = (self.end.take(), self.inner.take()) else {
             return;
         };
         // The client left mid-stream.
@@ -444,9 +451,11 @@ impl Drop for UpstreamBody {
                     idle: self.idle,
                     observer: std::mem::take(&mut self.observer),
                     state: State::Streaming,
-                    completion: None,
+                    end: None,
+                    wire: self.wire,
                     on_disconnect: OnDisconnect::Cancel,
                     backend: self.backend.clone(),
+                    health: self.health.clone(),
                     http_status: self.http_status,
                     response_bytes: self.response_bytes,
                     first_token_at: self.first_token_at,
@@ -482,13 +491,13 @@ impl Drop for UpstreamBody {
                     }
                     let _ = drain.observer.finish();
                     drain.inner = None;
-                    completion.finish_detached(drain.outcome(Status::ClientClosed));
+                    end.abandon(drain.outcome(Status::ClientClosed));
                 });
             }
             _ => {
                 drop(inner);
                 let _ = self.observer.finish();
-                completion.finish_detached(self.outcome(Status::ClientClosed));
+                end.abandon(self.outcome(Status::ClientClosed));
             }
         }
     }
