@@ -428,9 +428,7 @@ fn output_limit(
 ) -> Option<u64> {
     let by_tokens = room.tokens.map(|t| reserved + t.max(0) as u64);
     let by_usd = match (room.nusd, price) {
-        (Some(n), Some(p)) if p.output > 0.0 => {
-            Some(reserved + (n.max(0) as f64 / (p.output * 1e9)) as u64)
-        }
+        (Some(n), Some(p)) => crate::meter::price::output_tokens_for(p, n).map(|t| reserved + t),
         _ => None,
     };
     [by_tokens, by_usd].into_iter().flatten().min()
@@ -451,12 +449,19 @@ struct Admitted {
 /// The worst case of a request on `candidate`: prompt plus the most it may generate, at the
 /// candidate's prices.
 fn worst_case(candidate: &Candidate, prompt: u64, output: u64) -> Demand {
-    let nusd = candidate.price.as_deref().map_or(0.0, |p| {
-        let p = p.for_prompt(prompt);
-        prompt as f64 * p.input + output as f64 * p.output
-    });
+    use crate::meter::price::{cost_nusd, Egress, Rounding, Tokens};
+    let tokens = Tokens {
+        prompt,
+        completion: output,
+        ..Default::default()
+    };
     Demand {
-        nusd: (nusd * 1e9).ceil() as i64,
+        nusd: cost_nusd(
+            candidate.price.as_deref(),
+            tokens,
+            Egress::default(),
+            Rounding::Up,
+        ),
         tokens: (prompt + output) as i64,
     }
 }

@@ -6,6 +6,7 @@
 //! a priced model always gets a cost, from local counts if need be.
 
 mod outcome;
+pub mod price;
 pub mod scan;
 pub mod sse;
 pub mod template;
@@ -186,28 +187,23 @@ pub fn usage_of(json: &[u8]) -> Option<Usage> {
     read_answer(json)?.0
 }
 
-/// Cost in nano-dollars (integers, so sums never drift): tokens x prices, plus egress.
+/// What a request cost, in nano-dollars: its tokens at their prices plus egress, rounded to
+/// the nearest nano-dollar once (see [`price`]).
 pub fn cost_nusd(
     price: Option<&Price>,
     usage: &Usage,
     egress_bytes: u64,
     egress_usd_per_gb: Option<f64>,
 ) -> i64 {
-    let mut usd = 0.0;
-    if let Some(p) = price {
-        let p = p.for_prompt(usage.prompt);
-        let uncached = usage
-            .prompt
-            .saturating_sub(usage.cached + usage.cache_write);
-        usd += uncached as f64 * p.input
-            + usage.cached as f64 * p.cached_input
-            + usage.cache_write as f64 * p.cache_write
-            + usage.completion as f64 * p.output;
-    }
-    if let Some(per_gb) = egress_usd_per_gb {
-        usd += egress_bytes as f64 * per_gb / 1e9;
-    }
-    (usd * 1e9).round() as i64
+    price::cost_nusd(
+        price,
+        usage.into(),
+        price::Egress {
+            bytes: egress_bytes,
+            usd_per_gb: egress_usd_per_gb,
+        },
+        price::Rounding::Nearest,
+    )
 }
 
 /// `0.000123450` style: nano-dollars as a decimal USD string, exact.

@@ -20,6 +20,7 @@ use crate::auth::Principal;
 use crate::config::prices::{self, Catalog, Price};
 use crate::config::{Backend, Features, Hosting, Routing, SelfHostedCost};
 use crate::error::GatewayError;
+use crate::meter::price;
 use crate::tokens::{Counter, Encoding};
 use crate::upstream::client::UpstreamClient;
 use crate::upstream::h1::H1Pool;
@@ -441,21 +442,23 @@ impl Router {
             (Hosting::SelfHosted, _, Some(_)) => Basis::RateCard,
             (Hosting::Commercial, _, Some(_)) => Basis::List,
         };
-        let tokens_usd = match (basis, &c.price) {
-            (Basis::RateCard | Basis::List, Some(p)) => {
-                let p = p.for_prompt(cost_tokens);
-                cost_tokens as f64 * p.input + output as f64 * p.output
-            }
-            _ => 0.0,
+        let price = match basis {
+            Basis::RateCard | Basis::List => c.price.as_deref(),
+            Basis::Marginal | Basis::Unpriced => None,
         };
         // Answers run about four bytes a token, plus the JSON around them.
-        let bytes = req.request_bytes + output * 4 + 300;
-        let egress_usd = cfg
-            .egress_usd_per_gb
-            .map_or(0.0, |g| g * bytes as f64 / 1e9);
+        let egress = price::Egress {
+            bytes: req.request_bytes + output * 4 + 300,
+            usd_per_gb: cfg.egress_usd_per_gb,
+        };
+        let expected = price::Tokens {
+            prompt: cost_tokens,
+            completion: output,
+            ..Default::default()
+        };
         let cost_nusd = match basis {
             Basis::Unpriced => i64::MAX,
-            _ => ((tokens_usd + egress_usd) * 1e9).round() as i64,
+            _ => price::cost_nusd(price, expected, egress, price::Rounding::Nearest),
         };
         Ok(Ranked {
             candidate: c.clone(),
