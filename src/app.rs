@@ -11,6 +11,7 @@ use crate::server::catch_panic::CatchPanicLayer;
 use crate::server::limits::InFlightLimitLayer;
 use crate::server::request_id::RequestIdLayer;
 use crate::server::{self, ServeOptions};
+use crate::tasks::Tasks;
 use crate::tokens::Tokenizers;
 use arc_swap::ArcSwap;
 use hyper_util::service::TowerToHyperService;
@@ -44,7 +45,9 @@ pub struct Running {
     pub admin: Admin,
     pub ledger: Arc<Ledger>,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    servers: Vec<JoinHandle<()>>,
+    /// Every task the gateway spawned; shutdown waits for them before closing the ledger.
+    pub tasks: Tasks,
 }
 
 /// Binds the configured addresses and starts serving.
@@ -106,7 +109,8 @@ pub async fn start_with_clock(
     let live: Live = Arc::new(ArcSwap::from_pointee(LiveState::build_with_clock(
         config, None, clock,
     )));
-    crate::probe::ensure_probes(&live);
+    let tasks = Tasks::new();
+    crate::probe::ensure_probes(&live, &tasks);
     let (shutdown, signal) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -121,7 +125,12 @@ pub async fn start_with_clock(
         // Innermost: a panic in a phase becomes a 500 that still carries the request id and
         // releases the in-flight permit.
         .layer(CatchPanicLayer)
-        .service(Gateway::new(live.clone(), ledger.clone(), budgets.clone()));
+        .service(Gateway::new(
+            live.clone(),
+            ledger.clone(),
+            budgets.clone(),
+            tasks.clone(),
+        ));
     let service = TowerToHyperService::new(service);
 
     let admin = Admin {
@@ -131,6 +140,7 @@ pub async fn start_with_clock(
         config_path,
         ledger: ledger.clone(),
         budgets: budgets.clone(),
+        tasks: tasks.clone(),
     };
     let admin_service = {
         let admin = admin.clone();
@@ -141,32 +151,38 @@ pub async fn start_with_clock(
     let admin_addr = admin_listener
         .local_addr()
         .expect("bound listener has an address");
-    let mut tasks = vec![
-        tokio::spawn(server::serve(
-            client,
-            service,
-            opts,
-            stopped(signal.clone()),
-        )),
-        tokio::spawn(server::serve(
-            admin_listener,
-            admin_service,
-            opts,
-            stopped(signal.clone()),
-        )),
+    let servers = vec![
+        tasks.spawn({
+            let tasks = tasks.clone();
+            let stop = stopped(signal.clone());
+            async move { server::serve(client, service, opts, &tasks, stop).await }
+        }),
+        tasks.spawn({
+            let tasks = tasks.clone();
+            let stop = stopped(signal.clone());
+            async move { server::serve(admin_listener, admin_service, opts, &tasks, stop).await }
+        }),
     ];
-    let upkeep = tokio::spawn(crate::metrics::upkeep(handle));
-    let gpu_watch = tokio::spawn(crate::finops::gpu::watch(Arc::downgrade(&live)));
-    tasks.push(tokio::spawn(async move {
-        stopped(signal).await;
-        upkeep.abort();
-        gpu_watch.abort();
-    }));
+    // Background loops: they end when shutdown begins.
+    let stop = tasks.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = crate::metrics::upkeep(handle) => {}
+            _ = stop.stopping() => {}
+        }
+    });
+    let (stop, weak) = (tasks.clone(), Arc::downgrade(&live));
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = crate::finops::gpu::watch(weak) => {}
+            _ = stop.stopping() => {}
+        }
+    });
     #[cfg(unix)]
     if admin.config_path.is_some() {
         let admin = admin.clone();
         let mut stop = shutdown.subscribe();
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let Ok(mut hup) =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             else {
@@ -180,7 +196,7 @@ pub async fn start_with_clock(
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }
-        }));
+        });
     }
     tracing::info!(%addr, %admin_addr, "tollgate listening");
     Ok(Running {
@@ -190,20 +206,23 @@ pub async fn start_with_clock(
         admin,
         ledger,
         shutdown,
+        servers,
         tasks,
     })
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish (up to the grace period), and returns
-    /// when every connection is closed.
+    /// Stops accepting, lets in-flight requests finish (up to the grace period), waits for
+    /// every task (a record may still be on its way: a drained stream, a count), then closes
+    /// the ledger once everything is written.
     pub async fn shutdown(self) {
         self.admin.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        for s in self.servers {
+            let _ = s.await;
         }
-        // Every response has ended, so every record is queued: write them all before exit.
+        self.tasks.close_and_wait().await;
+        // Every response has ended and every task with it: write all records before exit.
         let ledger = self.ledger;
         let _ = tokio::task::spawn_blocking(move || ledger.close()).await;
     }

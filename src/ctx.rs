@@ -7,7 +7,7 @@ use crate::tokens::Counter;
 use bytes::Bytes;
 use http::HeaderValue;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A request id, kept as a header value because that is how it leaves the gateway.
 #[derive(Debug, Clone)]
@@ -19,23 +19,65 @@ impl RequestId {
     }
 }
 
+/// One request, from the moment its caller is known to its record. Made right after
+/// authentication and lent (`&mut`) to each phase in turn, which fills in what it learned;
+/// the record guard (`record::Completion`) owns it, so however the request ends, its record
+/// is written from what the phases left here.
 #[derive(Debug)]
 pub struct RequestCtx {
     pub id: RequestId,
     pub started: Instant,
     pub endpoint: Endpoint,
     pub principal: Arc<Principal>,
-    pub tags: Tags,
-    /// The tag values that become metric labels (`metrics.tag_labels`).
-    pub metric_tags: crate::metrics::TagLabels,
+    /// Read (api): the client's body as received (shared, not copied), and what it asks.
+    pub body: Bytes,
+    /// Empty until the body names it.
     pub requested_model: Arc<str>,
     pub stream: bool,
-    /// The client's body as received (shared, not copied): counted locally when needed.
-    pub body: Bytes,
+    /// Tagged (tags): the team's and the request's tags, and those that are metric labels.
+    pub tags: Tags,
+    pub metric_tags: crate::metrics::TagLabels,
+    /// Sent (route, upstream): where it went, how it is counted, how often it was tried.
     pub counter: Counter,
     pub backend: Option<Arc<str>>,
     pub served_model: Option<Arc<str>>,
     /// Bytes sent upstream, for egress.
     pub upstream_request_bytes: u64,
     pub attempts: u32,
+    /// Time spent waiting on upstreams, so the gateway's own time can be told apart.
+    pub upstream_wait: Duration,
+}
+
+impl RequestCtx {
+    pub fn new(
+        id: RequestId,
+        started: Instant,
+        endpoint: Endpoint,
+        principal: Arc<Principal>,
+    ) -> Self {
+        Self {
+            id,
+            started,
+            endpoint,
+            principal,
+            body: Bytes::new(),
+            requested_model: Arc::from(""),
+            stream: false,
+            tags: Tags::new(),
+            metric_tags: Default::default(),
+            counter: crate::tokens::Encoding::for_model(""),
+            backend: None,
+            served_model: None,
+            upstream_request_bytes: 0,
+            attempts: 0,
+            upstream_wait: Duration::ZERO,
+        }
+    }
+
+    /// The model that answered, else the one asked for.
+    pub fn model(&self) -> Arc<str> {
+        self.served_model
+            .clone()
+            .unwrap_or_else(|| self.requested_model.clone())
+    }
 }

@@ -10,6 +10,7 @@
 //! ```
 
 pub mod clock;
+pub mod tasks;
 pub mod config;
 pub mod secret;
 pub mod app;
@@ -27,6 +28,7 @@ pub mod probe;
 pub mod upstream;
 pub mod body;
 pub mod meter;
+pub mod answer;
 pub mod record;
 pub mod ledger;
 pub mod metrics;

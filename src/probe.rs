@@ -5,16 +5,23 @@
 
 use crate::config::HealthCheck;
 use crate::live::Live;
+use crate::tasks::Tasks;
 use std::sync::Arc;
 
 /// Starts an active prober for every backend that has a health check and none running yet;
 /// called at start and after each reload. A prober follows its backend by name through
 /// reloads and stops when the backend leaves the config or the gateway goes away.
-pub fn ensure_probes(live: &Live) {
+pub fn ensure_probes(live: &Live, tasks: &Tasks) {
     let snapshot = live.load();
     for b in &snapshot.backends {
         if b.cfg.health_check.is_some() && b.state.start_probing() {
-            tokio::spawn(probe_loop(Arc::downgrade(live), b.cfg.name.clone()));
+            let (live, name, stop) = (Arc::downgrade(live), b.cfg.name.clone(), tasks.clone());
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = probe_loop(live, name) => {}
+                    _ = stop.stopping() => {}
+                }
+            });
         }
     }
 }

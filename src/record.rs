@@ -1,10 +1,13 @@
-//! The completion guard: however a request ends (finished, refused upstream, upstream broke,
-//! client went away), its usage and cost are settled and its ledger record written, once.
+//! The record guard: opened with the request's context right after authentication, it owns
+//! that context for the phases to fill in, and however the request ends (refused, finished,
+//! refused upstream, upstream broke, client went away) writes its ledger record, once.
 //!
 //! ```text
-//! finish(outcome) ─► usage: upstream's, else counted here (off the runtime when large)
-//!                 ─► cost = tokens x prices (+ egress)      ─► metrics
-//!                 ─► ledger record ─► Settled (committed?) ─► last bytes to the client
+//! open(ctx) ─► phases fill ctx ─┬► reject(error)   ─► record: rejected, no tokens, no cost
+//!                               └► send_to(backend) ─► finish(outcome)
+//!        finish(outcome) ─► usage: upstream's, else the engine's, else counted here
+//!                        ─► cost = tokens x prices (+ egress)   ─► budget settled ─► metrics
+//!                        ─► ledger record ─► Settled (committed?) ─► last bytes to the client
 //! ```
 //!
 //! Dropping a guard that was never finished records the request as `client_closed`: the
@@ -17,6 +20,7 @@ use crate::ledger::{Ledger, Record};
 use crate::meter::{self, Generated, Outcome, Settled, Status, TokenSource, Usage};
 use crate::metrics as m;
 use crate::route::health::InFlight;
+use crate::tasks::Tasks;
 use crate::tokens::{count_chat_prompt, ChatPrompt, Tokenizers};
 use crate::upstream::engine::EngineCounter;
 use std::sync::Arc;
@@ -28,9 +32,12 @@ pub struct Completion {
     /// Taken when settled, so a request settles once.
     job: Option<Job>,
     _in_flight: Option<InFlight>,
+    /// Where settling work that outlives the response runs (counting, learning).
+    tasks: Tasks,
 }
 
 struct Job {
+    /// The request, lent to the phases until it is settled.
     ctx: RequestCtx,
     price: Option<Arc<Price>>,
     egress_usd_per_gb: Option<f64>,
@@ -51,27 +58,24 @@ impl std::fmt::Debug for Completion {
 // === impl Completion ===
 
 impl Completion {
-    pub fn new(
-        ctx: RequestCtx,
-        price: Option<Arc<Price>>,
-        egress_usd_per_gb: Option<f64>,
-        ledger: Arc<Ledger>,
-        budget: Option<(Reservation, Arc<BudgetBook>)>,
-        in_flight: InFlight,
-        engine: Option<EngineCounter>,
-    ) -> Self {
-        let job = Job {
-            ctx,
-            price,
-            egress_usd_per_gb,
-            ledger,
-            budget,
-            engine,
-        };
+    /// Opens the record of an authenticated request.
+    pub fn open(ctx: RequestCtx, ledger: Arc<Ledger>, tasks: Tasks) -> Self {
         Self {
-            job: Some(job),
-            _in_flight: Some(in_flight),
+            job: Some(Job {
+                ctx,
+                price: None,
+                egress_usd_per_gb: None,
+                ledger,
+                budget: None,
+                engine: None,
+            }),
+            _in_flight: None,
+            tasks,
         }
+    }
+
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
     /// The request's context; `None` once settled.
@@ -79,9 +83,20 @@ impl Completion {
         self.job.as_ref().map(|j| &j.ctx)
     }
 
-    /// The backend's state, for its health to learn how the response ended.
-    pub fn backend_state(&self) -> Option<&Arc<crate::route::health::BackendState>> {
-        self._in_flight.as_ref().map(|g| g.backend())
+    /// The request's context, lent to a phase.
+    pub fn ctx_mut(&mut self) -> &mut RequestCtx {
+        &mut self
+            .job
+            .as_mut()
+            .expect("a request is settled once, after its last phase")
+            .ctx
+    }
+
+    /// Holds the request's budget reservation until it is settled (or released, unsettled).
+    pub fn hold(&mut self, reservation: Reservation, book: Arc<BudgetBook>) {
+        if let Some(job) = self.job.as_mut() {
+            job.budget = Some((reservation, book));
+        }
     }
 
     /// The budget reservation, to grow it when a fallback may cost more.
@@ -89,8 +104,19 @@ impl Completion {
         self.job.as_mut()?.budget.as_mut().map(|(r, _)| r)
     }
 
-    /// Points the request at a fallback backend: one more attempt, its prices and its slot.
-    pub fn retarget(
+    /// Refused before any backend answered: a record with no tokens and no cost, its
+    /// reservation released.
+    pub fn reject(mut self, error: &crate::error::GatewayError) {
+        self._in_flight = None;
+        if let Some(job) = self.job.take() {
+            let http_status = error.status().as_u16();
+            job.write_unsent(Status::Rejected, http_status);
+        }
+    }
+
+    /// Points the request at a backend (the first, or a fallback): one more attempt, its
+    /// prices and its slot.
+    pub fn send_to(
         &mut self,
         candidate: &crate::route::Candidate,
         claim: crate::route::Claim,
@@ -135,7 +161,10 @@ impl Completion {
         };
         job.distrust_empty_usage();
         let engine = job.job.engine.clone();
-        let runtime = tokio::runtime::Handle::try_current().ok();
+        // Outside a runtime (a guard dropped at exit) nothing can be awaited: settle inline.
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|_| self.tasks.clone());
         match (engine, runtime) {
             // No usage: the engine counts, while the request still holds its slot (see
             // `upstream::engine`), then the record is written as usual.
@@ -186,6 +215,13 @@ impl crate::upstream::stream::StreamEnd for Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
+        if self.job.as_ref().is_some_and(|j| j.ctx.attempts == 0) {
+            // The client left before any backend was asked: nothing to count or bill.
+            if let Some(job) = self.job.take() {
+                job.write_unsent(Status::ClientClosed, 499);
+            }
+            return;
+        }
         if self.job.is_some() {
             let outcome = Outcome {
                 status: Status::ClientClosed,
@@ -313,13 +349,11 @@ impl Settle {
 
     fn run(self, reply: Option<oneshot::Sender<Settled>>) {
         let mut this = self.with_local_usage();
-        let ctx = &this.job.ctx;
-        let o = &this.outcome;
-        let usage = o.usage.expect("with_local_usage fills it");
+        let usage = this.outcome.usage.expect("with_local_usage fills it");
         // The provider bills what it generated; an upstream that refused the request (or could
         // not be reached) bills nothing, but the prompt's tokens are still recorded.
-        let billable = o.status != Status::UpstreamError;
-        let egress_bytes = ctx.upstream_request_bytes + o.response_bytes;
+        let billable = this.outcome.status != Status::UpstreamError;
+        let egress_bytes = this.job.ctx.upstream_request_bytes + this.outcome.response_bytes;
         let cost_nusd = if billable {
             meter::cost_nusd(
                 this.job.price.as_deref(),
@@ -334,20 +368,9 @@ impl Settle {
         if let Some(state) = &this.backend_state {
             state.occupancy.charge(cost_nusd);
         }
-        if let Some((reservation, book)) = this.job.budget.take() {
-            // What was billed replaces the worst case that was held; a refusal upstream only
-            // releases it.
-            if billable {
-                let tokens = (usage.prompt + usage.completion) as i64;
-                reservation.settle(
-                    Demand {
-                        nusd: cost_nusd,
-                        tokens,
-                    },
-                    book.now_us(),
-                );
-            }
-        }
+        this.job
+            .settle_budget(billable.then_some((&usage, cost_nusd)));
+        let (ctx, o) = (&this.job.ctx, &this.outcome);
         let team = ctx.principal.team.name.clone();
         let backend = ctx.backend.clone();
         let model = ctx
@@ -368,36 +391,19 @@ impl Settle {
             latency,
         );
 
-        let ended_at_us = crate::clock::unix_now_us();
-        let record = Record {
-            id: ctx.id.as_str().to_string(),
-            started_at_us: ended_at_us - latency.as_micros() as i64,
-            ended_at_us,
-            team,
-            key_id: ctx.principal.key_id.clone(),
-            tags: serde_json::to_string(&ctx.tags).unwrap_or_else(|_| "{}".into()),
-            endpoint: ctx.endpoint.path(),
-            requested_model: ctx.requested_model.clone(),
-            backend,
-            served_model: ctx.served_model.clone(),
-            prompt_tokens: Some(usage.prompt),
-            completion_tokens: Some(usage.completion),
-            cached_tokens: Some(usage.cached),
-            cache_write_tokens: Some(usage.cache_write),
-            reasoning_tokens: Some(usage.reasoning),
-            token_source: Some(usage.source),
-            cost_nusd,
-            priced,
-            egress_bytes,
-            status: o.status.as_str(),
-            http_status: o.http_status,
-            attempts: ctx.attempts,
-            latency_ms: latency.as_secs_f64() * 1e3,
-            ttft_ms: o
-                .first_token_at
-                .map(|t| t.duration_since(ctx.started).as_secs_f64() * 1e3),
-            stream: ctx.stream,
-        };
+        let record = record(
+            ctx,
+            o.status,
+            o.http_status,
+            Some(Figures {
+                usage: &usage,
+                cost_nusd,
+                priced,
+                egress_bytes,
+                first_token_at: o.first_token_at,
+            }),
+            latency,
+        );
         let settled = Settled {
             usage: Some(usage),
             cost_nusd,
@@ -417,48 +423,77 @@ impl Settle {
     }
 }
 
-/// The record of a request refused before any backend was asked: no tokens, no cost.
-pub fn rejected(
-    id: &crate::ctx::RequestId,
-    started: Instant,
-    principal: &crate::auth::Principal,
-    endpoint: crate::api::endpoint::Endpoint,
-    requested_model: Option<Arc<str>>,
-    tags: &crate::tags::Tags,
-    error: &crate::error::GatewayError,
+impl Job {
+    /// What was billed replaces the worst case that was held; nothing billed (a refusal
+    /// upstream) only releases it.
+    fn settle_budget(&mut self, billed: Option<(&Usage, i64)>) {
+        let Some((reservation, book)) = self.budget.take() else {
+            return;
+        };
+        if let Some((usage, nusd)) = billed {
+            let tokens = (usage.prompt + usage.completion) as i64;
+            reservation.settle(Demand { nusd, tokens }, book.now_us());
+        }
+    }
+
+    /// The record of a request no backend was asked to serve: no tokens, no cost.
+    fn write_unsent(self, status: Status, http_status: u16) {
+        let latency = self.ctx.started.elapsed();
+        let record = record(&self.ctx, status, http_status, None, latency);
+        self.ledger.submit(record, None);
+    }
+}
+
+/// What a settled request consumed and cost.
+struct Figures<'a> {
+    usage: &'a Usage,
+    cost_nusd: i64,
+    priced: bool,
+    egress_bytes: u64,
+    first_token_at: Option<Instant>,
+}
+
+/// The ledger record of a request, settled (with its figures) or not sent (without).
+fn record(
+    ctx: &RequestCtx,
+    status: Status,
+    http_status: u16,
+    figures: Option<Figures<'_>>,
+    latency: std::time::Duration,
 ) -> Record {
     let ended_at_us = crate::clock::unix_now_us();
-    let latency = started.elapsed();
+    let usage = figures.as_ref().map(|f| f.usage);
     Record {
-        id: id.as_str().to_string(),
+        id: ctx.id.as_str().to_string(),
         started_at_us: ended_at_us - latency.as_micros() as i64,
         ended_at_us,
-        team: principal.team.name.clone(),
-        key_id: principal.key_id.clone(),
-        tags: serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()),
-        endpoint: endpoint.path(),
+        team: ctx.principal.team.name.clone(),
+        key_id: ctx.principal.key_id.clone(),
+        tags: serde_json::to_string(&ctx.tags).unwrap_or_else(|_| "{}".into()),
+        endpoint: ctx.endpoint.path(),
         // Caller-chosen text: bounded, so refused requests cannot fill the disk.
-        requested_model: requested_model.map_or_else(
-            || "".into(),
-            |m| Arc::from(crate::error::prefix_chars(&m, 200)),
-        ),
-        backend: None,
-        served_model: None,
-        prompt_tokens: None,
-        completion_tokens: None,
-        cached_tokens: None,
-        cache_write_tokens: None,
-        reasoning_tokens: None,
-        token_source: None,
-        cost_nusd: 0,
-        priced: true,
-        egress_bytes: 0,
-        status: Status::Rejected.as_str(),
-        http_status: error.status().as_u16(),
-        attempts: 0,
+        requested_model: Arc::from(crate::error::prefix_chars(&ctx.requested_model, 200)),
+        backend: ctx.backend.clone(),
+        served_model: ctx.served_model.clone(),
+        prompt_tokens: usage.map(|u| u.prompt),
+        completion_tokens: usage.map(|u| u.completion),
+        cached_tokens: usage.map(|u| u.cached),
+        cache_write_tokens: usage.map(|u| u.cache_write),
+        reasoning_tokens: usage.map(|u| u.reasoning),
+        token_source: usage.map(|u| u.source),
+        cost_nusd: figures.as_ref().map_or(0, |f| f.cost_nusd),
+        // Nothing was priced: nothing is unpriced either.
+        priced: figures.as_ref().is_none_or(|f| f.priced),
+        egress_bytes: figures.as_ref().map_or(0, |f| f.egress_bytes),
+        status: status.as_str(),
+        http_status,
+        attempts: ctx.attempts,
         latency_ms: latency.as_secs_f64() * 1e3,
-        ttft_ms: None,
-        stream: false,
+        ttft_ms: figures
+            .as_ref()
+            .and_then(|f| f.first_token_at)
+            .map(|t| t.duration_since(ctx.started).as_secs_f64() * 1e3),
+        stream: ctx.stream,
     }
 }
 

@@ -28,6 +28,7 @@ pub struct Admin {
     pub config_path: Option<PathBuf>,
     pub ledger: Arc<Ledger>,
     pub budgets: Arc<crate::budget::BudgetBook>,
+    pub tasks: crate::tasks::Tasks,
 }
 
 impl Admin {
@@ -213,14 +214,14 @@ impl Admin {
                     .map(|m| crate::tokens::Encoding::for_model(&m.name).encoding)
             })
             .collect();
-        std::thread::spawn(move || {
+        self.tasks.spawn_blocking(move || {
             encodings
                 .into_iter()
                 .for_each(|e| crate::tokens::Tokenizers::shared().load(e))
         });
         self.live
             .store(Arc::new(LiveState::build(config, Some(&old))));
-        crate::probe::ensure_probes(&self.live);
+        crate::probe::ensure_probes(&self.live, &self.tasks);
         tracing::info!(path = %path.display(), "config reloaded");
         Ok(())
     }

@@ -3,5 +3,6 @@
 
 pub mod endpoint;
 pub mod error;
+pub mod headers;
 pub mod models;
 pub mod openai;

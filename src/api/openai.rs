@@ -2,13 +2,16 @@
 //! bytes; the bytes themselves are forwarded as they are, except for the `model` value when
 //! an alias resolves to another name (one splice, one copy).
 
+use super::endpoint::Endpoint;
 use crate::config::Features;
+use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// The fields of a request the gateway acts on.
 #[derive(Debug)]
@@ -183,6 +186,91 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
         user: head.user,
         max_output_tokens: head.max_completion_tokens.or(head.max_tokens),
     })
+}
+
+/// What the later phases need of a request, read once from its body (which the context
+/// keeps, unparsed, for forwarding and counting).
+#[derive(Debug)]
+pub struct ClientRequest {
+    pub model: Arc<str>,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_output_tokens: Option<u64>,
+    pub features: Features,
+    /// For the tags phase.
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub user: Option<String>,
+    /// How to write the body for whichever backend serves it.
+    pub shape: Shape,
+}
+
+/// The read phase: the body within `max_body_bytes`, parsed once; the context learns the
+/// body, the model asked for and whether it streams.
+pub async fn read_request<B>(
+    ctx: &mut RequestCtx,
+    headers: &http::HeaderMap,
+    body: B,
+    max_body_bytes: u64,
+) -> Result<ClientRequest, GatewayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let content_length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let body = crate::server::limits::read_body(body, content_length, max_body_bytes).await?;
+    let summary = parse(&body)?;
+    let model: Arc<str> = Arc::from(&*summary.model);
+    ctx.requested_model = model.clone();
+    ctx.stream = summary.stream;
+    let streams = summary.stream && ctx.endpoint != Endpoint::Embeddings;
+    let shape = Shape {
+        body: body.clone(),
+        requested: model.clone(),
+        model_span: summary.model_span.clone(),
+        stream_options_span: summary.stream_options_span.clone(),
+        ask_usage: streams && !summary.include_usage,
+        client_usage: streams && summary.include_usage,
+    };
+    let request = ClientRequest {
+        model,
+        max_output_tokens: summary.max_output_tokens,
+        features: summary.features,
+        metadata: summary.metadata,
+        user: summary.user.map(Cow::into_owned),
+        shape,
+    };
+    ctx.body = body;
+    Ok(request)
+}
+
+/// What is needed to write the request body for whichever backend serves it.
+#[derive(Debug)]
+pub struct Shape {
+    body: Bytes,
+    requested: Arc<str>,
+    model_span: Range<usize>,
+    stream_options_span: Option<Range<usize>>,
+    /// A stream whose client did not ask for usage: ask for it where the backend can.
+    ask_usage: bool,
+    /// The client asked for usage on its stream.
+    pub client_usage: bool,
+}
+
+impl Shape {
+    /// The body for a backend that knows the model as `model` and may be asked for stream
+    /// usage (`stream_usage`), and whether usage must be hidden from the client: whenever it
+    /// did not ask, since some engines send usage unasked.
+    pub fn for_backend(&self, model: &str, stream_usage: bool) -> (Bytes, bool) {
+        let mut edits = BodyEdits::default();
+        if model != &*self.requested {
+            edits.set_model(&self.model_span, model);
+        }
+        if self.ask_usage && stream_usage {
+            edits.request_stream_usage(&self.body, self.stream_options_span.as_ref());
+        }
+        (edits.apply(&self.body), self.ask_usage)
+    }
 }
 
 /// `raw` borrows from `body`, so its position is a pointer difference.

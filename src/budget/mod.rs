@@ -13,6 +13,7 @@
 //! snapshot: a reload changes limits without losing spend. At start they are seeded from the
 //! ledger, so a restart neither forgets spend nor counts it twice.
 
+pub mod admit;
 pub mod window;
 
 use crate::clock::Clock;

@@ -12,6 +12,7 @@
 //! The plan is only a ranking of a snapshot: slots are claimed atomically when a request is
 //! sent (see [`Candidate::claim`]), and later candidates are the fallbacks.
 
+pub mod claim;
 pub mod explain;
 pub mod health;
 pub mod occupancy;
@@ -431,6 +432,27 @@ impl Router {
         let load_permille =
             (in_flight as u64 * 1000 / cap.unwrap_or(UNCAPPED_CAPACITY) as u64) as u32;
 
+        let (basis, cost_nusd) = self.expected_cost(c, req, cost_tokens);
+        Ok(Ranked {
+            candidate: c.clone(),
+            cost_nusd,
+            basis,
+            load_permille,
+            latency_us: state.latency().map_or(0, |l| l.as_micros() as u64),
+            queued,
+        })
+    }
+
+    /// What routing expects a request to cost on `c`, and on what basis: prompt at the input
+    /// price, expected output at the output price, plus egress; a self-hosted backend under
+    /// `marginal` costs only its egress while it has capacity.
+    fn expected_cost(
+        &self,
+        c: &Candidate,
+        req: &RouteRequest<'_>,
+        cost_tokens: u64,
+    ) -> (Basis, i64) {
+        let cfg = &c.backend.cfg;
         let output = req
             .max_output_tokens
             .map_or(self.expected_output_tokens, |m| {
@@ -460,14 +482,7 @@ impl Router {
             Basis::Unpriced => i64::MAX,
             _ => price::cost_nusd(price, expected, egress, price::Rounding::Nearest),
         };
-        Ok(Ranked {
-            candidate: c.clone(),
-            cost_nusd,
-            basis,
-            load_permille,
-            latency_us: state.latency().map_or(0, |l| l.as_micros() as u64),
-            queued,
-        })
+        (basis, cost_nusd)
     }
 
     /// The error for a request no candidate can take, saying why for each.

@@ -65,6 +65,7 @@ pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     opts: ServeOptions,
+    tasks: &crate::tasks::Tasks,
     shutdown: impl Future<Output = ()>,
 ) where
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
@@ -85,6 +86,7 @@ pub async fn serve<S, B>(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let close = tokio_util::sync::CancellationToken::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -105,9 +107,15 @@ pub async fn serve<S, B>(
             .serve_connection(TokioIo::new(stream), service.clone())
             .into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection closed with error");
+        let close = close.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection closed with error");
+                },
+                // Past the grace period the connection is dropped: its requests end as their
+                // clients left, each one recorded.
+                _ = close.cancelled() => {}
             }
         });
     }
@@ -117,5 +125,6 @@ pub async fn serve<S, B>(
         .is_err()
     {
         tracing::warn!(grace = ?opts.shutdown_grace, "connections still open after the grace period; closing");
+        close.cancel();
     }
 }

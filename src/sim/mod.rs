@@ -172,9 +172,17 @@ impl Sim {
             shutdown_grace: Duration::from_secs(1),
             ..Default::default()
         };
-        let task = tokio::spawn(server::serve(listener, service, opts, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
+        // The simulator's own tasks: a test stops it with its server, nothing waits for more.
+        let tasks = crate::tasks::Tasks::new();
+        let task = tasks.spawn({
+            let tasks = tasks.clone();
+            async move {
+                server::serve(listener, service, opts, &tasks, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+            }
+        });
         Sim {
             addr,
             knobs,

@@ -213,6 +213,24 @@ impl Tokenizers {
     }
 }
 
+/// A request body's prompt counted exactly with `counter`, on the blocking pool when large;
+/// the free upper bound when the body is not one the counter can read.
+pub async fn count_prompt(
+    counter: Counter,
+    endpoint: crate::api::endpoint::Endpoint,
+    body: &bytes::Bytes,
+) -> u64 {
+    let estimate = estimate_prompt_tokens(body.len());
+    let owned = body.clone();
+    Tokenizers::shared()
+        .off_runtime(body.len(), move |tok| {
+            ChatPrompt::parse(endpoint, &owned)
+                .map(|p| counter.scale(count_chat_prompt(tok, counter.encoding, &p)))
+                .unwrap_or(estimate)
+        })
+        .await
+}
+
 /// A free upper bound on a prompt's tokens: every token is at least one byte, and the JSON
 /// around the text only adds bytes.
 pub fn estimate_prompt_tokens(body_bytes: usize) -> u64 {

@@ -36,45 +36,15 @@ pub async fn send(
         cfg.api_key.as_ref().map(|k| k.expose()),
         request_id,
     );
-    let failed = || GatewayError::UpstreamFailed {
-        backend: cfg.name.clone(),
+    let sent = crate::clock::now();
+    let result = match tokio::time::timeout(timeout, transmit(backend, path, headers, body)).await {
+        Ok(result) => result,
+        Err(_) => Err(Sent::TimedOut),
     };
-    let sent = std::time::Instant::now();
-
-    let result = match &backend.h1 {
-        Some(pool) => {
-            // Origin-form target and a Host header, as a client speaking to a server sends.
-            let mut req = Request::builder()
-                .method(Method::POST)
-                .uri(format!("{}{}", pool_prefix(&cfg.base_url), path))
-                .body(Full::new(body))
-                .map_err(|_| failed())?;
-            *req.headers_mut() = headers;
-            if let Ok(host) = HeaderValue::from_str(pool.authority()) {
-                req.headers_mut().insert(http::header::HOST, host);
-            }
-            match tokio::time::timeout(timeout, pool.send(req)).await {
-                Ok(Ok((resp, driver))) => Ok(Ok((resp, Some(driver)))),
-                Ok(Err(e)) => Ok(Err((e.is_connect(), e.to_string()))),
-                Err(_) => Err(()),
-            }
-        }
-        None => {
-            let mut req = Request::builder()
-                .method(Method::POST)
-                .uri(format!("{}{}", cfg.base_url, path))
-                .body(Full::new(body))
-                .map_err(|_| failed())?;
-            *req.headers_mut() = headers;
-            match tokio::time::timeout(timeout, backend.client.request(req)).await {
-                Ok(Ok(resp)) => Ok(Ok((resp, None))),
-                Ok(Err(e)) => Ok(Err((e.is_connect(), e.to_string()))),
-                Err(_) => Err(()),
-            }
-        }
-    };
+    // What the answer (or its absence) says of the backend's health, and what the client is told.
+    let name = || cfg.name.clone();
     match result {
-        Ok(Ok(ok)) => {
+        Ok(ok) => {
             let status = ok.0.status();
             if status == http::StatusCode::TOO_MANY_REQUESTS {
                 backend.state.on_busy(retry_after(ok.0.headers()));
@@ -85,21 +55,19 @@ pub async fn send(
             }
             Ok(ok)
         }
-        Ok(Err((true, error))) => {
+        Err(Sent::Refused(error)) => {
             tracing::warn!(backend = &*cfg.name, %error, "upstream connect failed");
             backend.state.on_failure(Failure::Connect);
             count_error(&cfg.name, "connect");
-            Err(GatewayError::UpstreamConnect {
-                backend: cfg.name.clone(),
-            })
+            Err(GatewayError::UpstreamConnect { backend: name() })
         }
-        Ok(Err((false, error))) => {
+        Err(Sent::Failed(error)) => {
             tracing::warn!(backend = &*cfg.name, %error, "upstream request failed");
             backend.state.on_failure(Failure::Broken);
             count_error(&cfg.name, "request");
-            Err(failed())
+            Err(GatewayError::UpstreamFailed { backend: name() })
         }
-        Err(()) => {
+        Err(Sent::TimedOut) => {
             tracing::warn!(
                 backend = &*cfg.name,
                 ?timeout,
@@ -107,9 +75,58 @@ pub async fn send(
             );
             backend.state.on_failure(Failure::Timeout);
             count_error(&cfg.name, "timeout");
-            Err(GatewayError::UpstreamTimeout {
-                backend: cfg.name.clone(),
-            })
+            Err(GatewayError::UpstreamTimeout { backend: name() })
+        }
+    }
+}
+
+/// How sending failed, before any answer.
+enum Sent {
+    /// No connection could be made: the request never reached the backend.
+    Refused(String),
+    Failed(String),
+    TimedOut,
+}
+
+/// Writes the request on the backend's pool and waits for its answer's head.
+async fn transmit(
+    backend: &crate::route::RouteBackend,
+    path: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(Response<Incoming>, Option<Driver>), Sent> {
+    let cfg = &backend.cfg;
+    let failed = |e: http::Error| Sent::Failed(e.to_string());
+    match &backend.h1 {
+        Some(pool) => {
+            // Origin-form target and a Host header, as a client speaking to a server sends.
+            let mut req = Request::builder()
+                .method(Method::POST)
+                .uri(format!("{}{}", pool_prefix(&cfg.base_url), path))
+                .body(Full::new(body))
+                .map_err(failed)?;
+            *req.headers_mut() = headers;
+            if let Ok(host) = HeaderValue::from_str(pool.authority()) {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
+            match pool.send(req).await {
+                Ok((resp, driver)) => Ok((resp, Some(driver))),
+                Err(e) if e.is_connect() => Err(Sent::Refused(e.to_string())),
+                Err(e) => Err(Sent::Failed(e.to_string())),
+            }
+        }
+        None => {
+            let mut req = Request::builder()
+                .method(Method::POST)
+                .uri(format!("{}{}", cfg.base_url, path))
+                .body(Full::new(body))
+                .map_err(failed)?;
+            *req.headers_mut() = headers;
+            match backend.client.request(req).await {
+                Ok(resp) => Ok((resp, None)),
+                Err(e) if e.is_connect() => Err(Sent::Refused(e.to_string())),
+                Err(e) => Err(Sent::Failed(e.to_string())),
+            }
         }
     }
 }
@@ -135,4 +152,41 @@ fn pool_prefix(base_url: &str) -> &str {
 pub fn count_error(backend: &std::sync::Arc<str>, kind: &'static str) {
     metrics::counter!(crate::metrics::UPSTREAM_ERRORS_TOTAL, "backend" => backend.clone(), "kind" => kind)
         .increment(1);
+}
+
+/// Why a whole answer could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    Timeout,
+    TooLarge,
+    Body,
+    /// A 2xx whose body is not JSON: the client could not use it.
+    NotJson,
+}
+
+/// Reads a whole (non-stream) answer within `limit` bytes and `deadline`, driving its
+/// connection; the connection goes back to the pool once the body is read whole.
+pub async fn read_answer(
+    body: hyper::body::Incoming,
+    mut driver: Option<Driver>,
+    limit: u64,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, ReadError> {
+    use http_body_util::{BodyExt, Limited};
+    let read = tokio::time::timeout_at(deadline, Limited::new(body, limit as usize).collect());
+    let read = match driver.as_mut() {
+        Some(d) => d.drive(read).await,
+        None => read.await,
+    };
+    match read {
+        Err(_) => Err(ReadError::Timeout),
+        Ok(Ok(c)) => {
+            if let Some(d) = driver.take() {
+                d.release();
+            }
+            Ok(c.to_bytes())
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
+        Ok(Err(_)) => Err(ReadError::Body),
+    }
 }

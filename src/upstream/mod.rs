@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod engine;
+pub mod exchange;
 pub mod forward;
 pub mod h1;
 pub mod headers;

@@ -22,6 +22,7 @@ use crate::error::GatewayError;
 use crate::meter::sse::{SseObserver, Violation};
 use crate::meter::{Generated, Outcome, Settled, Status, Usage};
 use crate::route::health::{BackendState, Failure};
+use crate::tasks::Tasks;
 use crate::upstream::h1::Driver;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -149,6 +150,8 @@ pub struct UpstreamBody {
     /// The client asked for `stream_options.include_usage`: it gets a usage chunk even when
     /// the engine sends none, or one that was not billed (the gateway's counts, then).
     client_usage: bool,
+    /// Where a stream drained after its client left goes on (shutdown waits for it).
+    tasks: Tasks,
 }
 
 // === impl UpstreamBody ===
@@ -183,7 +186,13 @@ impl UpstreamBody {
             who,
             driver: None,
             client_usage: false,
+            tasks: Tasks::default(),
         }
+    }
+
+    pub fn with_tasks(mut self, tasks: Tasks) -> Self {
+        self.tasks = tasks;
+        self
     }
 
     pub fn with_client_usage(mut self, asked: bool) -> Self {
@@ -444,7 +453,8 @@ impl Drop for UpstreamBody {
         };
         // The client left mid-stream.
         match (self.on_disconnect, tokio::runtime::Handle::try_current()) {
-            (OnDisconnect::Drain, Ok(rt)) => {
+            (OnDisconnect::Drain, Ok(_)) => {
+                let tasks = self.tasks.clone();
                 let mut drain = UpstreamBody {
                     inner: Some(inner),
                     timer: Box::pin(tokio::time::sleep(self.idle)),
@@ -463,8 +473,9 @@ impl Drop for UpstreamBody {
                     who: self.who.clone(),
                     driver: self.driver.take(),
                     client_usage: false,
+                    tasks: self.tasks.clone(),
                 };
-                rt.spawn(async move {
+                tasks.spawn(async move {
                     // Read to the end for the provider's own usage; what is read goes nowhere.
                     loop {
                         let (inner, driver) =

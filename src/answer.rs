@@ -1,0 +1,178 @@
+//! The answer phase: an upstream's response becomes the client's, metered and recorded.
+//!
+//! ```text
+//! stream ─► passed through event by event (upstream::stream), settled at its end
+//! whole  ─► read within its limits ─► usage, else counted ─► record committed ─► headers
+//!           (x-tollgate-prompt-tokens, -completion-tokens, -cost-usd) ─► the body
+//! ```
+
+use crate::api::headers as h;
+use crate::api::openai;
+use crate::body::GatewayBody;
+use crate::error::GatewayError;
+use crate::meter::{self, sse::SseObserver, Generated, Outcome, Status};
+use crate::metrics as m;
+use crate::record::Completion;
+use crate::route::health::Failure;
+use crate::route::Candidate;
+use crate::upstream::forward::{self, ReadError};
+use crate::upstream::h1::Driver;
+use crate::upstream::stream::{UpstreamBody, Who};
+use http::header::CONTENT_LENGTH;
+use hyper::body::Incoming;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a stream's pass-through must know of its request.
+#[derive(Debug, Clone, Copy)]
+pub struct Stream {
+    /// The gateway asked for usage the client did not: hide it.
+    pub strip_usage: bool,
+    /// The client asked for usage: it gets a usage chunk, the gateway's when need be.
+    pub client_usage: bool,
+    /// Generated tokens the team's hard budget leaves room for.
+    pub output_limit: Option<u64>,
+}
+
+/// A stream: passed through as it comes, metered on the way, settled at its end.
+pub fn stream(
+    incoming: Incoming,
+    driver: Option<Driver>,
+    status: u16,
+    shaped: Stream,
+    mut record: Completion,
+    candidate: &Arc<Candidate>,
+) -> GatewayBody {
+    let ctx = record.ctx_mut();
+    let who = Who {
+        request_id: ctx.id.as_str().to_string(),
+        model: candidate.model.clone(),
+        endpoint: ctx.endpoint,
+    };
+    let (started, waited) = (ctx.started, ctx.upstream_wait);
+    let tasks = record.tasks().clone();
+    let body = UpstreamBody::new(
+        incoming,
+        SseObserver::new(shaped.strip_usage),
+        Box::new(record),
+        &openai::STREAM,
+        who,
+        &candidate.backend,
+        status,
+    )
+    .with_tasks(tasks)
+    .with_output_limit(shaped.output_limit)
+    .with_client_usage(shaped.client_usage)
+    .with_driver(driver);
+    // The head leaves before the stream's end, where its duration is measured.
+    record_overhead(candidate, started.elapsed(), waited);
+    GatewayBody::upstream(body)
+}
+
+/// A whole answer (or an upstream's error body): read, settled and recorded before its head
+/// leaves, since its usage decides the headers.
+pub async fn whole(
+    read: impl Future<Output = Result<bytes::Bytes, ReadError>>,
+    parts: &mut http::response::Parts,
+    mut record: Completion,
+    candidate: &Candidate,
+) -> Result<GatewayBody, GatewayError> {
+    let reading = crate::clock::now();
+    let read = read.await;
+    record.ctx_mut().upstream_wait += reading.elapsed();
+    let ok = parts.status.is_success();
+    let answer = match read {
+        Ok(bytes) if !ok => Ok((bytes, None)),
+        // A success the client could not parse is an upstream fault, not an answer.
+        Ok(bytes) => meter::read_answer(&bytes)
+            .map(|read| (bytes, Some(read)))
+            .ok_or(ReadError::NotJson),
+        Err(e) => Err(e),
+    };
+    let (bytes, read) = match answer {
+        Ok(answer) => answer,
+        Err(e) => {
+            let err = upstream_broken(candidate, &e);
+            let _ = record
+                .finish(unanswered(Status::UpstreamBroken, err.status().as_u16()))
+                .await;
+            return Err(err);
+        }
+    };
+    let (usage, text) = read.unwrap_or_default();
+    let (started, waited) = {
+        let ctx = record.ctx_mut();
+        (ctx.started, ctx.upstream_wait)
+    };
+    let settled = record
+        .finish(Outcome {
+            status: if ok {
+                Status::Ok
+            } else {
+                Status::UpstreamError
+            },
+            http_status: parts.status.as_u16(),
+            usage,
+            generated: ok.then_some(Generated {
+                text,
+                overflow_bytes: 0,
+            }),
+            response_bytes: bytes.len() as u64,
+            first_token_at: None,
+        })
+        .await
+        .map_err(|_| GatewayError::LedgerUnavailable)?;
+    if !settled.committed {
+        return Err(GatewayError::LedgerUnavailable);
+    }
+    if ok {
+        h::set_usage(&mut parts.headers, &settled);
+    }
+    parts.headers.remove(CONTENT_LENGTH);
+    record_overhead(candidate, settled.ended.duration_since(started), waited);
+    Ok(GatewayBody::full(bytes))
+}
+
+/// An answer that broke while being read, or a 2xx that is not JSON: the backend's health
+/// learns of it, and the client gets a clean upstream error.
+fn upstream_broken(candidate: &Candidate, e: &ReadError) -> GatewayError {
+    let backend = candidate.backend.cfg.name.clone();
+    let (kind, failure) = match e {
+        ReadError::Timeout => ("timeout", Failure::Timeout),
+        ReadError::NotJson => ("malformed_body", Failure::Broken),
+        ReadError::TooLarge | ReadError::Body => ("body", Failure::Broken),
+    };
+    if matches!(e, ReadError::NotJson) {
+        tracing::warn!(
+            backend = &*backend,
+            "upstream answered 2xx with a body that is not JSON"
+        );
+    }
+    forward::count_error(&backend, kind);
+    candidate.backend.state.on_failure(failure);
+    match e {
+        ReadError::Timeout => GatewayError::UpstreamTimeout { backend },
+        _ => GatewayError::UpstreamFailed { backend },
+    }
+}
+
+/// The gateway's own share of `span`, a part of the request's measured duration that starts
+/// where it starts: what is left when the time spent waiting on upstreams is taken out.
+fn record_overhead(candidate: &Candidate, span: Duration, upstream_wait: Duration) {
+    let own = span.saturating_sub(upstream_wait);
+    metrics::histogram!(m::OVERHEAD_SECONDS, "backend" => candidate.backend.cfg.name.clone())
+        .record(own.as_secs_f64());
+}
+
+/// How a request that got no usable answer ended.
+pub fn unanswered(status: Status, http_status: u16) -> Outcome {
+    Outcome {
+        status,
+        http_status,
+        usage: None,
+        generated: None,
+        response_bytes: 0,
+        first_token_at: None,
+    }
+}
