@@ -24,6 +24,26 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The head of any answer: the upstream's headers less its hop-by-hop ones, plus where the
+/// request went and why, and the budget room it leaves.
+pub fn head(
+    out: &mut http::HeaderMap,
+    candidate: &Candidate,
+    route: http::HeaderValue,
+    room: Option<&crate::budget::Remaining>,
+) {
+    crate::upstream::headers::strip_hop_by_hop(out);
+    out.insert(
+        h::X_TOLLGATE_BACKEND.clone(),
+        candidate.backend.name_header.clone(),
+    );
+    out.insert(h::X_TOLLGATE_MODEL.clone(), candidate.model_header.clone());
+    out.insert(h::X_TOLLGATE_ROUTE.clone(), route);
+    if let Some(r) = room {
+        h::set_budget(out, r);
+    }
+}
+
 /// What a stream's pass-through must know of its request.
 #[derive(Debug, Clone, Copy)]
 pub struct Stream {

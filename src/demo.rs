@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 const SIM_OPENAI_KEY: &str = "sk-sim-openai";
@@ -96,7 +96,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         TEAM_KEYS.len()
     );
 
-    let started = Instant::now();
+    let started = crate::clock::now();
     let since_us = crate::clock::unix_now_us();
     let results = drive_traffic(gw.addr, opts.requests_per_team).await;
     print_summary(&results, started.elapsed());
@@ -199,7 +199,7 @@ async fn send(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .expect("valid request");
-    let started = Instant::now();
+    let started = crate::clock::now();
     let mut o = Outcome {
         team,
         model,

@@ -9,6 +9,11 @@
 //!                                  └─► record: ledger (committed before the last byte), metrics
 //! ```
 
+// Library code returns typed errors; an `unwrap` that can fail in production is a bug.
+#![deny(clippy::unwrap_used)]
+// Tasks through the tracker and time through the clock (see clippy.toml for why).
+#![deny(clippy::disallowed_methods)]
+
 pub mod clock;
 pub mod tasks;
 pub mod config;

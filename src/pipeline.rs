@@ -16,10 +16,9 @@
 
 use crate::answer;
 use crate::api::endpoint::Endpoint;
-use crate::api::headers as h;
 use crate::api::{models, openai};
 use crate::body::GatewayBody;
-use crate::budget::admit::{self, Admission, Terms, DEFAULT_OUTPUT_RESERVE};
+use crate::budget::admit::{self, Admission};
 use crate::budget::BudgetBook;
 use crate::config::OnDisconnect;
 use crate::ctx::{RequestCtx, RequestId};
@@ -36,7 +35,6 @@ use crate::tags;
 use crate::tasks::Tasks;
 use crate::upstream::exchange::{self, Attempts, Retarget};
 use crate::upstream::forward;
-use crate::upstream::headers::strip_hop_by_hop;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -215,7 +213,21 @@ async fn prepare(
     let Claimed { idx, claim, tried } = routing::claim(&plan, &request.model, deadline).await?;
     let candidate = plan.ranked[idx].candidate.clone();
 
-    let admission = admit(gw, record, &request, &candidate, &counts).await?;
+    let admission = match admit::for_request(
+        &gw.budgets,
+        record.ctx_mut(),
+        request.max_output_tokens,
+        &candidate,
+        &counts,
+    )
+    .await?
+    {
+        Some((reservation, admission)) => {
+            record.hold(reservation, gw.budgets.clone());
+            Some(admission)
+        }
+        None => None,
+    };
 
     let (body, strip_usage) = request
         .shape
@@ -236,48 +248,6 @@ async fn prepare(
         },
         attempts,
     ))
-}
-
-/// The admission phase, for a team with budgets: the worst case at the chosen backend's
-/// prices, held by the record until it settles.
-async fn admit(
-    gw: &Gateway,
-    record: &mut Completion,
-    request: &openai::ClientRequest,
-    candidate: &Candidate,
-    counts: &routing::ExactCounts,
-) -> Result<Option<Admission>, GatewayError> {
-    let ctx = record.ctx_mut();
-    if ctx.principal.team.budgets.is_empty() {
-        return Ok(None);
-    }
-    let output = match ctx.endpoint {
-        Endpoint::Embeddings => 0,
-        _ => request
-            .max_output_tokens
-            .or(candidate.max_output_tokens)
-            .unwrap_or(DEFAULT_OUTPUT_RESERVE),
-    };
-    let known = counts
-        .iter()
-        .find(|(c, _)| *c == candidate.counter)
-        .map(|&(_, n)| n);
-    let terms = Terms {
-        price: candidate.price.as_deref(),
-        counter: candidate.counter,
-    };
-    let (reservation, admission) = admit::admit(
-        &gw.budgets,
-        &ctx.principal,
-        terms,
-        output,
-        known,
-        ctx.endpoint,
-        &ctx.body,
-    )
-    .await?;
-    record.hold(reservation, gw.budgets.clone());
-    Ok(Some(admission))
 }
 
 /// One request's trip to its backends and back, from sending to a metered response.
@@ -378,20 +348,13 @@ impl Exchange {
         };
 
         let (mut parts, incoming) = upstream.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let out = &mut parts.headers;
-        out.insert(
-            h::X_TOLLGATE_BACKEND.clone(),
-            candidate.backend.name_header.clone(),
-        );
-        out.insert(h::X_TOLLGATE_MODEL.clone(), candidate.model_header.clone());
-        out.insert(
-            h::X_TOLLGATE_ROUTE.clone(),
+        answer::head(
+            &mut parts.headers,
+            &candidate,
             crate::route::explain::header(&attempts.plan, attempts.idx, &attempts.tried),
+            prepared.admission.as_ref().map(|a| &a.remaining),
         );
-        if let Some(a) = &prepared.admission {
-            h::set_budget(out, &a.remaining);
-        }
+        let out = &parts.headers;
         let sse = out
             .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));

@@ -155,7 +155,7 @@ impl Completion {
         let mut job = Settle {
             job,
             outcome,
-            ended: Instant::now(),
+            ended: crate::clock::now(),
             backend_state,
             engine_counts: (None, None),
         };

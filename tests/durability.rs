@@ -112,3 +112,73 @@ async fn every_completed_response_survives_sigkill() {
     );
     drop(gw);
 }
+
+/// Records still on their way when SIGTERM arrives are written before the process exits:
+/// streams a commercial backend keeps generating after their clients left are read to their
+/// end for the provider's usage (on_disconnect = drain), by tasks shutdown waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_the_records_still_being_made() {
+    const STREAMS: usize = 8;
+    let (text, _sims, _) = Harness::new()
+        .backend(
+            Backend::sim("openai", "gpt-4o-mini")
+                .commercial()
+                .alias("chat-small")
+                .price(0.15, 0.60)
+                .paced(Duration::from_millis(25), 40),
+        )
+        .team("search", SEARCH_KEY)
+        .render()
+        .await;
+    let path = temp_dir("sigterm").join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let gw = BinaryGateway::start(&path).await;
+    let addr = gw.addr;
+
+    // Each client reads the first event of its stream, then leaves.
+    let mut ids = Vec::new();
+    for _ in 0..STREAMS {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+            .header("authorization", format!("Bearer {SEARCH_KEY}"))
+            .body(http_body_util::Full::from(chat("chat-small", true)))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        ids.push(
+            resp.headers()["x-tollgate-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.is_data());
+        drop((body, client));
+    }
+    // The backend is still generating all of them (about a second to go).
+    let (status, log) = gw.stop("-TERM").await;
+    assert!(status.success(), "a clean exit: {log}");
+
+    let ledger = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ledger = \"sqlite://"))
+        .unwrap()
+        .trim_end_matches('"');
+    let conn = rusqlite::Connection::open(ledger).unwrap();
+    let rows: Vec<(String, String, String, i64)> = conn
+        .prepare("SELECT id, status, token_source, completion_tokens FROM requests")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(rows.len(), STREAMS, "every stream has its record: {rows:?}");
+    for (id, status, source, completion) in &rows {
+        assert!(ids.contains(id));
+        assert_eq!(status, "client_closed");
+        // Read to its end after the client left: the provider's own usage, all 40 tokens.
+        assert_eq!((source.as_str(), *completion), ("upstream", 40), "{id}");
+    }
+}

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const KEY: &str = "tg-test-engines";
 
@@ -117,8 +117,8 @@ fn spawn(mut cmd: Command, port: u16, what: &str) -> Server {
 
 async fn ready(server: &Server, path: &str) {
     let client = reqwest_like::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tokio::time::Instant::now() < deadline {
         if client.get(&format!("{}{path}", server.url)).await == Some(200) {
             return;
         }

@@ -9,9 +9,11 @@ use super::{BudgetBook, Demand, OverBudget, Remaining, Reservation};
 use crate::api::endpoint::Endpoint;
 use crate::auth::Principal;
 use crate::config::prices::Price;
+use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use crate::meter::price::{self, Egress, Rounding, Tokens};
 use crate::metrics as m;
+use crate::route::Candidate;
 use crate::tokens::Counter;
 use bytes::Bytes;
 
@@ -42,6 +44,46 @@ pub struct Admission {
 pub struct Terms<'a> {
     pub price: Option<&'a Price>,
     pub counter: Counter,
+}
+
+/// The admission phase of a request on its chosen backend, for a team with budgets (`None`
+/// without): the most it may generate is its own `max_tokens`, else the model's cap, else
+/// [`DEFAULT_OUTPUT_RESERVE`]; an exact prompt count made while routing is reused.
+pub async fn for_request(
+    book: &BudgetBook,
+    ctx: &RequestCtx,
+    max_output_tokens: Option<u64>,
+    candidate: &Candidate,
+    counts: &[(Counter, u64)],
+) -> Result<Option<(Reservation, Admission)>, GatewayError> {
+    if ctx.principal.team.budgets.is_empty() {
+        return Ok(None);
+    }
+    let output = match ctx.endpoint {
+        Endpoint::Embeddings => 0,
+        _ => max_output_tokens
+            .or(candidate.max_output_tokens)
+            .unwrap_or(DEFAULT_OUTPUT_RESERVE),
+    };
+    let known = counts
+        .iter()
+        .find(|(c, _)| *c == candidate.counter)
+        .map(|&(_, n)| n);
+    let terms = Terms {
+        price: candidate.price.as_deref(),
+        counter: candidate.counter,
+    };
+    let admitted = admit(
+        book,
+        &ctx.principal,
+        terms,
+        output,
+        known,
+        ctx.endpoint,
+        &ctx.body,
+    )
+    .await?;
+    Ok(Some(admitted))
 }
 
 /// Reserves the request's worst case. `known` is an exact prompt count made already (for

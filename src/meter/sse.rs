@@ -232,6 +232,8 @@ impl SseObserver {
 
 /// Hides the usage the client did not ask for: the usage-only chunk goes, and a `usage`
 /// member (`null` on every chunk, or counts on the last one) is cut out of the others.
+// `&Cow`, not `&[u8]`: whether the data is borrowed (one `data:` line) decides how to splice.
+#[allow(clippy::ptr_arg)]
 fn strip_usage(event: &[u8], data: &Cow<'_, [u8]>, found: &Scan) -> Verdict {
     if found.usage.is_some() && found.choices_empty {
         return Verdict::Drop;

@@ -147,7 +147,8 @@ fn a_full_self_hosted_backend_overflows_to_the_cheapest_commercial_one() {
     let state = candidate.backend.state.clone();
     let later = tokio::time::Instant::now() + Duration::from_secs(10);
     let queued = rt.block_on(async {
-        let waiter = tokio::spawn(async move { candidate.claim_waiting(later).await });
+        let waiter =
+            crate::tasks::Tasks::new().spawn(async move { candidate.claim_waiting(later).await });
         while state.waiting() == 0 {
             tokio::task::yield_now().await;
         }

@@ -29,7 +29,7 @@ use std::sync::atomic::{
     AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use stream::{SimBody, TokenStream};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -224,7 +224,11 @@ async fn handle(
     let tokenize = tokenizer::serves(state.cfg.dialect.spec().tokenize, req.uri().path());
     if req.method() == Method::POST && !tokenize {
         state.stats.requests.fetch_add(1, Ordering::Relaxed);
-        *state.stats.last_headers.lock().unwrap() = Some(req.headers().clone());
+        *state
+            .stats
+            .last_headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(req.headers().clone());
     }
     let resp = respond(&state, req).await.unwrap_or_else(|e| e);
     if state.knobs.killed.load(Ordering::Relaxed) {
@@ -305,7 +309,11 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         }
     };
     let (body, v) = read_json(req).await?;
-    *state.stats.last_body.lock().unwrap() = Some(body);
+    *state
+        .stats
+        .last_body
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(body);
     let model = v["model"].as_str().unwrap_or_default().to_string();
     if !state.cfg.models.is_empty() && !state.cfg.models.contains(&model) {
         return Err(error(
@@ -387,10 +395,7 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
     state.waiting.fetch_sub(1, Ordering::Relaxed);
 
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let created = (crate::clock::unix_now_us() / 1_000_000) as u64;
     if kind == Kind::Embedding {
         return Ok(embeddings(&state.cfg, &v, &model));
     }

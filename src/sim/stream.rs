@@ -424,7 +424,11 @@ impl Streaming {
 
     fn store_record(&mut self) {
         if let Some(r) = self.record.take() {
-            *self.stats.last_stream.lock().unwrap() = Some(Bytes::from(r));
+            *self
+                .stats
+                .last_stream
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Bytes::from(r));
         }
     }
 }

@@ -237,7 +237,7 @@ mod tests {
     async fn a_request_on_a_connection_the_backend_closed_fails_at_once() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
+        let server = crate::tasks::Tasks::new().spawn(async move {
             // Accept and close without reading: what a server does to an idle keep-alive.
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 1];

@@ -351,7 +351,7 @@ impl Body for UpstreamBody {
                         batch.push(out);
                     }
                     if this.first_token_at.is_none() && this.observer.content_events > 0 {
-                        this.first_token_at = Some(std::time::Instant::now());
+                        this.first_token_at = Some(crate::clock::now());
                     }
                     if let Some(v) = this.observer.violation {
                         // What came before the bad event went out; the client now gets a

@@ -451,7 +451,7 @@ impl Gateway {
         let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let (client, req) = (self.client.clone(), self.request(path, key, body.clone()));
-                tokio::spawn(async move {
+                tollgate::tasks::Tasks::new().spawn(async move {
                     collect(client.request(req).await.expect("gateway answers")).await
                 })
             })
@@ -562,6 +562,8 @@ impl BinaryGateway {
         let stderr = child.stderr.take().unwrap();
         // Keep draining the child's stderr, or its logging would hit a closed pipe.
         let (tx, rx) = std::sync::mpsc::channel();
+        // A plain thread: the test's runtime may be blocked reading the child meanwhile.
+        #[allow(clippy::disallowed_methods)]
         let log = std::thread::spawn(move || {
             let mut all = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
