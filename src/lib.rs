@@ -1,13 +1,24 @@
 //! Tollgate: an inference gateway with cost metering.
 //!
-//! Modules are declared in the order a request meets them:
+//! After the process-wide pieces (clock, tasks, config, the live snapshot), modules are
+//! declared in the order a request meets them:
 //!
 //! ```text
-//! accept ─ limits ─ authenticate ─ tag ─ parse & estimate ─ route ─ forward ─┐
-//!                                                                           │
-//! client ◄── stream / body (x-tollgate-* headers) ◄── meter (usage, cost) ◄──┘
-//!                                  └─► record: ledger (committed before the last byte), metrics
+//! accept ─ limits ─ request id ─ authenticate ─► context, inside its record guard
+//!   ─ read & parse (api) ─ tag ─ plan & claim a slot (route) ─ admit (budget)
+//!   ─ send, fall back (upstream) ──────────────────────────────────────────────┐
+//!                                                                              │
+//! client ◄── stream / body, x-tollgate-* headers ◄── answer, meter (usage, cost) ┘
+//!                     └─► record: settle the budget, ledger (committed before the
+//!                         last byte), metrics
 //! ```
+//!
+//! Two departures from DESIGN.md's path, on purpose: tags come after the body is read (its
+//! `metadata` carries request tags), and admission comes after routing (a budget reserves
+//! the worst case at the prices of the backend that will serve the request).
+//!
+//! Beside the path: the FinOps wing (`finops`: reports, FOCUS, GPU economics), the admin
+//! port, the simulator, the demo and the command line.
 
 // Library code returns typed errors; an `unwrap` that can fail in production is a bug.
 #![deny(clippy::unwrap_used)]
@@ -18,22 +29,22 @@ pub mod clock;
 pub mod tasks;
 pub mod config;
 pub mod secret;
-pub mod app;
 pub mod live;
+pub mod app;
 pub mod server;
+pub mod auth;
 pub mod ctx;
 pub mod pipeline;
-pub mod auth;
-pub mod tags;
 pub mod api;
+pub mod tags;
 pub mod tokens;
-pub mod budget;
 pub mod route;
 pub mod probe;
+pub mod budget;
 pub mod upstream;
 pub mod body;
-pub mod meter;
 pub mod answer;
+pub mod meter;
 pub mod record;
 pub mod ledger;
 pub mod metrics;

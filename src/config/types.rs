@@ -223,6 +223,24 @@ pub struct GpuCost {
     pub tokens_per_second: Option<f64>,
 }
 
+impl GpuCost {
+    /// GPUs paid for: `count` x `fraction`.
+    pub fn gpus(&self) -> f64 {
+        self.count as f64 * self.fraction
+    }
+
+    /// What the GPUs cost an hour, in nano-dollars: the one rate both the live counters and
+    /// the reports accrue.
+    pub fn nusd_per_hour(&self) -> i64 {
+        (self.hourly_usd * self.gpus() * 1e9).round() as i64
+    }
+
+    /// What `us` microseconds of them cost, in nano-dollars, accrued as the live counter does.
+    pub fn paid_nusd(&self, us: i64) -> i64 {
+        (i128::from(self.nusd_per_hour()) * i128::from(us) / 3_600_000_000) as i64
+    }
+}
+
 #[derive(Debug)]
 pub struct Backend {
     pub name: Arc<str>,

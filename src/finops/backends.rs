@@ -86,9 +86,9 @@ pub fn economics(
             continue;
         };
         let period_us = (to - from) as f64;
-        let gpus = gpu.count as f64 * gpu.fraction;
-        let rate_nusd_per_hour = gpu.hourly_usd * gpus * 1e9;
-        let paid_nusd = (rate_nusd_per_hour * period_us / HOUR_US).round() as i64;
+        let gpus = gpu.gpus();
+        let rate_nusd_per_hour = gpu.nusd_per_hour() as f64;
+        let paid_nusd = gpu.paid_nusd(to - from);
         let (busy_us, in_flight_us) = occupancy(conn, &b.name, from, to)?;
         let served = served_models(conn, &b.name, from, to)?;
         let tokens: u64 = served.iter().map(|s| s.prompt + s.completion).sum();

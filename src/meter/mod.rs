@@ -172,13 +172,29 @@ pub fn timings_json(value: &[u8]) -> Option<Usage> {
 
 /// What a whole JSON answer says: its usage (see [`usage_json`]) and its generated text, read
 /// by the same scanner as stream events. `None` when the answer is not valid JSON.
+///
+/// The text is decoded only when the answer's usage does not make it moot (no usage, or one
+/// that claims nothing was generated): most answers are read once, without copying it.
 pub fn read_answer(json: &[u8]) -> Option<(Option<Usage>, String)> {
+    let usage_in = |found: &scan::Scan| {
+        found
+            .usage
+            .clone()
+            .and_then(|span| usage_json(&json[span]))
+            .or_else(|| {
+                found
+                    .timings
+                    .clone()
+                    .and_then(|span| timings_json(&json[span]))
+            })
+    };
+    let found = scan::scan_only(json).ok()?;
+    let usage = usage_in(&found);
+    if usage.is_some_and(|u| u.completion > 0) || found.text_parts == 0 {
+        return Some((usage, String::new()));
+    }
     let mut text = String::new();
-    let found = scan::scan(json, &mut text).ok()?;
-    let usage = found
-        .usage
-        .and_then(|span| usage_json(&json[span]))
-        .or_else(|| found.timings.and_then(|span| timings_json(&json[span])));
+    scan::scan(json, &mut text).ok()?;
     Some((usage, text))
 }
 

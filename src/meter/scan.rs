@@ -50,9 +50,19 @@ pub struct Invalid;
 
 /// Scans `doc`, appending its generated text to `text`. `doc` must be valid UTF-8 JSON.
 pub fn scan(doc: &[u8], text: &mut String) -> Result<Scan, Invalid> {
-    let doc = std::str::from_utf8(doc).map_err(|_| Invalid)?.as_bytes();
+    scan_into(doc, Some(text))
+}
+
+/// Scans `doc` without decoding its text: validation, usage, and whether there was any.
+pub fn scan_only(doc: &[u8]) -> Result<Scan, Invalid> {
+    scan_into(doc, None)
+}
+
+fn scan_into(doc: &[u8], text: Option<&mut String>) -> Result<Scan, Invalid> {
+    let doc = std::str::from_utf8(doc).map_err(|_| Invalid)?;
     let mut s = Scanner {
-        b: doc,
+        b: doc.as_bytes(),
+        s: doc,
         i: 0,
         depth: 0,
         text,
@@ -125,9 +135,12 @@ impl Path {
 
 struct Scanner<'a, 't> {
     b: &'a [u8],
+    /// The same bytes, known UTF-8: runs between ASCII delimiters are sliced, not re-checked.
+    s: &'a str,
     i: usize,
     depth: usize,
-    text: &'t mut String,
+    /// Where generated text goes; `None` to only validate it.
+    text: Option<&'t mut String>,
     out: Scan,
 }
 
@@ -156,14 +169,11 @@ impl<'a> Scanner<'a, '_> {
             b'{' => self.nested(|s| s.object(path)),
             b'[' => self.nested(|s| s.array(path)),
             b'"' => {
-                if path.is_text() {
-                    let before = self.text.len();
-                    self.string(true)?;
-                    if self.text.len() > before {
-                        self.out.text_parts += 1;
-                    }
-                } else {
-                    self.string(false)?;
+                let start = self.i;
+                self.string(path.is_text())?;
+                // More than its two quotes: a non-empty string.
+                if path.is_text() && self.i - start > 2 {
+                    self.out.text_parts += 1;
                 }
                 Ok(())
             }
@@ -310,50 +320,43 @@ impl<'a> Scanner<'a, '_> {
         })
     }
 
-    /// A string literal; decoded into `text` when `keep`. Returns whether it had escapes.
+    /// A string literal; decoded into `text` when `keep` (and text is kept). Returns whether
+    /// it had escapes.
     fn string(&mut self, keep: bool) -> Result<bool, Invalid> {
+        let keep = keep && self.text.is_some();
         self.expect(b'"')?;
         let mut escaped = false;
         let mut run = self.i;
         loop {
-            // Plain bytes go in runs: the input is known UTF-8, so a run is a valid str.
+            // Plain bytes go in runs up to the next quote or backslash; a raw control
+            // character inside one makes the document invalid.
             let rest = &self.b[self.i..];
-            let n = rest
-                .iter()
-                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-                .ok_or(Invalid)?;
-            self.i += n;
-            match self.b[self.i] {
-                b'"' => {
-                    if keep {
-                        self.push(run, self.i);
-                    }
-                    self.i += 1;
-                    return Ok(escaped);
-                }
-                b'\\' => {
-                    escaped = true;
-                    if keep {
-                        self.push(run, self.i);
-                    }
-                    self.i += 1;
-                    let c = self.escape()?;
-                    if keep {
-                        self.text.push(c);
-                    }
-                    run = self.i;
-                }
-                _ => return Err(Invalid), // a raw control character
+            let n = memchr::memchr2(b'"', b'\\', rest).ok_or(Invalid)?;
+            if rest[..n].iter().any(|&c| c < 0x20) {
+                return Err(Invalid);
             }
+            self.i += n;
+            if keep {
+                self.push(run, self.i);
+            }
+            if self.b[self.i] == b'"' {
+                self.i += 1;
+                return Ok(escaped);
+            }
+            escaped = true;
+            self.i += 1;
+            let c = self.escape()?;
+            if let (true, Some(text)) = (keep, self.text.as_deref_mut()) {
+                text.push(c);
+            }
+            run = self.i;
         }
     }
 
     fn push(&mut self, from: usize, to: usize) {
-        if to > from {
-            // In bounds and on char boundaries: the run lies between ASCII delimiters.
-            if let Ok(s) = std::str::from_utf8(&self.b[from..to]) {
-                self.text.push_str(s);
-            }
+        if let (true, Some(text)) = (to > from, self.text.as_deref_mut()) {
+            // On char boundaries: the run lies between ASCII delimiters.
+            text.push_str(&self.s[from..to]);
         }
     }
 

@@ -113,3 +113,32 @@ fn egress_is_charged_per_byte_and_unpriced_models_cost_only_egress() {
     assert_eq!(cost_nusd(None, &u, 1_000_000, Some(0.09)), 90_000);
     assert_eq!(cost_nusd(None, &u, 0, None), 0);
 }
+
+#[test]
+fn a_whole_answer_decodes_its_text_only_when_its_usage_needs_it() {
+    let (u, text) = read_answer(br#"{"choices":[{"message":{"content":"hi"}}]}"#).unwrap();
+    assert_eq!(
+        (u, text.as_str()),
+        (None, "hi"),
+        "no usage: the text is counted"
+    );
+    let (u, text) = read_answer(
+        br#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":3,"completion_tokens":0}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (u.unwrap().completion, text.as_str()),
+        (0, "hi"),
+        "a usage to check"
+    );
+    let (u, text) = read_answer(
+        br#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (u.unwrap().completion, text.as_str()),
+        (1, ""),
+        "usage stands"
+    );
+    assert_eq!(read_answer(b"{\"choices\": [}"), None);
+}

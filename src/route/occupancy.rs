@@ -117,10 +117,7 @@ impl Occupancy {
         let mut s = self.lock();
         s.advance(now_us);
         let (rate, gpus) = match (&backend.gpu, backend.hosting) {
-            (Some(g), Hosting::SelfHosted) => {
-                let gpus = g.count as f64 * g.fraction;
-                ((g.hourly_usd * gpus * 1e9).round() as i64, gpus)
-            }
+            (Some(g), Hosting::SelfHosted) => (g.nusd_per_hour(), g.gpus()),
             _ => (0, 0.0),
         };
         s.rate_nusd_per_hour = rate;

@@ -37,10 +37,7 @@ pub async fn send(
         request_id,
     );
     let sent = crate::clock::now();
-    let result = match tokio::time::timeout(timeout, transmit(backend, path, headers, body)).await {
-        Ok(result) => result,
-        Err(_) => Err(Sent::TimedOut),
-    };
+    let result = transmit(backend, path, headers, body, timeout).await;
     // What the answer (or its absence) says of the backend's health, and what the client is told.
     let name = || cfg.name.clone();
     match result {
@@ -88,12 +85,15 @@ enum Sent {
     TimedOut,
 }
 
-/// Writes the request on the backend's pool and waits for its answer's head.
+/// Writes the request on the backend's pool and waits for its answer's head, for at most
+/// `timeout`. (The timeout wraps the pool's own future, not this one: a larger future would
+/// be copied as it is wrapped, on every request.)
 async fn transmit(
     backend: &crate::route::RouteBackend,
     path: &str,
     headers: HeaderMap,
     body: Bytes,
+    timeout: Duration,
 ) -> Result<(Response<Incoming>, Option<Driver>), Sent> {
     let cfg = &backend.cfg;
     let failed = |e: http::Error| Sent::Failed(e.to_string());
@@ -109,10 +109,11 @@ async fn transmit(
             if let Ok(host) = HeaderValue::from_str(pool.authority()) {
                 req.headers_mut().insert(http::header::HOST, host);
             }
-            match pool.send(req).await {
-                Ok((resp, driver)) => Ok((resp, Some(driver))),
-                Err(e) if e.is_connect() => Err(Sent::Refused(e.to_string())),
-                Err(e) => Err(Sent::Failed(e.to_string())),
+            match tokio::time::timeout(timeout, pool.send(req)).await {
+                Ok(Ok((resp, driver))) => Ok((resp, Some(driver))),
+                Ok(Err(e)) if e.is_connect() => Err(Sent::Refused(e.to_string())),
+                Ok(Err(e)) => Err(Sent::Failed(e.to_string())),
+                Err(_) => Err(Sent::TimedOut),
             }
         }
         None => {
@@ -122,10 +123,11 @@ async fn transmit(
                 .body(Full::new(body))
                 .map_err(failed)?;
             *req.headers_mut() = headers;
-            match backend.client.request(req).await {
-                Ok(resp) => Ok((resp, None)),
-                Err(e) if e.is_connect() => Err(Sent::Refused(e.to_string())),
-                Err(e) => Err(Sent::Failed(e.to_string())),
+            match tokio::time::timeout(timeout, backend.client.request(req)).await {
+                Ok(Ok(resp)) => Ok((resp, None)),
+                Ok(Err(e)) if e.is_connect() => Err(Sent::Refused(e.to_string())),
+                Ok(Err(e)) => Err(Sent::Failed(e.to_string())),
+                Err(_) => Err(Sent::TimedOut),
             }
         }
     }
