@@ -71,7 +71,7 @@ pub fn stream(
         endpoint: ctx.endpoint,
     };
     let (started, waited) = (ctx.started, ctx.upstream_wait);
-    let tasks = record.tasks().clone();
+    let tasks = record.tasks().cloned().unwrap_or_default();
     let body = UpstreamBody::new(
         incoming,
         SseObserver::new(shaped.strip_usage),

@@ -18,7 +18,7 @@ use crate::answer;
 use crate::api::endpoint::Endpoint;
 use crate::api::{models, openai};
 use crate::body::GatewayBody;
-use crate::budget::admit::{self, Admission};
+use crate::budget::admit;
 use crate::budget::BudgetBook;
 use crate::config::OnDisconnect;
 use crate::ctx::{RequestCtx, RequestId};
@@ -27,13 +27,14 @@ use crate::ledger::Ledger;
 use crate::live::{Live, LiveState};
 use crate::meter::Status;
 use crate::metrics as m;
-use crate::record::Completion;
+use crate::fallback::{Fallback, Prepared};
+use crate::record::{Completion, Recorder};
 use crate::route::claim::{self as routing, Claimed};
-use crate::route::{Candidate, Claim, Prompt, RouteRequest, Router};
+use crate::route::{Prompt, RouteRequest, Router};
 use crate::server::request_id::next_id;
 use crate::tags;
 use crate::tasks::Tasks;
-use crate::upstream::exchange::{self, Attempts, Retarget};
+use crate::upstream::exchange::{self, Attempts};
 use crate::upstream::forward;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
@@ -45,22 +46,24 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+/// The gateway's request service; one pointer to what every request shares, so that a
+/// request clones one `Arc`, not one per part.
 #[derive(Clone)]
-pub struct Gateway {
+pub struct Gateway(Arc<Shared>);
+
+struct Shared {
     live: Live,
-    ledger: Arc<Ledger>,
     budgets: Arc<BudgetBook>,
-    tasks: Tasks,
+    recorder: Arc<Recorder>,
 }
 
 impl Gateway {
     pub fn new(live: Live, ledger: Arc<Ledger>, budgets: Arc<BudgetBook>, tasks: Tasks) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             live,
-            ledger,
             budgets,
-            tasks,
-        }
+            recorder: Arc::new(Recorder { ledger, tasks }),
+        }))
     }
 }
 
@@ -77,7 +80,7 @@ impl tower::Service<Request<Incoming>> for Gateway {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         // One snapshot per request: a reload mid-request cannot mix two configs.
-        let live = self.live.load_full();
+        let live = self.0.live.load_full();
         let gw = self.clone();
         Box::pin(async move {
             let started = crate::clock::now();
@@ -124,13 +127,13 @@ async fn dispatch(
     let principal = live.keys.authenticate(&parts.headers)?;
     // The context first, inside the guard that records it whatever happens next.
     let ctx = RequestCtx::new(id, started, endpoint, principal);
-    let mut record = Completion::open(ctx, gw.ledger.clone(), gw.tasks.clone());
+    let mut record = Completion::open(ctx, &gw.0.recorder);
     let exchange = match prepare(gw, live, &mut record, &parts, body).await {
         Ok((prepared, attempts)) => Exchange {
             prepared,
             attempts,
             record,
-            budgets: gw.budgets.clone(),
+            budgets: gw.0.budgets.clone(),
             live: live.clone(),
             headers: parts.headers,
             path: parts
@@ -152,22 +155,14 @@ async fn dispatch(
         .iter()
         .any(|r| r.candidate.backend.cfg.on_disconnect == OnDisconnect::Drain);
     if drain {
-        gw.tasks
+        gw.0.recorder
+            .tasks
             .spawn(exchange.run())
             .await
             .unwrap_or(Err(GatewayError::Internal))
     } else {
         exchange.run().await
     }
-}
-
-/// What the phases before sending decided.
-struct Prepared {
-    request: openai::ClientRequest,
-    admission: Option<Admission>,
-    /// The body for the current candidate, and whether usage must be hidden from the client.
-    body: bytes::Bytes,
-    strip_usage: bool,
 }
 
 /// The phases before anything is sent: read, tag, plan, claim, admit.
@@ -206,7 +201,7 @@ async fn prepare(
         return Err(Router::refusal(&request.model, &team.name, &plan));
     }
     // A request that could not be recorded must not be served.
-    if !gw.ledger.is_healthy() {
+    if !gw.0.recorder.ledger.is_healthy() {
         return Err(GatewayError::LedgerUnavailable);
     }
     let deadline = tokio::time::Instant::from_std(ctx.started + server.request_timeout);
@@ -214,7 +209,7 @@ async fn prepare(
     let candidate = plan.ranked[idx].candidate.clone();
 
     let admission = match admit::for_request(
-        &gw.budgets,
+        &gw.0.budgets,
         record.ctx_mut(),
         request.max_output_tokens,
         &candidate,
@@ -223,7 +218,7 @@ async fn prepare(
     .await?
     {
         Some((reservation, admission)) => {
-            record.hold(reservation, gw.budgets.clone());
+            record.hold(reservation, gw.0.budgets.clone());
             Some(admission)
         }
         None => None,
@@ -259,46 +254,6 @@ struct Exchange {
     live: Arc<LiveState>,
     headers: http::HeaderMap,
     path: String,
-}
-
-/// Moving to a fallback: a bigger reservation if it is dearer, its body, its terms on record.
-struct Fallback<'a> {
-    record: &'a mut Completion,
-    prepared: &'a mut Prepared,
-    book: &'a BudgetBook,
-}
-
-impl Retarget for Fallback<'_> {
-    fn retarget(&mut self, to: &Arc<Candidate>, claim: Claim) -> Option<bytes::Bytes> {
-        let Fallback {
-            record,
-            prepared,
-            book,
-        } = self;
-        if let Some(admission) = prepared.admission.as_mut() {
-            let principal = record.ctx_mut().principal.clone();
-            match admit::grow(book, &principal, admission, to.price.as_deref()) {
-                Ok(Some(more)) => {
-                    if let Some(held) = record.reservation_mut() {
-                        held.absorb(more);
-                    }
-                }
-                Ok(None) => {}
-                Err(_) => return None,
-            }
-        }
-        let (body, strip_usage) = prepared
-            .request
-            .shape
-            .for_backend(&to.model, to.backend.cfg.stream_usage);
-        record.send_to(to, claim, body.len() as u64);
-        prepared.strip_usage = strip_usage;
-        Some(body)
-    }
-
-    fn attempts(&self) -> u32 {
-        self.record.ctx().map_or(u32::MAX, |c| c.attempts)
-    }
 }
 
 impl Exchange {

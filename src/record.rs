@@ -32,8 +32,14 @@ pub struct Completion {
     /// Taken when settled, so a request settles once.
     job: Option<Job>,
     _in_flight: Option<InFlight>,
-    /// Where settling work that outlives the response runs (counting, learning).
-    tasks: Tasks,
+}
+
+/// Where every request's record goes, and where settling work that outlives a response runs
+/// (counting, learning). One per gateway: a request holds it by one pointer.
+#[derive(Debug)]
+pub struct Recorder {
+    pub ledger: Arc<Ledger>,
+    pub tasks: Tasks,
 }
 
 struct Job {
@@ -41,7 +47,7 @@ struct Job {
     ctx: RequestCtx,
     price: Option<Arc<Price>>,
     egress_usd_per_gb: Option<f64>,
-    ledger: Arc<Ledger>,
+    recorder: Arc<Recorder>,
     budget: Option<(Reservation, Arc<BudgetBook>)>,
     /// Counts with the serving engine's tokenizer, when it has one.
     engine: Option<EngineCounter>,
@@ -59,23 +65,23 @@ impl std::fmt::Debug for Completion {
 
 impl Completion {
     /// Opens the record of an authenticated request.
-    pub fn open(ctx: RequestCtx, ledger: Arc<Ledger>, tasks: Tasks) -> Self {
+    pub fn open(ctx: RequestCtx, recorder: &Arc<Recorder>) -> Self {
         Self {
             job: Some(Job {
                 ctx,
                 price: None,
                 egress_usd_per_gb: None,
-                ledger,
+                recorder: recorder.clone(),
                 budget: None,
                 engine: None,
             }),
             _in_flight: None,
-            tasks,
         }
     }
 
-    pub fn tasks(&self) -> &Tasks {
-        &self.tasks
+    /// Where work that outlives the response runs; `None` once settled.
+    pub fn tasks(&self) -> Option<&Tasks> {
+        self.job.as_ref().map(|j| &j.recorder.tasks)
     }
 
     /// The request's context; `None` once settled.
@@ -164,7 +170,7 @@ impl Completion {
         // Outside a runtime (a guard dropped at exit) nothing can be awaited: settle inline.
         let runtime = tokio::runtime::Handle::try_current()
             .ok()
-            .map(|_| self.tasks.clone());
+            .map(|_| job.job.recorder.tasks.clone());
         match (engine, runtime) {
             // No usage: the engine counts, while the request still holds its slot (see
             // `upstream::engine`), then the record is written as usual.
@@ -419,7 +425,7 @@ impl Settle {
                 });
             })
         });
-        this.job.ledger.submit(record, reply);
+        this.job.recorder.ledger.submit(record, reply);
     }
 }
 
@@ -440,7 +446,7 @@ impl Job {
     fn write_unsent(self, status: Status, http_status: u16) {
         let latency = self.ctx.started.elapsed();
         let record = record(&self.ctx, status, http_status, None, latency);
-        self.ledger.submit(record, None);
+        self.recorder.ledger.submit(record, None);
     }
 }
 

@@ -36,6 +36,12 @@ impl Tasks {
         self.tracker.spawn(task)
     }
 
+    /// A future counted as a task of the tracker, for a caller that spawns it itself (to
+    /// keep it abortable).
+    pub fn track<F: Future>(&self, task: F) -> tokio_util::task::task_tracker::TrackedFuture<F> {
+        self.tracker.track_future(task)
+    }
+
     /// Runs blocking work on the blocking pool, tracked like any task.
     #[allow(clippy::disallowed_methods)]
     pub fn spawn_blocking<T: Send + 'static>(

@@ -86,7 +86,9 @@ pub async fn serve<S, B>(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let close = tokio_util::sync::CancellationToken::new();
+    // Connections are tracked (shutdown waits for them) and kept abortable: past the grace
+    // period they are dropped, their requests ending as their clients left, each recorded.
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -107,17 +109,13 @@ pub async fn serve<S, B>(
             .serve_connection(TokioIo::new(stream), service.clone())
             .into_owned();
         let conn = graceful.watch(conn);
-        let close = close.clone();
-        tasks.spawn(async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection closed with error");
-                },
-                // Past the grace period the connection is dropped: its requests end as their
-                // clients left, each one recorded.
-                _ = close.cancelled() => {}
+        connections.spawn(tasks.track(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection closed with error");
             }
-        });
+        }));
+        // Finished connections are reaped as new ones come, so the set holds the open ones.
+        while connections.try_join_next().is_some() {}
     }
     drop(listener);
     if tokio::time::timeout(opts.shutdown_grace, graceful.shutdown())
@@ -125,6 +123,7 @@ pub async fn serve<S, B>(
         .is_err()
     {
         tracing::warn!(grace = ?opts.shutdown_grace, "connections still open after the grace period; closing");
-        close.cancel();
+        connections.abort_all();
     }
+    while connections.join_next().await.is_some() {}
 }
