@@ -176,7 +176,7 @@ async fn prepare(
     let server = &live.config.server;
     let ctx = record.ctx_mut();
     let mut request =
-        openai::read_request(ctx, &parts.headers, body, server.max_body_bytes).await?;
+        openai::read_request(ctx, &parts.headers, body, server).await?;
 
     ctx.tags = tags::collect(
         &ctx.principal.team,
@@ -211,7 +211,10 @@ async fn prepare(
     let admission = match admit::for_request(
         &gw.0.budgets,
         record.ctx_mut(),
-        request.max_output_tokens,
+        admit::OutputAsk {
+            per_choice: request.max_output_tokens,
+            choices: request.choices,
+        },
         &candidate,
         &counts,
     )
@@ -219,6 +222,9 @@ async fn prepare(
     {
         Some((reservation, admission)) => {
             record.hold(reservation, gw.0.budgets.clone());
+            if request.max_output_tokens.is_none() && admission.per_choice > 0 {
+                request.shape.cap_output(admission.per_choice);
+            }
             Some(admission)
         }
         None => None,

@@ -233,6 +233,7 @@ async fn a_stream_that_outgrows_its_reservation_is_ended_cleanly_at_the_hard_lim
     let gw = Harness::new()
         .backend(gpt().model_toml("max_output_tokens = 20").config(|c| {
             c.completion_tokens = 64;
+            c.ignores_max_tokens = true;
             c.token_interval = Duration::from_millis(2);
         }))
         .team_toml(

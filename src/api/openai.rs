@@ -24,10 +24,15 @@ pub struct RequestSummary<'a> {
     pub include_usage: bool,
     /// Byte range of the `stream_options` value, when present.
     pub stream_options_span: Option<Range<usize>>,
+    /// Byte range of the `max_tokens` value, when present (`null` included).
+    pub max_tokens_span: Option<Range<usize>>,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     pub user: Option<Cow<'a, str>>,
-    /// `max_completion_tokens`, else `max_tokens`.
+    /// The output cap of one choice: the larger of `max_completion_tokens` and `max_tokens`
+    /// when both are sent, since engines disagree on which one wins.
     pub max_output_tokens: Option<u64>,
+    /// How many completions the upstream generates: the larger of `n` and `best_of`.
+    pub choices: u64,
     /// What the request needs of a model: tools, image inputs, JSON mode.
     pub features: Features,
 }
@@ -44,8 +49,15 @@ struct Head<'a> {
     metadata: Option<&'a RawValue>,
     #[serde(borrow)]
     user: Option<Cow<'a, str>>,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
+    // `null` too: a cap the gateway adds must replace it, not follow it as a duplicate key.
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    n: Option<&'a RawValue>,
+    #[serde(borrow)]
+    best_of: Option<&'a RawValue>,
     #[serde(borrow)]
     tools: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -175,6 +187,22 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
         _ => None,
     };
     let features = request_features(body, &head);
+    let cap = |raw, name| count_field(raw, name, 1);
+    let max_output_tokens = match (
+        cap(head.max_completion_tokens, "max_completion_tokens")?,
+        cap(head.max_tokens, "max_tokens")?,
+    ) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let n = cap(head.n, "n")?.unwrap_or(1);
+    let best_of = cap(head.best_of, "best_of")?.unwrap_or(n);
+    if best_of < n {
+        return Err(GatewayError::InvalidField {
+            param: "best_of",
+            message: format!("`best_of` ({best_of}) must be at least `n` ({n})"),
+        });
+    }
     Ok(RequestSummary {
         features,
         model,
@@ -182,10 +210,34 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
         stream: head.stream.unwrap_or(false),
         include_usage,
         stream_options_span: head.stream_options.map(|raw| span_of(body, raw)),
+        max_tokens_span: head.max_tokens.map(|raw| span_of(body, raw)),
         metadata,
         user: head.user,
-        max_output_tokens: head.max_completion_tokens.or(head.max_tokens),
+        max_output_tokens,
+        choices: best_of,
     })
+}
+
+/// A count the client sets (`n`, `max_tokens`, …): absent or `null`, or a whole number of at
+/// least `min`. Its own error names the field, where serde's would name the body.
+fn count_field(
+    raw: Option<&RawValue>,
+    param: &'static str,
+    min: u64,
+) -> Result<Option<u64>, GatewayError> {
+    let Some(raw) = raw.filter(|r| r.get() != "null") else {
+        return Ok(None);
+    };
+    match serde_json::from_str::<u64>(raw.get()) {
+        Ok(v) if v >= min => Ok(Some(v)),
+        _ => Err(GatewayError::InvalidField {
+            param,
+            message: format!(
+                "`{param}` must be a whole number of at least {min} (got {})",
+                crate::error::prefix_chars(raw.get(), 32)
+            ),
+        }),
+    }
 }
 
 /// What the later phases need of a request, read once from its body (which the context
@@ -193,8 +245,10 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
 #[derive(Debug)]
 pub struct ClientRequest {
     pub model: Arc<str>,
-    /// `max_completion_tokens`, else `max_tokens`.
+    /// The output cap of one choice, as the client set it.
     pub max_output_tokens: Option<u64>,
+    /// Completions the upstream generates (`n`, `best_of`).
+    pub choices: u64,
     pub features: Features,
     /// For the tags phase.
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
@@ -209,7 +263,7 @@ pub async fn read_request<B>(
     ctx: &mut RequestCtx,
     headers: &http::HeaderMap,
     body: B,
-    max_body_bytes: u64,
+    limits: &crate::config::Server,
 ) -> Result<ClientRequest, GatewayError>
 where
     B: http_body::Body<Data = Bytes>,
@@ -218,8 +272,18 @@ where
     let content_length = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
-    let body = crate::server::limits::read_body(body, content_length, max_body_bytes).await?;
+    let body =
+        crate::server::limits::read_body(body, content_length, limits.max_body_bytes).await?;
     let summary = parse(&body)?;
+    if summary.choices > limits.max_n {
+        return Err(GatewayError::InvalidField {
+            param: "n",
+            message: format!(
+                "`n` and `best_of` may be at most {} on this gateway (got {})",
+                limits.max_n, summary.choices
+            ),
+        });
+    }
     let model: Arc<str> = Arc::from(&*summary.model);
     ctx.requested_model = model.clone();
     ctx.stream = summary.stream;
@@ -229,12 +293,15 @@ where
         requested: model.clone(),
         model_span: summary.model_span.clone(),
         stream_options_span: summary.stream_options_span.clone(),
+        max_tokens_span: summary.max_tokens_span.clone(),
         ask_usage: streams && !summary.include_usage,
         client_usage: streams && summary.include_usage,
+        output_cap: None,
     };
     let request = ClientRequest {
         model,
         max_output_tokens: summary.max_output_tokens,
+        choices: summary.choices,
         features: summary.features,
         metadata: summary.metadata,
         user: summary.user.map(Cow::into_owned),
@@ -251,10 +318,14 @@ pub struct Shape {
     requested: Arc<str>,
     model_span: Range<usize>,
     stream_options_span: Option<Range<usize>>,
+    max_tokens_span: Option<Range<usize>>,
     /// A stream whose client did not ask for usage: ask for it where the backend can.
     ask_usage: bool,
     /// The client asked for usage on its stream.
     pub client_usage: bool,
+    /// `max_tokens` to add for a request that set none: under a budget, what the upstream
+    /// may generate must be bounded by what was reserved.
+    output_cap: Option<u64>,
 }
 
 impl Shape {
@@ -269,7 +340,22 @@ impl Shape {
         if self.ask_usage && stream_usage {
             edits.request_stream_usage(&self.body, self.stream_options_span.as_ref());
         }
+        if let Some(cap) = self.output_cap {
+            match &self.max_tokens_span {
+                // `"max_tokens": null`: only a null can be there when a cap is added.
+                Some(span) => edits.edits.push((span.clone(), cap.to_string().into_bytes())),
+                None => {
+                    edits.insert_first(format!(r#""max_tokens":{cap},"#).into_bytes(), &self.body)
+                }
+            }
+        }
         (edits.apply(&self.body), self.ask_usage)
+    }
+
+    /// Sends `max_tokens = per_choice` with a request that set no output cap. `max_tokens`,
+    /// not `max_completion_tokens`: every OpenAI-compatible engine reads it.
+    pub fn cap_output(&mut self, per_choice: u64) {
+        self.output_cap = Some(per_choice);
     }
 }
 
@@ -307,15 +393,15 @@ impl BodyEdits {
                 self.edits
                     .push((span.clone(), serde_json::to_vec(&opts).unwrap_or_default()));
             }
-            None => {
-                // Right after the opening brace; the object has at least `model`, so the comma is valid.
-                let at = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
-                self.edits.push((
-                    at..at,
-                    br#""stream_options":{"include_usage":true},"#.to_vec(),
-                ));
-            }
+            None => self.insert_first(br#""stream_options":{"include_usage":true},"#.to_vec(), body),
         }
+    }
+
+    /// Inserts a member (written with its trailing comma) right after the opening brace; the
+    /// object has at least `model`, so the comma is valid.
+    fn insert_first(&mut self, member: Vec<u8>, body: &[u8]) {
+        let at = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
+        self.edits.push((at..at, member));
     }
 
     /// The body with every edit applied, in one copy.
@@ -404,6 +490,73 @@ impl crate::upstream::stream::StreamWire for OpenAiStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::admit::OutputAsk;
+    use proptest::prelude::*;
+
+    /// A value a client might put in a count field: absent, null, valid, or hostile.
+    fn count_value() -> impl Strategy<Value = Option<serde_json::Value>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(serde_json::Value::Null)),
+            (0u64..40).prop_map(|n| Some(n.into())),
+            any::<u64>().prop_map(|n| Some(n.into())),
+            any::<i64>().prop_map(|n| Some(n.into())),
+            Just(Some(serde_json::json!(1.5))),
+            Just(Some(serde_json::json!("3"))),
+        ]
+    }
+
+    /// What an engine may generate for a body: every choice at its cap, where engines read
+    /// either cap field; unbounded (`None`) when the body sets neither.
+    fn upstream_may_generate(body: &[u8]) -> Option<u64> {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let choices = v["n"].as_u64().unwrap_or(1).max(v["best_of"].as_u64().unwrap_or(1));
+        let cap = match (v["max_tokens"].as_u64(), v["max_completion_tokens"].as_u64()) {
+            (None, None) => return None,
+            (a, b) => a.unwrap_or(0).max(b.unwrap_or(0)),
+        };
+        Some(choices.max(1).saturating_mul(cap))
+    }
+
+    proptest! {
+        #[test]
+        fn the_upstream_never_generates_more_than_was_reserved(
+            n in count_value(),
+            best_of in count_value(),
+            max_tokens in count_value(),
+            max_completion_tokens in count_value(),
+            model_cap in proptest::option::of(1u64..100_000),
+        ) {
+            let mut v = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+            for (k, val) in [("n", n), ("best_of", best_of), ("max_tokens", max_tokens),
+                             ("max_completion_tokens", max_completion_tokens)] {
+                if let Some(val) = val {
+                    v[k] = val;
+                }
+            }
+            let body = Bytes::from(v.to_string());
+            let Ok(s) = parse(&body) else { return Ok(()) };
+            let ask = OutputAsk { per_choice: s.max_output_tokens, choices: s.choices };
+            let (per_choice, reserved) = ask.worst_case(Endpoint::ChatCompletions, model_cap);
+            // As the pipeline does under a budget.
+            let mut shape = Shape {
+                body: body.clone(),
+                requested: Arc::from("m"),
+                model_span: s.model_span.clone(),
+                stream_options_span: None,
+                max_tokens_span: s.max_tokens_span.clone(),
+                ask_usage: false,
+                client_usage: false,
+                output_cap: None,
+            };
+            if s.max_output_tokens.is_none() {
+                shape.cap_output(per_choice);
+            }
+            let (sent, _) = shape.for_backend("m", false);
+            let may = upstream_may_generate(&sent);
+            prop_assert!(may.is_some_and(|m| m <= reserved), "{} may generate {may:?}, reserved {reserved}", String::from_utf8_lossy(&sent));
+        }
+    }
 
     #[test]
     fn reads_model_and_stream_and_their_place() {

@@ -29,8 +29,10 @@ const NEAR_LIMIT_FRACTION: i64 = 16;
 pub struct Admission {
     /// The prompt as counted for admission.
     pub prompt_tokens: u64,
-    /// The most it may generate.
+    /// The most it may generate, all choices together.
     pub output: u64,
+    /// The most one choice may generate: what the upstream is told when the client set no cap.
+    pub per_choice: u64,
     /// The worst case reserved.
     pub demand: Demand,
     /// Room left in its tightest budgets after the reservation.
@@ -46,25 +48,44 @@ pub struct Terms<'a> {
     pub counter: Counter,
 }
 
+/// What a request may make the upstream generate: `choices` completions (`n`, `best_of`) of
+/// at most `per_choice` tokens each (its own `max_tokens`, when it set one).
+#[derive(Debug, Clone, Copy)]
+pub struct OutputAsk {
+    pub per_choice: Option<u64>,
+    pub choices: u64,
+}
+
+impl OutputAsk {
+    /// The most one choice may generate, and all of them together, on a model whose own
+    /// cap is `model_cap`.
+    pub fn worst_case(self, endpoint: Endpoint, model_cap: Option<u64>) -> (u64, u64) {
+        let per_choice = match endpoint {
+            Endpoint::Embeddings => 0,
+            _ => self
+                .per_choice
+                .or(model_cap)
+                .unwrap_or(DEFAULT_OUTPUT_RESERVE),
+        };
+        (per_choice, per_choice.saturating_mul(self.choices.max(1)))
+    }
+}
+
 /// The admission phase of a request on its chosen backend, for a team with budgets (`None`
-/// without): the most it may generate is its own `max_tokens`, else the model's cap, else
-/// [`DEFAULT_OUTPUT_RESERVE`]; an exact prompt count made while routing is reused.
+/// without). The worst case is every choice at its cap: the request's own `max_tokens`, else
+/// the model's cap, else [`DEFAULT_OUTPUT_RESERVE`] (which the caller then sends upstream, so
+/// that no choice can outgrow it); an exact prompt count made while routing is reused.
 pub async fn for_request(
     book: &BudgetBook,
     ctx: &RequestCtx,
-    max_output_tokens: Option<u64>,
+    ask: OutputAsk,
     candidate: &Candidate,
     counts: &[(Counter, u64)],
 ) -> Result<Option<(Reservation, Admission)>, GatewayError> {
     if ctx.principal.team.budgets.is_empty() {
         return Ok(None);
     }
-    let output = match ctx.endpoint {
-        Endpoint::Embeddings => 0,
-        _ => max_output_tokens
-            .or(candidate.max_output_tokens)
-            .unwrap_or(DEFAULT_OUTPUT_RESERVE),
-    };
+    let (per_choice, output) = ask.worst_case(ctx.endpoint, candidate.max_output_tokens);
     let known = counts
         .iter()
         .find(|(c, _)| *c == candidate.counter)
@@ -73,7 +94,7 @@ pub async fn for_request(
         price: candidate.price.as_deref(),
         counter: candidate.counter,
     };
-    let admitted = admit(
+    let (reservation, mut admission) = admit(
         book,
         &ctx.principal,
         terms,
@@ -83,7 +104,8 @@ pub async fn for_request(
         &ctx.body,
     )
     .await?;
-    Ok(Some(admitted))
+    admission.per_choice = per_choice;
+    Ok(Some((reservation, admission)))
 }
 
 /// Reserves the request's worst case. `known` is an exact prompt count made already (for
@@ -107,6 +129,7 @@ pub async fn admit(
                     Admission {
                         prompt_tokens: prompt,
                         output,
+                        per_choice: output,
                         demand,
                         remaining,
                         output_limit: output_limit(&remaining, output, terms.price),

@@ -28,6 +28,8 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT_S: f64 = 120.0;
 pub const DEFAULT_POOL_IDLE_TIMEOUT_S: f64 = 90.0;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+/// OpenAI's own limit is 128; a gateway in front of shared budgets needs a tighter one.
+pub const DEFAULT_MAX_N: u64 = 16;
 pub const DEFAULT_EXPECTED_OUTPUT_TOKENS: u64 = 256;
 pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
 pub const DEFAULT_CIRCUIT_OPEN_S: f64 = 10.0;
@@ -80,6 +82,9 @@ pub struct RawServer {
     pub shutdown_grace_s: f64,
     /// Largest non-streaming upstream response; it is read whole to meter it before replying.
     pub max_response_bytes: u64,
+    /// Largest `n` (and `best_of`) a request may ask: each choice is a full generation, so
+    /// one request with a large `n` costs as much as that many requests.
+    pub max_n: u64,
 }
 
 impl Default for RawServer {
@@ -95,6 +100,7 @@ impl Default for RawServer {
             listen_backlog: DEFAULT_LISTEN_BACKLOG,
             shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_n: DEFAULT_MAX_N,
         }
     }
 }

@@ -40,6 +40,7 @@ pub struct Server {
     pub listen_backlog: u32,
     pub shutdown_grace: Duration,
     pub max_response_bytes: u64,
+    pub max_n: u64,
 }
 
 #[derive(Debug)]

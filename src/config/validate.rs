@@ -167,7 +167,9 @@ fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
         listen_backlog: s.listen_backlog,
         shutdown_grace: c.seconds("server.shutdown_grace_s", s.shutdown_grace_s),
         max_response_bytes: s.max_response_bytes,
+        max_n: s.max_n,
     };
+    c.positive("server.max_n", s.max_n);
     c.positive("server.max_body_bytes", s.max_body_bytes);
     c.positive("server.max_in_flight", s.max_in_flight);
     c.positive("server.listen_backlog", s.listen_backlog);

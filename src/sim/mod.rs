@@ -48,6 +48,9 @@ pub struct SimConfig {
     pub token_interval: Duration,
     /// Tokens generated when the request sets no lower `max_tokens`.
     pub completion_tokens: u32,
+    /// Generates `completion_tokens` whatever `max_tokens` says, as a server with a broken
+    /// or missing length limit would: what the gateway's stream cut is for.
+    pub ignores_max_tokens: bool,
     pub embedding_dims: usize,
     /// Which engine it answers like.
     pub dialect: Dialect,
@@ -63,6 +66,7 @@ impl Default for SimConfig {
             time_to_first_token: Duration::ZERO,
             token_interval: Duration::ZERO,
             completion_tokens: 16,
+            ignores_max_tokens: false,
             embedding_dims: 16,
             dialect: Dialect::OpenAi,
         }
@@ -410,7 +414,8 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
     let cap = v["max_completion_tokens"]
         .as_u64()
-        .or(v["max_tokens"].as_u64());
+        .or(v["max_tokens"].as_u64())
+        .filter(|_| !state.cfg.ignores_max_tokens);
     let n = match cap {
         Some(c) if c < state.cfg.completion_tokens as u64 => c as u32,
         _ => state.cfg.completion_tokens,
@@ -431,6 +436,11 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         model,
         prompt_tokens,
         completion_tokens: n,
+        choices: v["best_of"]
+            .as_u64()
+            .max(v["n"].as_u64())
+            .unwrap_or(1)
+            .clamp(1, 1024) as u32,
         finish_reason: if cap.is_some_and(|c| c <= n as u64) {
             "length"
         } else {
@@ -463,7 +473,7 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         state
             .stats
             .tokens_generated
-            .fetch_add(n as u64, Ordering::Relaxed);
+            .fetch_add(u64::from(gen.generated()), Ordering::Relaxed);
         drop(slot);
         Ok(json_with(spec.bodies, StatusCode::OK, &gen.full_response()))
     }

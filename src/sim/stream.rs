@@ -48,7 +48,10 @@ pub struct TokenStream {
     pub created: u64,
     pub model: String,
     pub prompt_tokens: u32,
+    /// Tokens of each choice.
     pub completion_tokens: u32,
+    /// Completions generated at once (`n`, `best_of`); usage counts them all.
+    pub choices: u32,
     pub finish_reason: &'static str,
     pub include_usage: bool,
     /// `stream_options.continuous_usage_stats`.
@@ -135,7 +138,7 @@ impl TokenStream {
     /// llama.cpp's own counts, `None` when usage is switched off.
     fn timings(&self) -> Option<Value> {
         (self.spec.timings && self.usage_mode != super::USAGE_OMITTED).then(|| {
-            let (cached, c) = (self.cached_tokens, self.completion_tokens);
+            let (cached, c) = (self.cached_tokens, self.generated());
             json!({
                 "cache_n": cached, "prompt_n": self.prompt_tokens - cached, "prompt_ms": 1.5,
                 "prompt_per_token_ms": 0.1, "prompt_per_second": 10000.0,
@@ -145,26 +148,33 @@ impl TokenStream {
         })
     }
 
+    /// Every token generated, all choices together.
+    pub fn generated(&self) -> u32 {
+        self.completion_tokens.saturating_mul(self.choices)
+    }
+
     pub fn text(&self) -> String {
         (0..self.completion_tokens).map(|i| self.token(i)).collect()
     }
 
     pub fn full_response(&self) -> Value {
         let text = self.text();
-        let mut v = match self.kind {
-            Kind::Chat => json!({
-                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "system_fingerprint": "fp_sim",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": self.finish_reason}],
-                "usage": self.usage(self.completion_tokens),
-            }),
-            _ => json!({
-                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "system_fingerprint": "fp_sim",
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": self.finish_reason}],
-                "usage": self.usage(self.completion_tokens),
-            }),
+        let choices: Vec<Value> = (0..self.choices)
+            .map(|index| match self.kind {
+                Kind::Chat => json!({"index": index, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": self.finish_reason}),
+                _ => json!({"index": index, "text": text, "logprobs": null, "finish_reason": self.finish_reason}),
+            })
+            .collect();
+        let object = match self.kind {
+            Kind::Chat => "chat.completion",
+            _ => "text_completion",
         };
+        let mut v = json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "system_fingerprint": "fp_sim",
+            "choices": choices,
+            "usage": self.usage(self.generated()),
+        });
         if v["usage"].is_null() {
             v.as_object_mut().expect("an object").remove("usage");
         }
@@ -187,9 +197,9 @@ impl TokenStream {
         });
         let su = self.stream_usage();
         let usage = match at {
-            At::Usage => Some(self.usage(self.completion_tokens)),
-            At::Finish if su.totals == Totals::OnFinish => Some(self.usage(self.completion_tokens)),
-            At::Token(i) if self.continuous() => Some(self.usage(i + 1)),
+            At::Usage => Some(self.usage(self.generated())),
+            At::Finish if su.totals == Totals::OnFinish => Some(self.usage(self.generated())),
+            At::Token(i) if self.continuous() => Some(self.usage((i + 1) * self.choices)),
             _ => match su.others {
                 Others::NullAlways => Some(Value::Null),
                 Others::NullWhenAsked if self.include_usage => Some(Value::Null),
@@ -223,25 +233,36 @@ impl TokenStream {
 
     fn token_chunk(&self, i: u32) -> Bytes {
         let t = self.token(i);
-        let choice = match self.kind {
+        self.per_choice(At::Token(i), |index| match self.kind {
             Kind::Chat => {
-                json!({"index": 0, "delta": {"content": t}, "logprobs": null, "finish_reason": null})
+                json!({"index": index, "delta": {"content": t}, "logprobs": null, "finish_reason": null})
             }
-            _ => json!({"index": 0, "text": t, "logprobs": null, "finish_reason": null}),
-        };
-        self.chunk(choice, At::Token(i))
+            _ => json!({"index": index, "text": t, "logprobs": null, "finish_reason": null}),
+        })
     }
 
     fn finish_chunk(&self) -> Bytes {
-        let choice = match self.kind {
+        self.per_choice(At::Finish, |index| match self.kind {
             Kind::Chat => {
-                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": self.finish_reason})
+                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": self.finish_reason})
             }
             _ => {
-                json!({"index": 0, "text": "", "logprobs": null, "finish_reason": self.finish_reason})
+                json!({"index": index, "text": "", "logprobs": null, "finish_reason": self.finish_reason})
             }
-        };
-        self.chunk(choice, At::Finish)
+        })
+    }
+
+    /// One event per choice, as vLLM writes them; only the last carries usage and timings.
+    fn per_choice(&self, at: At, choice: impl Fn(u32) -> Value) -> Bytes {
+        if self.choices <= 1 {
+            return self.chunk(choice(0), at);
+        }
+        let mut out = Vec::new();
+        for index in 0..self.choices {
+            let at = if index + 1 == self.choices { at } else { At::Role };
+            out.extend_from_slice(&self.chunk(choice(index), at));
+        }
+        Bytes::from(out)
     }
 
     fn usage_chunk(&self) -> Bytes {
@@ -400,7 +421,9 @@ impl Streaming {
     }
 
     fn emit_token(&mut self, i: u32) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .tokens_generated
+            .fetch_add(u64::from(self.gen.choices), Ordering::Relaxed);
         self.step = if i + 1 >= self.gen.completion_tokens {
             Step::Finish
         } else {
