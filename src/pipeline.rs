@@ -23,11 +23,11 @@ use crate::budget::BudgetBook;
 use crate::config::OnDisconnect;
 use crate::ctx::{RequestCtx, RequestId};
 use crate::error::GatewayError;
+use crate::fallback::{Fallback, Prepared};
 use crate::ledger::Ledger;
 use crate::live::{Live, LiveState};
 use crate::meter::Status;
 use crate::metrics as m;
-use crate::fallback::{Fallback, Prepared};
 use crate::record::{Completion, Recorder};
 use crate::route::claim::{self as routing, Claimed};
 use crate::route::{Prompt, RouteRequest, Router};
@@ -175,8 +175,7 @@ async fn prepare(
 ) -> Result<(Prepared, Attempts), GatewayError> {
     let server = &live.config.server;
     let ctx = record.ctx_mut();
-    let mut request =
-        openai::read_request(ctx, &parts.headers, body, server).await?;
+    let mut request = openai::read_request(ctx, &parts.headers, body, server).await?;
 
     ctx.tags = tags::collect(
         &ctx.principal.team,

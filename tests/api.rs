@@ -49,16 +49,7 @@ async fn chat_json_is_forwarded_with_the_alias_resolved() {
         id
     );
     // The backend saw its own model name, not the alias, and the rest of the body intact.
-    let sent: serde_json::Value = serde_json::from_slice(
-        gw.sim("llama")
-            .stats
-            .last_body
-            .lock()
-            .unwrap()
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap();
+    let sent: serde_json::Value = gw.last_sent("llama");
     assert_eq!(sent["model"], "meta-llama/Llama-3.1-8B-Instruct");
     assert_eq!(sent["messages"][1]["content"], "What does a gateway meter?");
 }

@@ -327,16 +327,7 @@ async fn without_usage_the_gateway_counts_as_the_engine_does() {
         ] {
             let what = format!("{d} {path} stream, no usage asked");
             let x = exchange(&gw, path, body).await;
-            let sent: Value = serde_json::from_slice(
-                gw.sim("engine")
-                    .stats
-                    .last_body
-                    .lock()
-                    .unwrap()
-                    .as_ref()
-                    .unwrap(),
-            )
-            .unwrap();
+            let sent: Value = gw.last_sent("engine");
             assert!(sent.get("stream_options").is_none(), "{what}: not asked");
             match unasked_source(d, path) {
                 "local" => {

@@ -23,6 +23,15 @@ fn body(fields: serde_json::Value) -> String {
     v.to_string()
 }
 
+/// A gateway in front of `backend` where team `search` has a day budget of `tokens`.
+fn budgeted(backend: Backend, tokens: i64) -> Harness {
+    Harness::new().backend(backend).team_toml(
+        "search",
+        SEARCH_KEY,
+        &format!("budgets = [{{ window = \"day\", tokens = {tokens} }}]"),
+    )
+}
+
 fn tokens_spent(gw: &Gateway) -> i64 {
     gw.ledger(
         "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM requests WHERE team = 'search'",
@@ -32,15 +41,7 @@ fn tokens_spent(gw: &Gateway) -> i64 {
 
 #[tokio::test]
 async fn n_past_the_gateway_maximum_is_refused_naming_the_field() {
-    let gw = Harness::new()
-        .backend(gpt())
-        .team_toml(
-            "search",
-            SEARCH_KEY,
-            "budgets = [{ window = \"day\", tokens = 60 }]",
-        )
-        .start()
-        .await;
+    let gw = budgeted(gpt(), 60).start().await;
     let r = gw
         .post(
             "/v1/chat/completions",
@@ -71,7 +72,10 @@ async fn n_past_the_gateway_maximum_is_refused_naming_the_field() {
     for dup in [r#""n":1,"n":500"#, r#""max_tokens":1,"max_tokens":100000"#] {
         let b = chat("chat-large", false).replacen('{', &format!("{{{dup},"), 1);
         let r = gw.post("/v1/chat/completions", SEARCH_KEY, b).await;
-        assert!(r.error(400)["message"].as_str().unwrap().contains("duplicate"));
+        assert!(r.error(400)["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate"));
     }
     assert_eq!(gw.sim("gpt").stats.requests.load(Relaxed), 0);
     assert_eq!(tokens_spent(&gw), 0);
@@ -81,15 +85,7 @@ async fn n_past_the_gateway_maximum_is_refused_naming_the_field() {
 async fn every_choice_is_reserved_so_n_cannot_overrun_a_budget() {
     // 19 prompt tokens; 2 choices of up to 20 tokens each: a worst case of 59 fits a budget
     // of 60, a third choice does not.
-    let gw = Harness::new()
-        .backend(gpt())
-        .team_toml(
-            "search",
-            SEARCH_KEY,
-            "budgets = [{ window = \"day\", tokens = 60 }]",
-        )
-        .start()
-        .await;
+    let gw = budgeted(gpt(), 60).start().await;
     let r = gw
         .post(
             "/v1/chat/completions",
@@ -117,13 +113,7 @@ async fn every_choice_is_reserved_so_n_cannot_overrun_a_budget() {
 #[tokio::test]
 async fn a_request_without_max_tokens_is_sent_with_the_cap_it_reserved() {
     // The model's cap is 5 a choice; the engine would write 16 if not told.
-    let gw = Harness::new()
-        .backend(gpt().model_toml("max_output_tokens = 5"))
-        .team_toml(
-            "search",
-            SEARCH_KEY,
-            "budgets = [{ window = \"day\", tokens = 1000 }]",
-        )
+    let gw = budgeted(gpt().model_toml("max_output_tokens = 5"), 1000)
         .team("free", OTHER_KEY)
         .start()
         .await;
@@ -135,16 +125,7 @@ async fn a_request_without_max_tokens_is_sent_with_the_cap_it_reserved() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let sent: serde_json::Value = serde_json::from_slice(
-        gw.sim("gpt")
-            .stats
-            .last_body
-            .lock()
-            .unwrap()
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap();
+    let sent: serde_json::Value = gw.last_sent("gpt");
     assert_eq!(sent["max_tokens"], 5, "{sent}");
     assert_eq!(r.json()["usage"]["completion_tokens"], 15);
     // A team without budgets has nothing to protect: its body goes as it came.
@@ -152,7 +133,14 @@ async fn a_request_without_max_tokens_is_sent_with_the_cap_it_reserved() {
         .post("/v1/chat/completions", OTHER_KEY, chat("chat-large", false))
         .await;
     assert_eq!(r.status, 200);
-    let sent = gw.sim("gpt").stats.last_body.lock().unwrap().clone().unwrap();
+    let sent = gw
+        .sim("gpt")
+        .stats
+        .last_body
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
     assert!(!String::from_utf8_lossy(&sent).contains("max_tokens"));
 }
 
@@ -162,13 +150,7 @@ async fn random_n_and_max_tokens_in_parallel_end_within_one_reservation_of_the_l
     // The engine writes every token allowed, so what settles is what was reserved: any room
     // left at the end is room the admission refused.
     let gw = Arc::new(
-        Harness::new()
-            .backend(gpt().config(|c| c.completion_tokens = 64))
-            .team_toml(
-                "search",
-                SEARCH_KEY,
-                &format!("budgets = [{{ window = \"day\", tokens = {LIMIT} }}]"),
-            )
+        budgeted(gpt().config(|c| c.completion_tokens = 64), LIMIT)
             .start()
             .await,
     );

@@ -178,16 +178,7 @@ async fn a_client_that_did_not_ask_for_stream_usage_sees_none_but_it_is_metered(
         !text.contains("\"usage\""),
         "usage leaked to a client that did not ask:\n{text}"
     );
-    let sent: serde_json::Value = serde_json::from_slice(
-        gw.sim("gpt")
-            .stats
-            .last_body
-            .lock()
-            .unwrap()
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap();
+    let sent: serde_json::Value = gw.last_sent("gpt");
     assert_eq!(
         sent["stream_options"]["include_usage"], true,
         "the gateway asked upstream"

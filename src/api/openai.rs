@@ -343,7 +343,9 @@ impl Shape {
         if let Some(cap) = self.output_cap {
             match &self.max_tokens_span {
                 // `"max_tokens": null`: only a null can be there when a cap is added.
-                Some(span) => edits.edits.push((span.clone(), cap.to_string().into_bytes())),
+                Some(span) => edits
+                    .edits
+                    .push((span.clone(), cap.to_string().into_bytes())),
                 None => {
                     edits.insert_first(format!(r#""max_tokens":{cap},"#).into_bytes(), &self.body)
                 }
@@ -393,7 +395,10 @@ impl BodyEdits {
                 self.edits
                     .push((span.clone(), serde_json::to_vec(&opts).unwrap_or_default()));
             }
-            None => self.insert_first(br#""stream_options":{"include_usage":true},"#.to_vec(), body),
+            None => self.insert_first(
+                br#""stream_options":{"include_usage":true},"#.to_vec(),
+                body,
+            ),
         }
     }
 
@@ -510,8 +515,14 @@ mod tests {
     /// either cap field; unbounded (`None`) when the body sets neither.
     fn upstream_may_generate(body: &[u8]) -> Option<u64> {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap();
-        let choices = v["n"].as_u64().unwrap_or(1).max(v["best_of"].as_u64().unwrap_or(1));
-        let cap = match (v["max_tokens"].as_u64(), v["max_completion_tokens"].as_u64()) {
+        let choices = v["n"]
+            .as_u64()
+            .unwrap_or(1)
+            .max(v["best_of"].as_u64().unwrap_or(1));
+        let cap = match (
+            v["max_tokens"].as_u64(),
+            v["max_completion_tokens"].as_u64(),
+        ) {
             (None, None) => return None,
             (a, b) => a.unwrap_or(0).max(b.unwrap_or(0)),
         };

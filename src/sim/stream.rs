@@ -259,7 +259,11 @@ impl TokenStream {
         }
         let mut out = Vec::new();
         for index in 0..self.choices {
-            let at = if index + 1 == self.choices { at } else { At::Role };
+            let at = if index + 1 == self.choices {
+                at
+            } else {
+                At::Role
+            };
             out.extend_from_slice(&self.chunk(choice(index), at));
         }
         Bytes::from(out)

@@ -426,6 +426,12 @@ impl Gateway {
         &self.sims[name]
     }
 
+    /// The body of the last request that simulator `name` received, as JSON.
+    pub fn last_sent(&self, name: &str) -> serde_json::Value {
+        let body = self.sim(name).stats.last_body.lock().unwrap().clone();
+        serde_json::from_slice(&body.expect("the simulator received a request")).unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
