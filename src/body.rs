@@ -1,7 +1,7 @@
 //! The response body of every client response: a small error body, or an upstream body
 //! passed through frame by frame. One concrete type keeps hyper's write path free of boxing.
 
-use crate::server::limits::InFlightPermit;
+use crate::server::limits::{InFlightPermit, KeyShare};
 use crate::upstream::stream::BodyError;
 use crate::upstream::stream::UpstreamBody;
 use bytes::Bytes;
@@ -14,6 +14,8 @@ pub struct GatewayBody {
     /// The global in-flight permit lives as long as the body, so a long stream counts
     /// against the limit until its last byte is written, not just until its headers.
     _permit: Option<InFlightPermit>,
+    /// Likewise the request's place in its API key's share.
+    _share: Option<KeyShare>,
 }
 
 enum Kind {
@@ -28,6 +30,7 @@ impl GatewayBody {
         Self {
             kind: Kind::Full(Some(bytes)),
             _permit: None,
+            _share: None,
         }
     }
 
@@ -35,6 +38,7 @@ impl GatewayBody {
         Self {
             kind: Kind::Full(None),
             _permit: None,
+            _share: None,
         }
     }
 
@@ -42,7 +46,13 @@ impl GatewayBody {
         Self {
             kind: Kind::Upstream(Box::pin(body)),
             _permit: None,
+            _share: None,
         }
+    }
+
+    /// Keeps the request's place in its key's share until the last byte.
+    pub fn hold_share(&mut self, share: KeyShare) {
+        self._share = Some(share);
     }
 
     /// An error as the client's protocol shows it.

@@ -19,6 +19,17 @@ pub enum GatewayError {
     BodyTooLarge { limit: u64 },
     #[error("could not read the request body")]
     BodyRead,
+    #[error("the request body did not arrive within {}s", .after.as_secs_f64())]
+    BodyTimeout { after: Duration },
+    #[error("request headers over the limit: {0}")]
+    HeadersTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// One API key holds its whole share of the gateway's in-flight slots.
+    #[error("this API key already has {limit} requests in flight, its share of the gateway; retry when one ends")]
+    KeyInFlight { limit: usize },
+    #[error("the gateway is shutting down; retry on another replica")]
+    ShuttingDown,
     #[error("request body is not valid JSON: {0}")]
     MalformedJson(String),
     #[error("{message}")]
@@ -120,6 +131,11 @@ impl GatewayError {
             GatewayError::InvalidConfig(_) => StatusCode::BAD_REQUEST,
             GatewayError::LedgerRead => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            GatewayError::KeyInFlight { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BodyRead
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidField { .. }
@@ -146,6 +162,11 @@ impl GatewayError {
             GatewayError::InvalidKey => "invalid_key",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::BodyRead => "body_read",
+            GatewayError::BodyTimeout { .. } => "body_timeout",
+            GatewayError::HeadersTooLarge(_) => "headers_too_large",
+            GatewayError::UnsupportedMediaType(_) => "unsupported_media_type",
+            GatewayError::KeyInFlight { .. } => "key_in_flight",
+            GatewayError::ShuttingDown => "shutting_down",
             GatewayError::MalformedJson(_) => "malformed_json",
             GatewayError::InvalidField { .. } => "invalid_field",
             GatewayError::UnknownModel(_) => "unknown_model",
@@ -183,6 +204,17 @@ impl GatewayError {
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidField { .. }
             | GatewayError::MethodNotAllowed { .. } => ("invalid_request_error", None),
+            GatewayError::BodyTimeout { .. } => ("invalid_request_error", Some("request_timeout")),
+            GatewayError::HeadersTooLarge(_) => (
+                "invalid_request_error",
+                Some("request_header_fields_too_large"),
+            ),
+            GatewayError::UnsupportedMediaType(_) => {
+                ("invalid_request_error", Some("unsupported_media_type"))
+            }
+            // OpenAI's own rate-limit refusal, which its SDKs retry with backoff.
+            GatewayError::KeyInFlight { .. } => ("requests", Some("rate_limit_exceeded")),
+            GatewayError::ShuttingDown => ("server_error", Some("shutting_down")),
             GatewayError::Overloaded => ("server_error", Some("overloaded")),
             GatewayError::NoEligibleBackend { .. } => ("server_error", Some("no_eligible_backend")),
             GatewayError::NotServable { code, .. } => ("invalid_request_error", Some(code)),
@@ -210,9 +242,10 @@ impl GatewayError {
     /// When a client may try again, for the `Retry-After` header.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            GatewayError::Overloaded | GatewayError::LedgerUnavailable => {
-                Some(Duration::from_secs(1))
-            }
+            GatewayError::Overloaded
+            | GatewayError::LedgerUnavailable
+            | GatewayError::KeyInFlight { .. }
+            | GatewayError::ShuttingDown => Some(Duration::from_secs(1)),
             GatewayError::OverBudget(o) => Some(o.retry_after),
             GatewayError::NoEligibleBackend { retry_after, .. } => *retry_after,
             _ => None,

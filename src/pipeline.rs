@@ -31,6 +31,7 @@ use crate::metrics as m;
 use crate::record::{Completion, Recorder};
 use crate::route::claim::{self as routing, Claimed};
 use crate::route::{Prompt, RouteRequest, Router};
+use crate::server::limits::{self, KeyShares};
 use crate::server::request_id::next_id;
 use crate::tags;
 use crate::tasks::Tasks;
@@ -55,11 +56,14 @@ struct Shared {
     live: Live,
     budgets: Arc<BudgetBook>,
     recorder: Arc<Recorder>,
+    shares: Arc<KeyShares>,
 }
 
 impl Gateway {
     pub fn new(live: Live, ledger: Arc<Ledger>, budgets: Arc<BudgetBook>, tasks: Tasks) -> Self {
+        let per_key = live.load().config.server.max_in_flight_per_key;
         Self(Arc::new(Shared {
+            shares: KeyShares::new(per_key),
             live,
             budgets,
             recorder: Arc::new(Recorder { ledger, tasks }),
@@ -112,6 +116,8 @@ async fn dispatch(
     id: RequestId,
     started: Instant,
 ) -> Result<Response<GatewayBody>, GatewayError> {
+    let server = &live.config.server;
+    limits::check_headers(req.headers(), server.max_header_bytes, server.max_headers)?;
     let endpoint = match Endpoint::of(req.method(), req.uri().path())? {
         Some(endpoint) => endpoint,
         None => {
@@ -125,44 +131,57 @@ async fn dispatch(
     };
     let (parts, body) = req.into_parts();
     let principal = live.keys.authenticate(&parts.headers)?;
+    let share = gw.0.shares.enter(&principal.key_id);
     // The context first, inside the guard that records it whatever happens next.
     let ctx = RequestCtx::new(id, started, endpoint, principal);
     let mut record = Completion::open(ctx, &gw.0.recorder);
-    let exchange = match prepare(gw, live, &mut record, &parts, body).await {
-        Ok((prepared, attempts)) => Exchange {
-            prepared,
-            attempts,
-            record,
-            budgets: gw.0.budgets.clone(),
-            live: live.clone(),
-            headers: parts.headers,
-            path: parts
-                .uri
-                .path_and_query()
-                .map_or(endpoint.path(), |p| p.as_str())
-                .to_string(),
-        },
+    let prepared = match share {
+        Ok(share) => prepare(gw, live, &mut record, &parts, body)
+            .await
+            .map(|p| (p, share)),
+        Err(e) => Err(e),
+    };
+    let exchange = match prepared {
+        Ok(((prepared, attempts), share)) => (
+            Exchange {
+                prepared,
+                attempts,
+                record,
+                budgets: gw.0.budgets.clone(),
+                live: live.clone(),
+                headers: parts.headers,
+                path: parts
+                    .uri
+                    .path_and_query()
+                    .map_or(endpoint.path(), |p| p.as_str())
+                    .to_string(),
+            },
+            share,
+        ),
         Err(e) => {
             // Refused before any backend answered: recorded at no cost, not metered.
             record.reject(&e);
             return Err(e);
         }
     };
+    let (exchange, share) = exchange;
     // Commercial providers bill a request the client abandoned: run the exchange as a task of
     // its own so it reaches the provider's usage even if this future is dropped. Any backend
     // it may fall back to counts.
     let drain = exchange.attempts.plan.ranked[exchange.attempts.idx..]
         .iter()
         .any(|r| r.candidate.backend.cfg.on_disconnect == OnDisconnect::Drain);
-    if drain {
+    let mut resp = if drain {
         gw.0.recorder
             .tasks
             .spawn(exchange.run())
             .await
-            .unwrap_or(Err(GatewayError::Internal))
+            .unwrap_or(Err(GatewayError::Internal))?
     } else {
-        exchange.run().await
-    }
+        exchange.run().await?
+    };
+    resp.body_mut().hold_share(share);
+    Ok(resp)
 }
 
 /// The phases before anything is sent: read, tag, plan, claim, admit.

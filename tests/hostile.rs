@@ -198,3 +198,151 @@ async fn random_n_and_max_tokens_in_parallel_end_within_one_reservation_of_the_l
         "spent {spent}: more than one reservation ({largest}) of {LIMIT} left unused"
     );
 }
+
+/// Sends a request's headers and the first `sent` bytes of a body of `len`, then holds the
+/// connection open: a client trickling its body.
+async fn slow_body(gw: &Gateway, key: &str, len: usize, sent: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&b"{\"model\":"[..sent]).await.unwrap();
+    s
+}
+
+/// Everything the server writes until it closes, as text.
+async fn read_all(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_gets_408() {
+    let gw = Harness::new()
+        .backend(gpt())
+        .team("search", SEARCH_KEY)
+        .server("body_read_timeout_s = 0.3")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    let mut s = slow_body(&gw, SEARCH_KEY, 100, 5).await;
+    let reply = read_all(&mut s).await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains(r#""code":"request_timeout""#), "{reply}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(gw.sim("gpt").stats.requests.load(Relaxed), 0);
+}
+
+#[tokio::test]
+async fn four_slow_clients_of_one_team_do_not_stop_another_team() {
+    // Four slots; a key may hold half of them. The bodies never come (within the test).
+    let gw = Harness::new()
+        .backend(gpt())
+        .team("search", SEARCH_KEY)
+        .team("free", OTHER_KEY)
+        .server("max_in_flight = 4\nbody_read_timeout_s = 60")
+        .start()
+        .await;
+    let mut held = vec![];
+    for _ in 0..4 {
+        held.push(slow_body(&gw, SEARCH_KEY, 100, 5).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Two of the four were refused at once, in OpenAI's rate-limit shape.
+    let mut refused = 0;
+    for s in held.iter_mut() {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0; 4096];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), s.read(&mut buf)).await
+        {
+            let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(reply.starts_with("HTTP/1.1 429"), "{reply}");
+            assert!(reply.contains("rate_limit_exceeded"), "{reply}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 2);
+    let r = gw
+        .post("/v1/chat/completions", OTHER_KEY, chat("chat-large", false))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(held);
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused_in_openai_shape() {
+    use tokio::io::AsyncWriteExt;
+    let gw = Harness::new()
+        .backend(gpt())
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    let big = "x".repeat(100 * 1024);
+    let many: String = (0..80).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let body = chat("chat-large", false);
+    let cases = [
+        (
+            format!("x-big: {big}\r\ncontent-length: {}\r\n", body.len()),
+            "431",
+            "request_header_fields_too_large",
+        ),
+        (
+            format!("{many}content-length: {}\r\n", body.len()),
+            "431",
+            "request_header_fields_too_large",
+        ),
+    ];
+    for (headers, status, needle) in cases {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let mut req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SEARCH_KEY}\r\n\
+             content-type: application/json\r\nconnection: close\r\n{headers}\r\n"
+        );
+        req.push_str(&body);
+        s.write_all(req.as_bytes()).await.unwrap();
+        let reply = read_all(&mut s).await;
+        assert!(
+            reply.starts_with(&format!("HTTP/1.1 {status}")),
+            "{}",
+            &reply[..reply.len().min(300)]
+        );
+        assert!(reply.contains(needle), "{reply}");
+    }
+    assert_eq!(gw.sim("gpt").stats.requests.load(Relaxed), 0);
+}
+
+#[tokio::test]
+async fn chunked_with_a_content_length_cannot_smuggle_a_second_request() {
+    use tokio::io::AsyncWriteExt;
+    let gw = Harness::new()
+        .backend(gpt())
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    // Framed by Content-Length, the body would be 5 bytes and the rest a second request.
+    let body = chat("chat-large", false);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SEARCH_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n\
+         {:x}\r\n{body}\r\n0\r\n\r\nGET /v1/models HTTP/1.1\r\nhost: x\r\n\
+         authorization: Bearer {SEARCH_KEY}\r\n\r\n",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let reply = read_all(&mut s).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("chat.completion"), "{reply}");
+    assert_eq!(
+        reply.matches("HTTP/1.1 ").count(),
+        1,
+        "a second answer: {reply}"
+    );
+    assert_eq!(gw.sim("gpt").stats.requests.load(Relaxed), 1);
+}

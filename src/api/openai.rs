@@ -272,8 +272,12 @@ where
     let content_length = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
-    let body =
-        crate::server::limits::read_body(body, content_length, limits.max_body_bytes).await?;
+    let read = crate::server::limits::read_body(body, content_length, limits.max_body_bytes);
+    let body = tokio::time::timeout(limits.body_read_timeout, read)
+        .await
+        .map_err(|_| GatewayError::BodyTimeout {
+            after: limits.body_read_timeout,
+        })??;
     let summary = parse(&body)?;
     if summary.choices > limits.max_n {
         return Err(GatewayError::InvalidField {

@@ -20,6 +20,12 @@ pub const DEFAULT_ADMIN_KEY_ENV: &str = "TOLLGATE_ADMIN_KEY";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_S: f64 = 600.0;
 pub const DEFAULT_HEADER_READ_TIMEOUT_S: f64 = 30.0;
+/// Time for a whole request body: 8 MiB (the default body limit) at 300 KB/s.
+pub const DEFAULT_BODY_READ_TIMEOUT_S: f64 = 30.0;
+/// Far above what an SDK sends (about 1 KiB, 20 headers), far below what hyper would buffer.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 64;
+pub const DEFAULT_KEY_IN_FLIGHT_SHARE: f64 = 0.5;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
 pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 pub const DEFAULT_SHUTDOWN_GRACE_S: f64 = 30.0;
@@ -74,6 +80,16 @@ pub struct RawServer {
     /// A client must send a request's headers within this time; also closes idle keep-alive
     /// connections, since hyper arms it while waiting for the next request.
     pub header_read_timeout_s: f64,
+    /// A client must send the whole request body within this time, or gets 408: a body
+    /// trickled a byte at a time would hold an in-flight slot for as long as it liked.
+    pub body_read_timeout_s: f64,
+    /// Request headers, names and values together; past it, 431.
+    pub max_header_bytes: usize,
+    /// Request header lines; past it, 431.
+    pub max_headers: usize,
+    /// The part of `max_in_flight` one API key may hold at once; past it, 429. One tenant's
+    /// slow or stuck requests then cannot take every slot from the others.
+    pub key_in_flight_share: f64,
     /// Requests in flight at once; past it the gateway answers 503 instead of queueing.
     pub max_in_flight: usize,
     /// Listen backlog: large enough that a burst of new connections never waits on a SYN retry.
@@ -96,6 +112,10 @@ impl Default for RawServer {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             request_timeout_s: DEFAULT_REQUEST_TIMEOUT_S,
             header_read_timeout_s: DEFAULT_HEADER_READ_TIMEOUT_S,
+            body_read_timeout_s: DEFAULT_BODY_READ_TIMEOUT_S,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            key_in_flight_share: DEFAULT_KEY_IN_FLIGHT_SHARE,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             listen_backlog: DEFAULT_LISTEN_BACKLOG,
             shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,

@@ -36,7 +36,12 @@ pub struct Server {
     pub max_body_bytes: u64,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
     pub max_in_flight: usize,
+    /// Requests one API key may have in flight: its share of `max_in_flight`, at least 1.
+    pub max_in_flight_per_key: usize,
     pub listen_backlog: u32,
     pub shutdown_grace: Duration,
     pub max_response_bytes: u64,

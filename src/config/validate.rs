@@ -163,7 +163,12 @@ fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
         max_body_bytes: s.max_body_bytes,
         request_timeout: c.seconds("server.request_timeout_s", s.request_timeout_s),
         header_read_timeout: c.seconds("server.header_read_timeout_s", s.header_read_timeout_s),
+        body_read_timeout: c.seconds("server.body_read_timeout_s", s.body_read_timeout_s),
+        max_header_bytes: s.max_header_bytes,
+        max_headers: s.max_headers,
         max_in_flight: s.max_in_flight,
+        max_in_flight_per_key: ((s.max_in_flight as f64 * s.key_in_flight_share).ceil() as usize)
+            .max(1),
         listen_backlog: s.listen_backlog,
         shutdown_grace: c.seconds("server.shutdown_grace_s", s.shutdown_grace_s),
         max_response_bytes: s.max_response_bytes,
@@ -172,6 +177,16 @@ fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
     c.positive("server.max_n", s.max_n);
     c.positive("server.max_body_bytes", s.max_body_bytes);
     c.positive("server.max_in_flight", s.max_in_flight);
+    c.positive("server.max_headers", s.max_headers);
+    if s.max_header_bytes < 1024 {
+        c.err("server.max_header_bytes", "must be at least 1024");
+    }
+    if !(s.key_in_flight_share > 0.0 && s.key_in_flight_share <= 1.0) {
+        c.err(
+            "server.key_in_flight_share",
+            format!("must be in (0, 1], got {}", s.key_in_flight_share),
+        );
+    }
     c.positive("server.listen_backlog", s.listen_backlog);
     if server.listen == server.admin_listen && server.listen.port() != 0 {
         c.err("server.admin_listen", "must differ from server.listen");

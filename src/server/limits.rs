@@ -123,6 +123,89 @@ where
     }
 }
 
+/// Requests in flight per API key. The global limit alone lets one tenant whose requests
+/// hang (slow bodies, stuck streams) hold every slot; with a share each, the others still
+/// get in.
+#[derive(Debug)]
+pub struct KeyShares {
+    max: usize,
+    held: dashmap::DashMap<Arc<str>, usize>,
+}
+
+/// One request's place in its key's share, given back on drop.
+#[derive(Debug)]
+pub struct KeyShare {
+    shares: Arc<KeyShares>,
+    key: Arc<str>,
+}
+
+impl KeyShares {
+    pub fn new(max_per_key: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: max_per_key,
+            held: dashmap::DashMap::new(),
+        })
+    }
+
+    /// A place for one more request of `key`, or 429 when it holds its whole share.
+    pub fn enter(self: &Arc<Self>, key: &Arc<str>) -> Result<KeyShare, GatewayError> {
+        let mut held = self.held.entry(key.clone()).or_insert(0);
+        if *held >= self.max {
+            metrics::counter!(m::REJECTED_TOTAL, "kind" => "key_in_flight").increment(1);
+            return Err(GatewayError::KeyInFlight { limit: self.max });
+        }
+        *held += 1;
+        Ok(KeyShare {
+            shares: self.clone(),
+            key: key.clone(),
+        })
+    }
+
+    /// Requests of `key` in flight now.
+    pub fn held(&self, key: &str) -> usize {
+        self.held.get(key).map_or(0, |n| *n)
+    }
+}
+
+impl Drop for KeyShare {
+    fn drop(&mut self) {
+        // The entry goes with its last request: keys that come and go leave nothing behind.
+        self.shares.held.remove_if_mut(&self.key, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}
+
+/// Refuses requests whose headers are over the limits before anything reads them.
+///
+/// The framing request smuggling relies on, `Transfer-Encoding` beside `Content-Length`, never
+/// reaches here: hyper's parser lets the chunked coding win, drops `Content-Length` and
+/// closes the connection after the response (RFC 9112 §6.1), and the gateway frames its own
+/// upstream requests, so neither header is passed on.
+pub fn check_headers(
+    headers: &http::HeaderMap,
+    max_bytes: usize,
+    max_count: usize,
+) -> Result<(), GatewayError> {
+    if headers.len() > max_count {
+        return Err(GatewayError::HeadersTooLarge(format!(
+            "{} header lines, the limit is {max_count}",
+            headers.len()
+        )));
+    }
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if bytes > max_bytes {
+        return Err(GatewayError::HeadersTooLarge(format!(
+            "{bytes} bytes of headers, the limit is {max_bytes}"
+        )));
+    }
+    Ok(())
+}
+
 /// Reads a whole request body, refusing more than `limit` bytes: early from
 /// `Content-Length`, and while reading for chunked bodies that lie about nothing.
 pub async fn read_body<B>(
