@@ -45,6 +45,7 @@ pub struct Running {
     pub admin: Admin,
     pub ledger: Arc<Ledger>,
     shutdown: watch::Sender<bool>,
+    admin_shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     /// Every task the gateway spawned; shutdown waits for them before closing the ledger.
     pub tasks: Tasks,
@@ -112,6 +113,8 @@ pub async fn start_with_clock(
     let tasks = Tasks::new();
     crate::probe::ensure_probes(&live, &tasks);
     let (shutdown, signal) = watch::channel(false);
+    // The admin port outlives the client port: `/readyz` answers 503 through the whole drain.
+    let (admin_shutdown, admin_signal) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -159,7 +162,7 @@ pub async fn start_with_clock(
         }),
         tasks.spawn({
             let tasks = tasks.clone();
-            let stop = stopped(signal.clone());
+            let stop = stopped(admin_signal);
             async move { server::serve(admin_listener, admin_service, opts, &tasks, stop).await }
         }),
     ];
@@ -206,6 +209,7 @@ pub async fn start_with_clock(
         admin,
         ledger,
         shutdown,
+        admin_shutdown,
         servers,
         tasks,
     })
@@ -218,7 +222,12 @@ impl Running {
     pub async fn shutdown(self) {
         self.admin.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
-        for s in self.servers {
+        let mut servers = self.servers.into_iter();
+        if let Some(client) = servers.next() {
+            let _ = client.await;
+        }
+        let _ = self.admin_shutdown.send(true);
+        for s in servers {
             let _ = s.await;
         }
         self.tasks.close_and_wait().await;

@@ -171,15 +171,18 @@ async fn dispatch(
     let drain = exchange.attempts.plan.ranked[exchange.attempts.idx..]
         .iter()
         .any(|r| r.candidate.backend.cfg.on_disconnect == OnDisconnect::Drain);
+    // Past shutdown's grace period, an answer still awaited ends as a 503 (a stream that has
+    // begun ends in its body instead), recorded as such.
+    let tasks = &gw.0.recorder.tasks;
     let mut resp = if drain {
-        gw.0.recorder
-            .tasks
-            .spawn(exchange.run())
+        tasks
+            .spawn(tasks.until_ended(exchange.run()))
             .await
-            .unwrap_or(Err(GatewayError::Internal))?
+            .unwrap_or(Some(Err(GatewayError::Internal)))
     } else {
-        exchange.run().await?
-    };
+        tasks.until_ended(exchange.run()).await
+    }
+    .unwrap_or(Err(GatewayError::ShuttingDown))?;
     resp.body_mut().hold_share(share);
     Ok(resp)
 }

@@ -221,17 +221,22 @@ impl crate::upstream::stream::StreamEnd for Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
+        // Ended by the client, or by shutdown past its grace period.
+        let (status, http_status) = match &self.job {
+            Some(j) if j.recorder.tasks.streams_ended() => (Status::ShutDown, 503),
+            _ => (Status::ClientClosed, 499),
+        };
         if self.job.as_ref().is_some_and(|j| j.ctx.attempts == 0) {
-            // The client left before any backend was asked: nothing to count or bill.
+            // Before any backend was asked: nothing to count or bill.
             if let Some(job) = self.job.take() {
-                job.write_unsent(Status::ClientClosed, 499);
+                job.write_unsent(status, http_status);
             }
             return;
         }
         if self.job.is_some() {
             let outcome = Outcome {
-                status: Status::ClientClosed,
-                http_status: 499,
+                status,
+                http_status,
                 usage: None,
                 generated: None,
                 response_bytes: 0,

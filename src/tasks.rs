@@ -7,10 +7,15 @@
 //! watch) end when shutdown begins ([`Tasks::stopping`]).
 //!
 //! ```text
-//! shutdown: stop accepting ─► connections drain ─► tasks.close_and_wait() ─► ledger.close()
+//! shutdown: stop accepting ─► connections drain ─► (grace) ─► open streams end ([`Tasks::end_streams`])
+//!           ─► tasks.close_and_wait() ─► ledger.close()
 //! ```
 
+use atomic_waker::AtomicWaker;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -19,6 +24,72 @@ use tokio_util::task::TaskTracker;
 pub struct Tasks {
     tracker: TaskTracker,
     stop: CancellationToken,
+    ending: Arc<Ending>,
+}
+
+/// Streams still open when the grace period ends are ended by the gateway: an error event,
+/// then the close, billed and recorded. Each stream has its own waker slot, registered only
+/// while it waits on its upstream, so a waiting stream costs one uncontended atomic per poll.
+#[derive(Debug, Default)]
+struct Ending {
+    ended: AtomicBool,
+    next_id: AtomicU64,
+    waiting: dashmap::DashMap<u64, Arc<AtomicWaker>>,
+}
+
+/// One stream's view of [`Tasks::end_streams`].
+#[derive(Debug)]
+pub struct EndWatch {
+    ending: Arc<Ending>,
+    slot: Option<(u64, Arc<AtomicWaker>)>,
+}
+
+impl EndWatch {
+    /// Whether open streams must end now; if not, wakes this task when they must.
+    pub fn poll_ended(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.ending.ended.load(Ordering::Acquire) {
+            return true;
+        }
+        let (_, waker) = self.slot.get_or_insert_with(|| {
+            let id = self.ending.next_id.fetch_add(1, Ordering::Relaxed);
+            let waker = Arc::new(AtomicWaker::new());
+            self.ending.waiting.insert(id, waker.clone());
+            (id, waker)
+        });
+        waker.register(cx.waker());
+        // Ended between the first check and the registration: its wake may have been missed.
+        self.ending.ended.load(Ordering::Acquire)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`Tasks::until_ended`].
+    pub struct UntilEnded<F> {
+        #[pin]
+        work: F,
+        watch: EndWatch,
+    }
+}
+
+impl<F: Future> Future for UntilEnded<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        match this.work.poll(cx) {
+            std::task::Poll::Ready(out) => std::task::Poll::Ready(Some(out)),
+            std::task::Poll::Pending if this.watch.poll_ended(cx) => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl Drop for EndWatch {
+    fn drop(&mut self) {
+        if let Some((id, _)) = self.slot.take() {
+            self.ending.waiting.remove(&id);
+        }
+    }
 }
 
 impl Tasks {
@@ -58,6 +129,36 @@ impl Tasks {
 
     pub fn is_stopping(&self) -> bool {
         self.stop.is_cancelled()
+    }
+
+    /// For a stream: tells it when the gateway ends open streams.
+    pub fn end_watch(&self) -> EndWatch {
+        EndWatch {
+            ending: self.ending.clone(),
+            slot: None,
+        }
+    }
+
+    /// Whether shutdown has ended open requests.
+    pub fn streams_ended(&self) -> bool {
+        self.ending.ended.load(Ordering::Acquire)
+    }
+
+    /// `work`, unless shutdown ends open requests first (`None`): an answer still waited for
+    /// then gets an error at once instead of a dropped connection.
+    pub fn until_ended<F: Future>(&self, work: F) -> UntilEnded<F> {
+        UntilEnded {
+            work,
+            watch: self.end_watch(),
+        }
+    }
+
+    /// Ends every open stream (the grace period is over): each writes its ending and settles.
+    pub fn end_streams(&self) {
+        self.ending.ended.store(true, Ordering::Release);
+        for w in self.ending.waiting.iter() {
+            w.value().wake();
+        }
     }
 
     /// Tells background loops to end, then waits for every task, those spawned meanwhile

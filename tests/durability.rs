@@ -182,3 +182,107 @@ async fn sigterm_waits_for_the_records_still_being_made() {
         assert_eq!((source.as_str(), *completion), ("upstream", 40), "{id}");
     }
 }
+
+/// Streams still open when the grace period ends are ended by the gateway: each client gets
+/// an error event and the close, each stream is billed for what it generated and recorded
+/// before the process exits; `/readyz` says 503 throughout, and the client port takes no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_past_the_grace_ends_twenty_streams_cleanly_and_records_them() {
+    const STREAMS: usize = 20;
+    let (text, _sims, _) = Harness::new()
+        .backend(
+            Backend::sim("llama", "llama-3.1-8b")
+                .alias("chat-small")
+                .price(0.2, 0.2)
+                // 40 s of tokens: every stream is still going when the grace ends.
+                .paced(Duration::from_millis(100), 400)
+                .config(|c| c.max_concurrency = 64),
+        )
+        .team("search", SEARCH_KEY)
+        .server("shutdown_grace_s = 1")
+        .render()
+        .await;
+    let path = temp_dir("sigterm-grace").join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let gw = BinaryGateway::start(&path).await;
+    let (addr, admin) = (gw.addr, gw.admin_addr);
+
+    let mut streams = tokio::task::JoinSet::new();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel(STREAMS);
+    for _ in 0..STREAMS {
+        let started = started_tx.clone();
+        streams.spawn(async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+            let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+                .header("authorization", format!("Bearer {SEARCH_KEY}"))
+                .body(http_body_util::Full::from(chat("chat-small", true)))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut body = resp.into_body();
+            let mut text = Vec::new();
+            let mut told = false;
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame.unwrap().into_data() else {
+                    continue;
+                };
+                text.extend_from_slice(&data);
+                if !told && text.windows(9).any(|w| w == b"\"content\"") {
+                    told = true;
+                    let _ = started.send(()).await;
+                }
+            }
+            String::from_utf8(text).unwrap()
+        });
+    }
+    for _ in 0..STREAMS {
+        started_rx.recv().await.unwrap();
+    }
+    gw.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let ready = client
+        .get(format!("http://{admin}/readyz").parse().unwrap())
+        .await
+        .expect("the admin port answers while draining");
+    assert_eq!(ready.status(), 503);
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the client port stopped accepting"
+    );
+
+    let mut ended = 0;
+    while let Some(text) = streams.join_next().await {
+        let text = text.unwrap();
+        let last = text.trim_end().lines().last().unwrap_or_default().to_string();
+        assert!(last.contains(r#""code":"shutting_down""#), "{last}");
+        assert!(text.contains(": tollgate {"), "the cost comment came first");
+        ended += 1;
+    }
+    assert_eq!(ended, STREAMS);
+    let (status, log) = gw.stop("-TERM").await;
+    assert!(status.success(), "a clean exit: {log}");
+
+    let ledger = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ledger = \"sqlite://"))
+        .unwrap()
+        .trim_end_matches('"');
+    let conn = rusqlite::Connection::open(ledger).unwrap();
+    let rows: Vec<(String, i64, i64)> = conn
+        .prepare("SELECT status, http_status, completion_tokens FROM requests")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(rows.len(), STREAMS, "{rows:?}");
+    for (status, _http, completion) in &rows {
+        assert_eq!(status, "shutdown");
+        // About 12 tokens each (1.2 s at 100 ms a token), counted and billed.
+        assert!((5..=40).contains(completion), "{rows:?}");
+    }
+}

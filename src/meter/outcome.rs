@@ -19,6 +19,8 @@ pub enum Status {
     Rejected,
     /// The gateway ended a stream that would have run past its team's hard budget.
     BudgetCut,
+    /// The gateway was shutting down and its grace period ended before the answer did.
+    ShutDown,
 }
 
 impl Status {
@@ -30,6 +32,7 @@ impl Status {
             Status::UpstreamError => "upstream_error",
             Status::Rejected => "rejected",
             Status::BudgetCut => "budget_cut",
+            Status::ShutDown => "shutdown",
         }
     }
 }

@@ -118,12 +118,26 @@ pub async fn serve<S, B>(
         while connections.try_join_next().is_some() {}
     }
     drop(listener);
-    if tokio::time::timeout(opts.shutdown_grace, graceful.shutdown())
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    if tokio::time::timeout(opts.shutdown_grace, &mut drained)
         .await
         .is_err()
     {
-        tracing::warn!(grace = ?opts.shutdown_grace, "connections still open after the grace period; closing");
-        connections.abort_all();
+        tracing::warn!(grace = ?opts.shutdown_grace, "requests still open after the grace period; ending them");
+        tasks.end_streams();
+        // Each open request now writes its ending and its record, which takes moments; a
+        // connection still open after that (a client that does not read) is closed.
+        if tokio::time::timeout(ENDING_WINDOW, &mut drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after their requests ended; closing");
+            connections.abort_all();
+        }
     }
     while connections.join_next().await.is_some() {}
 }
+
+/// How long requests ended by shutdown have to write their endings and records.
+const ENDING_WINDOW: Duration = Duration::from_secs(5);

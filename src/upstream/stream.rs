@@ -22,7 +22,7 @@ use crate::error::GatewayError;
 use crate::meter::sse::{SseObserver, Violation};
 use crate::meter::{Generated, Outcome, Settled, Status, Usage};
 use crate::route::health::{BackendState, Failure};
-use crate::tasks::Tasks;
+use crate::tasks::{EndWatch, Tasks};
 use crate::upstream::h1::Driver;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -152,6 +152,8 @@ pub struct UpstreamBody {
     client_usage: bool,
     /// Where a stream drained after its client left goes on (shutdown waits for it).
     tasks: Tasks,
+    /// Set with the tasks: tells the stream when shutdown ends open streams.
+    end_watch: Option<EndWatch>,
 }
 
 // === impl UpstreamBody ===
@@ -187,10 +189,12 @@ impl UpstreamBody {
             driver: None,
             client_usage: false,
             tasks: Tasks::default(),
+            end_watch: None,
         }
     }
 
     pub fn with_tasks(mut self, tasks: Tasks) -> Self {
+        self.end_watch = Some(tasks.end_watch());
         self.tasks = tasks;
         self
     }
@@ -381,6 +385,11 @@ impl Body for UpstreamBody {
                     this.settle(Status::Ok, None)
                 }
                 Poll::Pending if !batch.is_empty() => return batch.ready(),
+                // Asked only while waiting on the upstream: a flowing stream pays nothing.
+                Poll::Pending if this.end_watch.as_mut().is_some_and(|w| w.poll_ended(cx)) => {
+                    tracing::info!(backend = &*this.backend, "stream ended by shutdown");
+                    this.settle(Status::ShutDown, Some(GatewayError::ShuttingDown))
+                }
                 Poll::Pending => match this.timer.as_mut().poll(cx) {
                     Poll::Ready(()) => this.broken(BodyError::Timeout),
                     Poll::Pending => return Poll::Pending,
@@ -474,19 +483,31 @@ impl Drop for UpstreamBody {
                     driver: self.driver.take(),
                     client_usage: false,
                     tasks: self.tasks.clone(),
+                    end_watch: self.end_watch.take(),
                 };
                 tasks.spawn(async move {
                     // Read to the end for the provider's own usage; what is read goes nowhere.
+                    // Shutdown's end stops it too: what was read so far is billed.
                     loop {
-                        let (inner, driver) =
-                            (drain.inner.as_mut().expect("just set"), &mut drain.driver);
+                        let (inner, driver, watch) = (
+                            drain.inner.as_mut().expect("just set"),
+                            &mut drain.driver,
+                            &mut drain.end_watch,
+                        );
                         let next = tokio::time::timeout(
                             drain.idle,
                             std::future::poll_fn(|cx| {
                                 if let Some(d) = driver.as_mut() {
                                     let _ = d.poll_io(cx);
                                 }
-                                Pin::new(&mut *inner).poll_frame(cx)
+                                match Pin::new(&mut *inner).poll_frame(cx) {
+                                    Poll::Pending
+                                        if watch.as_mut().is_some_and(|w| w.poll_ended(cx)) =>
+                                    {
+                                        Poll::Ready(None)
+                                    }
+                                    other => other,
+                                }
                             }),
                         )
                         .await;

@@ -548,6 +548,7 @@ pub async fn basic() -> Gateway {
 /// The real `tollgate serve` binary, as a user runs it.
 pub struct BinaryGateway {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     child: std::process::Child,
     log: Option<std::thread::JoinHandle<String>>,
 }
@@ -575,19 +576,21 @@ impl BinaryGateway {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let line = strip_ansi(&line);
                 // "tollgate listening addr=127.0.0.1:PORT admin_addr=…"
-                if let Some(addr) = line
-                    .split(" addr=")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                {
-                    let _ = tx.send(addr.to_string());
+                let field = |name: &str| {
+                    line.split(name)
+                        .nth(1)
+                        .and_then(|r| r.split_whitespace().next())
+                        .map(str::to_string)
+                };
+                if let (Some(addr), Some(admin)) = (field(" addr="), field(" admin_addr=")) {
+                    let _ = tx.send((addr, admin));
                 }
                 all.push_str(&line);
                 all.push('\n');
             }
             all
         });
-        let addr = tokio::task::spawn_blocking(move || {
+        let (addr, admin) = tokio::task::spawn_blocking(move || {
             rx.recv_timeout(std::time::Duration::from_secs(30))
         })
         .await
@@ -595,17 +598,23 @@ impl BinaryGateway {
         .expect("the gateway logs its address");
         BinaryGateway {
             addr: addr.parse().unwrap(),
+            admin_addr: admin.parse().unwrap(),
             child,
             log: Some(log),
         }
     }
 
-    /// Sends a signal (`-TERM`, `-KILL`) and returns the exit status and everything logged.
-    pub async fn stop(mut self, signal: &str) -> (std::process::ExitStatus, String) {
+    /// Sends a signal (`-TERM`, `-KILL`) and goes on.
+    pub fn signal(&self, signal: &str) {
         std::process::Command::new("kill")
             .args([signal, &self.child.id().to_string()])
             .status()
             .unwrap();
+    }
+
+    /// Sends a signal (`-TERM`, `-KILL`) and returns the exit status and everything logged.
+    pub async fn stop(mut self, signal: &str) -> (std::process::ExitStatus, String) {
+        self.signal(signal);
         let mut child = std::mem::replace(
             &mut self.child,
             std::process::Command::new("true").spawn().unwrap(),
