@@ -44,6 +44,8 @@ pub struct RequestCtx {
     /// Bytes sent upstream, for egress.
     pub upstream_request_bytes: u64,
     pub attempts: u32,
+    /// Attempts sent after one whose backend may have begun working on the request.
+    pub resent: u32,
     /// Time spent waiting on upstreams, so the gateway's own time can be told apart.
     pub upstream_wait: Duration,
 }
@@ -70,6 +72,7 @@ impl RequestCtx {
             served_model: None,
             upstream_request_bytes: 0,
             attempts: 0,
+            resent: 0,
             upstream_wait: Duration::ZERO,
         }
     }

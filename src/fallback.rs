@@ -57,4 +57,8 @@ impl Retarget for Fallback<'_> {
     fn attempts(&self) -> u32 {
         self.record.ctx().map_or(u32::MAX, |c| c.attempts)
     }
+
+    fn resent(&mut self) {
+        self.record.ctx_mut().resent += 1;
+    }
 }

@@ -24,6 +24,7 @@ pub const BUDGET_SPENT_USD: &str = "tollgate_budget_spent_usd";
 pub const BUDGET_REJECTIONS_TOTAL: &str = "tollgate_budget_rejections_total";
 pub const BUDGET_SOFT_LIMIT_REACHED: &str = "tollgate_budget_soft_limit_reached";
 pub const ROUTE_FALLBACKS_TOTAL: &str = "tollgate_route_fallbacks_total";
+pub const RESENDS_TOTAL: &str = "tollgate_resends_total";
 pub const COST_USD_TOTAL: &str = "tollgate_cost_usd_total";
 pub const REQUEST_COST_USD: &str = "tollgate_request_cost_usd";
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tollgate_time_to_first_token_seconds";
@@ -98,6 +99,10 @@ fn describe() {
     describe_counter!(
         ROUTE_FALLBACKS_TOTAL,
         "Requests moved to the next candidate before any byte reached the client, by the backend that failed (from) and why (connect, timeout, failed, 429, 5xx)."
+    );
+    describe_counter!(
+        RESENDS_TOTAL,
+        "Fallbacks after a backend that may still be working on the request (timeout, failed): a generation that may be paid twice. Allowed by routing.retry_on, or by default from self-hosted backends."
     );
     describe_counter!(
         UPSTREAM_ERRORS_TOTAL,

@@ -260,6 +260,7 @@ async fn prepare(
         idx,
         tried,
         max_attempts: live.config.routing.max_attempts,
+        retry_on: exchange::RetryPolicy::new(live.config.routing.retry_on.as_deref()),
     };
     Ok((
         Prepared {

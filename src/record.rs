@@ -499,6 +499,7 @@ fn record(
         status: status.as_str(),
         http_status,
         attempts: ctx.attempts,
+        resent: ctx.resent,
         latency_ms: latency.as_secs_f64() * 1e3,
         ttft_ms: figures
             .as_ref()

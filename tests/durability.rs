@@ -257,7 +257,12 @@ async fn sigterm_past_the_grace_ends_twenty_streams_cleanly_and_records_them() {
     let mut ended = 0;
     while let Some(text) = streams.join_next().await {
         let text = text.unwrap();
-        let last = text.trim_end().lines().last().unwrap_or_default().to_string();
+        let last = text
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
         assert!(last.contains(r#""code":"shutting_down""#), "{last}");
         assert!(text.contains(": tollgate {"), "the cost comment came first");
         ended += 1;

@@ -468,3 +468,131 @@ async fn server_errors_fall_back_and_open_the_circuit_but_a_started_stream_is_ne
     assert_eq!(requests(&gw, "mistral-eu"), before);
     gw.shutdown().await;
 }
+
+/// A commercial backend that may have begun generating (it took the request, then sent no
+/// headers in time) is not replaced unless `routing.retry_on` allows it; when it is, the
+/// resend is on the record and in the metrics.
+#[tokio::test]
+async fn a_request_a_provider_may_be_working_on_is_resent_only_when_allowed() {
+    for (retry_on, resent) in [("", false), ("retry_on = [\"connect\", \"timeout\"]", true)] {
+        let gw = Harness::new()
+            .routing(retry_on)
+            .server("request_timeout_s = 0.5")
+            .backend(
+                Backend::sim("cheap", "m1")
+                    .commercial()
+                    .alias("chat")
+                    .price(0.1, 0.1),
+            )
+            .backend(
+                Backend::sim("dear", "m2")
+                    .commercial()
+                    .alias("chat")
+                    .price(1.0, 1.0),
+            )
+            .team("search", SEARCH_KEY)
+            .start()
+            .await;
+        gw.sim("cheap")
+            .knobs
+            .headers_delay_ms
+            .store(5_000, Ordering::Relaxed);
+        let r = gw
+            .post("/v1/chat/completions", SEARCH_KEY, chat("chat", false))
+            .await;
+        assert_eq!(requests(&gw, "cheap"), 1);
+        gw.wait_ledger_rows("SELECT id FROM requests", 1).await;
+        let (attempts, marked): (i64, i64) = gw
+            .ledger("SELECT attempts, resent FROM requests", |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })[0];
+        let metrics = gw.admin_get("/metrics").await.text();
+        if resent {
+            assert_eq!(backend_of(&r), "dear");
+            assert_eq!((attempts, marked), (2, 1));
+            assert!(
+                metrics.contains(r#"tollgate_resends_total{from="cheap",reason="timeout"} 1"#),
+                "{metrics}"
+            );
+        } else {
+            assert_eq!(r.error(504)["code"], "upstream_timeout");
+            assert_eq!(requests(&gw, "dear"), 0);
+            assert_eq!((attempts, marked), (1, 0));
+            assert!(!metrics.contains(r#"tollgate_resends_total{from="cheap""#));
+        }
+        gw.shutdown().await;
+    }
+}
+
+/// A backend that reads a request and then closes its kept-alive connection without an
+/// answer may have started on it: the gateway does not send it again on a new connection.
+#[tokio::test]
+async fn a_connection_closed_after_the_request_was_sent_is_not_retried() {
+    use std::sync::atomic::AtomicU64;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(AtomicU64::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let seen = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // A whole request: its headers, then content-length bytes of body.
+                    let mut chunk = [0u8; 8192];
+                    let whole = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .map_or(0, |v| v.trim().parse().unwrap());
+                            if buf.len() >= end + 4 + len {
+                                break end + 4 + len;
+                            }
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let post = buf.starts_with(b"POST");
+                    buf.drain(..whole);
+                    if !post {
+                        // The gateway's model listing probe.
+                        let resp = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"data\":[]}";
+                        s.write_all(resp.as_bytes()).await.unwrap();
+                        continue;
+                    }
+                    if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                        let body = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+                        let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                        s.write_all(resp.as_bytes()).await.unwrap();
+                    } else {
+                        // Read, then gone: as a server that crashed while generating.
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let gw = Harness::new()
+        .backend(Backend::at("raw", "m", &url).alias("chat"))
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    let r = gw
+        .post("/v1/chat/completions", SEARCH_KEY, chat("chat", false))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The second request goes out on the pooled connection, which the server then closes.
+    let r = gw
+        .post("/v1/chat/completions", SEARCH_KEY, chat("chat", false))
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(seen.load(Ordering::SeqCst), 2, "the request was sent again");
+}

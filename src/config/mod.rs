@@ -152,6 +152,8 @@ pub struct RawRouting {
     pub self_hosted_cost: SelfHostedCost,
     /// Backends tried for one request, first included.
     pub max_attempts: u32,
+    /// Failures after which a request goes to the next backend (see [`Routing::retry_on`]).
+    pub retry_on: Option<Vec<RetryOn>>,
     /// Output tokens a request is expected to generate when ranking backends by cost; a
     /// request's own lower `max_tokens` wins.
     pub expected_output_tokens: u64,
@@ -166,6 +168,7 @@ impl Default for RawRouting {
         Self {
             self_hosted_cost: SelfHostedCost::Marginal,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            retry_on: None,
             expected_output_tokens: DEFAULT_EXPECTED_OUTPUT_TOKENS,
             circuit_failures: DEFAULT_CIRCUIT_FAILURES,
             circuit_open_s: DEFAULT_CIRCUIT_OPEN_S,

@@ -52,9 +52,52 @@ pub struct Server {
 pub struct Routing {
     pub self_hosted_cost: SelfHostedCost,
     pub max_attempts: u32,
+    /// The failures after which a request goes to the next backend; `None`: connect, 429
+    /// and 5xx always, and timeout and failed from a self-hosted backend (whose wasted work
+    /// is not billed per token).
+    pub retry_on: Option<Vec<RetryOn>>,
     pub expected_output_tokens: u64,
     pub circuit_failures: u32,
     pub circuit_open: Duration,
+}
+
+/// A failed try after which a request may go to the next backend. After `timeout` and
+/// `failed` the backend may still be generating (and billing) what was asked; the others
+/// are answers that it did not or could not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum RetryOn {
+    /// The backend could not be reached: it never saw the request.
+    #[serde(rename = "connect")]
+    Connect,
+    /// It refused the request as busy.
+    #[serde(rename = "429")]
+    Busy,
+    /// It answered with a server error.
+    #[serde(rename = "5xx")]
+    ServerError,
+    /// It sent no response headers in time (it may still be generating).
+    #[serde(rename = "timeout")]
+    Timeout,
+    /// The connection broke after the request was sent.
+    #[serde(rename = "failed")]
+    Failed,
+}
+
+impl RetryOn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryOn::Connect => "connect",
+            RetryOn::Busy => "429",
+            RetryOn::ServerError => "5xx",
+            RetryOn::Timeout => "timeout",
+            RetryOn::Failed => "failed",
+        }
+    }
+
+    /// Whether the backend may be working on the request despite the failure.
+    pub fn after_send(self) -> bool {
+        matches!(self, RetryOn::Timeout | RetryOn::Failed)
+    }
 }
 
 /// What routing counts for a self-hosted backend with spare capacity.

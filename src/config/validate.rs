@@ -253,6 +253,7 @@ fn routing(r: &RawRouting, c: &mut Checker) -> Routing {
     Routing {
         self_hosted_cost: r.self_hosted_cost,
         max_attempts: r.max_attempts,
+        retry_on: r.retry_on.clone(),
         expected_output_tokens: r.expected_output_tokens,
         circuit_failures: r.circuit_failures,
         circuit_open: c.seconds("routing.circuit_open_s", r.circuit_open_s),

@@ -58,6 +58,8 @@ pub struct Record {
     pub status: &'static str,
     pub http_status: u16,
     pub attempts: u32,
+    /// Attempts sent after one whose backend may have begun working on the request.
+    pub resent: u32,
     pub latency_ms: f64,
     pub ttft_ms: Option<f64>,
     pub stream: bool,

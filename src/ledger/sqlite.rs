@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS requests (
     attempts           INTEGER NOT NULL,
     latency_ms         REAL NOT NULL,
     ttft_ms            REAL,
-    stream             INTEGER NOT NULL
+    stream             INTEGER NOT NULL,
+    -- Attempts sent after one whose backend may have begun working on the request.
+    resent             INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_started ON requests (started_at_us);
 CREATE INDEX IF NOT EXISTS requests_team_started ON requests (team, started_at_us);
@@ -50,7 +52,20 @@ pub fn open(path: &Path, fsync: bool) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "OFF" })?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
+    migrate(&conn)?;
     Ok(conn)
+}
+
+/// Columns added since a ledger file may have been made: added in place, with their defaults.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |column: &str| -> rusqlite::Result<bool> {
+        conn.prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = ?1")?
+            .exists([column])
+    };
+    if !has("resent")? {
+        conn.execute_batch("ALTER TABLE requests ADD COLUMN resent INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
 }
 
 /// A read-only connection for reports; it never blocks the writer (WAL).
@@ -73,9 +88,9 @@ pub fn insert_batch<'a>(
             "INSERT INTO requests (id, started_at_us, ended_at_us, team, key_id, tags, endpoint,
                 requested_model, backend, served_model, prompt_tokens, completion_tokens, cached_tokens,
                 cache_write_tokens, reasoning_tokens, token_source, cost_nusd, priced, egress_bytes, status,
-                http_status, attempts, latency_ms, ttft_ms, stream)
+                http_status, attempts, latency_ms, ttft_ms, stream, resent)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
-                ?21, ?22, ?23, ?24, ?25)",
+                ?21, ?22, ?23, ?24, ?25, ?26)",
         )?;
         for r in records {
             stmt.execute(params![
@@ -104,6 +119,7 @@ pub fn insert_batch<'a>(
                 r.latency_ms,
                 r.ttft_ms,
                 r.stream,
+                r.resent,
             ])?;
         }
     }

@@ -53,6 +53,7 @@ pub fn rec(at_us: i64, team: &str, backend: Option<&str>, model: &str, tags: &st
         status: "ok",
         http_status: 200,
         attempts: 1,
+        resent: 0,
         latency_ms: 1.0,
         ttft_ms: None,
         stream: false,

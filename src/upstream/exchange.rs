@@ -3,15 +3,21 @@
 //!
 //! ```text
 //! send ─► answer ─► 2xx/4xx: it stands
-//!             └──► connect error, timeout, 429, 5xx ─► next candidate with a slot whose
-//!                  budget fits (the caller retargets) ─► send again, up to max_attempts
+//!             └──► a failure in `routing.retry_on` (default: connect error, 429, 5xx) ─►
+//!                  next candidate with a slot whose budget fits (the caller retargets)
+//!                  ─► send again, up to max_attempts
 //! ```
+//!
+//! A request is never sent twice to one backend, and after a failure that left the backend
+//! possibly working on it (a timeout, a broken connection) only if the user allowed it; such
+//! a resend is marked on the record and counted (`tollgate_resends_total`).
 //!
 //! What moving a request to another backend takes (its body for that backend, a bigger
 //! budget reservation, its record's new terms) is the caller's: [`Retarget`].
 
 use super::forward;
 use super::h1::Driver;
+use crate::config::RetryOn;
 use crate::error::GatewayError;
 use crate::metrics as m;
 use crate::route::claim::claim_from;
@@ -32,6 +38,8 @@ pub trait Retarget {
     fn retarget(&mut self, to: &Arc<Candidate>, claim: Claim) -> Option<Bytes>;
     /// Attempts made so far, the first included.
     fn attempts(&self) -> u32;
+    /// The request goes to another backend after one that may have begun working on it.
+    fn resent(&mut self);
 }
 
 /// Where a request is in its plan.
@@ -43,6 +51,42 @@ pub struct Attempts {
     /// Candidates passed over before it, and why (for `x-tollgate-route`).
     pub tried: Vec<(Arc<str>, &'static str)>,
     pub max_attempts: u32,
+    /// The failures that may move a request on.
+    pub retry_on: RetryPolicy,
+}
+
+/// `routing.retry_on` as sets of bits, for a check per try without a list: what may move a
+/// request on from a commercial backend, and from a self-hosted one.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    commercial: u8,
+    self_hosted: u8,
+}
+
+impl RetryPolicy {
+    pub fn new(retry_on: Option<&[RetryOn]>) -> Self {
+        let mask = |on: &[RetryOn]| on.iter().fold(0u8, |m, r| m | 1 << *r as u8);
+        match retry_on {
+            Some(on) => Self {
+                commercial: mask(on),
+                self_hosted: mask(on),
+            },
+            // A provider may bill a generation it began before timing out or breaking; an
+            // owned GPU's lost work costs nothing more.
+            None => Self {
+                commercial: mask(&[RetryOn::Connect, RetryOn::Busy, RetryOn::ServerError]),
+                self_hosted: u8::MAX,
+            },
+        }
+    }
+
+    fn allows(self, why: RetryOn, from: &Candidate) -> bool {
+        let mask = match from.backend.cfg.hosting {
+            crate::config::Hosting::Commercial => self.commercial,
+            crate::config::Hosting::SelfHosted => self.self_hosted,
+        };
+        mask & (1 << why as u8) != 0
+    }
 }
 
 /// What to send, the same for every attempt but the body.
@@ -89,10 +133,12 @@ impl Attempts {
             .await;
             *waited += asked.elapsed();
             match retryable(&attempt) {
-                Some(why) if more => match self.fall_back(why, req.request_id, hooks) {
-                    Some(body) => req.body = body,
-                    None => return attempt,
-                },
+                Some(why) if more && self.retry_on.allows(why, self.candidate()) => {
+                    match self.fall_back(why, req.request_id, hooks) {
+                        Some(body) => req.body = body,
+                        None => return attempt,
+                    }
+                }
                 _ => return attempt,
             }
         }
@@ -102,19 +148,32 @@ impl Attempts {
     /// `None` when none is left and the last answer must stand.
     fn fall_back(
         &mut self,
-        why: &'static str,
+        retry: RetryOn,
         request_id: &HeaderValue,
         hooks: &mut impl Retarget,
     ) -> Option<Bytes> {
+        let why = retry.as_str();
         let from = self.candidate().backend.cfg.name.clone();
         let mut tried = vec![(from.clone(), why)];
         let mut next = self.idx + 1;
         while let Some((i, claim)) = claim_from(&self.plan, next, &mut tried) {
             let to = self.plan.ranked[i].candidate.clone();
+            if retry.after_send() && to.backend.cfg.name == from {
+                // Another model on the backend that may be working on it: never twice.
+                drop(claim);
+                tried.push((from.clone(), "same_backend"));
+                next = i + 1;
+                continue;
+            }
             if let Some(body) = hooks.retarget(&to, claim) {
                 self.tried.append(&mut tried);
                 metrics::counter!(m::ROUTE_FALLBACKS_TOTAL, "from" => from.clone(), "reason" => why)
                     .increment(1);
+                if retry.after_send() {
+                    hooks.resent();
+                    metrics::counter!(m::RESENDS_TOTAL, "from" => from.clone(), "reason" => why)
+                        .increment(1);
+                }
                 tracing::info!(
                     request_id = request_id.to_str().unwrap_or(""),
                     from = &*from,
@@ -132,14 +191,16 @@ impl Attempts {
     }
 }
 
-/// Why an attempt should go to the next candidate, if it should.
-fn retryable(attempt: &Attempt) -> Option<&'static str> {
+/// The kind of failure an attempt was, if it was one another backend might do better on.
+fn retryable(attempt: &Attempt) -> Option<RetryOn> {
     match attempt {
-        Ok((resp, _)) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => Some("429"),
-        Ok((resp, _)) if resp.status().is_server_error() => Some("5xx"),
+        Ok((resp, _)) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => {
+            Some(RetryOn::Busy)
+        }
+        Ok((resp, _)) if resp.status().is_server_error() => Some(RetryOn::ServerError),
         Ok(_) => None,
-        Err(GatewayError::UpstreamConnect { .. }) => Some("connect"),
-        Err(GatewayError::UpstreamTimeout { .. }) => Some("timeout"),
-        Err(_) => Some("failed"),
+        Err(GatewayError::UpstreamConnect { .. }) => Some(RetryOn::Connect),
+        Err(GatewayError::UpstreamTimeout { .. }) => Some(RetryOn::Timeout),
+        Err(_) => Some(RetryOn::Failed),
     }
 }

@@ -108,8 +108,9 @@ impl H1Pool {
     }
 
     /// Sends a request on a pooled or new connection; returns the response head and the
-    /// connection's driver. A pooled connection the backend closed meanwhile is retried once
-    /// on a new one (the request never reached the backend).
+    /// connection's driver. A pooled connection found closed before the request was written
+    /// is retried once on a new one. Not one that closed after: the backend may have read the
+    /// request and begun generating, and a second send could pay for it twice.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<Full<Bytes>>,
@@ -118,9 +119,7 @@ impl H1Pool {
             let retry = req.clone();
             match self.clone().send_on(conn, req).await {
                 Ok(r) => return Ok(r),
-                Err(H1Error::Request(e))
-                    if e.is_canceled() || e.is_closed() || e.is_incomplete_message() =>
-                {
+                Err(H1Error::Request(e)) if e.is_canceled() || e.is_closed() => {
                     return self.clone().send_on(self.connect().await?, retry).await;
                 }
                 Err(e) => return Err(e),
