@@ -441,6 +441,7 @@ mod tests {
         s.configure(&Routing {
             self_hosted_cost: crate::config::SelfHostedCost::Marginal,
             max_attempts: 3,
+            retry_on: None,
             expected_output_tokens: 256,
             circuit_failures: failures,
             circuit_open: open,
