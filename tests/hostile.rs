@@ -346,3 +346,98 @@ async fn chunked_with_a_content_length_cannot_smuggle_a_second_request() {
     );
     assert_eq!(gw.sim("gpt").stats.requests.load(Relaxed), 1);
 }
+
+#[tokio::test]
+async fn bodies_the_gateway_cannot_bill_are_refused_before_any_backend() {
+    let gw = Harness::new()
+        .backend(gpt())
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    // In a member serde skips: only a full validation sees it.
+    let mut not_utf8 =
+        br#"{"model":"chat-large","messages":[{"role":"user","content":"hi"}],"note":"a?"}"#
+            .to_vec();
+    let at = not_utf8.iter().rposition(|&b| b == b'?').unwrap();
+    not_utf8[at] = 0xff;
+    let cases: Vec<(&str, Vec<u8>, &str, u16, &str)> = vec![
+        (
+            "/v1/chat/completions",
+            br#"{"model":"chat-large","messages":[{"role":"user","content":"hi"}],"note":"\ud800"}"#.to_vec(),
+            "application/json",
+            400,
+            "surrogate",
+        ),
+        (
+            "/v1/chat/completions",
+            not_utf8,
+            "application/json",
+            400,
+            "UTF-8",
+        ),
+        (
+            "/v1/chat/completions",
+            chat("chat-large", false).into_bytes(),
+            "text/plain",
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "/v1/chat/completions",
+            b"model=chat-large".to_vec(),
+            "application/x-www-form-urlencoded",
+            415,
+            "Content-Type: application/json",
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"chat-large","messages":"hi"}"#.to_vec(),
+            "application/json",
+            400,
+            r#""param":"messages""#,
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"chat-large","messages":[{"role":"user","content":7}]}"#.to_vec(),
+            "application/json",
+            400,
+            r#""param":"messages""#,
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"chat-large","messages":[{"content":"hi"}]}"#.to_vec(),
+            "application/json",
+            400,
+            "`role`",
+        ),
+        (
+            "/v1/completions",
+            br#"{"model":"chat-large","prompt":{"a":1}}"#.to_vec(),
+            "application/json",
+            400,
+            r#""param":"prompt""#,
+        ),
+        (
+            "/v1/embeddings",
+            br#"{"model":"chat-large"}"#.to_vec(),
+            "application/json",
+            400,
+            r#""param":"input""#,
+        ),
+    ];
+    for (path, body, content_type, status, needle) in cases {
+        let mut req = gw.request(path, SEARCH_KEY, body);
+        req.headers_mut()
+            .insert("content-type", content_type.parse().unwrap());
+        let r = gw.send(req).await;
+        assert_eq!(
+            r.status.as_u16(),
+            status,
+            "{path} {content_type}: {}",
+            r.text()
+        );
+        assert!(r.text().contains(needle), "{}", r.text());
+        assert!(r.json()["error"]["message"].is_string());
+    }
+    assert_eq!(gw.sim("gpt").stats.requests.load(Relaxed), 0);
+}

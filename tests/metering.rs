@@ -254,7 +254,7 @@ async fn bad_tags_are_400_naming_the_key() {
     req.headers_mut()
         .insert("x-tollgate-tags", "project".parse().unwrap());
     assert_eq!(gw.send(req).await.error(400)["param"], "x-tollgate-tags");
-    let body = r#"{"model":"chat-large","messages":[],"metadata":{"owner":"x"}}"#;
+    let body = r#"{"model":"chat-large","messages":[{"role":"user","content":"hi"}],"metadata":{"owner":"x"}}"#;
     let e = gw
         .post("/v1/chat/completions", SEARCH_KEY, body)
         .await

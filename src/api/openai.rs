@@ -35,10 +35,20 @@ pub struct RequestSummary<'a> {
     pub choices: u64,
     /// What the request needs of a model: tools, image inputs, JSON mode.
     pub features: Features,
+    /// What the request asks about, by endpoint: checked for the shape billing relies on.
+    pub messages: Option<&'a RawValue>,
+    pub prompt: Option<&'a RawValue>,
+    pub input: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 struct Head<'a> {
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
     #[serde(borrow)]
     model: Option<&'a RawValue>,
     stream: Option<bool>,
@@ -152,6 +162,13 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
         ));
     }
     let head: Head<'_> = serde_json::from_slice(body).map_err(json_error)?;
+    // serde skips the members it does not read without checking their strings: a lone
+    // surrogate escape or a byte that is not UTF-8 would pass it and reach the engine.
+    if crate::meter::scan::scan_only(body).is_err() {
+        return Err(GatewayError::MalformedJson(
+            "the body is not well-formed UTF-8 JSON (an invalid byte, or a lone surrogate escape such as \\ud800)".into(),
+        ));
+    }
     let raw = head.model.ok_or_else(|| GatewayError::InvalidField {
         param: "model",
         message: "you must provide a model parameter".into(),
@@ -215,7 +232,90 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
         user: head.user,
         max_output_tokens,
         choices: best_of,
+        messages: head.messages,
+        prompt: head.prompt,
+        input: head.input,
     })
+}
+
+/// A chat message as billing reads it: a role, and content that is text, parts or absent.
+#[derive(Deserialize)]
+struct MessageShape<'a> {
+    #[serde(borrow)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+impl RequestSummary<'_> {
+    /// The members the endpoint bills on are there and of the types its engines take.
+    pub fn check_shape(&self, endpoint: Endpoint) -> Result<(), GatewayError> {
+        let invalid = |param: &'static str, message: &str| {
+            Err(GatewayError::InvalidField {
+                param,
+                message: message.into(),
+            })
+        };
+        let kind = |raw: Option<&RawValue>| raw.map(|r| r.get().as_bytes()[0]);
+        match endpoint {
+            Endpoint::ChatCompletions => {
+                let Some(raw) = self.messages else {
+                    return invalid("messages", "`messages` is required");
+                };
+                let Ok(messages) = serde_json::from_str::<Vec<MessageShape<'_>>>(raw.get()) else {
+                    return invalid("messages", "`messages` must be an array of message objects");
+                };
+                if messages.is_empty() {
+                    return invalid("messages", "`messages` must not be empty");
+                }
+                for m in &messages {
+                    if m.role.as_deref().is_none_or(str::is_empty) {
+                        return invalid("messages", "every message needs a string `role`");
+                    }
+                    if !matches!(kind(m.content), None | Some(b'"' | b'[' | b'n')) {
+                        return invalid(
+                            "messages",
+                            "a message's `content` must be a string, an array of parts or null",
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Endpoint::Completions => match kind(self.prompt) {
+                Some(b'"' | b'[') => Ok(()),
+                None => invalid("prompt", "`prompt` is required"),
+                _ => invalid("prompt", "`prompt` must be a string or an array"),
+            },
+            Endpoint::Embeddings => match kind(self.input) {
+                Some(b'"' | b'[') => Ok(()),
+                None => invalid("input", "`input` is required"),
+                _ => invalid("input", "`input` must be a string or an array"),
+            },
+        }
+    }
+}
+
+/// The body must be JSON: a client that sends a form or text gets told, rather than the
+/// engine guessing. A request without a content type is read as JSON (as OpenAI does).
+fn check_content_type(headers: &http::HeaderMap) -> Result<(), GatewayError> {
+    let Some(v) = headers.get(http::header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = v
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        return Ok(());
+    }
+    Err(GatewayError::UnsupportedMediaType(format!(
+        "the body must be JSON, sent with `Content-Type: application/json` (got `{}`)",
+        crate::error::prefix_chars(v.to_str().unwrap_or("?"), 64)
+    )))
 }
 
 /// A count the client sets (`n`, `max_tokens`, …): absent or `null`, or a whole number of at
@@ -269,6 +369,7 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    check_content_type(headers)?;
     let content_length = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
@@ -279,6 +380,7 @@ where
             after: limits.body_read_timeout,
         })??;
     let summary = parse(&body)?;
+    summary.check_shape(ctx.endpoint)?;
     if summary.choices > limits.max_n {
         return Err(GatewayError::InvalidField {
             param: "n",
