@@ -441,3 +441,32 @@ async fn bodies_the_gateway_cannot_bill_are_refused_before_any_backend() {
     }
     assert_eq!(gw.sim("gpt").stats.requests.load(Relaxed), 0);
 }
+
+#[tokio::test]
+async fn a_success_that_is_not_json_is_an_upstream_error_not_a_billed_answer() {
+    let (url, seen) = scripted_backend(|_| {
+        Some(json_answer(
+            200,
+            r#"{"id":"x","choices":[{"message":{"content":"hi"#,
+        ))
+    })
+    .await;
+    let gw = Harness::new()
+        .backend(Backend::at("raw", "m", &url).alias("chat"))
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    let r = gw
+        .post("/v1/chat/completions", SEARCH_KEY, chat("chat", false))
+        .await;
+    let e = r.error(502);
+    assert_eq!(e["type"], "upstream_error", "{e}");
+    assert_eq!(seen.load(Relaxed), 1);
+    gw.wait_ledger_rows("SELECT 1 FROM requests", 1).await;
+    let (status, cost): (String, i64) = gw
+        .ledger("SELECT status, cost_nusd FROM requests", |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .remove(0);
+    assert_eq!((status.as_str(), cost), ("upstream_broken", 0));
+}

@@ -528,57 +528,12 @@ async fn a_request_a_provider_may_be_working_on_is_resent_only_when_allowed() {
 /// answer may have started on it: the gateway does not send it again on a new connection.
 #[tokio::test]
 async fn a_connection_closed_after_the_request_was_sent_is_not_retried() {
-    use std::sync::atomic::AtomicU64;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let seen = Arc::new(AtomicU64::new(0));
-    let counted = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let seen = counted.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    // A whole request: its headers, then content-length bytes of body.
-                    let mut chunk = [0u8; 8192];
-                    let whole = loop {
-                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                            let len: usize = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length: "))
-                                .map_or(0, |v| v.trim().parse().unwrap());
-                            if buf.len() >= end + 4 + len {
-                                break end + 4 + len;
-                            }
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let post = buf.starts_with(b"POST");
-                    buf.drain(..whole);
-                    if !post {
-                        // The gateway's model listing probe.
-                        let resp = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"data\":[]}";
-                        s.write_all(resp.as_bytes()).await.unwrap();
-                        continue;
-                    }
-                    if seen.fetch_add(1, Ordering::SeqCst) == 0 {
-                        let body = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
-                        let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-                        s.write_all(resp.as_bytes()).await.unwrap();
-                    } else {
-                        // Read, then gone: as a server that crashed while generating.
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    // The first answered, the second read and then the connection closed: as a server that
+    // crashed while generating.
+    let (url, seen) = common::scripted_backend(|n| {
+        (n == 0).then(|| common::json_answer(200, common::CHAT_ANSWER))
+    })
+    .await;
     let gw = Harness::new()
         .backend(Backend::at("raw", "m", &url).alias("chat"))
         .team("search", SEARCH_KEY)

@@ -694,3 +694,75 @@ pub fn openai_sdk_python() -> Result<std::path::PathBuf, String> {
     }
     Ok(python)
 }
+
+/// A chat completion as an OpenAI-compatible engine writes it.
+pub const CHAT_ANSWER: &str = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+
+/// An HTTP/1.1 response with a JSON body.
+pub fn json_answer(status: u16, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A backend on a raw socket that answers its `n`th POST (from 0) with what `answer(n)`
+/// returns, written as is, or closes the connection after reading it (`None`); GETs (the
+/// gateway's probes) get an empty model list. Returns its URL and the POSTs it has read.
+pub async fn scripted_backend(
+    answer: fn(u64) -> Option<String>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // A whole request: its headers, then content-length bytes of body.
+                    let mut chunk = [0u8; 8192];
+                    let whole = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .map_or(0, |v| v.trim().parse().unwrap());
+                            if buf.len() >= end + 4 + len {
+                                break end + 4 + len;
+                            }
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let post = buf.starts_with(b"POST");
+                    buf.drain(..whole);
+                    let reply = if post {
+                        answer(seen.fetch_add(1, Ordering::SeqCst))
+                    } else {
+                        Some(json_answer(200, r#"{"data":[]}"#))
+                    };
+                    match reply {
+                        Some(r) => {
+                            if s.write_all(r.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
