@@ -199,3 +199,89 @@ async fn serve_answers_and_exits_cleanly_on_sigterm() {
     assert!(status.success(), "exit status {status:?}\n{log}");
     assert!(log.contains("shutting down"), "{log}");
 }
+
+/// `config/tollgate.toml` with its admin port on `admin_listen`, `admin_open` as given, and its
+/// admin key read from a variable no test sets.
+fn config_with_admin(admin_listen: &str, admin_open: bool) -> std::path::PathBuf {
+    let text = std::fs::read_to_string("config/tollgate.toml")
+        .unwrap()
+        .replace(
+            "admin_listen = \"127.0.0.1:9090\"",
+            &format!("admin_listen = \"{admin_listen}\""),
+        )
+        .replace("admin_open = false", &format!("admin_open = {admin_open}"))
+        .replace("TOLLGATE_ADMIN_KEY", "TOLLGATE_TEST_UNSET_ADMIN_KEY");
+    let path = temp_dir("admin").join("tollgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn an_admin_port_open_to_the_network_without_a_key_is_refused() {
+    let path = config_with_admin("0.0.0.0:9090", false);
+    for command in ["check", "serve"] {
+        let out = tollgate()
+            .env_remove("TOLLGATE_TEST_UNSET_ADMIN_KEY")
+            .args([command, "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} accepted it: {stderr}");
+        assert!(
+            stderr.contains(
+                "server.admin_key_env names $TOLLGATE_TEST_UNSET_ADMIN_KEY, which is not set"
+            ) && stderr.contains("server.admin_open = true"),
+            "{command}: {stderr}"
+        );
+    }
+    // Saying so on purpose: `check` passes and warns.
+    let path = config_with_admin("0.0.0.0:9090", true);
+    let out = tollgate()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("warning: server.admin_open is true"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_port_without_a_key_says_so_when_it_starts() {
+    let (text, _sims, _) = Harness::new()
+        .backend(Backend::sim("llama", "m"))
+        .team("search", SEARCH_KEY)
+        .server("admin_key_env = \"TOLLGATE_TEST_UNSET_ADMIN_KEY\"")
+        .render()
+        .await;
+    let path = temp_dir("admin-log").join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    // Both lines come before `listening`, which `start` waits for.
+    let (_, log) = BinaryGateway::start(&path).await.stop("-KILL").await;
+    assert_eq!(
+        log.matches("admin port").count(),
+        1,
+        "said once at start:\n{log}"
+    );
+    assert!(
+        log.contains("INFO") && log.contains("open on loopback only"),
+        "{log}"
+    );
+
+    let open = text.replace(
+        "admin_listen = \"127.0.0.1:0\"",
+        "admin_listen = \"0.0.0.0:0\"\nadmin_open = true",
+    );
+    std::fs::write(&path, open).unwrap();
+    let (_, log) = BinaryGateway::start(&path).await.stop("-KILL").await;
+    assert_eq!(
+        log.matches("admin_open").count(),
+        1,
+        "warned once at start:\n{log}"
+    );
+    assert!(log.contains("WARN"), "{log}");
+}

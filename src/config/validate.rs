@@ -160,6 +160,7 @@ fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
         admin_listen: c.addr("server.admin_listen", &s.admin_listen),
         admin_key_env: s.admin_key_env.clone(),
         admin_key: env(&s.admin_key_env).map(Secret::new),
+        admin_open: s.admin_open,
         max_body_bytes: s.max_body_bytes,
         request_timeout: c.seconds("server.request_timeout_s", s.request_timeout_s),
         header_read_timeout: c.seconds("server.header_read_timeout_s", s.header_read_timeout_s),
@@ -174,11 +175,14 @@ fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
     if server.listen == server.admin_listen && server.listen.port() != 0 {
         c.err("server.admin_listen", "must differ from server.listen");
     }
-    if server.admin_key.is_none() && !server.admin_listen.ip().is_loopback() {
-        c.warnings.push(format!(
-            "server.admin_listen is {} but {} is not set: /metrics and /admin are open to the network",
-            server.admin_listen, s.admin_key_env
-        ));
+    match server.admin_access(server.admin_listen) {
+        Ok(AdminAccess::Open) => c.warnings.push(format!(
+            "server.admin_open is true and ${} is not set: the admin port {} (/metrics, \
+             /admin/*, reload) is open to anyone who can reach it",
+            s.admin_key_env, server.admin_listen
+        )),
+        Ok(AdminAccess::Key | AdminAccess::Loopback) => {}
+        Err(e) => c.errors.push(e),
     }
     server
 }
