@@ -122,7 +122,11 @@ mod tests {
             assert!(table.authenticate(&h).is_ok(), "{value:?}");
         }
         // A scheme is a whole word: `Bearerx` is another scheme, not Bearer without a space.
-        for value in [format!("Bearer{key}"), format!("Bearerx {key}"), "Bearer ".into()] {
+        for value in [
+            format!("Bearer{key}"),
+            format!("Bearerx {key}"),
+            "Bearer ".into(),
+        ] {
             let mut h = HeaderMap::new();
             h.insert(AUTHORIZATION, HeaderValue::from_str(&value).unwrap());
             assert!(table.authenticate(&h).is_err(), "{value:?}");

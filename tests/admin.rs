@@ -99,7 +99,11 @@ async fn the_admin_key_guards_everything_but_health() {
             .header("authorization", format!("{scheme} adm-secret"))
             .body(Full::<bytes::Bytes>::default())
             .unwrap();
-        assert_eq!(client.request(req).await.unwrap().status(), 200, "{scheme:?}");
+        assert_eq!(
+            client.request(req).await.unwrap().status(),
+            200,
+            "{scheme:?}"
+        );
     }
     assert_eq!(
         get("/admin/report/focus", None).await.unwrap().status(),
