@@ -285,3 +285,50 @@ async fn an_admin_port_without_a_key_says_so_when_it_starts() {
     );
     assert!(log.contains("WARN"), "{log}");
 }
+
+/// Runs the binary with its stdout a pipe whose reader is already gone, as `| head -1` leaves
+/// it once head has its line: every write fails with EPIPE.
+fn run_into_a_closed_pipe(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    tollgate().args(args).stdout(writer).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_into_a_closed_pipe_ends_quietly() {
+    // A gateway that ran once leaves the ledger the reports read.
+    let gw = basic().await;
+    let config = temp_dir("pipe").join("tollgate.toml");
+    std::fs::write(&config, &gw.config_text).unwrap();
+    gw.shutdown().await;
+    let config = config.as_os_str();
+    let runs: [&[&str]; 5] = [
+        &["check", "--config"],
+        &["check", "--explain", "--model", "chat-small", "--config"],
+        &["report", "--format", "table", "--config"],
+        &["report", "--format", "json", "--config"],
+        &["report", "--format", "focus", "--config"],
+    ];
+    for args in runs {
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        all.push(config);
+        let out = run_into_a_closed_pipe(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked") && !stderr.contains("Error"),
+            "{args:?}: {:?}\n{stderr}",
+            out.status
+        );
+    }
+    let out = run_into_a_closed_pipe(&[
+        "key".as_ref(),
+        "new".as_ref(),
+        "--team".as_ref(),
+        "x".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
