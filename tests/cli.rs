@@ -332,3 +332,73 @@ async fn output_into_a_closed_pipe_ends_quietly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn check_never_prints_a_store_password_or_a_key() {
+    let base = std::fs::read_to_string("config/tollgate.toml").unwrap();
+    let secret_free = |what: &str, text: String| {
+        let path = temp_dir("secrets").join("tollgate.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = tollgate()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{what}: {all}");
+        assert!(!all.contains("s3cret"), "{what} leaked:\n{all}");
+        all
+    };
+    // Passwords in store URLs, including ones with characters that end a URL's authority.
+    let all = secret_free(
+        "store URLs",
+        base.replace(
+            "\"sqlite://data/tollgate.db\"",
+            "\"postgres://tollgate:pg/s3cret@db.internal:5432/ledger\"",
+        )
+        .replace(
+            "budgets = \"local\"",
+            "budgets = \"redis://:rd/s3cret@cache.internal:6379/0\"",
+        ),
+    );
+    assert!(
+        all.contains("store.ledger") && all.contains("db.internal:5432/ledger"),
+        "{all}"
+    );
+    assert!(
+        all.contains("store.budgets") && all.contains("cache.internal:6379/0"),
+        "{all}"
+    );
+    secret_free(
+        "a password as a URL parameter",
+        base.replace(
+            "\"sqlite://data/tollgate.db\"",
+            "\"postgres://db.internal/ledger?user=tg&password=s3cret\"",
+        )
+        .replace(
+            "budgets = \"local\"",
+            "budgets = \"rediss://default:s3cret@cache.internal:6380\"",
+        ),
+    );
+    // A syntax error quotes its line, and the line may be the one with the password.
+    secret_free(
+        "a TOML syntax error",
+        base.replace(
+            "\"sqlite://data/tollgate.db\"",
+            "\"postgres://tollgate:s3cret@db.internal/ledger\" x",
+        ),
+    );
+    // A backend URL with credentials, and a key pasted where its variable's name belongs.
+    let all = secret_free(
+        "a backend URL and a pasted key",
+        base.replace("http://127.0.0.1:8001", "ftp://admin:s3cret@gpu-1")
+            .replace("\"OPENAI_API_KEY\"", "\"sk-proj-s3cret\"")
+            .replace("\"TOLLGATE_ADMIN_KEY\"", "\"adm-s3cret\""),
+    );
+    assert!(all.contains("backend[1].api_key_env"), "{all}");
+    assert!(all.contains("server.admin_key_env"), "{all}");
+}

@@ -68,14 +68,14 @@ impl Server {
             Ok(AdminAccess::Open)
         } else {
             let var = &self.admin_key_env;
-            Err(ConfigError {
-                path: "server.admin_key_env".into(),
-                message: format!(
+            Err(ConfigError::new(
+                "server.admin_key_env",
+                format!(
                     "names ${var}, which is not set: the admin port {addr} would be open to \
                      anyone who can reach it; set ${var}, make server.admin_listen a loopback \
                      address, or set server.admin_open = true to serve it without a key"
                 ),
-            })
+            ))
         }
     }
 }
@@ -335,7 +335,8 @@ pub struct Budget {
     pub per_key: bool,
 }
 
-/// One problem in a config file, with the field it is about.
+/// One problem in a config file, with the field it is about. Made by [`ConfigError::new`],
+/// which redacts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub path: String,
@@ -348,6 +349,22 @@ impl fmt::Display for ConfigError {
             f.write_str(&self.message)
         } else {
             write!(f, "{} {}", self.path, self.message)
+        }
+    }
+}
+
+impl ConfigError {
+    /// Every message is redacted here, once for all: messages quote what users wrote, and a
+    /// store URL or a misplaced key may hold a password.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let message = message.into();
+        let message = match crate::secret::redact_urls(&message) {
+            std::borrow::Cow::Borrowed(_) => message,
+            std::borrow::Cow::Owned(redacted) => redacted,
+        };
+        Self {
+            path: path.into(),
+            message,
         }
     }
 }
