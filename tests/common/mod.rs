@@ -426,6 +426,17 @@ impl Gateway {
         &self.sims[name]
     }
 
+    /// The headers of the last inference request the simulated backend `name` received.
+    pub fn headers_seen_by(&self, name: &str) -> HeaderMap {
+        self.sim(name)
+            .stats
+            .last_headers
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the backend received a request")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
