@@ -3,7 +3,7 @@
 use crate::admin::Admin;
 use crate::budget::{BudgetBook, Demand};
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{AdminAccess, Config};
 use crate::ledger::{Ledger, LedgerError};
 use crate::live::{Live, LiveState};
 use crate::pipeline::Gateway;
@@ -35,6 +35,8 @@ pub enum StartError {
     MissingKeys(Vec<String>),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A gateway serving its client and admin ports.
@@ -96,6 +98,17 @@ pub async fn start_with_clock(
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    let addr = client.local_addr().expect("bound listener has an address");
+    let admin_addr = admin_listener
+        .local_addr()
+        .expect("bound listener has an address");
+    // Checked again on the address actually bound: validation saw only the configured one.
+    if config.server.admin_access(admin_addr)? == AdminAccess::Loopback {
+        tracing::info!(
+            "admin port {admin_addr} has no key (${} is not set): open on loopback only",
+            config.server.admin_key_env
+        );
+    }
     let handle = crate::metrics::install();
     let ledger = Ledger::open(&config.ledger_url, config.ledger_fsync)?;
     let budgets = Arc::new(BudgetBook::new(clock.clone()));
@@ -150,10 +163,6 @@ pub async fn start_with_clock(
         hyper::service::service_fn(move |req| admin.clone().handle(req))
     };
 
-    let addr = client.local_addr().expect("bound listener has an address");
-    let admin_addr = admin_listener
-        .local_addr()
-        .expect("bound listener has an address");
     let servers = vec![
         tasks.spawn({
             let tasks = tasks.clone();

@@ -56,14 +56,21 @@ impl KeyTable {
 
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get(AUTHORIZATION) {
-        let v = v.to_str().ok()?;
-        let key = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))?;
-        return Some(key.trim()).filter(|k| !k.is_empty());
+        return bearer_token(v.to_str().ok()?);
     }
     let key = headers.get(&X_API_KEY)?.to_str().ok()?.trim();
     Some(key).filter(|k| !k.is_empty())
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
+/// (RFC 7235 §2.1), and clients write it as `bearer` or `BEARER`, some with more than one
+/// space or a tab before the token: refusing them would turn a formatting habit into a 401.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    Some(token.trim()).filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -97,6 +104,33 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(X_API_KEY.clone(), HeaderValue::from_str(&key).unwrap());
         assert!(table.authenticate(&h).is_ok());
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_spacing_is_tolerated() {
+        let (key, hash) = new_key().unwrap();
+        let table = table_with(&hash);
+        for value in [
+            format!("bearer {key}"),
+            format!("BEARER {key}"),
+            format!("BeArEr {key}"),
+            format!("Bearer   {key}"),
+            format!("Bearer \t {key} "),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, HeaderValue::from_str(&value).unwrap());
+            assert!(table.authenticate(&h).is_ok(), "{value:?}");
+        }
+        // A scheme is a whole word: `Bearerx` is another scheme, not Bearer without a space.
+        for value in [
+            format!("Bearer{key}"),
+            format!("Bearerx {key}"),
+            "Bearer ".into(),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, HeaderValue::from_str(&value).unwrap());
+            assert!(table.authenticate(&h).is_err(), "{value:?}");
+        }
     }
 
     #[test]

@@ -149,7 +149,7 @@ async fn dispatch(
                 record,
                 budgets: gw.0.budgets.clone(),
                 live: live.clone(),
-                headers: parts.headers,
+                headers: crate::upstream::headers::from_client(&parts),
                 path: parts
                     .uri
                     .path_and_query()

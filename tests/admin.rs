@@ -93,6 +93,18 @@ async fn the_admin_key_guards_everything_but_health() {
             .status(),
         200
     );
+    // The scheme is case-insensitive (RFC 7235) and spacing after it is tolerated.
+    for scheme in ["bearer", "BEARER", "Bearer  ", "bearer\t"] {
+        let req = http::Request::get(format!("http://{}/metrics", running.admin_addr))
+            .header("authorization", format!("{scheme} adm-secret"))
+            .body(Full::<bytes::Bytes>::default())
+            .unwrap();
+        assert_eq!(
+            client.request(req).await.unwrap().status(),
+            200,
+            "{scheme:?}"
+        );
+    }
     assert_eq!(
         get("/admin/report/focus", None).await.unwrap().status(),
         401

@@ -287,3 +287,21 @@ async fn http2_clients_are_served() {
     assert_eq!(r.status, 200);
     assert_eq!(r.events().last().unwrap(), "[DONE]");
 }
+
+#[tokio::test]
+async fn the_key_scheme_is_case_insensitive() {
+    let gw = basic().await;
+    for scheme in ["bearer", "BEARER", "Bearer  ", "bearer\t"] {
+        let mut req = gw.request(
+            "/v1/chat/completions",
+            SEARCH_KEY,
+            chat("chat-small", false),
+        );
+        req.headers_mut().insert(
+            "authorization",
+            format!("{scheme} {SEARCH_KEY}").parse().unwrap(),
+        );
+        let r = gw.send(req).await;
+        assert_eq!(r.status, 200, "{scheme:?}: {}", r.text());
+    }
+}

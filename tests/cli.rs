@@ -199,3 +199,206 @@ async fn serve_answers_and_exits_cleanly_on_sigterm() {
     assert!(status.success(), "exit status {status:?}\n{log}");
     assert!(log.contains("shutting down"), "{log}");
 }
+
+/// `config/tollgate.toml` with its admin port on `admin_listen`, `admin_open` as given, and its
+/// admin key read from a variable no test sets.
+fn config_with_admin(admin_listen: &str, admin_open: bool) -> std::path::PathBuf {
+    let text = std::fs::read_to_string("config/tollgate.toml")
+        .unwrap()
+        .replace(
+            "admin_listen = \"127.0.0.1:9090\"",
+            &format!("admin_listen = \"{admin_listen}\""),
+        )
+        .replace("admin_open = false", &format!("admin_open = {admin_open}"))
+        .replace("TOLLGATE_ADMIN_KEY", "TOLLGATE_TEST_UNSET_ADMIN_KEY");
+    let path = temp_dir("admin").join("tollgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn an_admin_port_open_to_the_network_without_a_key_is_refused() {
+    let path = config_with_admin("0.0.0.0:9090", false);
+    for command in ["check", "serve"] {
+        let out = tollgate()
+            .env_remove("TOLLGATE_TEST_UNSET_ADMIN_KEY")
+            .args([command, "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} accepted it: {stderr}");
+        assert!(
+            stderr.contains(
+                "server.admin_key_env names $TOLLGATE_TEST_UNSET_ADMIN_KEY, which is not set"
+            ) && stderr.contains("server.admin_open = true"),
+            "{command}: {stderr}"
+        );
+    }
+    // Saying so on purpose: `check` passes and warns.
+    let path = config_with_admin("0.0.0.0:9090", true);
+    let out = tollgate()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("warning: server.admin_open is true"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_port_without_a_key_says_so_when_it_starts() {
+    let (text, _sims, _) = Harness::new()
+        .backend(Backend::sim("llama", "m"))
+        .team("search", SEARCH_KEY)
+        .server("admin_key_env = \"TOLLGATE_TEST_UNSET_ADMIN_KEY\"")
+        .render()
+        .await;
+    let path = temp_dir("admin-log").join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    // Both lines come before `listening`, which `start` waits for.
+    let (_, log) = BinaryGateway::start(&path).await.stop("-KILL").await;
+    assert_eq!(
+        log.matches("admin port").count(),
+        1,
+        "said once at start:\n{log}"
+    );
+    assert!(
+        log.contains("INFO") && log.contains("open on loopback only"),
+        "{log}"
+    );
+
+    let open = text.replace(
+        "admin_listen = \"127.0.0.1:0\"",
+        "admin_listen = \"0.0.0.0:0\"\nadmin_open = true",
+    );
+    std::fs::write(&path, open).unwrap();
+    let (_, log) = BinaryGateway::start(&path).await.stop("-KILL").await;
+    assert_eq!(
+        log.matches("admin_open").count(),
+        1,
+        "warned once at start:\n{log}"
+    );
+    assert!(log.contains("WARN"), "{log}");
+}
+
+/// Runs the binary with its stdout a pipe whose reader is already gone, as `| head -1` leaves
+/// it once head has its line: every write fails with EPIPE.
+fn run_into_a_closed_pipe(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    tollgate().args(args).stdout(writer).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_into_a_closed_pipe_ends_quietly() {
+    // A gateway that ran once leaves the ledger the reports read.
+    let gw = basic().await;
+    let config = temp_dir("pipe").join("tollgate.toml");
+    std::fs::write(&config, &gw.config_text).unwrap();
+    gw.shutdown().await;
+    let config = config.as_os_str();
+    let runs: [&[&str]; 5] = [
+        &["check", "--config"],
+        &["check", "--explain", "--model", "chat-small", "--config"],
+        &["report", "--format", "table", "--config"],
+        &["report", "--format", "json", "--config"],
+        &["report", "--format", "focus", "--config"],
+    ];
+    for args in runs {
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        all.push(config);
+        let out = run_into_a_closed_pipe(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked") && !stderr.contains("Error"),
+            "{args:?}: {:?}\n{stderr}",
+            out.status
+        );
+    }
+    let out = run_into_a_closed_pipe(&[
+        "key".as_ref(),
+        "new".as_ref(),
+        "--team".as_ref(),
+        "x".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_never_prints_a_store_password_or_a_key() {
+    let base = std::fs::read_to_string("config/tollgate.toml").unwrap();
+    let secret_free = |what: &str, text: String| {
+        let path = temp_dir("secrets").join("tollgate.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = tollgate()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{what}: {all}");
+        assert!(!all.contains("s3cret"), "{what} leaked:\n{all}");
+        all
+    };
+    // Passwords in store URLs, including ones with characters that end a URL's authority.
+    let all = secret_free(
+        "store URLs",
+        base.replace(
+            "\"sqlite://data/tollgate.db\"",
+            "\"postgres://tollgate:pg/s3cret@db.internal:5432/ledger\"",
+        )
+        .replace(
+            "budgets = \"local\"",
+            "budgets = \"redis://:rd/s3cret@cache.internal:6379/0\"",
+        ),
+    );
+    assert!(
+        all.contains("store.ledger") && all.contains("db.internal:5432/ledger"),
+        "{all}"
+    );
+    assert!(
+        all.contains("store.budgets") && all.contains("cache.internal:6379/0"),
+        "{all}"
+    );
+    secret_free(
+        "a password as a URL parameter",
+        base.replace(
+            "\"sqlite://data/tollgate.db\"",
+            "\"postgres://db.internal/ledger?user=tg&password=s3cret\"",
+        )
+        .replace(
+            "budgets = \"local\"",
+            "budgets = \"rediss://default:s3cret@cache.internal:6380\"",
+        ),
+    );
+    // A syntax error quotes its line, and the line may be the one with the password.
+    secret_free(
+        "a TOML syntax error",
+        base.replace(
+            "\"sqlite://data/tollgate.db\"",
+            "\"postgres://tollgate:s3cret@db.internal/ledger\" x",
+        ),
+    );
+    // A backend URL with credentials, and a key pasted where its variable's name belongs.
+    let all = secret_free(
+        "a backend URL and a pasted key",
+        base.replace("http://127.0.0.1:8001", "ftp://admin:s3cret@gpu-1")
+            .replace("\"OPENAI_API_KEY\"", "\"sk-proj-s3cret\"")
+            .replace("\"TOLLGATE_ADMIN_KEY\"", "\"adm-s3cret\""),
+    );
+    assert!(all.contains("backend[1].api_key_env"), "{all}");
+    assert!(all.contains("server.admin_key_env"), "{all}");
+}

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[tokio::test]
-async fn the_caller_key_stays_here_and_the_backend_key_is_injected() {
-    let gw = Harness::new()
+/// A backend that requires its own key, which the gateway has.
+async fn keyed_backend() -> Gateway {
+    Harness::new()
         .backend(
             Backend::sim("openai", "gpt-4o-mini")
                 .alias("chat-small")
@@ -19,7 +19,12 @@ async fn the_caller_key_stays_here_and_the_backend_key_is_injected() {
         )
         .team("search", SEARCH_KEY)
         .start()
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn the_caller_key_stays_here_and_the_backend_key_is_injected() {
+    let gw = keyed_backend().await;
     let r = gw
         .post(
             "/v1/chat/completions",
@@ -33,14 +38,7 @@ async fn the_caller_key_stays_here_and_the_backend_key_is_injected() {
         "the simulator accepted the backend's key: {}",
         r.text()
     );
-    let seen = gw
-        .sim("openai")
-        .stats
-        .last_headers
-        .lock()
-        .unwrap()
-        .clone()
-        .unwrap();
+    let seen = gw.headers_seen_by("openai");
     assert_eq!(seen["authorization"], "Bearer sk-backend-secret");
     let all: String = seen.iter().map(|(k, v)| format!("{k}: {v:?}\n")).collect();
     assert!(
@@ -62,27 +60,94 @@ async fn hop_by_hop_headers_do_not_cross() {
         .header("x-hop", "secret-for-next-hop-only")
         .header("te", "trailers")
         .header("x-tollgate-tags", "project=a")
-        .header("x-end-to-end", "kept")
         .body(Full::from(chat("chat-small", false)))
         .unwrap();
     let r = gw.send(req).await;
     assert_eq!(r.status, 200);
-    let seen = gw
-        .sim("llama")
-        .stats
-        .last_headers
-        .lock()
-        .unwrap()
-        .clone()
-        .unwrap();
+    let seen = gw.headers_seen_by("llama");
     assert!(!seen.contains_key("x-hop"), "{seen:?}");
     assert!(!seen.contains_key("te"));
     assert!(!seen.contains_key("x-tollgate-tags"));
-    assert_eq!(seen["x-end-to-end"], "kept");
     assert_eq!(
         seen["x-request-id"], r.headers["x-tollgate-request-id"],
         "the backend can correlate logs"
     );
+}
+
+#[tokio::test]
+async fn only_allowed_headers_reach_the_backend_with_the_gateway_own_forwarding_headers() {
+    let gw = keyed_backend().await;
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .header("host", "gateway.example:8080")
+        .header("authorization", format!("Bearer {SEARCH_KEY}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .header("accept-encoding", "gzip, br")
+        .header("user-agent", "OpenAI/Python 1.99.0")
+        .header("openai-beta", "assistants=v2")
+        .header("anthropic-version", "2023-06-01")
+        .header("anthropic-beta", "prompt-caching-2024-07-31")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .header("tracestate", "congo=t61rcWkgMzE")
+        .header("x-request-id", "client-chosen")
+        .header("x-stainless-lang", "python")
+        .header("cookie", "session=abc")
+        .header("openai-organization", "org-someone-else")
+        .header("openai-project", "proj_someone_else")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-host", "evil.example")
+        .header("x-forwarded-proto", "https")
+        .header("forwarded", "for=6.6.6.6;proto=https")
+        .header("x-real-ip", "6.6.6.6")
+        .header("x-evil", "1")
+        .header("x-api-key", SEARCH_KEY)
+        .body(Full::from(chat("chat-small", false)))
+        .unwrap();
+    let r = gw.send(req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = gw.headers_seen_by("openai");
+    let mut names: Vec<&str> = seen.keys().map(|k| k.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            // The client's, allowed through.
+            "accept",
+            "anthropic-beta",
+            "anthropic-version",
+            // The gateway's own: the backend's key, the body's length, the backend's host.
+            "authorization",
+            "content-length",
+            "content-type",
+            "host",
+            "openai-beta",
+            "traceparent",
+            "tracestate",
+            "user-agent",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-request-id",
+        ],
+        "{seen:?}"
+    );
+    assert_eq!(seen["authorization"], "Bearer sk-backend-secret");
+    assert_eq!(
+        seen["x-forwarded-for"], "127.0.0.1",
+        "the client's own address"
+    );
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "gateway.example:8080");
+    assert_eq!(seen["x-request-id"], r.headers["x-tollgate-request-id"]);
+    assert_eq!(seen["user-agent"], "OpenAI/Python 1.99.0");
+    assert_eq!(
+        seen["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    assert_eq!(seen.get_all("x-forwarded-for").iter().count(), 1);
 }
 
 #[tokio::test]

@@ -181,7 +181,7 @@ impl Admin {
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(crate::auth::bearer_token);
         // Comparing hashes keeps the comparison's timing independent of the key's prefix.
         presented.is_some_and(|p| hash_key(p) == hash_key(expected.expose()))
     }

@@ -71,8 +71,12 @@ pub struct RawServer {
     pub listen: String,
     /// Address of /metrics, /healthz, /readyz and /admin/*.
     pub admin_listen: String,
-    /// Environment variable holding the admin key; unset means the admin port is open.
+    /// Environment variable holding the admin key. Unset, the admin port is open: the
+    /// gateway then starts only if `admin_listen` is a loopback address or `admin_open` is set.
     pub admin_key_env: String,
+    /// Serve the admin port without a key on a non-loopback address, on purpose (a private
+    /// network the operator trusts). Without it such a config is refused.
+    pub admin_open: bool,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: u64,
     /// Whole-request limit for non-streaming responses (streams use the backend's idle timeout).
@@ -109,6 +113,7 @@ impl Default for RawServer {
             listen: DEFAULT_LISTEN.into(),
             admin_listen: DEFAULT_ADMIN_LISTEN.into(),
             admin_key_env: DEFAULT_ADMIN_KEY_ENV.into(),
+            admin_open: false,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             request_timeout_s: DEFAULT_REQUEST_TIMEOUT_S,
             header_read_timeout_s: DEFAULT_HEADER_READ_TIMEOUT_S,

@@ -33,6 +33,7 @@ pub struct Server {
     pub admin_listen: SocketAddr,
     pub admin_key_env: String,
     pub admin_key: Option<Secret>,
+    pub admin_open: bool,
     pub max_body_bytes: u64,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
@@ -46,6 +47,43 @@ pub struct Server {
     pub shutdown_grace: Duration,
     pub max_response_bytes: u64,
     pub max_n: u64,
+}
+
+/// How the admin port's guarded paths (`/metrics`, `/admin/*`) are kept from strangers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAccess {
+    /// The admin key.
+    Key,
+    /// No key, but only this machine can connect.
+    Loopback,
+    /// No key, reachable from the network, because `admin_open` says so.
+    Open,
+}
+
+impl Server {
+    /// How the admin port listening on `addr` is guarded. An admin port reachable from the
+    /// network with no key is an error unless `admin_open` says it is meant: anyone who can
+    /// connect could read every team's spend, or reload the config. `addr` is the address
+    /// actually bound, which tests choose apart from the config.
+    pub fn admin_access(&self, addr: SocketAddr) -> Result<AdminAccess, ConfigError> {
+        if self.admin_key.is_some() {
+            Ok(AdminAccess::Key)
+        } else if addr.ip().is_loopback() {
+            Ok(AdminAccess::Loopback)
+        } else if self.admin_open {
+            Ok(AdminAccess::Open)
+        } else {
+            let var = &self.admin_key_env;
+            Err(ConfigError::new(
+                "server.admin_key_env",
+                format!(
+                    "names ${var}, which is not set: the admin port {addr} would be open to \
+                     anyone who can reach it; set ${var}, make server.admin_listen a loopback \
+                     address, or set server.admin_open = true to serve it without a key"
+                ),
+            ))
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -346,7 +384,8 @@ pub struct Budget {
     pub per_key: bool,
 }
 
-/// One problem in a config file, with the field it is about.
+/// One problem in a config file, with the field it is about. Made by [`ConfigError::new`],
+/// which redacts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub path: String,
@@ -362,6 +401,24 @@ impl fmt::Display for ConfigError {
         }
     }
 }
+
+impl ConfigError {
+    /// Every message is redacted here, once for all: messages quote what users wrote, and a
+    /// store URL or a misplaced key may hold a password.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let message = message.into();
+        let message = match crate::secret::redact_urls(&message) {
+            std::borrow::Cow::Borrowed(_) => message,
+            std::borrow::Cow::Owned(redacted) => redacted,
+        };
+        Self {
+            path: path.into(),
+            message,
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// All the problems found in one file.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 
 use super::types::*;
 use super::*;
-use crate::secret::Secret;
+use crate::secret::{redact_url, Secret};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -24,10 +24,7 @@ pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         source_name: name.clone(),
-        errors: vec![ConfigError {
-            path: String::new(),
-            message: format!("cannot read file: {e}"),
-        }],
+        errors: vec![ConfigError::new("", format!("cannot read file: {e}"))],
     })?;
     parse(&text, &name, env)
 }
@@ -39,12 +36,12 @@ pub fn parse(text: &str, source_name: &str, env: EnvLookup<'_>) -> Result<Config
         errors,
     };
     let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
-        .map_err(|e| fail(vec![parse_error(&e)]))?;
+        .map_err(|e| fail(vec![parse_error(&e, text)]))?;
     validate(raw, env).map_err(fail)
 }
 
 /// A parse error with the field it is about: the parser's path, and its message in ours.
-fn parse_error(e: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+fn parse_error(e: &serde_path_to_error::Error<toml::de::Error>, text: &str) -> ConfigError {
     let path = e.path().to_string();
     let inner = e.inner();
     let message = inner.message().trim_end().to_string();
@@ -58,11 +55,17 @@ fn parse_error(e: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
     };
     let path = if path == "." { String::new() } else { path };
     let message = match (path.is_empty(), inner.span()) {
-        // Without a field to name (bad TOML syntax), the line says where.
-        (true, Some(_)) => inner.to_string().trim_end().to_string(),
+        // Without a field to name (bad TOML syntax), the line and column say where. Not the
+        // parser's own rendering: it quotes the line, which may hold a password.
+        (true, Some(span)) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("TOML parse error at line {line}, column {column}: {message}")
+        }
         _ => message,
     };
-    ConfigError { path, message }
+    ConfigError::new(path, message)
 }
 
 struct Checker {
@@ -73,10 +76,27 @@ struct Checker {
 
 impl Checker {
     fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(ConfigError {
-            path: path.into(),
-            message: message.into(),
-        });
+        self.errors.push(ConfigError::new(path, message));
+    }
+
+    /// Redacted like errors: a warning is printed by `check` and logged at start.
+    fn warn(&mut self, message: String) {
+        self.warnings
+            .push(crate::secret::redact_urls(&message).into_owned());
+    }
+
+    /// Whether `value` can be the name of an environment variable. Refused without quoting
+    /// it: a value that is not a name is most likely the key itself, pasted in its place.
+    fn env_name(&mut self, path: &str, value: &str) -> bool {
+        let valid = is_identifier(value);
+        if !valid {
+            self.err(
+                path,
+                "must be the name of an environment variable (letters, digits, _) that holds \
+                 the key, not the key itself",
+            );
+        }
+        valid
     }
 
     fn addr(&mut self, path: &str, value: &str) -> SocketAddr {
@@ -155,11 +175,16 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
 }
 
 fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
+    let key_env = c.env_name("server.admin_key_env", &s.admin_key_env);
     let server = Server {
         listen: c.addr("server.listen", &s.listen),
         admin_listen: c.addr("server.admin_listen", &s.admin_listen),
         admin_key_env: s.admin_key_env.clone(),
-        admin_key: env(&s.admin_key_env).map(Secret::new),
+        admin_key: key_env
+            .then(|| env(&s.admin_key_env))
+            .flatten()
+            .map(Secret::new),
+        admin_open: s.admin_open,
         max_body_bytes: s.max_body_bytes,
         request_timeout: c.seconds("server.request_timeout_s", s.request_timeout_s),
         header_read_timeout: c.seconds("server.header_read_timeout_s", s.header_read_timeout_s),
@@ -191,17 +216,23 @@ fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
     if server.listen == server.admin_listen && server.listen.port() != 0 {
         c.err("server.admin_listen", "must differ from server.listen");
     }
-    if server.admin_key.is_none() && !server.admin_listen.ip().is_loopback() {
-        c.warnings.push(format!(
-            "server.admin_listen is {} but {} is not set: /metrics and /admin are open to the network",
-            server.admin_listen, s.admin_key_env
-        ));
+    match server.admin_access(server.admin_listen) {
+        // A bad variable name is reported already, and quoting it here would print it.
+        _ if !key_env => {}
+        Ok(AdminAccess::Open) => c.warn(format!(
+            "server.admin_open is true and ${} is not set: the admin port {} (/metrics, \
+             /admin/*, reload) is open to anyone who can reach it",
+            s.admin_key_env, server.admin_listen
+        )),
+        Ok(AdminAccess::Key | AdminAccess::Loopback) => {}
+        Err(e) => c.errors.push(e),
     }
     server
 }
 
 /// The stores this build can keep. A store it cannot honour is an error, never ignored: a
-/// user who names Redis believes budgets are shared across replicas.
+/// user who names Redis believes budgets are shared across replicas. The value is quoted
+/// back redacted: store URLs carry passwords.
 fn store(s: RawStore, c: &mut Checker) -> (String, bool) {
     if !s.ledger.starts_with("sqlite://") {
         let what = if s.ledger.starts_with("postgres://") || s.ledger.starts_with("postgresql://") {
@@ -211,7 +242,7 @@ fn store(s: RawStore, c: &mut Checker) -> (String, bool) {
         };
         c.err(
             "store.ledger",
-            format!("{what} (got `{}`)", redact(&s.ledger)),
+            format!("{what} (got `{}`)", redact_url(&s.ledger)),
         );
     }
     if s.budgets != "local" {
@@ -222,25 +253,10 @@ fn store(s: RawStore, c: &mut Checker) -> (String, bool) {
         };
         c.err(
             "store.budgets",
-            format!("{what} (got `{}`)", redact(&s.budgets)),
+            format!("{what} (got `{}`)", redact_url(&s.budgets)),
         );
     }
     (s.ledger, s.fsync)
-}
-
-/// A store URL with any password replaced: errors are printed and logged.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:*****@{host}{path}")
-        }
-        None => url.to_string(),
-    }
 }
 
 fn routing(r: &RawRouting, c: &mut Checker) -> Routing {
@@ -296,6 +312,9 @@ fn backend(p: &str, b: RawBackend, env: EnvLookup<'_>, c: &mut Checker) -> Backe
         Hosting::Commercial => OnDisconnect::Drain,
     });
     let api_key = b.api_key_env.as_ref().and_then(|var| {
+        if !c.env_name(&format!("{p}.api_key_env"), var) {
+            return None;
+        }
         let key = env(var).map(Secret::new);
         if key.is_none() {
             c.missing_keys
@@ -501,8 +520,7 @@ fn team(
     }
     for (k, r) in t.regions.iter().enumerate() {
         if !regions.contains(r.as_str()) {
-            c.warnings
-                .push(format!("{p}.regions[{k}]: no backend is in region `{r}`"));
+            c.warn(format!("{p}.regions[{k}]: no backend is in region `{r}`"));
         }
     }
     let budgets = t
@@ -552,14 +570,7 @@ fn metrics(raw: RawMetrics, c: &mut Checker) -> Metrics {
     let mut labels: Vec<Arc<str>> = Vec::new();
     for (i, key) in raw.tag_labels.iter().enumerate() {
         let field = format!("metrics.tag_labels[{i}]");
-        let valid = key
-            .chars()
-            .next()
-            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-            && key
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
-            && !key.starts_with("__");
+        let valid = is_identifier(key) && !key.starts_with("__");
         if !valid {
             c.err(
                 field,
@@ -616,7 +627,7 @@ fn focus(raw: RawFocus, c: &mut Checker) -> Focus {
     c.name("focus.invoice_issuer_name", &invoice_issuer_name);
     c.name("focus.host_provider_name", &host_provider_name);
     if invoice_issuer_name != provider_name {
-        c.warnings.push(format!(
+        c.warn(format!(
             "focus.invoice_issuer_name `{invoice_issuer_name}` differs from focus.provider_name \
              `{provider_name}`: FOCUS reads that as a third party collecting the payment and \
              expects a BilledCost of 0 (focus-validator rule BilledCost-C-005-C)"
@@ -634,6 +645,11 @@ fn focus(raw: RawFocus, c: &mut Checker) -> Focus {
 /// Accepts `http(s)://host[:port][/prefix]`; a query, fragment or credentials would be
 /// silently mangled when the request path is appended, so they are refused.
 fn base_url(url: &str) -> Result<String, String> {
+    // Quoted back redacted: credentials are refused below, but only once the URL parses.
+    let shown = redact_url(url);
+    if shown != url {
+        return Err("must not carry credentials; use api_key_env".into());
+    }
     let uri: http::Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
@@ -642,9 +658,6 @@ fn base_url(url: &str) -> Result<String, String> {
     let authority = uri
         .authority()
         .ok_or_else(|| format!("`{url}` has no host"))?;
-    if authority.as_str().contains('@') {
-        return Err("must not carry credentials; use api_key_env".into());
-    }
     if uri.query().is_some() {
         return Err(format!("`{url}` must not have a query"));
     }
@@ -655,6 +668,15 @@ fn base_url(url: &str) -> Result<String, String> {
         authority,
         prefix
     ))
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`: what both an environment variable and a Prometheus label may be
+/// named.
+fn is_identifier(s: &str) -> bool {
+    s.chars()
+        .next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && s.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
 }
 
 pub fn parse_key_hash(s: &str) -> Option<[u8; 32]> {

@@ -95,7 +95,10 @@ impl Ledger {
     pub fn open(url: &str, fsync: bool) -> Result<Arc<Ledger>, LedgerError> {
         let path = match url.strip_prefix("sqlite://") {
             Some(p) => PathBuf::from(p),
-            None => return Err(LedgerError::Unsupported(url.to_string())),
+            None => {
+                let shown = crate::secret::redact_url(url).into_owned();
+                return Err(LedgerError::Unsupported(shown));
+            }
         };
         let conn = sqlite::open(&path, fsync).map_err(|source| LedgerError::Open {
             path: path.display().to_string(),

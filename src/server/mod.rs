@@ -8,6 +8,7 @@
 
 pub mod catch_panic;
 pub mod limits;
+pub mod peer;
 pub mod request_id;
 
 /// What the server's own layers need of the response body they pass on: an answer of their
@@ -91,7 +92,7 @@ pub async fn serve<S, B>(
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             biased;
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -106,7 +107,10 @@ pub async fn serve<S, B>(
         };
         let _ = stream.set_nodelay(true);
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service.clone())
+            .serve_connection(
+                TokioIo::new(stream),
+                peer::WithPeer::new(service.clone(), peer),
+            )
             .into_owned();
         let conn = graceful.watch(conn);
         connections.spawn(tasks.track(async move {

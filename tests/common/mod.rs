@@ -432,6 +432,17 @@ impl Gateway {
         serde_json::from_slice(&body.expect("the simulator received a request")).unwrap()
     }
 
+    /// The headers of the last inference request the simulated backend `name` received.
+    pub fn headers_seen_by(&self, name: &str) -> HeaderMap {
+        self.sim(name)
+            .stats
+            .last_headers
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the backend received a request")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

@@ -220,3 +220,78 @@ fn the_focus_section_has_defaults_and_names_its_fields() {
         c.warnings
     );
 }
+
+#[test]
+fn an_admin_port_open_to_the_network_needs_a_key_or_admin_open() {
+    let exposed = format!("[server]\nadmin_listen = \"0.0.0.0:9090\"\n{MINIMAL}");
+    let errs = errors_of(&exposed);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("server.admin_key_env names $TOLLGATE_ADMIN_KEY, which is not set"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[0].contains("server.admin_open = true") && errs[0].contains("0.0.0.0:9090"),
+        "the message says how to fix it: {errs:?}"
+    );
+
+    // With the key, or by saying so, it starts; saying so is a warning.
+    let with_key = |var: &str| (var == "TOLLGATE_ADMIN_KEY").then(|| "adm".to_string());
+    let c = parse(&exposed, "t.toml", &with_key).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let open = exposed.replace("[server]\n", "[server]\nadmin_open = true\n");
+    let c = parse(&open, "t.toml", &no_env).unwrap();
+    assert!(c.server.admin_open);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("server.admin_open") && c.warnings[0].contains("0.0.0.0:9090"),
+        "{:?}",
+        c.warnings
+    );
+
+    // Loopback only: starts without a key (local users and processes can reach it).
+    for addr in ["127.0.0.1:9090", "[::1]:9090"] {
+        let local = format!("[server]\nadmin_listen = \"{addr}\"\n{MINIMAL}");
+        let c = parse(&local, "t.toml", &no_env).unwrap();
+        assert!(!c.server.admin_open);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+}
+
+#[test]
+fn no_error_quotes_a_password_or_a_key() {
+    let cases = [
+        // A syntax error on the password's line: where it is, not the line itself.
+        format!("[store]\nledger = \"postgres://tg:s3cret@db/ledger\" x\n{MINIMAL}"),
+        // A password with a `/` (base64), which a URL parser takes for the end of the host.
+        format!("[store]\nbudgets = \"redis://default:a/s3cret@cache:6379\"\n{MINIMAL}"),
+        format!("[store]\nledger = \"postgres://db/ledger?password=s3cret\"\n{MINIMAL}"),
+        MINIMAL.replace("http://127.0.0.1:8001/", "gpu-1:s3cret@10.0.0.7"),
+        MINIMAL.replace(
+            "http://127.0.0.1:8001/",
+            "https://a:b/s3cret@api.example.com",
+        ),
+        // A key pasted where the name of its variable belongs.
+        MINIMAL.replace("hosting =", "api_key_env = \"sk-proj-s3cret\"\nhosting ="),
+        format!(
+            "[server]\nadmin_key_env = \"adm-s3cret\"\nadmin_listen = \"0.0.0.0:9\"\n{MINIMAL}"
+        ),
+    ];
+    for text in cases {
+        let errs = errors_of(&text);
+        assert!(!errs.is_empty(), "{text}");
+        assert!(!errs.iter().any(|e| e.contains("s3cret")), "{errs:?}");
+    }
+    assert_eq!(
+        errors_of(&format!(
+            "[store]\nledger = \"postgres://tg:s3cret@db/ledger\" x\n{MINIMAL}"
+        )),
+        vec!["TOML parse error at line 2, column 43: expected newline, `#`"]
+    );
+    let errs =
+        errors_of(&MINIMAL.replace("hosting =", "api_key_env = \"sk-proj-s3cret\"\nhosting ="));
+    assert_eq!(
+        errs,
+        vec!["backend[0].api_key_env must be the name of an environment variable (letters, digits, _) that holds the key, not the key itself"]
+    );
+}

@@ -1,9 +1,12 @@
 //! The `tollgate` command line: its arguments and what each subcommand does with the library.
 //! `main.rs` only calls [`main`].
 
+mod stdout;
+
 use crate::{app, config, demo, keys, route::Router, sim};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -130,8 +133,14 @@ pub fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    match cli.command {
+    match run(Cli::parse().command) {
+        Err(e) if stdout::reader_gone(&e) => Ok(()),
+        done => done,
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Check {
             config,
             explain,
@@ -148,17 +157,20 @@ pub fn main() -> anyhow::Result<()> {
                 team,
                 features,
             });
-            check(&config, explain)
+            let mut out = stdout::Stdout::lock();
+            check(&mut out, &config, explain)?;
+            Ok(out.flush()?)
         }
         Command::Key {
             command: KeyCommand::New { team },
         } => {
             let (key, hash) = keys::new_key().context("reading the OS random source")?;
-            println!("key:  {key}");
-            println!("hash: {hash}");
-            println!("\nGive the key to the caller; it is not stored anywhere. Add the hash to the team:");
-            println!("[[team]]\nname = \"{team}\"\nkeys = [\"{hash}\"]");
-            Ok(())
+            let mut out = stdout::Stdout::lock();
+            writeln!(out, "key:  {key}")?;
+            writeln!(out, "hash: {hash}")?;
+            writeln!(out, "\nGive the key to the caller; it is not stored anywhere. Add the hash to the team:")?;
+            writeln!(out, "[[team]]\nname = \"{team}\"\nkeys = [\"{hash}\"]")?;
+            Ok(out.flush()?)
         }
         Command::Serve { config } => runtime()?.block_on(serve(config)),
         Command::Report {
@@ -168,7 +180,11 @@ pub fn main() -> anyhow::Result<()> {
             until,
             format,
             backends,
-        } => report(&config, &by, since, until, &format, backends),
+        } => {
+            let mut out = stdout::Stdout::lock();
+            report(&mut out, &config, &by, since, until, &format, backends)?;
+            Ok(out.flush()?)
+        }
         Command::Demo {
             serve,
             requests_per_team,
@@ -225,6 +241,7 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
 }
 
 fn report(
+    out: &mut impl Write,
     config: &std::path::Path,
     by: &str,
     since: Option<String>,
@@ -250,7 +267,11 @@ fn report(
     let conn = crate::ledger::sqlite::open_read(std::path::Path::new(path))
         .with_context(|| format!("cannot open the ledger {path} (has the gateway run yet?)"))?;
     match report {
-        None => print!("{}", crate::finops::focus::export(&conn, &cfg, from, to)?),
+        None => write!(
+            out,
+            "{}",
+            crate::finops::focus::export(&conn, &cfg, from, to)?
+        )?,
         Some((dims, format)) => {
             let gpus = crate::finops::backends::economics(
                 &conn,
@@ -261,7 +282,7 @@ fn report(
                 now,
             )?;
             if backends_only {
-                print!("{}", crate::finops::backends::render(&gpus, format));
+                write!(out, "{}", crate::finops::backends::render(&gpus, format))?;
                 return Ok(());
             }
             let rows = report::query(&conn, &dims, from, to)?;
@@ -273,13 +294,13 @@ fn report(
                     let gpus: serde_json::Value =
                         serde_json::from_str(&crate::finops::backends::render(&gpus, format))?;
                     let doc = serde_json::json!({"groups": groups, "self_hosted_backends": gpus});
-                    println!("{}", serde_json::to_string_pretty(&doc)?);
+                    writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
                 }
-                Format::Csv => print!("{}", report::render(&dims, &rows, format)),
+                Format::Csv => write!(out, "{}", report::render(&dims, &rows, format))?,
                 Format::Table => {
-                    print!("{}", report::render(&dims, &rows, format));
+                    write!(out, "{}", report::render(&dims, &rows, format))?;
                     if !gpus.is_empty() {
-                        print!("\n{}", crate::finops::backends::render(&gpus, format));
+                        write!(out, "\n{}", crate::finops::backends::render(&gpus, format))?;
                     }
                 }
             }
@@ -297,29 +318,35 @@ struct Explain {
     features: Vec<String>,
 }
 
-fn check(path: &std::path::Path, explain: Option<Explain>) -> anyhow::Result<()> {
+fn check(
+    out: &mut impl Write,
+    path: &std::path::Path,
+    explain: Option<Explain>,
+) -> anyhow::Result<()> {
     let cfg = config::load(path, &config::process_env)?;
     for w in cfg.warnings.iter().chain(&cfg.missing_keys) {
-        println!("warning: {w}");
+        writeln!(out, "warning: {w}")?;
     }
-    println!(
+    writeln!(
+        out,
         "{} is valid: {} backends, {} teams.\n",
         path.display(),
         cfg.backends.len(),
         cfg.teams.len()
-    );
+    )?;
     // The routing table needs no live clients; build them anyway to reuse the router exactly.
     let rt = runtime()?;
     let _guard = rt.enter();
     let live = crate::live::LiveState::build(cfg, None);
     let router: &Router = &live.router;
     if let Some(e) = explain {
-        return explain_route(&live, &e);
+        return explain_route(out, &live, &e);
     }
-    println!(
+    writeln!(
+        out,
         "{:<34} {:<16} {:<12} {:<7} {:>9} {:<17} {:>15}  serves as",
         "model or alias", "backend", "hosting", "region", "context", "features", "$/1M in / out"
-    );
+    )?;
     for (name, candidates) in router.table() {
         for (i, c) in candidates.iter().enumerate() {
             let b = &c.backend.cfg;
@@ -334,7 +361,8 @@ fn check(path: &std::path::Path, explain: Option<Explain>) -> anyhow::Result<()>
             } else {
                 c.features.to_string()
             };
-            println!(
+            writeln!(
+                out,
                 "{:<34} {:<16} {:<12} {:<7} {:>9} {:<17} {:>15}  {}",
                 if i == 0 { name } else { "" },
                 b.name,
@@ -344,21 +372,25 @@ fn check(path: &std::path::Path, explain: Option<Explain>) -> anyhow::Result<()>
                 features,
                 price,
                 c.model
-            );
+            )?;
         }
     }
-    println!(
+    writeln!(out,
         "\nRouting: {}; up to {} attempts. `tollgate check --explain --model NAME` ranks them for one request.",
         match live.config.routing.self_hosted_cost {
             crate::config::SelfHostedCost::Marginal => "self-hosted capacity is free until full (marginal)",
             crate::config::SelfHostedCost::RateCard => "self-hosted backends compete at their rate card",
         },
         live.config.routing.max_attempts
-    );
+    )?;
     Ok(())
 }
 
-fn explain_route(live: &crate::live::LiveState, e: &Explain) -> anyhow::Result<()> {
+fn explain_route(
+    out: &mut impl Write,
+    live: &crate::live::LiveState,
+    e: &Explain,
+) -> anyhow::Result<()> {
     use crate::config::Features;
     use crate::route::{explain, Prompt, RouteRequest};
     let config = &live.config;
@@ -397,7 +429,8 @@ fn explain_route(live: &crate::live::LiveState, e: &Explain) -> anyhow::Result<(
         .router
         .plan(&request)
         .map_err(|err| anyhow::anyhow!("{err}"))?;
-    println!(
+    writeln!(
+        out,
         "request: model `{}`, {} prompt tokens, output {}, team {}{}, features {}",
         e.model,
         e.prompt_tokens,
@@ -417,16 +450,16 @@ fn explain_route(live: &crate::live::LiveState, e: &Explain) -> anyhow::Result<(
         } else {
             features.to_string()
         },
-    );
-    println!(
+    )?;
+    writeln!(out,
         "policy: self_hosted_cost = {}, max_attempts = {}; every backend taken as healthy and idle\n",
         config.routing.self_hosted_cost.as_str(),
         config.routing.max_attempts
-    );
-    print!("{}", explain::table(&plan));
+    )?;
+    write!(out, "{}", explain::table(&plan))?;
     if plan.ranked.is_empty() {
         let team = e.team.as_deref().unwrap_or("(any)");
-        println!("\n{}", Router::refusal(&e.model, team, &plan));
+        writeln!(out, "\n{}", Router::refusal(&e.model, team, &plan))?;
     }
     Ok(())
 }
