@@ -154,6 +154,12 @@ pub async fn whole(
     Ok(GatewayBody::full(bytes))
 }
 
+/// A 2xx that is not JSON, before the request moves to another backend: its health and the
+/// error count learn of it.
+pub fn broken_answer(candidate: &Candidate) {
+    let _ = upstream_broken(candidate, &ReadError::NotJson);
+}
+
 /// An answer that broke while being read, or a 2xx that is not JSON: the backend's health
 /// learns of it, and the client gets a clean upstream error.
 fn upstream_broken(candidate: &Candidate, e: &ReadError) -> GatewayError {

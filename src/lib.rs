@@ -35,7 +35,7 @@ pub mod server;
 pub mod auth;
 pub mod ctx;
 pub mod pipeline;
-pub mod fallback;
+pub mod send;
 pub mod api;
 pub mod tags;
 pub mod tokens;

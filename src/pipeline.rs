@@ -3,7 +3,7 @@
 //! ```text
 //! route path ─ authenticate ─► ctx, record guard
 //!   read (api) ─ tag (tags) ─ plan (route) ─ claim a slot (route) ─ admit (budget)
-//!   ─ send, fall back (upstream) ─ answer: stream pass-through, or read, settle (record) ─ respond
+//!   ─ send, fall back (send, upstream) ─ answer: stream pass-through, or read, settle (record) ─ respond
 //! ```
 //!
 //! The phases live in the modules of their concerns; this file only calls them in order and
@@ -14,7 +14,6 @@
 //! However a request ends, the record guard ([`Completion`]) opened right after
 //! authentication writes its ledger record: refused, answered, broken, or abandoned.
 
-use crate::answer;
 use crate::api::endpoint::Endpoint;
 use crate::api::{models, openai};
 use crate::body::GatewayBody;
@@ -23,20 +22,18 @@ use crate::budget::BudgetBook;
 use crate::config::OnDisconnect;
 use crate::ctx::{RequestCtx, RequestId};
 use crate::error::GatewayError;
-use crate::fallback::{Fallback, Prepared};
 use crate::ledger::Ledger;
 use crate::live::{Live, LiveState};
-use crate::meter::Status;
 use crate::metrics as m;
 use crate::record::{Completion, Recorder};
 use crate::route::claim::{self as routing, Claimed};
 use crate::route::{Prompt, RouteRequest, Router};
+use crate::send::{Exchange, Prepared};
 use crate::server::limits::{self, KeyShares};
 use crate::server::request_id::next_id;
 use crate::tags;
 use crate::tasks::Tasks;
 use crate::upstream::exchange::{self, Attempts};
-use crate::upstream::forward;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -45,7 +42,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The gateway's request service; one pointer to what every request shares, so that a
 /// request clones one `Arc`, not one per part.
@@ -271,89 +268,4 @@ async fn prepare(
         },
         attempts,
     ))
-}
-
-/// One request's trip to its backends and back, from sending to a metered response.
-struct Exchange {
-    prepared: Prepared,
-    attempts: Attempts,
-    record: Completion,
-    budgets: Arc<BudgetBook>,
-    live: Arc<LiveState>,
-    headers: http::HeaderMap,
-    path: String,
-}
-
-impl Exchange {
-    async fn run(self) -> Result<Response<GatewayBody>, GatewayError> {
-        let Exchange {
-            mut prepared,
-            mut attempts,
-            mut record,
-            budgets,
-            live,
-            headers,
-            path,
-        } = self;
-        let (request_id, started) = {
-            let ctx = record.ctx_mut();
-            (ctx.id.0.clone(), ctx.started)
-        };
-        let server = &live.config.server;
-        let send = exchange::Request {
-            path: &path,
-            headers,
-            body: prepared.body.clone(),
-            request_id: &request_id,
-            timeout: server.request_timeout,
-        };
-        let mut waited = Duration::ZERO;
-        let mut fallback = Fallback {
-            record: &mut record,
-            prepared: &mut prepared,
-            book: &budgets,
-        };
-        let attempt = attempts.send(send, &mut fallback, &mut waited).await;
-        record.ctx_mut().upstream_wait += waited;
-        let candidate = attempts.candidate().clone();
-        let (upstream, driver) = match attempt {
-            Ok(answer) => answer,
-            Err(e) => {
-                // Recorded before the error goes out, like any other ending.
-                let _ = record
-                    .finish(answer::unanswered(
-                        Status::UpstreamError,
-                        e.status().as_u16(),
-                    ))
-                    .await;
-                return Err(e);
-            }
-        };
-
-        let (mut parts, incoming) = upstream.into_parts();
-        answer::head(
-            &mut parts.headers,
-            &candidate,
-            crate::route::explain::header(&attempts.plan, attempts.idx, &attempts.tried),
-            prepared.admission.as_ref().map(|a| &a.remaining),
-        );
-        let out = &parts.headers;
-        let sse = out
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        if sse && parts.status.is_success() {
-            let shaped = answer::Stream {
-                strip_usage: prepared.strip_usage,
-                client_usage: prepared.request.shape.client_usage,
-                output_limit: prepared.admission.and_then(|a| a.output_limit),
-            };
-            let status = parts.status.as_u16();
-            let body = answer::stream(incoming, driver, status, shaped, record, &candidate);
-            return Ok(Response::from_parts(parts, body));
-        }
-        let deadline = tokio::time::Instant::from_std(started + server.request_timeout);
-        let read = forward::read_answer(incoming, driver, server.max_response_bytes, deadline);
-        let body = answer::whole(read, &mut parts, record, &candidate).await?;
-        Ok(Response::from_parts(parts, body))
-    }
 }

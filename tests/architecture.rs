@@ -118,35 +118,35 @@ fn layers_know_only_what_is_below_them() {
         "the reader sees the references it should"
     );
     let request_path = [
-        "server", "pipeline", "body", "answer", "api", "admin", "app",
+        "server", "pipeline", "send", "body", "answer", "api", "admin", "app",
     ];
     let rules: [(&str, &[&str]); 6] = [
         ("ledger", &request_path),
         (
             "budget",
-            &["server", "pipeline", "body", "answer", "admin", "app"],
+            &["server", "pipeline", "send", "body", "answer", "admin", "app"],
         ),
         (
             "route",
             &[
-                "server", "pipeline", "body", "answer", "admin", "app", "record",
+                "server", "pipeline", "send", "body", "answer", "admin", "app", "record",
             ],
         ),
         (
             "tokens",
             &[
-                "server", "pipeline", "body", "answer", "admin", "app", "record",
+                "server", "pipeline", "send", "body", "answer", "admin", "app", "record",
             ],
         ),
         (
             "meter",
             &[
-                "server", "pipeline", "body", "answer", "admin", "app", "record",
+                "server", "pipeline", "send", "body", "answer", "admin", "app", "record",
             ],
         ),
         (
             "upstream",
-            &["record", "pipeline", "answer", "api::openai", "api::error"],
+            &["record", "pipeline", "send", "answer", "api::openai", "api::error"],
         ),
     ];
     let mut broken = Vec::new();

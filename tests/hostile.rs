@@ -470,3 +470,27 @@ async fn a_success_that_is_not_json_is_an_upstream_error_not_a_billed_answer() {
         .remove(0);
     assert_eq!((status.as_str(), cost), ("upstream_broken", 0));
 }
+
+#[tokio::test]
+async fn a_success_that_is_not_json_falls_back_while_nothing_reached_the_client() {
+    let (url, seen) = scripted_backend(|_| Some(json_answer(200, "<html>oops</html>"))).await;
+    let gw = Harness::new()
+        .backend(Backend::at("raw", "m", &url).alias("chat"))
+        .backend(gpt().commercial().alias("chat"))
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    let r = gw
+        .post("/v1/chat/completions", SEARCH_KEY, chat("chat", false))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers["x-tollgate-backend"], "gpt");
+    assert_eq!(seen.load(Relaxed), 1);
+    gw.wait_ledger_rows("SELECT 1 FROM requests", 1).await;
+    let (backend, attempts, resent): (String, i64, i64) = gw
+        .ledger("SELECT backend, attempts, resent FROM requests", |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .remove(0);
+    assert_eq!((backend.as_str(), attempts, resent), ("gpt", 2, 1));
+}

@@ -144,6 +144,21 @@ impl Attempts {
         }
     }
 
+    /// Moves on after an answer found broken only once read (a 2xx that is not JSON), when a
+    /// candidate is left and the policy allows it; the body for the next try.
+    pub fn move_on(
+        &mut self,
+        why: RetryOn,
+        request_id: &HeaderValue,
+        hooks: &mut impl Retarget,
+    ) -> Option<Bytes> {
+        let more = self.idx + 1 < self.plan.ranked.len() && hooks.attempts() < self.max_attempts;
+        if !more || !self.retry_on.allows(why, self.candidate()) {
+            return None;
+        }
+        self.fall_back(why, request_id, hooks)
+    }
+
     /// Moves to the next candidate that has a slot and takes the request; its body, or
     /// `None` when none is left and the last answer must stand.
     fn fall_back(
