@@ -1,0 +1,214 @@
+//! The meter's reference: what a full parse (`serde_json::Value`) of an upstream document says
+//! metering should find, and how an SSE client cuts a stream into events. The observer and the
+//! scanner are checked against it (`tests/observer.rs`, `tests/fuzz.rs`), so it is written the
+//! slow, obvious way and shares no code with them.
+#![allow(dead_code)]
+
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+use tollgate::meter::{timings_json, usage_json, Usage};
+
+/// Generated text at the scanner's documented paths (see `src/meter/scan.rs`).
+pub fn text_of(v: &Value, out: &mut String) {
+    let strings = |v: &Value, out: &mut String| {
+        if let Some(s) = v.as_str() {
+            out.push_str(s);
+        }
+    };
+    fn parts(v: &Value, out: &mut String) {
+        match v {
+            Value::String(s) => out.push_str(s),
+            Value::Array(items) => {
+                for p in items {
+                    if let Some(s) = p.get("text").and_then(Value::as_str) {
+                        out.push_str(s);
+                    }
+                    if let Some(t) = p.get("thinking") {
+                        parts(t, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for c in v["choices"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        strings(&c["text"], out);
+        for m in [&c["delta"], &c["message"]] {
+            parts(&m["content"], out);
+            strings(&m["reasoning_content"], out);
+            strings(&m["reasoning"], out);
+            for t in m["tool_calls"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                strings(&t["function"]["arguments"], out);
+            }
+        }
+    }
+}
+
+/// The events of an SSE byte stream as the observer delimits them: lines end at `\n` (a `\r`
+/// before it is dropped), an empty line ends an event, and an unterminated last event still
+/// counts. Each event is its `data` lines joined by `\n`, or `None` when it has none.
+pub fn sse_events(stream: &[u8]) -> Vec<Option<Vec<u8>>> {
+    let mut events = Vec::new();
+    let mut data: Option<Vec<&[u8]>> = None;
+    let mut open = false;
+    let mut lines: Vec<&[u8]> = stream.split(|&c| c == b'\n').collect();
+    // `split` yields a last piece after the final `\n`; empty, it is not a line.
+    if lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    for line in lines {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            events.push(data.take().map(|d| d.join(&b'\n')));
+            open = false;
+            continue;
+        }
+        open = true;
+        let value = if line == b"data" {
+            Some(&b""[..])
+        } else {
+            line.strip_prefix(b"data:")
+                .map(|v| v.strip_prefix(b" ").unwrap_or(v))
+        };
+        if let Some(v) = value {
+            data.get_or_insert_with(Vec::new).push(v);
+        }
+    }
+    if open {
+        events.push(data.map(|d| d.join(&b'\n')));
+    }
+    events
+}
+
+/// What metering should take from a stream, by a full parse of each event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metered {
+    pub usage: Option<Usage>,
+    pub bad_usage: bool,
+    pub timings: Option<Usage>,
+    pub text: String,
+    pub content_events: u64,
+    pub done: bool,
+    pub error_event: bool,
+    /// An event's data was not JSON: the stream ends there.
+    pub malformed: bool,
+}
+
+/// [`Metered`] for any byte stream, or `None` where a full parse is no oracle: an event with a
+/// key twice in one object (a parser keeps one of them, the scanner sees both), or one that
+/// only serde_json's own limits refuse (see [`oracle_limit`]).
+pub fn meter(stream: &[u8]) -> Option<Metered> {
+    let mut m = Metered {
+        usage: None,
+        bad_usage: false,
+        timings: None,
+        text: String::new(),
+        content_events: 0,
+        done: false,
+        error_event: false,
+        malformed: false,
+    };
+    for data in sse_events(stream).into_iter().flatten() {
+        let trimmed = data.trim_ascii();
+        if trimmed == b"[DONE]" {
+            m.done = true;
+            continue;
+        }
+        if trimmed.is_empty() {
+            continue;
+        }
+        let v: Value = match serde_json::from_slice(&data) {
+            Ok(v) => v,
+            Err(e) if oracle_limit(&e) => return None,
+            Err(_) => {
+                m.malformed = true;
+                return Some(m);
+            }
+        };
+        if has_duplicate_keys(&data) {
+            return None;
+        }
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            match usage_json(u.to_string().as_bytes()) {
+                Some(u) => m.usage = Some(u),
+                None => m.bad_usage = true,
+            }
+        }
+        if let Some(t) = v.get("timings").filter(|t| !t.is_null()) {
+            m.timings = timings_json(t.to_string().as_bytes()).or(m.timings);
+        }
+        m.error_event |= v.get("error").is_some_and(|e| !e.is_null());
+        let before = m.text.len();
+        text_of(&v, &mut m.text);
+        if m.text.len() > before {
+            m.content_events += 1;
+        }
+    }
+    Some(m)
+}
+
+/// serde_json refuses numbers past f64's range, which JSON allows (the scanner takes them),
+/// and nesting at its recursion limit (see `scanner_depth_limit_is_serde_json_s` in
+/// `tests/fuzz.rs`). Such a refusal says nothing about the document.
+pub fn oracle_limit(e: &serde_json::Error) -> bool {
+    let m = e.to_string();
+    m.starts_with("number out of range") || m.starts_with("recursion limit exceeded")
+}
+
+/// Whether any object in `json` (valid JSON) names a key twice, keys compared decoded.
+pub fn has_duplicate_keys(json: &[u8]) -> bool {
+    struct NoDup;
+    impl<'de> Deserialize<'de> for NoDup {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<NoDup, D::Error> {
+            d.deserialize_any(NoDupVisitor)
+        }
+    }
+    struct NoDupVisitor;
+    impl<'de> Visitor<'de> for NoDupVisitor {
+        type Value = NoDup;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NoDup, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = map.next_key::<String>()? {
+                if !seen.insert(k) {
+                    return Err(serde::de::Error::custom("duplicate key"));
+                }
+                map.next_value::<NoDup>()?;
+            }
+            Ok(NoDup)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NoDup, A::Error> {
+            while seq.next_element::<NoDup>()?.is_some() {}
+            Ok(NoDup)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<NoDup, E> {
+            Ok(NoDup)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<NoDup, E> {
+            Ok(NoDup)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<NoDup, E> {
+            Ok(NoDup)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<NoDup, E> {
+            Ok(NoDup)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<NoDup, E> {
+            Ok(NoDup)
+        }
+        fn visit_unit<E>(self) -> Result<NoDup, E> {
+            Ok(NoDup)
+        }
+    }
+    serde_json::from_slice::<NoDup>(json).is_err()
+}
