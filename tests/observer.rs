@@ -29,7 +29,7 @@ mod json_writer;
 use json_writer::Writer;
 #[path = "common/observe.rs"]
 mod observe;
-use observe::{bytewise, check_stream, cut_at, run};
+use observe::{bytewise, check_stream, cut_at, run, JSON_TOKENS, SSE_TOKENS};
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/engines")
@@ -424,67 +424,14 @@ proptest! {
     }
 }
 
-/// Pieces of SSE and of the JSON the meter looks for, to make garbage that reaches deeper
-/// than random bytes do.
-const SOUP: &[&[u8]] = &[
-    b"data:",
-    b"data: ",
-    b"data",
-    b"event: x",
-    b": c",
-    b"\n",
-    b"\n",
-    b"\r\n",
-    b"\r",
-    b"\n\n",
-    b"{",
-    b"}",
-    b"[",
-    b"]",
-    b",",
-    b":",
-    b"\"",
-    b" ",
-    b"[DONE]",
-    b"null",
-    b"true",
-    b"0",
-    b"7",
-    b"-1",
-    b"4294967296",
-    b"1e400",
-    b"1.5",
-    b"\"usage\"",
-    b"\"choices\"",
-    b"\"delta\"",
-    b"\"message\"",
-    b"\"content\"",
-    b"\"text\"",
-    b"\"tool_calls\"",
-    b"\"function\"",
-    b"\"arguments\"",
-    b"\"timings\"",
-    b"\"error\"",
-    b"\"prompt_tokens\"",
-    b"\"completion_tokens\"",
-    b"\"prompt_n\"",
-    b"\"predicted_n\"",
-    b"\"x\"",
-    b"\\u00e9",
-    b"\\ud83d\\ude00",
-    b"\\ud800",
-    b"\\\"",
-    b"\\n",
-    "é".as_bytes(),
-    "😀".as_bytes(),
-    b"\xf0\x9f",
-    b"\xff",
-];
-
 fn garbage() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..512),
-        prop::collection::vec(prop::sample::select(SOUP), 0..160).prop_map(|p| p.concat()),
+        prop::collection::vec(
+            prop::sample::select([SSE_TOKENS, JSON_TOKENS].concat()),
+            0..160
+        )
+        .prop_map(|p| p.concat()),
     ]
 }
 

@@ -7,6 +7,29 @@ use bytes::Bytes;
 use tollgate::meter::sse::{SseObserver, Violation};
 use tollgate::meter::{Usage, MAX_REPORTED_TOKENS};
 
+/// Pieces of SSE framing, to build or mutate streams that get past the first byte.
+#[rustfmt::skip]
+pub const SSE_TOKENS: &[&[u8]] = &[
+    b"data:", b"data: ", b"data", b"\n", b"\r\n", b"\n\n", b"\r\n\r\n", b"\r", b": ping\n\n",
+    b"event: chunk\n", b"id: 7\n", b"retry: 10\n", b"data: [DONE]\n\n", b"[DONE]",
+    b"\"usage\":null", b"\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}",
+    b"\"choices\":[]", b"\"error\":{\"message\":\"x\"}", b"\"content\":\"\xc3\xa9\"",
+];
+
+/// Pieces of JSON and of the members the meter looks for, awkward numbers and escapes, and
+/// bytes that are not UTF-8.
+#[rustfmt::skip]
+pub const JSON_TOKENS: &[&[u8]] = &[
+    b"{", b"}", b"[", b"]", b",", b":", b"\"", b"\\", b"\\u", b"\\u0000", b"\\ud83d\\ude00",
+    b"\\ud800", b"\\udc00", b"null", b"true", b"false", b"-", b"0", b"-0", b"7", b"1e400",
+    b"1E+2", b"0.5", b"4294967295", b"4294967296", b"18446744073709551616", b" ", b"\t",
+    b"\"usage\"", b"\"choices\"", b"\"delta\"", b"\"message\"", b"\"content\"", b"\"text\"",
+    b"\"reasoning_content\"", b"\"tool_calls\"", b"\"function\"", b"\"arguments\"",
+    b"\"thinking\"", b"\"timings\"", b"\"error\"", b"\"prompt_tokens\"",
+    b"\"completion_tokens\"", b"\"prompt_n\"", b"\"predicted_n\"", b"\"cache_n\"",
+    b"\"con\\u0074ent\"", b"\xc3\xa9", b"\xf0\x9f\x98\x80", b"\xff", b"\xe4\xb8",
+];
+
 /// Everything the observer tells the gateway about a stream, and what it forwarded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observed {
