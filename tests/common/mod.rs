@@ -594,6 +594,11 @@ impl BinaryGateway {
         }
     }
 
+    /// The process id, to read its memory and descriptors from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal (`-TERM`, `-KILL`) and returns the exit status and everything logged.
     pub async fn stop(mut self, signal: &str) -> (std::process::ExitStatus, String) {
         std::process::Command::new("kill")
