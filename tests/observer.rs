@@ -131,7 +131,7 @@ fn reference(stream: &[u8]) -> Seen {
             }
         }
         let before = seen.text.len();
-        text_of(&v, &mut seen.text);
+        text_of(&serde_json::from_str(&data).unwrap(), &mut seen.text);
         if seen.text.len() > before {
             seen.content_events += 1;
         }

@@ -8,47 +8,142 @@ use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use tollgate::meter::{timings_json, usage_json, Usage};
 
-/// Generated text at the scanner's documented paths (see `src/meter/scan.rs`).
-pub fn text_of(v: &Value, out: &mut String) {
-    let strings = |v: &Value, out: &mut String| {
-        if let Some(s) = v.as_str() {
-            out.push_str(s);
+/// A JSON value with its members in document order (serde_json's `Value` sorts them), so
+/// that text in several places of one object is read in the order it was written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json {
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+    /// Numbers, booleans, null: nothing metering reads text from.
+    Other,
+}
+
+static OTHER: Json = Json::Other;
+
+impl Json {
+    /// The member a parser keeps: the last of that name.
+    pub fn get(&self, key: &str) -> &Json {
+        match self {
+            Json::Obj(members) => members
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map_or(&OTHER, |(_, v)| v),
+            _ => &OTHER,
         }
-    };
-    fn parts(v: &Value, out: &mut String) {
+    }
+
+    fn items(&self) -> &[Json] {
+        match self {
+            Json::Arr(items) => items,
+            _ => &[],
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Json, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Json;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+                let mut members = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    members.push((k, map.next_value()?));
+                }
+                Ok(Json::Obj(members))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+                let mut items = Vec::new();
+                while let Some(v) = seq.next_element()? {
+                    items.push(v);
+                }
+                Ok(Json::Arr(items))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Json, E> {
+                Ok(Json::Str(s.to_string()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Json, E> {
+                Ok(Json::Str(s))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Json, E> {
+                Ok(Json::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Json, E> {
+                Ok(Json::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Json, E> {
+                Ok(Json::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Json, E> {
+                Ok(Json::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Json, E> {
+                Ok(Json::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Generated text at the scanner's documented paths (see `src/meter/scan.rs`), in document
+/// order.
+pub fn text_of(v: &Json, out: &mut String) {
+    fn parts(v: &Json, out: &mut String) {
         match v {
-            Value::String(s) => out.push_str(s),
-            Value::Array(items) => {
+            Json::Str(s) => out.push_str(s),
+            Json::Arr(items) => {
                 for p in items {
-                    if let Some(s) = p.get("text").and_then(Value::as_str) {
-                        out.push_str(s);
-                    }
-                    if let Some(t) = p.get("thinking") {
-                        parts(t, out);
+                    for (k, v) in members(p) {
+                        match (k.as_str(), v) {
+                            ("text", Json::Str(s)) => out.push_str(s),
+                            ("thinking", t) => parts(t, out),
+                            _ => {}
+                        }
                     }
                 }
             }
             _ => {}
         }
     }
-    for c in v["choices"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        strings(&c["text"], out);
-        for m in [&c["delta"], &c["message"]] {
-            parts(&m["content"], out);
-            strings(&m["reasoning_content"], out);
-            strings(&m["reasoning"], out);
-            for t in m["tool_calls"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
-                strings(&t["function"]["arguments"], out);
+    for c in v.get("choices").items() {
+        for (k, v) in members(c) {
+            match (k.as_str(), v) {
+                ("text", Json::Str(s)) => out.push_str(s),
+                ("delta" | "message", m) => {
+                    for (k, v) in members(m) {
+                        match (k.as_str(), v) {
+                            ("content", v) => parts(v, out),
+                            ("reasoning_content" | "reasoning", Json::Str(s)) => out.push_str(s),
+                            ("tool_calls", calls) => {
+                                for t in calls.items() {
+                                    for (k, f) in members(t) {
+                                        if k == "function" {
+                                            if let Json::Str(s) = f.get("arguments") {
+                                                out.push_str(s);
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
             }
         }
+    }
+}
+
+fn members(v: &Json) -> &[(String, Json)] {
+    match v {
+        Json::Obj(m) => m,
+        _ => &[],
     }
 }
 
@@ -147,7 +242,8 @@ pub fn meter(stream: &[u8]) -> Option<Metered> {
         }
         m.error_event |= v.get("error").is_some_and(|e| !e.is_null());
         let before = m.text.len();
-        text_of(&v, &mut m.text);
+        let ordered: Json = serde_json::from_slice(&data).expect("parsed once already");
+        text_of(&ordered, &mut m.text);
         if m.text.len() > before {
             m.content_events += 1;
         }
