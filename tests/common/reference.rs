@@ -283,50 +283,17 @@ fn nesting(json: &[u8]) -> usize {
 
 /// Whether any object in `json` (valid JSON) names a key twice, keys compared decoded.
 pub fn has_duplicate_keys(json: &[u8]) -> bool {
-    struct NoDup;
-    impl<'de> Deserialize<'de> for NoDup {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<NoDup, D::Error> {
-            d.deserialize_any(NoDupVisitor)
-        }
-    }
-    struct NoDupVisitor;
-    impl<'de> Visitor<'de> for NoDupVisitor {
-        type Value = NoDup;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("JSON")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NoDup, A::Error> {
-            let mut seen = std::collections::HashSet::new();
-            while let Some(k) = map.next_key::<String>()? {
-                if !seen.insert(k) {
-                    return Err(serde::de::Error::custom("duplicate key"));
-                }
-                map.next_value::<NoDup>()?;
+    fn dup(v: &Json) -> bool {
+        match v {
+            Json::Obj(members) => {
+                let mut seen = std::collections::HashSet::new();
+                members
+                    .iter()
+                    .any(|(k, v)| !seen.insert(k.as_str()) || dup(v))
             }
-            Ok(NoDup)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NoDup, A::Error> {
-            while seq.next_element::<NoDup>()?.is_some() {}
-            Ok(NoDup)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<NoDup, E> {
-            Ok(NoDup)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<NoDup, E> {
-            Ok(NoDup)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<NoDup, E> {
-            Ok(NoDup)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<NoDup, E> {
-            Ok(NoDup)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<NoDup, E> {
-            Ok(NoDup)
-        }
-        fn visit_unit<E>(self) -> Result<NoDup, E> {
-            Ok(NoDup)
+            Json::Arr(items) => items.iter().any(dup),
+            _ => false,
         }
     }
-    serde_json::from_slice::<NoDup>(json).is_err()
+    serde_json::from_slice::<Json>(json).is_ok_and(|v| dup(&v))
 }
