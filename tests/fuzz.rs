@@ -17,7 +17,12 @@
 //! TOLLGATE_FUZZ_SEED=1234 cargo test --test fuzz                          # replay a run
 //! ```
 //!
-//! Without a seed, each run draws one and prints it; each target mixes its name into it.
+//! Without a seed, each run draws one and prints it; each target mixes its name into it. A
+//! replay draws the same inputs; how far it gets in its time depends on the machine.
+//!
+//! A bug found in the gateway is kept as an ignored test under "bugs found" until it is
+//! fixed, and the invariant it breaks is narrowed, with a comment naming that test, so that
+//! the fuzzer keeps looking for other bugs instead of finding that one again.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
