@@ -6,13 +6,30 @@
 //! in any order, characters escaped or not, `\r\n` or `\n`, data split over several `data:`
 //! lines) and however it is cut into frames, the observer finds the usage, the generated text
 //! and the end that a full parse (`serde_json::Value`) of each event finds.
+//!
+//! And for any bytes at all (`tests/common/observe.rs`): no panic; the same reading however
+//! the bytes are cut, one at a time, inside a character or between `\r` and `\n`; a refusal
+//! of an event that outgrows the bound, keeping what came before it.
 
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use tollgate::meter::sse::SseObserver;
+use tollgate::meter::sse::{SseObserver, Violation, MAX_EVENT_BYTES};
 use tollgate::meter::{read_answer, usage_json, Usage};
+
+#[path = "common/reference.rs"]
+mod full_parse;
+use full_parse::text_of;
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+#[path = "common/json_writer.rs"]
+mod json_writer;
+use json_writer::Writer;
+#[path = "common/observe.rs"]
+mod observe;
+use observe::{bytewise, check_stream, cut_at, run, JSON_TOKENS, SSE_TOKENS};
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/engines")
@@ -114,55 +131,12 @@ fn reference(stream: &[u8]) -> Seen {
             }
         }
         let before = seen.text.len();
-        text_of(&v, &mut seen.text);
+        text_of(&serde_json::from_str(&data).unwrap(), &mut seen.text);
         if seen.text.len() > before {
             seen.content_events += 1;
         }
     }
     seen
-}
-
-fn text_of(v: &Value, out: &mut String) {
-    let strings = |v: &Value, out: &mut String| {
-        if let Some(s) = v.as_str() {
-            out.push_str(s);
-        }
-    };
-    fn parts(v: &Value, out: &mut String) {
-        match v {
-            Value::String(s) => out.push_str(s),
-            Value::Array(items) => {
-                for p in items {
-                    if let Some(s) = p.get("text").and_then(Value::as_str) {
-                        out.push_str(s);
-                    }
-                    if let Some(t) = p.get("thinking") {
-                        parts(t, out);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    for c in v["choices"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        strings(&c["text"], out);
-        for m in [&c["delta"], &c["message"]] {
-            parts(&m["content"], out);
-            strings(&m["reasoning_content"], out);
-            strings(&m["reasoning"], out);
-            for t in m["tool_calls"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
-                strings(&t["function"]["arguments"], out);
-            }
-        }
-    }
 }
 
 #[test]
@@ -272,103 +246,6 @@ fn json_answers_are_read_like_stream_events() {
 
 // === random re-serialization ===
 
-/// xorshift64*: the property's randomness comes from one proptest seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, one_in: u64) -> bool {
-        self.below(one_in) == 0
-    }
-}
-
-struct Writer<'r> {
-    rng: &'r mut Rng,
-    shuffle: bool,
-    out: String,
-}
-
-impl Writer<'_> {
-    fn ws(&mut self) {
-        for _ in 0..self.rng.below(3) {
-            let w = [" ", "\t", "\n", "  ", "\r\n"][self.rng.below(5) as usize];
-            self.out.push_str(w);
-        }
-    }
-
-    fn string(&mut self, s: &str) {
-        self.out.push('"');
-        for c in s.chars() {
-            match c {
-                '"' => self.out.push_str("\\\""),
-                '\\' => self.out.push_str("\\\\"),
-                c if (c as u32) < 0x20 || self.rng.chance(4) => {
-                    // Any character may be written as \uXXXX (a surrogate pair past the BMP).
-                    let mut units = [0u16; 2];
-                    for u in c.encode_utf16(&mut units) {
-                        self.out.push_str(&format!("\\u{:04x}", u));
-                    }
-                }
-                '/' if self.rng.chance(2) => self.out.push_str("\\/"),
-                c => self.out.push(c),
-            }
-        }
-        self.out.push('"');
-    }
-
-    fn value(&mut self, v: &Value) {
-        match v {
-            Value::Object(map) => {
-                self.out.push('{');
-                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-                if self.shuffle {
-                    for i in (1..entries.len()).rev() {
-                        let j = self.rng.below(i as u64 + 1) as usize;
-                        entries.swap(i, j);
-                    }
-                }
-                for (i, (k, v)) in entries.into_iter().enumerate() {
-                    if i > 0 {
-                        self.ws();
-                        self.out.push(',');
-                    }
-                    self.ws();
-                    self.string(k);
-                    self.ws();
-                    self.out.push(':');
-                    self.ws();
-                    self.value(v);
-                }
-                self.ws();
-                self.out.push('}');
-            }
-            Value::Array(items) => {
-                self.out.push('[');
-                for (i, v) in items.iter().enumerate() {
-                    if i > 0 {
-                        self.ws();
-                        self.out.push(',');
-                    }
-                    self.ws();
-                    self.value(v);
-                }
-                self.ws();
-                self.out.push(']');
-            }
-            Value::String(s) => self.string(s),
-            other => self.out.push_str(&other.to_string()),
-        }
-    }
-}
-
 /// The same stream written another way: events in their order, comments kept.
 fn rewrite(stream: &[u8], seed: u64, shuffle: bool) -> Vec<u8> {
     let mut rng = Rng(seed | 1);
@@ -464,5 +341,174 @@ proptest! {
             prop_assert_eq!(seen.done, want.done, "{}", name);
             prop_assert_eq!(sorted_chars(&seen.text), sorted_chars(&want.text), "{}", name);
         }
+    }
+}
+
+// === every cut, any bytes, the bound ===
+
+/// Offsets inside a multi-byte UTF-8 character or between a `\r` and its `\n`: where a cut
+/// leaves each frame unreadable on its own.
+fn awkward_offsets(bytes: &[u8]) -> Vec<usize> {
+    (1..bytes.len())
+        .filter(|&i| (0x80..0xc0).contains(&bytes[i]) || bytes[i - 1] == b'\r' && bytes[i] == b'\n')
+        .collect()
+}
+
+#[test]
+fn one_byte_frames_are_observed_like_one_frame() {
+    for (name, bytes) in streams() {
+        for strip in [false, true] {
+            let whole = run(&[Bytes::from(bytes.clone())], strip);
+            assert_eq!(whole.violation, None, "{name}");
+            assert_eq!(
+                run(&bytewise(&bytes), strip),
+                whole,
+                "{name}, strip {strip}"
+            );
+            let awkward = awkward_offsets(&bytes);
+            assert_eq!(
+                run(&cut_at(&bytes, &awkward), strip),
+                whole,
+                "{name}, cut at all {} awkward places",
+                awkward.len()
+            );
+        }
+        check_stream(&bytes, &awkward_offsets(&bytes));
+    }
+}
+
+/// A chat stream whose text has characters of every UTF-8 length, with `\r\n` line ends.
+fn multibyte_stream(contents: &[String], prompt: u64, completion: u64, crlf: bool) -> Vec<u8> {
+    let nl = if crlf { "\r\n" } else { "\n" };
+    let mut out = String::new();
+    for c in contents {
+        let chunk =
+            serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"content": c}}]});
+        out.push_str(&format!("data: {chunk}{nl}{nl}"));
+    }
+    let usage = serde_json::json!({"id": "c", "choices": [],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion}});
+    out.push_str(&format!("data: {usage}{nl}{nl}data: [DONE]{nl}{nl}"));
+    out.into_bytes()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Cuts inside a character or a line end, wherever they fall, change nothing: the
+    /// observer joins bytes before it reads them.
+    #[test]
+    fn cuts_inside_characters_and_line_ends_change_nothing(
+        // The first text starts with characters of two and four bytes, so there are cuts.
+        contents in prop::collection::vec("(\\PC|[é中😀]){0,12}", 1..8)
+            .prop_map(|mut c| { c[0].insert_str(0, "é😀"); c }),
+        prompt in 0u64..100_000,
+        completion in 0u64..100_000,
+        crlf in any::<bool>(),
+        picks in prop::collection::vec(any::<prop::sample::Index>(), 0..24),
+        others in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        strip in any::<bool>(),
+    ) {
+        let bytes = multibyte_stream(&contents, prompt, completion, crlf);
+        let awkward = awkward_offsets(&bytes);
+        prop_assert!(!awkward.is_empty());
+        let mut cuts: Vec<usize> = picks.iter().map(|i| awkward[i.index(awkward.len())]).collect();
+        cuts.extend(others.iter().map(|i| i.index(bytes.len())));
+        let whole = run(&[Bytes::from(bytes.clone())], strip);
+        prop_assert_eq!(&run(&cut_at(&bytes, &cuts), strip), &whole);
+        prop_assert_eq!(&whole.text, &contents.concat());
+        prop_assert_eq!(whole.content_events, contents.iter().filter(|c| !c.is_empty()).count() as u64);
+        prop_assert_eq!(whole.usage.map(|u| (u.prompt, u.completion)), Some((prompt, completion)));
+        prop_assert!(whole.done);
+        prop_assert_eq!(whole.violation, None);
+    }
+}
+
+fn garbage() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..512),
+        prop::collection::vec(
+            prop::sample::select([SSE_TOKENS, JSON_TOKENS].concat()),
+            0..160
+        )
+        .prop_map(|p| p.concat()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// See [`check_stream`]: any bytes, cut anywhere and a byte at a time.
+    #[test]
+    fn any_bytes_are_observed_as_a_full_parse_reads_them(
+        bytes in garbage(),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..16),
+    ) {
+        let cuts: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        check_stream(&bytes, &cuts);
+        let every: Vec<usize> = (1..bytes.len()).collect();
+        check_stream(&bytes, &every);
+    }
+}
+
+const HEAD: &[u8] = br#"data: {"choices":[{"delta":{"content":""#;
+const TAIL: &[u8] = b"\"}}]}\n\n";
+
+/// A valid event of `len` bytes, blank line included, whose text is all `x`.
+fn event_of_len(len: usize) -> Vec<u8> {
+    let mut e = HEAD.to_vec();
+    e.resize(len - TAIL.len(), b'x');
+    e.extend_from_slice(TAIL);
+    e
+}
+
+/// Frames of at most `max` bytes, sizes drawn from `seed`.
+fn frames_upto(bytes: &[u8], max: usize, seed: u64) -> Vec<Bytes> {
+    let mut rng = Rng(seed | 1);
+    let mut cuts = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        at += 1 + rng.below(max as u64) as usize;
+        cuts.push(at);
+    }
+    cut_at(bytes, &cuts)
+}
+
+/// The frames hyper hands over are at most this large in these tests.
+const MAX_FRAME: usize = 64 * 1024;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    /// An event whose unfinished part outgrows the bound is refused: the events before it
+    /// pass, nothing of it or after it does, and what was metered before it stays. (Whether
+    /// an event between the bound and the bound plus a frame passes depends on where the
+    /// frames fall: the bound is on bytes held, not on event length.)
+    #[test]
+    fn an_event_past_the_bound_is_refused_however_cut(
+        extra in 2 + MAX_FRAME..4 * MAX_FRAME,
+        seed in any::<u64>(),
+    ) {
+        let before = multibyte_stream(&["é".into()], 3, 1, false);
+        let before = &before[..before.len() - "data: [DONE]\n\n".len()];
+        let mut bytes = before.to_vec();
+        bytes.extend_from_slice(&event_of_len(MAX_EVENT_BYTES + extra));
+        bytes.extend_from_slice(&multibyte_stream(&["after".into()], 9, 9, false));
+        let seen = run(&frames_upto(&bytes, MAX_FRAME, seed), false);
+        prop_assert_eq!(seen.violation, Some(Violation::EventTooLarge));
+        prop_assert_eq!(&seen.forwarded[..], before);
+        prop_assert_eq!(&seen.text, "é");
+        prop_assert_eq!(seen.usage.map(|u| u.prompt), Some(3));
+        prop_assert!(!seen.done);
+    }
+
+    /// An event of the bound's size passes, in any frames.
+    #[test]
+    fn an_event_of_the_bound_passes_however_cut(seed in any::<u64>()) {
+        let event = event_of_len(MAX_EVENT_BYTES);
+        let seen = run(&frames_upto(&event, MAX_FRAME, seed), false);
+        prop_assert_eq!(seen.violation, None);
+        prop_assert_eq!(seen.forwarded.len(), MAX_EVENT_BYTES);
+        prop_assert_eq!(seen.text.len(), MAX_EVENT_BYTES - HEAD.len() - TAIL.len());
     }
 }

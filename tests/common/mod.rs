@@ -615,6 +615,11 @@ impl BinaryGateway {
         }
     }
 
+    /// The process id, to read its memory and descriptors from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal (`-TERM`, `-KILL`) and goes on.
     pub fn signal(&self, signal: &str) {
         std::process::Command::new("kill")
