@@ -118,6 +118,10 @@ impl WireUsage {
             (None, None) => return None,
         };
         let completion = self.completion_tokens.or(self.output_tokens).unwrap_or(0);
+        // Each part is bounded above, their sum too: no request has more.
+        if prompt > MAX_REPORTED_TOKENS {
+            return None;
+        }
         Some(Usage {
             prompt,
             completion,
@@ -154,7 +158,7 @@ pub fn timings_json(value: &[u8]) -> Option<Usage> {
         predicted_n: u64,
     }
     let t: Timings = serde_json::from_slice(value).ok()?;
-    if [t.prompt_n, t.cache_n, t.predicted_n]
+    if [t.prompt_n, t.cache_n, t.predicted_n, t.prompt_n.saturating_add(t.cache_n)]
         .into_iter()
         .any(|n| n > MAX_REPORTED_TOKENS)
     {

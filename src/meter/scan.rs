@@ -24,8 +24,8 @@
 
 use std::ops::Range;
 
-/// Nesting deeper than this is refused (serde_json's own limit), so hostile input cannot
-/// exhaust the stack.
+/// Nesting this deep is refused, as serde_json refuses it, so hostile input cannot exhaust
+/// the stack and the two agree on what is valid.
 const MAX_DEPTH: usize = 128;
 
 /// What one document says, as far as metering is concerned.
@@ -187,7 +187,7 @@ impl<'a> Scanner<'a, '_> {
 
     fn nested(&mut self, f: impl FnOnce(&mut Self) -> Result<(), Invalid>) -> Result<(), Invalid> {
         self.depth += 1;
-        if self.depth > MAX_DEPTH {
+        if self.depth >= MAX_DEPTH {
             return Err(Invalid);
         }
         let r = f(self);
@@ -221,7 +221,7 @@ impl<'a> Scanner<'a, '_> {
                     value_start..value_end,
                     key_start,
                     prev_comma,
-                );
+                )?;
             }
             self.ws();
             match self.peek() {
@@ -252,8 +252,11 @@ impl<'a> Scanner<'a, '_> {
         value: Range<usize>,
         key_start: usize,
         prev_comma: Option<usize>,
-    ) {
+    ) -> Result<(), Invalid> {
         match member {
+            // A second `usage`: parsers disagree on which one counts, and only one could be
+            // hidden from a client that did not ask for it.
+            Path::Usage if self.out.usage_member.is_some() => return Err(Invalid),
             Path::Usage => {
                 self.out.usage = (!is_null).then(|| value.clone());
                 self.out.usage_member = Some(prev_comma.unwrap_or(key_start)..value.end);
@@ -263,6 +266,7 @@ impl<'a> Scanner<'a, '_> {
             Path::Error => self.out.error = !is_null,
             _ => {}
         }
+        Ok(())
     }
 
     fn array(&mut self, path: Path) -> Result<(), Invalid> {
