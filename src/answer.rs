@@ -20,7 +20,6 @@ use crate::upstream::h1::Driver;
 use crate::upstream::stream::{UpstreamBody, Who};
 use http::header::CONTENT_LENGTH;
 use hyper::body::Incoming;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,24 +91,28 @@ pub fn stream(
 
 /// A whole answer (or an upstream's error body): read, settled and recorded before its head
 /// leaves, since its usage decides the headers.
-pub async fn whole(
-    read: impl Future<Output = Result<bytes::Bytes, ReadError>>,
-    parts: &mut http::response::Parts,
-    mut record: Completion,
-    candidate: &Candidate,
-) -> Result<GatewayBody, GatewayError> {
-    let reading = crate::clock::now();
-    let read = read.await;
-    record.ctx_mut().upstream_wait += reading.elapsed();
-    let ok = parts.status.is_success();
-    let answer = match read {
+/// A whole answer as read: its bytes, and for a success what metering found in it (its usage
+/// and text); a success that is not JSON is `ReadError::NotJson`. Parsed once, here.
+pub type ReadAnswer = Result<(bytes::Bytes, Option<(Option<meter::Usage>, String)>), ReadError>;
+
+pub fn parse(read: Result<bytes::Bytes, ReadError>, ok: bool) -> ReadAnswer {
+    match read {
         Ok(bytes) if !ok => Ok((bytes, None)),
         // A success the client could not parse is an upstream fault, not an answer.
         Ok(bytes) => meter::read_answer(&bytes)
             .map(|read| (bytes, Some(read)))
             .ok_or(ReadError::NotJson),
         Err(e) => Err(e),
-    };
+    }
+}
+
+pub async fn whole(
+    answer: ReadAnswer,
+    parts: &mut http::response::Parts,
+    mut record: Completion,
+    candidate: &Candidate,
+) -> Result<GatewayBody, GatewayError> {
+    let ok = parts.status.is_success();
     let (bytes, read) = match answer {
         Ok(answer) => answer,
         Err(e) => {

@@ -22,7 +22,7 @@ use crate::meter::Status;
 use crate::record::Completion;
 use crate::route::{Candidate, Claim};
 use crate::upstream::exchange::{self, Attempts, Retarget};
-use crate::upstream::forward;
+use crate::upstream::forward::{self, ReadError};
 use http::header::CONTENT_TYPE;
 use http::Response;
 use std::sync::Arc;
@@ -166,15 +166,14 @@ impl Exchange {
                 let body = answer::stream(incoming, driver, status, shaped, record, &candidate);
                 return Ok(Response::from_parts(parts, body));
             }
-            let read = forward::read_answer(incoming, driver, server.max_response_bytes, deadline);
-            let read = read.await;
+            let reading = crate::clock::now();
+            let read =
+                forward::read_answer(incoming, driver, server.max_response_bytes, deadline).await;
+            record.ctx_mut().upstream_wait += reading.elapsed();
+            let read = answer::parse(read, parts.status.is_success());
             // A success that is not JSON: nothing reached the client, so another backend may
             // answer, as the retry policy allows.
-            if parts.status.is_success()
-                && read
-                    .as_ref()
-                    .is_ok_and(|b| crate::meter::read_answer(b).is_none())
-            {
+            if matches!(read, Err(ReadError::NotJson)) {
                 let mut fallback = Fallback {
                     record: &mut record,
                     prepared: &mut prepared,
@@ -186,8 +185,7 @@ impl Exchange {
                     continue;
                 }
             }
-            let body =
-                answer::whole(std::future::ready(read), &mut parts, record, &candidate).await?;
+            let body = answer::whole(read, &mut parts, record, &candidate).await?;
             return Ok(Response::from_parts(parts, body));
         }
     }

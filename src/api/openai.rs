@@ -162,9 +162,9 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
         ));
     }
     let head: Head<'_> = serde_json::from_slice(body).map_err(json_error)?;
-    // serde skips the members it does not read without checking their strings: a lone
-    // surrogate escape or a byte that is not UTF-8 would pass it and reach the engine.
-    if crate::meter::scan::scan_only(body).is_err() {
+    // serde skips the members it does not read without checking their text: a byte that is
+    // not UTF-8 or a lone surrogate escape would pass it and reach the engine.
+    if std::str::from_utf8(body).is_err() || has_lone_surrogate(body) {
         return Err(GatewayError::MalformedJson(
             "the body is not well-formed UTF-8 JSON (an invalid byte, or a lone surrogate escape such as \\ud800)".into(),
         ));
@@ -316,6 +316,38 @@ fn check_content_type(headers: &http::HeaderMap) -> Result<(), GatewayError> {
         "the body must be JSON, sent with `Content-Type: application/json` (got `{}`)",
         crate::error::prefix_chars(v.to_str().unwrap_or("?"), 64)
     )))
+}
+
+/// Whether a JSON document (already known to be well-formed) escapes half a surrogate pair
+/// (`\ud800` alone). Only `\u` escapes are looked at, found by a SIMD search.
+fn has_lone_surrogate(doc: &[u8]) -> bool {
+    let hex = |at: usize| {
+        doc.get(at..at + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    let mut paired_low = None;
+    for at in memchr::memmem::find_iter(doc, b"\\u") {
+        // `\\u` is an escaped backslash, then a plain `u`: an odd run of backslashes escapes.
+        let run = doc[..=at].iter().rev().take_while(|&&b| b == b'\\').count();
+        if run % 2 == 0 {
+            continue;
+        }
+        match hex(at + 2) {
+            Some(0xD800..=0xDBFF) => {
+                let low = at + 6;
+                if doc.get(low..low + 2) != Some(b"\\u")
+                    || !matches!(hex(low + 2), Some(0xDC00..=0xDFFF))
+                {
+                    return true;
+                }
+                paired_low = Some(low);
+            }
+            Some(0xDC00..=0xDFFF) if paired_low != Some(at) => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// A count the client sets (`n`, `max_tokens`, …): absent or `null`, or a whole number of at
@@ -603,6 +635,24 @@ mod tests {
     use super::*;
     use crate::budget::admit::OutputAsk;
     use proptest::prelude::*;
+
+    #[test]
+    fn lone_surrogates_are_found_wherever_they_hide() {
+        for (doc, lone) in [
+            (r#"{"a":"\ud83d\ude00"}"#, false),
+            (r#"{"a":"\ud83d"}"#, true),
+            (r#"{"a":"\ude00"}"#, true),
+            (r#"{"a":"\ud83dx\ude00"}"#, true),
+            (r#"{"a":"\\ud800"}"#, false),
+            (r#"{"a":"\\\ud800"}"#, true),
+            (r#"{"a":"\u00e9\u4e2d"}"#, false),
+        ] {
+            assert_eq!(has_lone_surrogate(doc.as_bytes()), lone, "{doc}");
+            // The same verdict as a full parse.
+            let parsed = serde_json::from_str::<serde_json::Value>(doc).is_ok();
+            assert_eq!(parsed, !lone, "{doc}");
+        }
+    }
 
     /// A value a client might put in a count field: absent, null, valid, or hostile.
     fn count_value() -> impl Strategy<Value = Option<serde_json::Value>> {

@@ -228,11 +228,14 @@ async fn handle(
     let tokenize = tokenizer::serves(state.cfg.dialect.spec().tokenize, req.uri().path());
     if req.method() == Method::POST && !tokenize {
         state.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut seen = req.headers().clone();
+        // What the wire brought: not the note this server's own accept loop adds.
+        seen.remove(&crate::server::peer::PEER);
         *state
             .stats
             .last_headers
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(req.headers().clone());
+            .unwrap_or_else(|e| e.into_inner()) = Some(seen);
     }
     let resp = respond(&state, req).await.unwrap_or_else(|e| e);
     if state.knobs.killed.load(Ordering::Relaxed) {

@@ -6,7 +6,7 @@
 //! connection and must not cross a proxy (RFC 9110 §7.6.1), including any header the
 //! `Connection` header names.
 
-use crate::server::peer::ClientAddr;
+use crate::server::peer::PEER;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -95,10 +95,8 @@ pub fn from_client(client: &http::request::Parts) -> HeaderMap {
             out.append(name.clone(), value.clone());
         }
     }
-    if let Some(ClientAddr(peer)) = client.extensions.get::<ClientAddr>() {
-        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-            out.insert(X_FORWARDED_FOR.clone(), v);
-        }
+    if let Some(peer) = client.headers.get(&PEER) {
+        out.insert(X_FORWARDED_FOR.clone(), peer.clone());
     }
     // The gateway serves plain HTTP; TLS, if any, ended before it.
     out.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -177,8 +175,8 @@ mod tests {
                 .header("x-evil", "1"),
         );
         client
-            .extensions
-            .insert(ClientAddr("[2001:db8::7]:5000".parse().unwrap()));
+            .headers
+            .insert(&PEER, HeaderValue::from_static("2001:db8::7"));
         let h = from_client(&client);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
