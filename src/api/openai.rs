@@ -36,15 +36,14 @@ pub struct RequestSummary<'a> {
     /// What the request needs of a model: tools, image inputs, JSON mode.
     pub features: Features,
     /// What the request asks about, by endpoint: checked for the shape billing relies on.
-    pub messages: Option<&'a RawValue>,
+    pub messages: Option<MessagesShape>,
     pub prompt: Option<&'a RawValue>,
     pub input: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 struct Head<'a> {
-    #[serde(borrow)]
-    messages: Option<&'a RawValue>,
+    messages: Option<MessagesShape>,
     #[serde(borrow)]
     prompt: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -238,13 +237,183 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
     })
 }
 
-/// A chat message as billing reads it: a role, and content that is text, parts or absent.
-#[derive(Deserialize)]
-struct MessageShape<'a> {
-    #[serde(borrow)]
-    role: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    content: Option<&'a RawValue>,
+/// `messages` as billing reads it, found in the same pass as the rest of the head: never an
+/// error of its own, so that a wrong shape is reported naming the field, and nothing of the
+/// messages is kept or copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessagesShape {
+    Valid,
+    Invalid(&'static str),
+}
+
+impl<'de> Deserialize<'de> for MessagesShape {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(shape::Messages)
+    }
+}
+
+mod shape {
+    use super::MessagesShape::{self, Invalid, Valid};
+    use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use std::borrow::Cow;
+    use std::fmt;
+
+    const NOT_ARRAY: &str = "`messages` must be an array of message objects";
+    const NO_ROLE: &str = "every message needs a string `role`";
+    const CONTENT: &str = "a message's `content` must be a string, an array of parts or null";
+
+    /// Any JSON value, skipped, reduced to what the shape check needs of it.
+    #[derive(PartialEq, Eq)]
+    enum Kind {
+        Text { empty: bool },
+        Array,
+        Null,
+        Other,
+    }
+
+    struct KindOf;
+
+    impl<'de> de::Deserialize<'de> for Kind {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(KindOf)
+        }
+    }
+
+    impl<'de> Visitor<'de> for KindOf {
+        type Value = Kind;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Kind, E> {
+            Ok(Kind::Text { empty: v.is_empty() })
+        }
+        fn visit_unit<E>(self) -> Result<Kind, E> {
+            Ok(Kind::Null)
+        }
+        fn visit_none<E>(self) -> Result<Kind, E> {
+            Ok(Kind::Null)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Kind, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Kind::Array)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Kind, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Kind::Other)
+        }
+    }
+
+    /// One message: its problem, if it has one.
+    struct Message(Option<&'static str>);
+
+    impl<'de> de::Deserialize<'de> for Message {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(MessageOf)
+        }
+    }
+
+    struct MessageOf;
+
+    impl<'de> Visitor<'de> for MessageOf {
+        type Value = Message;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a message object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
+            let (mut role, mut content) = (false, Kind::Null);
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                match &*key {
+                    "role" => role = map.next_value::<Kind>()? == Kind::Text { empty: false },
+                    "content" => content = map.next_value::<Kind>()?,
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Message(match (role, content) {
+                (false, _) => Some(NO_ROLE),
+                (true, Kind::Other) => Some(CONTENT),
+                _ => None,
+            }))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Message, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Message(Some(NOT_ARRAY)))
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Message, E> {
+            Ok(Message(Some(NOT_ARRAY)))
+        }
+        fn visit_unit<E>(self) -> Result<Message, E> {
+            Ok(Message(Some(NOT_ARRAY)))
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Message, E> {
+            Ok(Message(Some(NOT_ARRAY)))
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Message, E> {
+            Ok(Message(Some(NOT_ARRAY)))
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Message, E> {
+            Ok(Message(Some(NOT_ARRAY)))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Message, E> {
+            Ok(Message(Some(NOT_ARRAY)))
+        }
+    }
+
+    pub struct Messages;
+
+    impl<'de> Visitor<'de> for Messages {
+        type Value = MessagesShape;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array of messages")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessagesShape, A::Error> {
+            let (mut any, mut problem) = (false, None);
+            while let Some(Message(p)) = seq.next_element::<Message>()? {
+                any = true;
+                problem = problem.or(p);
+            }
+            Ok(match (any, problem) {
+                (false, _) => Invalid("`messages` must not be empty"),
+                (true, Some(p)) => Invalid(p),
+                (true, None) => Valid,
+            })
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MessagesShape, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Invalid(NOT_ARRAY))
+        }
+        fn visit_str<E>(self, _: &str) -> Result<MessagesShape, E> {
+            Ok(Invalid(NOT_ARRAY))
+        }
+        fn visit_unit<E>(self) -> Result<MessagesShape, E> {
+            Ok(Invalid(NOT_ARRAY))
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<MessagesShape, E> {
+            Ok(Invalid(NOT_ARRAY))
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<MessagesShape, E> {
+            Ok(Invalid(NOT_ARRAY))
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<MessagesShape, E> {
+            Ok(Invalid(NOT_ARRAY))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<MessagesShape, E> {
+            Ok(Invalid(NOT_ARRAY))
+        }
+    }
 }
 
 impl RequestSummary<'_> {
@@ -258,29 +427,11 @@ impl RequestSummary<'_> {
         };
         let kind = |raw: Option<&RawValue>| raw.map(|r| r.get().as_bytes()[0]);
         match endpoint {
-            Endpoint::ChatCompletions => {
-                let Some(raw) = self.messages else {
-                    return invalid("messages", "`messages` is required");
-                };
-                let Ok(messages) = serde_json::from_str::<Vec<MessageShape<'_>>>(raw.get()) else {
-                    return invalid("messages", "`messages` must be an array of message objects");
-                };
-                if messages.is_empty() {
-                    return invalid("messages", "`messages` must not be empty");
-                }
-                for m in &messages {
-                    if m.role.as_deref().is_none_or(str::is_empty) {
-                        return invalid("messages", "every message needs a string `role`");
-                    }
-                    if !matches!(kind(m.content), None | Some(b'"' | b'[' | b'n')) {
-                        return invalid(
-                            "messages",
-                            "a message's `content` must be a string, an array of parts or null",
-                        );
-                    }
-                }
-                Ok(())
-            }
+            Endpoint::ChatCompletions => match self.messages {
+                Some(MessagesShape::Valid) => Ok(()),
+                Some(MessagesShape::Invalid(why)) => invalid("messages", why),
+                None => invalid("messages", "`messages` is required"),
+            },
             Endpoint::Completions => match kind(self.prompt) {
                 Some(b'"' | b'[') => Ok(()),
                 None => invalid("prompt", "`prompt` is required"),
