@@ -124,7 +124,9 @@ fn layers_know_only_what_is_below_them() {
         ("ledger", &request_path),
         (
             "budget",
-            &["server", "pipeline", "send", "body", "answer", "admin", "app"],
+            &[
+                "server", "pipeline", "send", "body", "answer", "admin", "app",
+            ],
         ),
         (
             "route",
@@ -146,7 +148,14 @@ fn layers_know_only_what_is_below_them() {
         ),
         (
             "upstream",
-            &["record", "pipeline", "send", "answer", "api::openai", "api::error"],
+            &[
+                "record",
+                "pipeline",
+                "send",
+                "answer",
+                "api::openai",
+                "api::error",
+            ],
         ),
     ];
     let mut broken = Vec::new();

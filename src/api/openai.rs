@@ -285,7 +285,9 @@ mod shape {
             f.write_str("any value")
         }
         fn visit_str<E>(self, v: &str) -> Result<Kind, E> {
-            Ok(Kind::Text { empty: v.is_empty() })
+            Ok(Kind::Text {
+                empty: v.is_empty(),
+            })
         }
         fn visit_unit<E>(self) -> Result<Kind, E> {
             Ok(Kind::Null)

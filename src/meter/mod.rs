@@ -158,9 +158,14 @@ pub fn timings_json(value: &[u8]) -> Option<Usage> {
         predicted_n: u64,
     }
     let t: Timings = serde_json::from_slice(value).ok()?;
-    if [t.prompt_n, t.cache_n, t.predicted_n, t.prompt_n.saturating_add(t.cache_n)]
-        .into_iter()
-        .any(|n| n > MAX_REPORTED_TOKENS)
+    if [
+        t.prompt_n,
+        t.cache_n,
+        t.predicted_n,
+        t.prompt_n.saturating_add(t.cache_n),
+    ]
+    .into_iter()
+    .any(|n| n > MAX_REPORTED_TOKENS)
     {
         return None;
     }

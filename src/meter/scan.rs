@@ -604,7 +604,9 @@ mod control_tests {
     #[test]
     fn finds_every_control_byte_at_every_place_and_nothing_else() {
         for len in 0..20 {
-            let clean: Vec<u8> = (0..len).map(|i| [b'a', 0x7f, 0x20, 0xc3, 0xff][i % 5]).collect();
+            let clean: Vec<u8> = (0..len)
+                .map(|i| [b'a', 0x7f, 0x20, 0xc3, 0xff][i % 5])
+                .collect();
             assert!(!has_control(&clean), "{clean:?}");
             for at in 0..len {
                 for c in [0u8, 0x01, 0x0a, 0x1f] {

@@ -55,6 +55,9 @@ pub struct H1Pool {
     authority: String,
     connect_timeout: Duration,
     idle: Mutex<Vec<H1Conn>>,
+    /// Whether a request whose reused connection closed before any answer may be sent again
+    /// on a new one (see [`H1Pool::send`]).
+    replay_after_close: bool,
 }
 
 pub struct H1Conn {
@@ -87,6 +90,17 @@ impl H1Pool {
             authority,
             connect_timeout,
             idle: Mutex::new(Vec::new()),
+            replay_after_close: false,
+        })
+    }
+
+    /// Allows sending again a request whose reused connection closed before answering.
+    pub fn replaying_after_close(self: Arc<Self>, replay: bool) -> Arc<Self> {
+        Arc::new(Self {
+            authority: self.authority.clone(),
+            connect_timeout: self.connect_timeout,
+            idle: Mutex::new(Vec::new()),
+            replay_after_close: replay,
         })
     }
 
@@ -109,8 +123,10 @@ impl H1Pool {
 
     /// Sends a request on a pooled or new connection; returns the response head and the
     /// connection's driver. A pooled connection found closed before the request was written
-    /// is retried once on a new one. Not one that closed after: the backend may have read the
-    /// request and begun generating, and a second send could pay for it twice.
+    /// is retried once on a new one. One that closed after, before any answer, only where the
+    /// pool allows it (self-hosted servers, which close idle keep-alive connections at will:
+    /// llama.cpp's after 5 s): the backend may have read the request, and for a provider a
+    /// second send could pay for it twice.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<Full<Bytes>>,
@@ -119,7 +135,11 @@ impl H1Pool {
             let retry = req.clone();
             match self.clone().send_on(conn, req).await {
                 Ok(r) => return Ok(r),
-                Err(H1Error::Request(e)) if e.is_canceled() || e.is_closed() => {
+                Err(H1Error::Request(e))
+                    if e.is_canceled()
+                        || e.is_closed()
+                        || (self.replay_after_close && e.is_incomplete_message()) =>
+                {
                     return self.clone().send_on(self.connect().await?, retry).await;
                 }
                 Err(e) => return Err(e),
