@@ -237,7 +237,12 @@ proptest! {
         prop_assert_eq!(&*s.model, c.model.as_str());
         prop_assert_eq!(s.stream, c.stream.unwrap_or(false));
         prop_assert_eq!(s.include_usage, c.include_usage.unwrap_or(false));
-        prop_assert_eq!(s.max_output_tokens, c.max_completion_tokens.or(c.max_tokens));
+        // Both sent: the larger, since engines disagree on which one wins.
+        let cap = match (c.max_completion_tokens, c.max_tokens) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        prop_assert_eq!(s.max_output_tokens, cap);
         prop_assert_eq!(s.user.as_deref(), c.user.as_deref());
         prop_assert_eq!(s.metadata.as_ref(), c.metadata.as_ref());
         prop_assert_eq!(s.features, tollgate::config::Features::NONE);
