@@ -451,10 +451,12 @@ async fn real_engines_are_metered_as_they_count_themselves() {
             );
         } else {
             // The engine's usage: the tokens it generated, which re-tokenizing the text can
-            // only approach (a sampled split like ` hel`+`lo` re-tokenizes as one token).
+            // only approach (a sampled split like ` hel`+`lo` re-tokenizes as one token; at
+            // temperature 0.7 a run of such splits happens: 24 generated, 20 re-tokenized).
             assert_eq!(source, "upstream", "{what}");
+            let slack = 3.max(engine_completion / 5);
             assert!(
-                completion + 3 >= engine_completion && completion <= engine_completion + 3,
+                completion + slack >= engine_completion && completion <= engine_completion + slack,
                 "{what}: the engine counts {engine_completion} tokens in the streamed text"
             );
             e.exact_streams += 1;
