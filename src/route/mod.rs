@@ -47,8 +47,11 @@ pub struct RouteBackend {
 impl RouteBackend {
     pub fn new(cfg: Arc<Backend>, client: UpstreamClient, state: Arc<BackendState>) -> Self {
         let name_header = header_value(&cfg.name);
-        let h1 = H1Pool::for_base_url(&cfg.base_url, cfg.connect_timeout)
-            .map(|p| p.replaying_after_close(cfg.hosting == crate::config::Hosting::SelfHosted));
+        let h1 = H1Pool::for_base_url(
+            &cfg.base_url,
+            cfg.connect_timeout,
+            cfg.hosting == crate::config::Hosting::SelfHosted,
+        );
         Self {
             cfg,
             client,

@@ -160,11 +160,6 @@ impl KeyShares {
             key: key.clone(),
         })
     }
-
-    /// Requests of `key` in flight now.
-    pub fn held(&self, key: &str) -> usize {
-        self.held.get(key).map_or(0, |n| *n)
-    }
 }
 
 impl Drop for KeyShare {

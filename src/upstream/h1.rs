@@ -85,27 +85,26 @@ pub struct Driver {
 // === impl H1Pool ===
 
 impl H1Pool {
-    pub fn new(authority: String, connect_timeout: Duration) -> Arc<Self> {
+    /// `replay_after_close`: see [`H1Pool::send`].
+    pub fn new(
+        authority: String,
+        connect_timeout: Duration,
+        replay_after_close: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             authority,
             connect_timeout,
             idle: Mutex::new(Vec::new()),
-            replay_after_close: false,
-        })
-    }
-
-    /// Allows sending again a request whose reused connection closed before answering.
-    pub fn replaying_after_close(self: Arc<Self>, replay: bool) -> Arc<Self> {
-        Arc::new(Self {
-            authority: self.authority.clone(),
-            connect_timeout: self.connect_timeout,
-            idle: Mutex::new(Vec::new()),
-            replay_after_close: replay,
+            replay_after_close,
         })
     }
 
     /// For a plain-`http://` base URL, a pool to its `host:port` (port 80 when not given).
-    pub fn for_base_url(base_url: &str, connect_timeout: Duration) -> Option<Arc<Self>> {
+    pub fn for_base_url(
+        base_url: &str,
+        connect_timeout: Duration,
+        replay_after_close: bool,
+    ) -> Option<Arc<Self>> {
         let uri: http::Uri = base_url.parse().ok()?;
         if uri.scheme_str() != Some("http") {
             return None;
@@ -114,6 +113,7 @@ impl H1Pool {
         Some(Self::new(
             format!("{host}:{}", uri.port_u16().unwrap_or(80)),
             connect_timeout,
+            replay_after_close,
         ))
     }
 
@@ -263,7 +263,7 @@ mod tests {
             let _ = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await;
             drop(s);
         });
-        let pool = H1Pool::new(addr.to_string(), Duration::from_secs(1));
+        let pool = H1Pool::new(addr.to_string(), Duration::from_secs(1), false);
         let conn = pool.connect().await.unwrap();
         server.await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
