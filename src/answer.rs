@@ -11,7 +11,6 @@ use crate::api::openai;
 use crate::body::GatewayBody;
 use crate::error::GatewayError;
 use crate::meter::{self, sse::SseObserver, Generated, Outcome, Status};
-use crate::metrics as m;
 use crate::record::Completion;
 use crate::route::health::Failure;
 use crate::route::Candidate;
@@ -190,8 +189,7 @@ fn upstream_broken(candidate: &Candidate, e: &ReadError) -> GatewayError {
 /// where it starts: what is left when the time spent waiting on upstreams is taken out.
 fn record_overhead(candidate: &Candidate, span: Duration, upstream_wait: Duration) {
     let own = span.saturating_sub(upstream_wait);
-    metrics::histogram!(m::OVERHEAD_SECONDS, "backend" => candidate.backend.cfg.name.clone())
-        .record(own.as_secs_f64());
+    candidate.backend.state.overhead.record(own.as_secs_f64());
 }
 
 /// How a request that got no usable answer ended.

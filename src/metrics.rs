@@ -242,6 +242,106 @@ pub struct SpendLabels {
     pub tags: TagLabels,
 }
 
+/// The per-request series of one label set, registered once and kept: looking a series up
+/// in the recorder builds its key (a label vector, hashed and compared) on every call, which
+/// cost more than all the rest of a request's settlement. Each handle is made on first use, so
+/// the exposition shows the same series as before (none at zero that never happened).
+pub struct RequestSeries {
+    labels: SpendLabels,
+    /// Duration histogram and request counter, by the status's place in [`STATUSES`].
+    by_status: [OnceLock<(metrics::Histogram, metrics::Counter)>; STATUSES],
+    tokens: OnceLock<[metrics::Counter; 2]>,
+    unpriced: OnceLock<metrics::Counter>,
+    first_token: OnceLock<metrics::Histogram>,
+    cost: OnceLock<metrics::Histogram>,
+}
+
+/// How many request statuses there are (the ledger's `status` values).
+pub const STATUSES: usize = 8;
+
+impl RequestSeries {
+    /// The series of a label set, made on its first request. Bounded like the labels are:
+    /// team, model and backend names from the config, tag values capped per key.
+    pub fn of(labels: SpendLabels) -> Arc<RequestSeries> {
+        static ALL: OnceLock<dashmap::DashMap<SpendLabels, Arc<RequestSeries>>> = OnceLock::new();
+        let all = ALL.get_or_init(dashmap::DashMap::new);
+        if let Some(s) = all.get(&labels) {
+            return s.clone();
+        }
+        all.entry(labels.clone())
+            .or_insert_with(|| {
+                // Handles made before the recorder exists would count nothing, for good.
+                let _ = install();
+                Arc::new(RequestSeries {
+                    labels,
+                    by_status: Default::default(),
+                    tokens: OnceLock::new(),
+                    unpriced: OnceLock::new(),
+                    first_token: OnceLock::new(),
+                    cost: OnceLock::new(),
+                })
+            })
+            .clone()
+    }
+
+    pub fn labels(&self) -> &SpendLabels {
+        &self.labels
+    }
+
+    fn base(&self) -> Vec<metrics::Label> {
+        let l = &self.labels;
+        vec![
+            metrics::Label::new("team", l.team.clone()),
+            metrics::Label::new("model", l.model.clone()),
+            metrics::Label::new(
+                "backend",
+                l.backend
+                    .clone()
+                    .map_or_else(|| metrics::SharedString::from(""), Into::into),
+            ),
+        ]
+    }
+
+    /// The duration histogram and the request counter of a status (`index` < [`STATUSES`]).
+    pub fn ended(&self, index: usize, status: &'static str) -> &(metrics::Histogram, metrics::Counter) {
+        self.by_status[index.min(STATUSES - 1)].get_or_init(|| {
+            let mut with_status = self.base();
+            with_status.push(metrics::Label::new("status", status));
+            let duration = metrics::histogram!(REQUEST_DURATION_SECONDS, with_status.clone());
+            // Counters carry the configured tag labels; histograms do not (a series per bucket).
+            self.labels.tags.extend(&mut with_status);
+            (duration, metrics::counter!(REQUESTS_TOTAL, with_status))
+        })
+    }
+
+    /// Prompt and completion token counters.
+    pub fn tokens(&self) -> &[metrics::Counter; 2] {
+        self.tokens.get_or_init(|| {
+            ["prompt", "completion"].map(|direction| {
+                let mut l = self.base();
+                l.push(metrics::Label::new("direction", direction));
+                self.labels.tags.extend(&mut l);
+                metrics::counter!(TOKENS_TOTAL, l)
+            })
+        })
+    }
+
+    pub fn unpriced(&self) -> &metrics::Counter {
+        self.unpriced
+            .get_or_init(|| metrics::counter!(UNPRICED_REQUESTS_TOTAL, self.base()))
+    }
+
+    pub fn first_token(&self) -> &metrics::Histogram {
+        self.first_token
+            .get_or_init(|| metrics::histogram!(TIME_TO_FIRST_TOKEN_SECONDS, self.base()))
+    }
+
+    pub fn cost(&self) -> &metrics::Histogram {
+        self.cost
+            .get_or_init(|| metrics::histogram!(REQUEST_COST_USD, self.base()))
+    }
+}
+
 /// The process-wide dollar counters, beside [`install`]'s recorder.
 pub fn usd() -> &'static UsdCounters {
     static USD: OnceLock<UsdCounters> = OnceLock::new();
@@ -318,14 +418,14 @@ fn escape(v: &str, out: &mut String) {
 
 impl UsdCounters {
     /// Adds `nusd` to the counter of these labels; no allocation once the counter exists.
-    pub fn add(&self, labels: SpendLabels, nusd: i64) {
+    pub fn add(&self, labels: &SpendLabels, nusd: i64) {
         let ordering = std::sync::atomic::Ordering::Relaxed;
-        if let Some(c) = self.by_labels.get(&labels) {
+        if let Some(c) = self.by_labels.get(labels) {
             c.fetch_add(nusd, ordering);
             return;
         }
         self.by_labels
-            .entry(labels)
+            .entry(labels.clone())
             .or_default()
             .fetch_add(nusd, ordering);
     }
@@ -405,8 +505,8 @@ mod tests {
             backend: Some("x".into()),
             tags: TagLabels::default(),
         };
-        c.add(labels.clone(), 100_000_001);
-        c.add(labels, 200_000_002);
+        c.add(&labels, 100_000_001);
+        c.add(&labels, 200_000_002);
         let mut e = Exposition::new();
         c.render(&mut e);
         let text = e.finish();

@@ -528,6 +528,9 @@ fn local_usage(ctx: &RequestCtx, generated: Option<&Generated>) -> Usage {
     }
 }
 
+// Every status has its place among a series' per-status handles.
+const _: () = assert!((Status::ShutDown as usize) < m::STATUSES);
+
 #[allow(clippy::too_many_arguments)]
 fn record_metrics(
     team: &Arc<str>,
@@ -541,51 +544,32 @@ fn record_metrics(
     priced_model: bool,
     duration: std::time::Duration,
 ) {
-    let label = |k: &'static str, v: metrics::SharedString| metrics::Label::new(k, v);
-    let base = || {
-        vec![
-            label("team", team.clone().into()),
-            label("model", model.clone().into()),
-            label(
-                "backend",
-                backend.map_or_else(|| "".into(), |b| b.clone().into()),
-            ),
-        ]
-    };
-    let mut with_status = base();
-    with_status.push(label("status", o.status.as_str().into()));
-    metrics::histogram!(m::REQUEST_DURATION_SECONDS, with_status.clone())
-        .record(duration.as_secs_f64());
-    // Counters carry the configured tag labels; histograms do not (a series per bucket).
-    ctx.metric_tags.extend(&mut with_status);
-    metrics::counter!(m::REQUESTS_TOTAL, with_status).increment(1);
-    for (direction, n) in [("prompt", usage.prompt), ("completion", usage.completion)] {
-        let mut l = base();
-        l.push(label("direction", direction.into()));
-        ctx.metric_tags.extend(&mut l);
-        metrics::counter!(m::TOKENS_TOTAL, l).increment(n);
-    }
+    let series = m::RequestSeries::of(m::SpendLabels {
+        team: team.clone(),
+        model: model.clone(),
+        backend: backend.cloned(),
+        tags: ctx.metric_tags.clone(),
+    });
+    let (took, count) = series.ended(o.status as usize, o.status.as_str());
+    took.record(duration.as_secs_f64());
+    count.increment(1);
+    let [prompt, completion] = series.tokens();
+    prompt.increment(usage.prompt);
+    completion.increment(usage.completion);
     if !priced && o.status == Status::Ok {
-        metrics::counter!(m::UNPRICED_REQUESTS_TOTAL, base()).increment(1);
+        series.unpriced().increment(1);
     }
     if let Some(first) = o.first_token_at {
-        metrics::histogram!(m::TIME_TO_FIRST_TOKEN_SECONDS, base())
+        series
+            .first_token()
             .record(first.duration_since(ctx.started).as_secs_f64());
     }
     // Spend: every billed request adds its cost, so the counter sums to the ledger; the
     // histogram describes priced inferences only (an unpriced one has no cost to show).
     if cost_nusd > 0 || (priced_model && o.status == Status::Ok) {
-        m::usd().add(
-            m::SpendLabels {
-                team: team.clone(),
-                model: model.clone(),
-                backend: backend.cloned(),
-                tags: ctx.metric_tags.clone(),
-            },
-            cost_nusd,
-        );
+        m::usd().add(series.labels(), cost_nusd);
     }
     if priced_model && o.status == Status::Ok {
-        metrics::histogram!(m::REQUEST_COST_USD, base()).record(cost_nusd as f64 / 1e9);
+        series.cost().record(cost_nusd as f64 / 1e9);
     }
 }

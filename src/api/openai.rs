@@ -108,7 +108,7 @@ fn present(raw: Option<&RawValue>) -> bool {
     })
 }
 
-fn request_features(body: &[u8], head: &Head<'_>) -> Features {
+fn request_features(body: &str, head: &Head<'_>) -> Features {
     let mut f = Features::NONE;
     if present(head.tools) || present(head.functions) {
         f = f.with(Features::TOOLS);
@@ -122,14 +122,14 @@ fn request_features(body: &[u8], head: &Head<'_>) -> Features {
     }
     // Parsing the messages costs a pass over the body; only a body that mentions an image
     // part type pays it.
-    if memchr::memmem::find(body, b"image").is_some() && has_image_part(body) {
+    if memchr::memmem::find(body.as_bytes(), b"image").is_some() && has_image_part(body) {
         f = f.with(Features::VISION);
     }
     f
 }
 
-fn has_image_part(body: &[u8]) -> bool {
-    let Ok(m) = serde_json::from_slice::<Messages<'_>>(body) else {
+fn has_image_part(body: &str) -> bool {
+    let Ok(m) = serde_json::from_str::<Messages<'_>>(body) else {
         return false;
     };
     m.messages.iter().filter_map(|m| m.content).any(|c| {
@@ -160,13 +160,19 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
             "the body must be a JSON object".into(),
         ));
     }
-    let head: Head<'_> = serde_json::from_slice(body).map_err(json_error)?;
     // serde skips the members it does not read without checking their text: a byte that is
-    // not UTF-8 or a lone surrogate escape would pass it and reach the engine.
-    if std::str::from_utf8(body).is_err() || has_lone_surrogate(body) {
-        return Err(GatewayError::MalformedJson(
+    // not UTF-8 or a lone surrogate escape would pass it and reach the engine. Checked whole
+    // once here, the text is then parsed as a `str`, which serde does not validate again
+    // string by string (as it would parsing bytes).
+    let not_utf8 = || {
+        GatewayError::MalformedJson(
             "the body is not well-formed UTF-8 JSON (an invalid byte, or a lone surrogate escape such as \\ud800)".into(),
-        ));
+        )
+    };
+    let text = std::str::from_utf8(body).map_err(|_| not_utf8())?;
+    let head: Head<'_> = serde_json::from_str(text).map_err(json_error)?;
+    if has_lone_surrogate(body) {
+        return Err(not_utf8());
     }
     let raw = head.model.ok_or_else(|| GatewayError::InvalidField {
         param: "model",
@@ -202,7 +208,7 @@ pub fn parse(body: &[u8]) -> Result<RequestSummary<'_>, GatewayError> {
         )?),
         _ => None,
     };
-    let features = request_features(body, &head);
+    let features = request_features(text, &head);
     let cap = |raw, name| count_field(raw, name, 1);
     let max_output_tokens = match (
         cap(head.max_completion_tokens, "max_completion_tokens")?,

@@ -78,6 +78,10 @@ const PROBE_STALE: Duration = Duration::from_secs(30);
 pub struct BackendState {
     name: Arc<str>,
     in_flight: AtomicU32,
+    /// `tollgate_backend_in_flight` and `tollgate_overhead_seconds` of this backend, looked
+    /// up once: a lookup per request builds and hashes the series key each time.
+    in_flight_gauge: ::metrics::Gauge,
+    pub overhead: ::metrics::Histogram,
     consecutive_failures: AtomicU32,
     /// [`now_ms`] until which the circuit is open; 0 = closed. Past it: half-open.
     open_until_ms: AtomicU64,
@@ -110,9 +114,14 @@ impl BackendState {
     }
 
     pub fn with_clock(name: Arc<str>, clock: Arc<dyn Clock>) -> Self {
+        // Handles made before the recorder exists would count nothing, for good.
+        let _ = m::install();
         ::metrics::gauge!(m::BACKEND_UP, "backend" => name.clone()).set(1.0);
-        ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => name.clone()).set(0.0);
+        let in_flight_gauge = ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => name.clone());
+        in_flight_gauge.set(0.0);
         Self {
+            overhead: ::metrics::histogram!(m::OVERHEAD_SECONDS, "backend" => name.clone()),
+            in_flight_gauge,
             name,
             in_flight: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -336,7 +345,7 @@ impl BackendState {
             }
         }
         self.occupancy.enter(self.clock.now_us());
-        ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => self.name.clone()).increment(1.0);
+        self.in_flight_gauge.increment(1.0);
         Some(InFlight {
             state: self.clone(),
             probe: false,
@@ -376,7 +385,7 @@ impl BackendState {
     pub fn enter(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.occupancy.enter(self.clock.now_us());
-        ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => self.name.clone()).increment(1.0);
+        self.in_flight_gauge.increment(1.0);
         InFlight {
             state: self.clone(),
             probe: false,
@@ -412,7 +421,7 @@ impl Drop for InFlight {
             // A verdict (success or failure) already cleared it; otherwise the next request probes.
             s.probe_since_ms.store(0, Ordering::Relaxed);
         }
-        ::metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => s.name.clone()).decrement(1.0);
+        s.in_flight_gauge.decrement(1.0);
         if s.waiting.load(Ordering::Acquire) > 0 {
             s.slot_freed.notify_waiters();
         }

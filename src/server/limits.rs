@@ -65,7 +65,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                metrics::gauge!(m::IN_FLIGHT).increment(1.0);
+                in_flight_gauge().increment(1.0);
                 LimitFuture::Admitted {
                     inner: self.inner.call(req),
                     permit: Some(InFlightPermit { _permit: permit }),
@@ -82,6 +82,15 @@ where
     }
 }
 
+/// `tollgate_in_flight`, looked up once rather than per request.
+fn in_flight_gauge() -> &'static metrics::Gauge {
+    static GAUGE: std::sync::OnceLock<metrics::Gauge> = std::sync::OnceLock::new();
+    GAUGE.get_or_init(|| {
+        let _ = m::install();
+        metrics::gauge!(m::IN_FLIGHT)
+    })
+}
+
 /// The permit, and the gauge that mirrors it.
 pub struct InFlightPermit {
     _permit: OwnedSemaphorePermit,
@@ -89,7 +98,7 @@ pub struct InFlightPermit {
 
 impl Drop for InFlightPermit {
     fn drop(&mut self) {
-        metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
+        in_flight_gauge().decrement(1.0);
     }
 }
 
