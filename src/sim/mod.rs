@@ -5,12 +5,14 @@
 //! It speaks OpenAI's own dialect by default, or a self-hosted engine's ([`Dialect`]): that
 //! engine's JSON spacing and escapes, its placement of `usage` in streams, its strict
 //! headers, and its tokenize endpoints, with a tokenizer and chat template its usage agrees
-//! with (`tokenizer`).
+//! with (`tokenizer`). Whatever the dialect, it also serves Anthropic's Messages API
+//! (`anthropic`), with Anthropic's headers, errors, events and prompt caching.
 //!
 //! It is the upstream of the demo, the tests and the benchmarks, and users can run it
 //! (`tollgate simulate`) to try a config. Faults can be switched on at run time through
 //! [`Knobs`] to exercise the gateway's error paths.
 
+mod anthropic;
 pub mod dialect;
 mod stream;
 pub mod tokenizer;
@@ -38,7 +40,8 @@ use tokio::sync::{watch, Semaphore};
 pub struct SimConfig {
     /// Model ids served; an empty list accepts any model.
     pub models: Vec<String>,
-    /// When set, requests must carry `Authorization: Bearer <api_key>`.
+    /// When set, requests must carry `Authorization: Bearer <api_key>` (Anthropic's Messages
+    /// API takes it in `x-api-key` too).
     pub api_key: Option<String>,
     /// Requests generating at once (a GPU server's batch size).
     pub max_concurrency: usize,
@@ -80,7 +83,8 @@ pub struct Knobs {
     pub fail_status: AtomicU16,
     /// Wait this long before sending response headers.
     pub headers_delay_ms: AtomicU64,
-    /// Drop the connection after this many streamed tokens.
+    /// Break streams after this many tokens: the connection drops, or, on Anthropic's
+    /// Messages API, an `overloaded_error` event ends the stream, as Anthropic's do.
     pub break_after_tokens: AtomicU32,
     /// Pause this long before this token index (1-based) of a stream; with `stall_before_token`.
     pub stall_ms: AtomicU64,
@@ -97,6 +101,8 @@ pub struct Knobs {
     pub malformed_at_token: AtomicU32,
     /// Keep the bytes of each stream in [`Stats::last_stream`].
     pub record_streams: AtomicBool,
+    /// Anthropic's load shedding: Messages API requests are answered 529 `overloaded_error`.
+    pub overloaded: AtomicBool,
 }
 
 pub const USAGE_NORMAL: u8 = 0;
@@ -138,6 +144,7 @@ struct State {
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
     next_id: AtomicU64,
+    prompt_cache: Mutex<anthropic::PromptCache>,
 }
 
 /// A running simulator.
@@ -169,6 +176,7 @@ impl Sim {
             stats: stats.clone(),
             waiting: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
+            prompt_cache: Mutex::default(),
         });
         let (shutdown, mut rx) = watch::channel(false);
         let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
@@ -225,8 +233,10 @@ async fn handle(
 ) -> Result<Response<SimBody>, std::io::Error> {
     // Inference requests only: health probes and token counts would make counts depend on
     // timing.
-    let tokenize = tokenizer::serves(state.cfg.dialect.spec().tokenize, req.uri().path());
-    if req.method() == Method::POST && !tokenize {
+    let path = req.uri().path();
+    let counting = tokenizer::serves(state.cfg.dialect.spec().tokenize, path)
+        || path == anthropic::COUNT_TOKENS;
+    if req.method() == Method::POST && !counting {
         state.stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut seen = req.headers().clone();
         // What the wire brought: not the note this server's own accept loop adds.
@@ -248,6 +258,10 @@ async fn handle(
 type Reply = Result<Response<SimBody>, Response<SimBody>>;
 
 async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    if req.method() == Method::POST && anthropic::serves(req.uri().path()) {
+        // Anthropic's own key header and checks, not the engine's.
+        return anthropic::respond(state, req).await;
+    }
     let spec = state.cfg.dialect.spec();
     if spec.uuid_request_id
         && req
@@ -351,37 +365,20 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         _ => {}
     }
 
-    let delay = state.knobs.headers_delay_ms.load(Ordering::Relaxed);
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-    }
-    match state.knobs.fail_status.load(Ordering::Relaxed) {
-        0 => {}
-        code => {
-            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut resp = error(
-                status,
-                "The simulated server failed as configured.",
-                "server_error",
-                None,
-            );
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                let secs = match state.knobs.retry_after_s.load(Ordering::Relaxed) {
-                    0 => 2,
-                    s => s,
-                };
-                resp.headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from(secs));
-            }
-            return Err(resp);
+    if let Some((status, retry_after)) = forced_status(&state.knobs).await {
+        let mut resp = error(
+            status,
+            "The simulated server failed as configured.",
+            "server_error",
+            None,
+        );
+        if let Some(secs) = retry_after {
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
+        return Err(resp);
     }
-
-    // Queue for a generation slot like a batching server; refuse past the queue.
-    if state.waiting.fetch_add(1, Ordering::Relaxed)
-        >= state.cfg.max_queue + state.cfg.max_concurrency
-    {
-        state.waiting.fetch_sub(1, Ordering::Relaxed);
+    let Some(slot) = admit(state).await else {
         let mut resp = error(
             StatusCode::TOO_MANY_REQUESTS,
             "The server is busy.",
@@ -391,15 +388,7 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         resp.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return Err(resp);
-    }
-    let permit = state
-        .slots
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("semaphore is never closed");
-    let slot = stream::Slot::new(permit, state.stats.clone());
-    state.waiting.fetch_sub(1, Ordering::Relaxed);
+    };
 
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let created = (crate::clock::unix_now_us() / 1_000_000) as u64;
@@ -482,6 +471,44 @@ async fn respond(state: &Arc<State>, req: Request<Incoming>) -> Reply {
     }
 }
 
+/// Waits [`Knobs::headers_delay_ms`], then the status [`Knobs::fail_status`] forces, if any,
+/// with the `Retry-After` seconds a 429 carries.
+async fn forced_status(knobs: &Knobs) -> Option<(StatusCode, Option<u32>)> {
+    let delay = knobs.headers_delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let status = match knobs.fail_status.load(Ordering::Relaxed) {
+        0 => return None,
+        code => StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    };
+    let retry_after = (status == StatusCode::TOO_MANY_REQUESTS).then(|| {
+        match knobs.retry_after_s.load(Ordering::Relaxed) {
+            0 => 2,
+            s => s,
+        }
+    });
+    Some((status, retry_after))
+}
+
+/// A generation slot, queued for like a batching server's; `None` past the queue.
+async fn admit(state: &State) -> Option<stream::Slot> {
+    if state.waiting.fetch_add(1, Ordering::Relaxed)
+        >= state.cfg.max_queue + state.cfg.max_concurrency
+    {
+        state.waiting.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    let permit = state
+        .slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore is never closed");
+    state.waiting.fetch_sub(1, Ordering::Relaxed);
+    Some(stream::Slot::new(permit, state.stats.clone()))
+}
+
 /// A request's body and its JSON, or the answer that refuses it.
 async fn read_json(req: Request<Incoming>) -> Result<(Bytes, Value), Response<SimBody>> {
     let body = req
@@ -539,13 +566,17 @@ fn chat_prompt_tokens(messages: &Value) -> u32 {
 
 fn text_tokens(v: &Value) -> u32 {
     match v {
-        Value::String(s) => (s.len() as u32).div_ceil(4),
+        Value::String(s) => str_tokens(s),
         Value::Array(parts) => parts
             .iter()
             .map(|p| text_tokens(if p.is_object() { &p["text"] } else { p }))
             .sum(),
         _ => 0,
     }
+}
+
+fn str_tokens(s: &str) -> u32 {
+    (s.len() as u32).div_ceil(4)
 }
 
 fn embeddings(cfg: &SimConfig, v: &Value, model: &str) -> Response<SimBody> {

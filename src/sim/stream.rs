@@ -1,7 +1,7 @@
 //! The simulator's response bodies. A stream is generated as hyper polls it, token by token,
 //! with a timer between tokens, like a GPU server emitting each decoding step. What each
 //! chunk carries besides its token (`usage`, `timings`) and how it is written is the
-//! dialect's (see [`super::dialect`]).
+//! dialect's (see [`super::dialect`]), or Anthropic's (see [`super::anthropic`]).
 
 use super::dialect::{Continuous, Json, Others, Spec, StreamUsage, Totals};
 use super::{Kind, Knobs, SimConfig, Stats};
@@ -37,6 +37,31 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.stats.generating.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a stream sends at each step, in its protocol's words; the timing and the faults are
+/// [`Streaming`]'s.
+pub(super) trait Events: Send + 'static {
+    /// Sent at once, before the wait for the first token (a chat stream's role chunk).
+    fn opening(&self) -> Option<Bytes>;
+    /// Tokens each choice generates.
+    fn tokens(&self) -> u32;
+    /// Choices generated at once: each token event carries a token of every choice.
+    fn choices(&self) -> u32 {
+        1
+    }
+    /// The event of the token with this index (0-based).
+    fn token(&self, i: u32) -> Bytes;
+    fn finish(&self) -> Bytes;
+    /// An event after the finish (OpenAI's usage chunk).
+    fn trailer(&self) -> Option<Bytes>;
+    /// The stream's last event.
+    fn end(&self) -> Bytes;
+    /// What a stream broken by [`Knobs::break_after_tokens`] sends before it ends; `None`
+    /// drops the connection instead.
+    fn fault(&self) -> Option<Bytes> {
+        None
     }
 }
 
@@ -274,6 +299,36 @@ impl TokenStream {
     }
 }
 
+impl Events for TokenStream {
+    fn opening(&self) -> Option<Bytes> {
+        self.role_chunk()
+    }
+
+    fn tokens(&self) -> u32 {
+        self.completion_tokens
+    }
+
+    fn choices(&self) -> u32 {
+        self.choices
+    }
+
+    fn token(&self, i: u32) -> Bytes {
+        self.token_chunk(i)
+    }
+
+    fn finish(&self) -> Bytes {
+        self.finish_chunk()
+    }
+
+    fn trailer(&self) -> Option<Bytes> {
+        self.usage_chunk_follows().then(|| self.usage_chunk())
+    }
+
+    fn end(&self) -> Bytes {
+        Bytes::from_static(b"data: [DONE]\n\n")
+    }
+}
+
 fn sse(json: Json, v: &Value) -> Bytes {
     let mut out = b"data: ".to_vec();
     json.write(&mut out, v);
@@ -286,13 +341,13 @@ enum Step {
     FirstToken,
     Token(u32),
     Finish,
-    Usage,
+    Trailer,
     Done,
     End,
 }
 
 pub struct Streaming {
-    gen: TokenStream,
+    gen: Box<dyn Events>,
     step: Step,
     sleep: Option<Pin<Box<Sleep>>>,
     ttft: Duration,
@@ -319,10 +374,15 @@ impl SimBody {
         SimBody::Full(Some(b))
     }
 
-    pub fn stream(gen: TokenStream, cfg: &SimConfig, knobs: &Arc<Knobs>, slot: Slot) -> Self {
+    pub(super) fn stream(
+        gen: impl Events,
+        cfg: &SimConfig,
+        knobs: &Arc<Knobs>,
+        slot: Slot,
+    ) -> Self {
         let stats = slot.stats.clone();
         SimBody::Stream(Box::new(Streaming {
-            gen,
+            gen: Box::new(gen),
             step: Step::FirstToken,
             sleep: None,
             ttft: cfg.time_to_first_token,
@@ -369,12 +429,12 @@ impl Streaming {
                 Step::FirstToken => {
                     if !self.role_sent {
                         self.role_sent = true;
-                        if let Some(b) = self.gen.role_chunk() {
+                        if let Some(b) = self.gen.opening() {
                             return Poll::Ready(Some(Ok(Frame::data(b))));
                         }
                     }
                     std::task::ready!(self.wait(self.ttft, cx));
-                    self.step = if self.gen.completion_tokens == 0 {
+                    self.step = if self.gen.tokens() == 0 {
                         Step::Finish
                     } else {
                         Step::Token(0)
@@ -384,13 +444,13 @@ impl Streaming {
                     }
                 }
                 Step::Token(i) => {
-                    if (self.break_after > 0 && i >= self.break_after)
-                        || self.knobs.killed.load(Ordering::Relaxed)
-                    {
+                    let killed = self.knobs.killed.load(Ordering::Relaxed);
+                    if killed || (self.break_after > 0 && i >= self.break_after) {
                         self.step = Step::End;
-                        return Poll::Ready(Some(Err(std::io::Error::other(
-                            "simulated crash mid-stream",
-                        ))));
+                        return Poll::Ready(Some(match self.gen.fault() {
+                            Some(event) if !killed => Ok(Frame::data(event)),
+                            _ => Err(std::io::Error::other("simulated crash mid-stream")),
+                        }));
                     }
                     let mut pause = self.interval;
                     if self.stall.0 > 0 && i + 1 == self.stall.0 {
@@ -400,24 +460,20 @@ impl Streaming {
                     return self.emit_token(i);
                 }
                 Step::Finish => {
-                    self.step = if self.gen.usage_chunk_follows() {
-                        Step::Usage
-                    } else {
-                        Step::Done
-                    };
+                    self.step = Step::Trailer;
                     self.slot = None;
-                    return Poll::Ready(Some(Ok(Frame::data(self.gen.finish_chunk()))));
+                    return Poll::Ready(Some(Ok(Frame::data(self.gen.finish()))));
                 }
-                Step::Usage => {
+                Step::Trailer => {
                     self.step = Step::Done;
-                    return Poll::Ready(Some(Ok(Frame::data(self.gen.usage_chunk()))));
+                    if let Some(b) = self.gen.trailer() {
+                        return Poll::Ready(Some(Ok(Frame::data(b))));
+                    }
                 }
                 Step::Done => {
                     self.step = Step::End;
                     self.stats.streams_completed.fetch_add(1, Ordering::Relaxed);
-                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-                        b"data: [DONE]\n\n",
-                    )))));
+                    return Poll::Ready(Some(Ok(Frame::data(self.gen.end()))));
                 }
                 Step::End => return Poll::Ready(None),
             }
@@ -427,13 +483,13 @@ impl Streaming {
     fn emit_token(&mut self, i: u32) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         self.stats
             .tokens_generated
-            .fetch_add(u64::from(self.gen.choices), Ordering::Relaxed);
-        self.step = if i + 1 >= self.gen.completion_tokens {
+            .fetch_add(u64::from(self.gen.choices()), Ordering::Relaxed);
+        self.step = if i + 1 >= self.gen.tokens() {
             Step::Finish
         } else {
             Step::Token(i + 1)
         };
-        let mut chunk = self.gen.token_chunk(i);
+        let mut chunk = self.gen.token(i);
         if self.malformed_at == i + 1 {
             // Half an event, then its end: what a serializer that failed midway leaves.
             let mut cut = chunk[..chunk.len() / 2].to_vec();
