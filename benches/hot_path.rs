@@ -95,7 +95,7 @@ fn bench(c: &mut Criterion) {
         let id = HeaderValue::from_static("req_0000000000000000");
         b.iter(|| {
             let mut h = headers.clone();
-            tollgate::upstream::headers::to_upstream(&mut h, Some("sk-backend"), &id);
+            tollgate::upstream::headers::to_upstream(&mut h, tollgate::config::Protocol::OpenAi, Some("sk-backend"), &id);
             h
         })
     });
@@ -129,7 +129,7 @@ fn bench(c: &mut Criterion) {
                     e.apply(body)
                 };
                 let mut h = headers.clone();
-                tollgate::upstream::headers::to_upstream(&mut h, None, &id);
+                tollgate::upstream::headers::to_upstream(&mut h, tollgate::config::Protocol::OpenAi, None, &id);
                 (out, h)
             })
         });

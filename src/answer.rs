@@ -6,9 +6,11 @@
 //!           (x-tollgate-prompt-tokens, -completion-tokens, -cost-usd) ─► the body
 //! ```
 
+use crate::api::anthropic;
 use crate::api::headers as h;
 use crate::api::openai;
 use crate::body::GatewayBody;
+use crate::config::Protocol;
 use crate::error::GatewayError;
 use crate::meter::{self, sse::SseObserver, Generated, Outcome, Status};
 use crate::record::Completion;
@@ -69,6 +71,10 @@ pub fn stream(
         endpoint: ctx.endpoint,
     };
     let (started, waited) = (ctx.started, ctx.upstream_wait);
+    let from_backend =
+        (candidate.backend.cfg.protocol == Protocol::Anthropic).then(anthropic::FromAnthropic::new);
+    let to_client = (ctx.client_protocol == Protocol::Anthropic)
+        .then(|| anthropic::ToAnthropic::new(&candidate.model));
     let tasks = record.tasks().cloned().unwrap_or_default();
     let body = UpstreamBody::new(
         incoming,
@@ -82,6 +88,7 @@ pub fn stream(
     .with_tasks(tasks)
     .with_output_limit(shaped.output_limit)
     .with_client_usage(shaped.client_usage)
+    .with_translation(from_backend, to_client)
     .with_driver(driver);
     // The head leaves before the stream's end, where its duration is measured.
     record_overhead(candidate, started.elapsed(), waited);
@@ -105,6 +112,38 @@ pub fn parse(read: Result<bytes::Bytes, ReadError>, ok: bool) -> ReadAnswer {
     }
 }
 
+/// A whole answer of an Anthropic backend as the OpenAI answer (or error) it stands for, so
+/// that it is metered, and relayed, like any other; an answer that does not translate is a
+/// broken one.
+pub fn from_backend(
+    read: Result<bytes::Bytes, ReadError>,
+    candidate: &Candidate,
+    status: u16,
+) -> Result<bytes::Bytes, ReadError> {
+    if candidate.backend.cfg.protocol != Protocol::Anthropic {
+        return read;
+    }
+    let bytes = read?;
+    if (200..300).contains(&status) {
+        anthropic::answer_to_openai(&bytes)
+            .map(bytes::Bytes::from)
+            .map_err(|_| ReadError::NotJson)
+    } else {
+        Ok(bytes::Bytes::from(anthropic::error_to_openai(status, &bytes)))
+    }
+}
+
+/// A whole answer (or error) in the client's protocol.
+fn to_client(bytes: bytes::Bytes, protocol: Protocol, status: u16) -> Result<bytes::Bytes, GatewayError> {
+    match protocol {
+        Protocol::OpenAi => Ok(bytes),
+        Protocol::Anthropic if (200..300).contains(&status) => anthropic::answer_to_anthropic(&bytes)
+            .map(bytes::Bytes::from)
+            .map_err(GatewayError::from),
+        Protocol::Anthropic => Ok(bytes::Bytes::from(anthropic::error_to_anthropic(status, &bytes))),
+    }
+}
+
 pub async fn whole(
     answer: ReadAnswer,
     parts: &mut http::response::Parts,
@@ -123,9 +162,9 @@ pub async fn whole(
         }
     };
     let (usage, text) = read.unwrap_or_default();
-    let (started, waited) = {
+    let (started, waited, client) = {
         let ctx = record.ctx_mut();
-        (ctx.started, ctx.upstream_wait)
+        (ctx.started, ctx.upstream_wait, ctx.client_protocol)
     };
     let settled = record
         .finish(Outcome {
@@ -153,7 +192,7 @@ pub async fn whole(
     }
     parts.headers.remove(CONTENT_LENGTH);
     record_overhead(candidate, settled.ended.duration_since(started), waited);
-    Ok(GatewayBody::full(bytes))
+    Ok(GatewayBody::full(to_client(bytes, client, parts.status.as_u16())?))
 }
 
 /// A 2xx that is not JSON, before the request moves to another backend: its health and the

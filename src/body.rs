@@ -59,6 +59,14 @@ impl GatewayBody {
     pub fn error(error: &crate::error::GatewayError) -> http::Response<Self> {
         crate::api::error::response(error, GatewayBody::full)
     }
+
+    /// An error in the client's protocol.
+    pub fn error_for(
+        protocol: crate::config::Protocol,
+        error: &crate::error::GatewayError,
+    ) -> http::Response<Self> {
+        crate::api::error::response_for(protocol, error, GatewayBody::full)
+    }
 }
 
 impl crate::server::EdgeBody for GatewayBody {

@@ -28,6 +28,8 @@ pub struct RequestCtx {
     pub id: RequestId,
     pub started: Instant,
     pub endpoint: Endpoint,
+    /// The protocol the client speaks (its body, answers and errors).
+    pub client_protocol: crate::config::Protocol,
     pub principal: Arc<Principal>,
     /// Read (api): the client's body as received (shared, not copied), and what it asks.
     pub body: Bytes,
@@ -61,6 +63,7 @@ impl RequestCtx {
             id,
             started,
             endpoint,
+            client_protocol: crate::config::Protocol::OpenAi,
             principal,
             body: Bytes::new(),
             requested_model: Arc::from(""),

@@ -14,7 +14,7 @@
 //! However a request ends, the record guard ([`Completion`]) opened right after
 //! authentication writes its ledger record: refused, answered, broken, or abandoned.
 
-use crate::api::endpoint::Endpoint;
+use crate::api::endpoint::{Endpoint, Route};
 use crate::api::{models, openai};
 use crate::body::GatewayBody;
 use crate::budget::admit;
@@ -83,6 +83,7 @@ impl tower::Service<Request<Incoming>> for Gateway {
         // One snapshot per request: a reload mid-request cannot mix two configs.
         let live = self.0.live.load_full();
         let gw = self.clone();
+        let protocol = crate::api::endpoint::protocol_of_path(req.uri().path());
         Box::pin(async move {
             let started = crate::clock::now();
             let id = req
@@ -99,7 +100,7 @@ impl tower::Service<Request<Incoming>> for Gateway {
                         tracing::debug!(request_id = id.as_str(), kind = e.kind(), error = %e, "request refused");
                     }
                     metrics::counter!(m::REJECTED_TOTAL, "kind" => e.kind()).increment(1);
-                    GatewayBody::error(&e)
+                    GatewayBody::error_for(protocol, &e)
                 }
             })
         })
@@ -115,22 +116,21 @@ async fn dispatch(
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let server = &live.config.server;
     limits::check_headers(req.headers(), server.max_header_bytes, server.max_headers)?;
-    let endpoint = match Endpoint::of(req.method(), req.uri().path())? {
-        Some(endpoint) => endpoint,
-        None => {
-            // `GET /v1/models`: answered here, from the config.
+    let (endpoint, client_protocol) = match Route::of(req.method(), req.uri().path())? {
+        Route::Proxied(endpoint, protocol) => (endpoint, protocol),
+        Route::Models => {
+            // Answered here, from the config.
             let principal = live.keys.authenticate(req.headers())?;
-            let mut resp = Response::new(GatewayBody::full(models::list(&live.router, &principal)));
-            resp.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            return Ok(resp);
+            return Ok(json_response(models::list(&live.router, &principal)));
         }
+        Route::CountTokens => return count_tokens(live, req).await,
     };
     let (parts, body) = req.into_parts();
     let principal = live.keys.authenticate(&parts.headers)?;
     let share = gw.0.shares.enter(&principal.key_id);
     // The context first, inside the guard that records it whatever happens next.
-    let ctx = RequestCtx::new(id, started, endpoint, principal);
+    let mut ctx = RequestCtx::new(id, started, endpoint, principal);
+    ctx.client_protocol = client_protocol;
     let mut record = Completion::open(ctx, &gw.0.recorder);
     let prepared = match share {
         Ok(share) => prepare(gw, live, &mut record, &parts, body)
@@ -248,9 +248,7 @@ async fn prepare(
         None => None,
     };
 
-    let (body, strip_usage) = request
-        .shape
-        .for_backend(&candidate.model, candidate.backend.cfg.stream_usage);
+    let (body, strip_usage) = request.shape.for_backend(&candidate)?;
     record.send_to(&candidate, claim, body.len() as u64);
     let attempts = Attempts {
         plan,
@@ -268,4 +266,46 @@ async fn prepare(
         },
         attempts,
     ))
+}
+
+fn json_response(body: bytes::Bytes) -> Response<GatewayBody> {
+    let mut resp = Response::new(GatewayBody::full(body));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// `POST /v1/messages/count_tokens`: the prompt's tokens by the model's counter (its own
+/// tokenizer where one ships, else the stand-in `tokens` names), with no backend asked and
+/// nothing billed.
+async fn count_tokens(
+    live: &LiveState,
+    req: Request<Incoming>,
+) -> Result<Response<GatewayBody>, GatewayError> {
+    let (parts, body) = req.into_parts();
+    let principal = live.keys.authenticate(&parts.headers)?;
+    let server = &live.config.server;
+    let read = limits::read_body(body, None, server.max_body_bytes);
+    let body = tokio::time::timeout(server.body_read_timeout, read)
+        .await
+        .map_err(|_| GatewayError::BodyTimeout {
+            after: server.body_read_timeout,
+        })??;
+    // `max_tokens` is not part of a count request; the translation wants one.
+    let mut v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| GatewayError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
+    if let Some(o) = v.as_object_mut() {
+        o.entry("max_tokens").or_insert(1.into());
+    }
+    let chat = crate::api::anthropic::request_to_openai(&serde_json::to_vec(&v).unwrap_or_default())?;
+    let summary = openai::parse(&chat)?;
+    summary.check_shape(Endpoint::ChatCompletions)?;
+    if !live.router.names_for(&principal).any(|n| n == summary.model) {
+        return Err(GatewayError::UnknownModel(Arc::from(&*summary.model)));
+    }
+    let counter = crate::tokens::Encoding::for_model(&summary.model);
+    let n = crate::tokens::count_prompt(counter, Endpoint::ChatCompletions, &bytes::Bytes::from(chat)).await;
+    Ok(json_response(bytes::Bytes::from(
+        serde_json::json!({ "input_tokens": n }).to_string(),
+    )))
 }

@@ -481,7 +481,11 @@ fn record(
         team: ctx.principal.team.name.clone(),
         key_id: ctx.principal.key_id.clone(),
         tags: serde_json::to_string(&ctx.tags).unwrap_or_else(|_| "{}".into()),
-        endpoint: ctx.endpoint.path(),
+        // The path the client called: an Anthropic client's chat is `/v1/messages`.
+        endpoint: match ctx.client_protocol {
+            crate::config::Protocol::Anthropic => "/v1/messages",
+            crate::config::Protocol::OpenAi => ctx.endpoint.path(),
+        },
         // Caller-chosen text: bounded, so refused requests cannot fill the disk.
         requested_model: Arc::from(crate::error::prefix_chars(&ctx.requested_model, 200)),
         backend: ctx.backend.clone(),

@@ -63,10 +63,8 @@ impl Retarget for Fallback<'_> {
                 Err(_) => return None,
             }
         }
-        let (body, strip_usage) = prepared
-            .request
-            .shape
-            .for_backend(&to.model, to.backend.cfg.stream_usage);
+        // A request the fallback's protocol cannot carry ends the fallbacks.
+        let (body, strip_usage) = prepared.request.shape.for_backend(to).ok()?;
         record.send_to(to, claim, body.len() as u64);
         prepared.strip_usage = strip_usage;
         Some(body)
@@ -170,6 +168,7 @@ impl Exchange {
             let read =
                 forward::read_answer(incoming, driver, server.max_response_bytes, deadline).await;
             record.ctx_mut().upstream_wait += reading.elapsed();
+            let read = answer::from_backend(read, &candidate, parts.status.as_u16());
             let read = answer::parse(read, parts.status.is_success());
             // A success that is not JSON: nothing reached the client, so another backend may
             // answer, as the retry policy allows.

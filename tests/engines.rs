@@ -239,7 +239,7 @@ async fn real_engines_are_metered_as_they_count_themselves() {
         }
         Err(why) => panic!("CI is set, so the real-engine test may not be skipped: {why}"),
     };
-    let python = match tokio::task::spawn_blocking(openai_sdk_python)
+    let python = match tokio::task::spawn_blocking(sdk_python)
         .await
         .unwrap()
     {

@@ -4,6 +4,7 @@
 //! (`AuthenticationError` on 401, `NotFoundError` on 404, `RateLimitError` on 429, …), with
 //! `Retry-After` when waiting will help. The same body is the error event that ends a stream.
 
+use crate::config::Protocol;
 use crate::error::GatewayError;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -38,10 +39,37 @@ pub fn openai_json(e: &GatewayError) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
+/// Anthropic's error body, `{"type":"error","error":{"type","message"}}`, its type chosen by
+/// status as Anthropic's API chooses it (so its SDK raises the matching exception).
+pub fn anthropic_json(e: &GatewayError) -> Vec<u8> {
+    let status = e.status().as_u16();
+    crate::api::anthropic::error_body(
+        crate::api::anthropic::error_type_for_status(status),
+        &e.to_string(),
+    )
+}
+
+/// The error body of a client protocol.
+pub fn json_for(protocol: Protocol, e: &GatewayError) -> Vec<u8> {
+    match protocol {
+        Protocol::OpenAi => openai_json(e),
+        Protocol::Anthropic => anthropic_json(e),
+    }
+}
+
 /// The whole response for an error: status, body, `Retry-After`; `body` wraps the bytes in
 /// the response body type of the caller.
 pub fn response<B>(e: &GatewayError, body: impl FnOnce(Bytes) -> B) -> Response<B> {
-    let mut resp = Response::new(body(Bytes::from(openai_json(e))));
+    response_for(Protocol::OpenAi, e, body)
+}
+
+/// [`response`] in the client's protocol.
+pub fn response_for<B>(
+    protocol: Protocol,
+    e: &GatewayError,
+    body: impl FnOnce(Bytes) -> B,
+) -> Response<B> {
+    let mut resp = Response::new(body(Bytes::from(json_for(protocol, e))));
     *resp.status_mut() = e.status();
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -3,7 +3,7 @@
 //! an alias resolves to another name (one splice, one copy).
 
 use super::endpoint::Endpoint;
-use crate::config::Features;
+use crate::config::{Features, Protocol};
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
@@ -570,6 +570,12 @@ where
         .map_err(|_| GatewayError::BodyTimeout {
             after: limits.body_read_timeout,
         })??;
+    // An Anthropic client's request is a chat completion from here on: one model of a
+    // request for routing, budgets and counting, whichever protocol it came in.
+    let body = match ctx.client_protocol {
+        Protocol::OpenAi => body,
+        Protocol::Anthropic => Bytes::from(crate::api::anthropic::request_to_openai(&body)?),
+    };
     let summary = parse(&body)?;
     summary.check_shape(ctx.endpoint)?;
     if summary.choices > limits.max_n {
@@ -608,6 +614,10 @@ where
     Ok(request)
 }
 
+/// `max_tokens` sent to an Anthropic model whose cap is unknown, for a client that set none
+/// (Anthropic's API requires one; every current Claude model generates at least this many).
+const DEFAULT_ANTHROPIC_MAX_TOKENS: u64 = 4096;
+
 /// What is needed to write the request body for whichever backend serves it.
 #[derive(Debug)]
 pub struct Shape {
@@ -626,10 +636,25 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// The body for a backend that knows the model as `model` and may be asked for stream
-    /// usage (`stream_usage`), and whether usage must be hidden from the client: whenever it
-    /// did not ask, since some engines send usage unasked.
-    pub fn for_backend(&self, model: &str, stream_usage: bool) -> (Bytes, bool) {
+    /// The body for the candidate that serves the request, and whether usage must be hidden
+    /// from the client: whenever it did not ask, since some engines send usage unasked.
+    /// An Anthropic backend gets the request translated to its API, with `max_tokens` (which
+    /// it requires) at the model's cap when the client set none.
+    pub fn for_backend(&self, to: &crate::route::Candidate) -> Result<(Bytes, bool), GatewayError> {
+        let cfg = &to.backend.cfg;
+        let body = self.edited(&to.model, cfg.stream_usage || cfg.protocol == Protocol::Anthropic);
+        match cfg.protocol {
+            Protocol::OpenAi => Ok((body, self.ask_usage)),
+            Protocol::Anthropic => {
+                let max = to.max_output_tokens.unwrap_or(DEFAULT_ANTHROPIC_MAX_TOKENS);
+                let translated = crate::api::anthropic::request_to_anthropic(&body, max)?;
+                Ok((Bytes::from(translated), self.ask_usage))
+            }
+        }
+    }
+
+    /// The client's body with the backend's model name, the usage request and the output cap.
+    fn edited(&self, model: &str, stream_usage: bool) -> Bytes {
         let mut edits = BodyEdits::default();
         if model != &*self.requested {
             edits.set_model(&self.model_span, model);
@@ -648,7 +673,7 @@ impl Shape {
                 }
             }
         }
-        (edits.apply(&self.body), self.ask_usage)
+        edits.apply(&self.body)
     }
 
     /// Sends `max_tokens = per_choice` with a request that set no output cap. `max_tokens`,
@@ -878,7 +903,7 @@ mod tests {
             if s.max_output_tokens.is_none() {
                 shape.cap_output(per_choice);
             }
-            let (sent, _) = shape.for_backend("m", false);
+            let sent = shape.edited("m", false);
             let may = upstream_may_generate(&sent);
             prop_assert!(may.is_some_and(|m| m <= reserved), "{} may generate {may:?}, reserved {reserved}", String::from_utf8_lossy(&sent));
         }

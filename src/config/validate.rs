@@ -297,12 +297,6 @@ fn backends(raw: Vec<RawBackend>, env: EnvLookup<'_>, c: &mut Checker) -> Vec<Ar
 
 fn backend(p: &str, b: RawBackend, env: EnvLookup<'_>, c: &mut Checker) -> Backend {
     c.name(&format!("{p}.name"), &b.name);
-    if b.protocol == Protocol::Anthropic {
-        c.err(
-            format!("{p}.protocol"),
-            "`anthropic` backends are not supported yet; use `openai`",
-        );
-    }
     let base_url = base_url(&b.url).unwrap_or_else(|why| {
         c.err(format!("{p}.url"), why);
         String::new()

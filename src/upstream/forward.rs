@@ -33,9 +33,11 @@ pub async fn send(
     let cfg = &backend.cfg;
     headers::to_upstream(
         &mut headers,
+        cfg.protocol,
         cfg.api_key.as_ref().map(|k| k.expose()),
         request_id,
     );
+    let path = upstream_path(cfg.protocol, path);
     let sent = crate::clock::now();
     let result = transmit(backend, path, headers, body, timeout).await;
     // What the answer (or its absence) says of the backend's health, and what the client is told.
@@ -143,6 +145,18 @@ pub fn retry_after(headers: &HeaderMap) -> Duration {
             Duration::from_secs_f64(crate::config::DEFAULT_BUSY_S),
             |s| Duration::from_secs_f64(s).min(MAX_BUSY),
         )
+}
+
+/// The backend's path for a request the client sent to `path`: a chat request crosses to
+/// the other protocol's chat endpoint (the body was translated for it).
+fn upstream_path(protocol: crate::config::Protocol, path: &str) -> &str {
+    use crate::config::Protocol;
+    let chat = path.starts_with("/v1/chat/completions") || path.starts_with("/v1/messages");
+    match protocol {
+        Protocol::Anthropic if chat => "/v1/messages",
+        Protocol::OpenAi if path.starts_with("/v1/messages") => "/v1/chat/completions",
+        _ => path,
+    }
 }
 
 /// The path prefix of a base URL (`http://host:port/prefix` -> `/prefix`).

@@ -6,6 +6,7 @@
 //! connection and must not cross a proxy (RFC 9110 §7.6.1), including any header the
 //! `Connection` header names.
 
+use crate::config::Protocol;
 use crate::server::peer::PEER;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -16,6 +17,9 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static OPENAI_BETA: HeaderName = HeaderName::from_static("openai-beta");
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The version of Anthropic's API the translation writes.
+const ANTHROPIC_API_VERSION: &str = "2023-06-01";
 static ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 static ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -114,12 +118,36 @@ pub fn from_client(client: &http::request::Parts) -> HeaderMap {
 
 /// Completes the headers of [`from_client`] for one backend: its own key (or none: the map
 /// may have been completed for another backend before) and the request id.
-pub fn to_upstream(headers: &mut HeaderMap, api_key: Option<&str>, request_id: &HeaderValue) {
+pub fn to_upstream(
+    headers: &mut HeaderMap,
+    protocol: Protocol,
+    api_key: Option<&str>,
+    request_id: &HeaderValue,
+) {
     headers.remove(header::AUTHORIZATION);
-    if let Some(key) = api_key {
-        if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {key}")) {
-            v.set_sensitive(true);
-            headers.insert(header::AUTHORIZATION, v);
+    headers.remove(&X_API_KEY);
+    match protocol {
+        Protocol::OpenAi => {
+            if let Some(key) = api_key {
+                if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {key}")) {
+                    v.set_sensitive(true);
+                    headers.insert(header::AUTHORIZATION, v);
+                }
+            }
+        }
+        Protocol::Anthropic => {
+            if let Some(Ok(mut v)) = api_key.map(HeaderValue::from_str) {
+                v.set_sensitive(true);
+                headers.insert(X_API_KEY.clone(), v);
+            }
+            // Anthropic's API refuses a request without its version; an Anthropic client's
+            // own goes through, an OpenAI client gets the version the translation is for.
+            if !headers.contains_key(&ANTHROPIC_VERSION) {
+                headers.insert(
+                    ANTHROPIC_VERSION.clone(),
+                    HeaderValue::from_static(ANTHROPIC_API_VERSION),
+                );
+            }
         }
     }
     // The gateway's id, always: it finds the request in both logs, and a client's own id may
@@ -216,6 +244,7 @@ mod tests {
         let mut h = from_client(&client);
         to_upstream(
             &mut h,
+            Protocol::OpenAi,
             Some("sk-backend"),
             &HeaderValue::from_static("req_1"),
         );
@@ -223,7 +252,24 @@ mod tests {
         assert!(!h.contains_key("x-api-key"));
         assert!(!h.contains_key("x-tollgate-tags"));
         assert_eq!(h[&X_REQUEST_ID], "req_1");
-        to_upstream(&mut h, None, &HeaderValue::from_static("req_1"));
+        to_upstream(&mut h, Protocol::OpenAi, None, &HeaderValue::from_static("req_1"));
         assert!(!h.contains_key(header::AUTHORIZATION));
+    }
+
+    #[test]
+    fn an_anthropic_backend_gets_its_key_and_version_its_own_way() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer tg-client"));
+        let id = HeaderValue::from_static("req_1");
+        to_upstream(&mut h, Protocol::Anthropic, Some("sk-ant"), &id);
+        assert_eq!(h[&X_API_KEY], "sk-ant");
+        assert!(!h.contains_key(header::AUTHORIZATION));
+        assert_eq!(h[&ANTHROPIC_VERSION], ANTHROPIC_API_VERSION);
+        // A client's own version is kept.
+        let mut h = HeaderMap::new();
+        h.insert(ANTHROPIC_VERSION.clone(), HeaderValue::from_static("2024-01-01"));
+        to_upstream(&mut h, Protocol::Anthropic, None, &id);
+        assert_eq!(h[&ANTHROPIC_VERSION], "2024-01-01");
+        assert!(!h.contains_key(&X_API_KEY));
     }
 }

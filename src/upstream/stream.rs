@@ -16,6 +16,7 @@
 //! settles it), and the bytes of the ending are written by the client protocol's
 //! [`StreamWire`]. It knows neither the ledger nor the wire format of the client.
 
+use crate::api::anthropic::{FromAnthropic, ToAnthropic};
 use crate::api::endpoint::Endpoint;
 use crate::config::OnDisconnect;
 use crate::error::GatewayError;
@@ -154,6 +155,10 @@ pub struct UpstreamBody {
     tasks: Tasks,
     /// Set with the tasks: tells the stream when shutdown ends open streams.
     end_watch: Option<EndWatch>,
+    /// An Anthropic backend's events, as the OpenAI chunks the meter reads.
+    from_backend: Option<FromAnthropic>,
+    /// The metered OpenAI stream as Anthropic events, for an Anthropic client.
+    to_client: Option<ToAnthropic>,
 }
 
 // === impl UpstreamBody ===
@@ -190,6 +195,27 @@ impl UpstreamBody {
             client_usage: false,
             tasks: Tasks::default(),
             end_watch: None,
+            from_backend: None,
+            to_client: None,
+        }
+    }
+
+    /// Translators around the meter for the protocols of the backend and the client.
+    pub fn with_translation(
+        mut self,
+        from_backend: Option<FromAnthropic>,
+        to_client: Option<ToAnthropic>,
+    ) -> Self {
+        self.from_backend = from_backend;
+        self.to_client = to_client;
+        self
+    }
+
+    /// Bytes for the client, in its protocol.
+    fn for_client(&mut self, b: Bytes) -> Bytes {
+        match self.to_client.as_mut() {
+            Some(t) => t.feed(&b),
+            None => b,
         }
     }
 
@@ -335,6 +361,7 @@ impl Body for UpstreamBody {
                     };
                     let (status, error) = (*status, error.take());
                     let ending = this.ending(settled, status, error);
+                    let ending = this.for_client(ending);
                     this.state = State::Done;
                     return Poll::Ready(Some(Ok(Frame::data(ending))));
                 }
@@ -351,7 +378,17 @@ impl Body for UpstreamBody {
                     };
                     this.response_bytes += data.len() as u64;
                     this.timer.as_mut().reset(Instant::now() + this.idle);
+                    let data = match this.from_backend.as_mut().map(|t| t.feed(&data)) {
+                        None => data,
+                        Some(Ok(chunks)) if chunks.is_empty() => continue,
+                        Some(Ok(chunks)) => chunks,
+                        Some(Err(_)) => {
+                            this.violated(Violation::MalformedEvent);
+                            continue;
+                        }
+                    };
                     if let Some(out) = this.observer.feed(data) {
+                        let out = this.for_client(out);
                         batch.push(out);
                     }
                     if this.first_token_at.is_none() && this.observer.content_events > 0 {
@@ -396,6 +433,7 @@ impl Body for UpstreamBody {
                 },
             };
             if let Some(b) = leftover {
+                let b = this.for_client(b);
                 batch.push(b);
             }
         }
@@ -484,6 +522,8 @@ impl Drop for UpstreamBody {
                     client_usage: false,
                     tasks: self.tasks.clone(),
                     end_watch: self.end_watch.take(),
+                    from_backend: self.from_backend.take(),
+                    to_client: None,
                 };
                 tasks.spawn(async move {
                     // Read to the end for the provider's own usage; what is read goes nowhere.
@@ -515,6 +555,10 @@ impl Drop for UpstreamBody {
                             Ok(Some(Ok(frame))) => {
                                 if let Ok(data) = frame.into_data() {
                                     drain.response_bytes += data.len() as u64;
+                                    let data = match drain.from_backend.as_mut() {
+                                        Some(t) => t.feed(&data).unwrap_or_default(),
+                                        None => data,
+                                    };
                                     drain.observer.feed(data);
                                 }
                             }

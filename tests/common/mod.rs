@@ -667,27 +667,32 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// A Python with the pinned official `openai` SDK (tests/sdk/requirements.txt), installed into
-/// target/sdk-venv on first use; `Err` says why it cannot be had here.
-pub fn openai_sdk_python() -> Result<std::path::PathBuf, String> {
+/// A Python with the pinned official `openai` and `anthropic` SDKs (tests/sdk/requirements.txt),
+/// installed into target/sdk-venv on first use; `Err` says why it cannot be had here.
+pub fn sdk_python() -> Result<std::path::PathBuf, String> {
     use std::path::Path;
     use std::process::Command;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let venv = root.join("target/sdk-venv");
     let python = venv.join("bin/python");
     let requirements = root.join("tests/sdk/requirements.txt");
+    // Both SDKs, at the pinned versions.
     let has_sdk = |py: &Path| {
-        let want = std::fs::read_to_string(&requirements).unwrap_or_default();
-        let want = want
-            .lines()
-            .find_map(|l| l.strip_prefix("openai=="))
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        Command::new(py)
-            .args(["-c", "import openai; print(openai.__version__)"])
-            .output()
-            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == want)
+        let pins = std::fs::read_to_string(&requirements).unwrap_or_default();
+        ["openai", "anthropic"].iter().all(|sdk| {
+            let want = pins
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{sdk}==")))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            Command::new(py)
+                .args(["-c", &format!("import {sdk}; print({sdk}.__version__)")])
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == want
+                })
+        })
     };
     if has_sdk(&python) {
         return Ok(python);
@@ -709,6 +714,44 @@ pub fn openai_sdk_python() -> Result<std::path::PathBuf, String> {
         );
     }
     Ok(python)
+}
+
+/// Runs `tests/sdk/<script>` with the SDKs' Python and `env`; asserts that it exits 0 with
+/// every check passed, and returns what it printed.
+pub async fn run_sdk_script(
+    python: std::path::PathBuf,
+    script: &str,
+    env: Vec<(&'static str, String)>,
+) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk").join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .envs(env)
+            .output()
+            .expect("running the SDK script")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "SDK checks failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.lines().any(|l| l.ends_with(" passed, 0 failed")),
+        "{stdout}"
+    );
+    stdout
+}
+
+/// A Claude model on a simulated Anthropic backend (the simulator speaks Anthropic's API and
+/// checks the backend key), priced like a commercial model.
+pub fn claude_backend() -> Backend {
+    Backend::sim("claude", "claude-sonnet-4-5")
+        .alias("sonnet")
+        .api_key("sk-ant-sim")
+        .commercial()
+        .price(3.0, 15.0)
+        .toml("protocol = \"anthropic\"")
 }
 
 /// A chat completion as an OpenAI-compatible engine writes it.

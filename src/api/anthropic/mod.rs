@@ -17,11 +17,13 @@
 mod answer;
 mod error;
 mod request;
+mod sse;
 mod stream;
 
 pub use answer::{answer_to_anthropic, answer_to_openai};
 pub use error::{error_body, error_to_anthropic, error_to_openai, error_type_for_status};
 pub use request::{request_to_anthropic, request_to_openai};
+pub use sse::{FromAnthropic, ToAnthropic};
 pub use stream::{StreamToAnthropic, StreamToOpenAi};
 
 use serde_json::{Map, Value};

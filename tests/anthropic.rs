@@ -1,0 +1,220 @@
+//! Anthropic's API both ways, over real HTTP: Anthropic clients on `/v1/messages` served by
+//! OpenAI-style backends, OpenAI clients served by Anthropic backends (the simulator speaks
+//! Anthropic's wire format), and Anthropic on both sides. Each metered to the ledger from the
+//! backend's own usage.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+
+const KEY: &str = "tg-test-anthropic";
+
+async fn gateway() -> Gateway {
+    Harness::new()
+        .backend(Backend::sim("llama", "llama-3.1-8b").alias("small").price(0.2, 0.6))
+        .backend(claude_backend().model_toml("max_output_tokens = 64"))
+        .team("research", KEY)
+        .start()
+        .await
+}
+
+/// A request as the Anthropic SDK sends it: `x-api-key`, `anthropic-version`.
+fn messages(gw: &Gateway, path: &str, key: &str, body: &serde_json::Value) -> Request<Full<Bytes>> {
+    Request::post(gw.url(path))
+        .header("x-api-key", key)
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+fn ledger_tokens(gw: &Gateway) -> Vec<(i64, i64, String, String)> {
+    gw.ledger(
+        "SELECT prompt_tokens, completion_tokens, backend, status FROM requests ORDER BY started_at_us",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )
+}
+
+/// Anthropic SSE events as (name, data) pairs.
+fn anthropic_events(text: &str) -> Vec<(String, serde_json::Value)> {
+    text.split("\n\n")
+        .filter_map(|e| {
+            let name = e.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = e.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((name.to_string(), serde_json::from_str(data).unwrap()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_anthropic_client_is_served_by_an_openai_backend() {
+    let gw = gateway().await;
+    let body = serde_json::json!({
+        "model": "small", "max_tokens": 40, "system": "Be brief.",
+        "messages": [{"role": "user", "content": "Hello there"}],
+    });
+    let r = gw.send(messages(&gw, "/v1/messages", KEY, &body)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["role"], "assistant");
+    assert!(v["content"][0]["text"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+    assert_eq!(v["stop_reason"], "end_turn");
+    // What the backend got: an OpenAI chat request, the system prompt first.
+    let sent = gw.last_sent("llama");
+    assert_eq!(sent["messages"][0]["role"], "system");
+    assert_eq!(sent["max_tokens"], 40);
+    let rows = ledger_tokens(&gw);
+    assert_eq!(rows.len(), 1);
+    let endpoint: Vec<String> = gw.ledger("SELECT endpoint FROM requests", |r| r.get(0));
+    assert_eq!(endpoint, ["/v1/messages"]);
+    assert_eq!(rows[0].0, v["usage"]["input_tokens"].as_i64().unwrap());
+    assert_eq!(rows[0].1, v["usage"]["output_tokens"].as_i64().unwrap());
+    assert_eq!(r.headers["x-tollgate-prompt-tokens"], rows[0].0.to_string().as_str());
+    assert!(r.headers.contains_key("x-tollgate-cost-usd"));
+}
+
+#[tokio::test]
+async fn an_anthropic_stream_from_an_openai_backend_ends_with_the_cost_before_message_stop() {
+    let gw = gateway().await;
+    let body = serde_json::json!({
+        "model": "small", "max_tokens": 40, "stream": true,
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+    });
+    let r = gw.send(messages(&gw, "/v1/messages", KEY, &body)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let events = anthropic_events(&text);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"message_start"), "{text}");
+    assert_eq!(names.last(), Some(&"message_stop"), "{text}");
+    assert!(names.contains(&"content_block_delta"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    let comment = text.find(": tollgate ").expect("cost comment");
+    assert!(comment < text.find("event: message_stop").unwrap(), "{text}");
+    let delta = &events.iter().find(|(n, _)| n == "message_delta").unwrap().1;
+    let output = delta["usage"]["output_tokens"].as_i64().unwrap();
+    let rows = ledger_tokens(&gw);
+    assert_eq!(rows[0].1, output);
+    assert_eq!(r.closing_comment()["completion_tokens"], output);
+}
+
+#[tokio::test]
+async fn an_openai_client_is_served_by_an_anthropic_backend() {
+    let gw = gateway().await;
+    let r = gw.post("/v1/chat/completions", KEY, chat("sonnet", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let seen = gw.headers_seen_by("claude");
+    assert_eq!(seen["x-api-key"], "sk-ant-sim");
+    assert!(!seen.contains_key("authorization"));
+    assert_eq!(seen["anthropic-version"], "2023-06-01");
+    // Anthropic requires max_tokens: the model's cap goes when the client set none.
+    assert_eq!(gw.last_sent("claude")["max_tokens"], 64);
+    let rows = ledger_tokens(&gw);
+    assert_eq!(rows[0].2, "claude");
+    assert_eq!(rows[0].0, v["usage"]["prompt_tokens"].as_i64().unwrap());
+    assert_eq!(rows[0].1, v["usage"]["completion_tokens"].as_i64().unwrap());
+}
+
+#[tokio::test]
+async fn an_openai_stream_from_an_anthropic_backend_is_metered_from_its_usage() {
+    let gw = gateway().await;
+    let body = serde_json::json!({
+        "model": "sonnet", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "Count to ten"}],
+    });
+    let r = gw.post("/v1/chat/completions", KEY, body.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{}", r.text());
+    let usage = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+        .find(|v| v["usage"].is_object())
+        .expect("a usage chunk")["usage"]
+        .clone();
+    let rows = ledger_tokens(&gw);
+    assert_eq!(rows[0].0, usage["prompt_tokens"].as_i64().unwrap());
+    assert_eq!(rows[0].1, usage["completion_tokens"].as_i64().unwrap());
+    assert_eq!(rows[0].3, "ok");
+    // A client that did not ask for usage sees none.
+    let r = gw.post("/v1/chat/completions", KEY, chat("sonnet", true)).await;
+    assert!(!r.text().contains("\"usage\""), "{}", r.text());
+}
+
+#[tokio::test]
+async fn anthropic_on_both_sides_json_and_stream() {
+    let gw = gateway().await;
+    let body = serde_json::json!({
+        "model": "sonnet", "max_tokens": 30,
+        "messages": [{"role": "user", "content": "Hi"}],
+    });
+    let r = gw.send(messages(&gw, "/v1/messages", KEY, &body)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["type"], "message");
+    let mut stream = body.clone();
+    stream["stream"] = true.into();
+    let s = gw.send(messages(&gw, "/v1/messages", KEY, &stream)).await;
+    let events = anthropic_events(&s.text());
+    assert_eq!(events.last().unwrap().0, "message_stop", "{}", s.text());
+    let rows = ledger_tokens(&gw);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].1, v["usage"]["output_tokens"].as_i64().unwrap());
+    assert!(rows.iter().all(|r| r.2 == "claude" && r.3 == "ok"), "{rows:?}");
+}
+
+#[tokio::test]
+async fn errors_on_anthropic_paths_have_anthropic_bodies() {
+    let gw = gateway().await;
+    let body = serde_json::json!({
+        "model": "small", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}],
+    });
+    let check = |r: &Reply, status: u16, kind: &str| {
+        assert_eq!(r.status.as_u16(), status, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], kind, "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    };
+    check(&gw.send(messages(&gw, "/v1/messages", "tg-wrong", &body)).await, 401, "authentication_error");
+    let mut unknown = body.clone();
+    unknown["model"] = "claude-9".into();
+    check(&gw.send(messages(&gw, "/v1/messages", KEY, &unknown)).await, 404, "not_found_error");
+    let mut thinking = body.clone();
+    thinking["thinking"] = serde_json::json!({"type": "enabled", "budget_tokens": 1024});
+    let r = gw.send(messages(&gw, "/v1/messages", KEY, &thinking)).await;
+    check(&r, 400, "invalid_request_error");
+    assert!(r.text().contains("thinking"), "{}", r.text());
+    // What the OpenAI side cannot carry to Anthropic is named too.
+    let n2 = serde_json::json!({"model": "sonnet", "n": 2, "messages": [{"role": "user", "content": "x"}]});
+    let e = gw.post("/v1/chat/completions", KEY, n2.to_string()).await.error(400);
+    assert_eq!(e["param"], "n", "{e}");
+    // OpenAI paths keep OpenAI's body.
+    gw.post("/v1/chat/completions", "tg-wrong", chat("small", false)).await.error(401);
+}
+
+#[tokio::test]
+async fn count_tokens_counts_without_a_backend() {
+    let gw = gateway().await;
+    let body = serde_json::json!({
+        "model": "sonnet", "system": "You are terse.",
+        "messages": [{"role": "user", "content": "How many tokens is this sentence?"}],
+    });
+    let r = gw.send(messages(&gw, "/v1/messages/count_tokens", KEY, &body)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let n = r.json()["input_tokens"].as_u64().unwrap();
+    assert!((10..40).contains(&n), "{n}");
+    assert!(ledger_tokens(&gw).is_empty());
+    let mut unknown = body.clone();
+    unknown["model"] = "nope".into();
+    let r = gw.send(messages(&gw, "/v1/messages/count_tokens", KEY, &unknown)).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "not_found_error");
+}
