@@ -118,9 +118,11 @@ pub fn parse(read: Result<bytes::Bytes, ReadError>, ok: bool) -> ReadAnswer {
 pub fn from_backend(
     read: Result<bytes::Bytes, ReadError>,
     candidate: &Candidate,
+    client: Protocol,
     status: u16,
 ) -> Result<bytes::Bytes, ReadError> {
-    if candidate.backend.cfg.protocol != Protocol::Anthropic {
+    // Anthropic to Anthropic goes as it came: the meter reads Anthropic's usage as it is.
+    if candidate.backend.cfg.protocol != Protocol::Anthropic || client == Protocol::Anthropic {
         return read;
     }
     let bytes = read?;
@@ -134,9 +136,15 @@ pub fn from_backend(
 }
 
 /// A whole answer (or error) in the client's protocol.
-fn to_client(bytes: bytes::Bytes, protocol: Protocol, status: u16) -> Result<bytes::Bytes, GatewayError> {
+fn to_client(
+    bytes: bytes::Bytes,
+    protocol: Protocol,
+    backend: Protocol,
+    status: u16,
+) -> Result<bytes::Bytes, GatewayError> {
     match protocol {
         Protocol::OpenAi => Ok(bytes),
+        Protocol::Anthropic if backend == Protocol::Anthropic => Ok(bytes),
         Protocol::Anthropic if (200..300).contains(&status) => anthropic::answer_to_anthropic(&bytes)
             .map(bytes::Bytes::from)
             .map_err(GatewayError::from),
@@ -192,7 +200,8 @@ pub async fn whole(
     }
     parts.headers.remove(CONTENT_LENGTH);
     record_overhead(candidate, settled.ended.duration_since(started), waited);
-    Ok(GatewayBody::full(to_client(bytes, client, parts.status.as_u16())?))
+    let backend = candidate.backend.cfg.protocol;
+    Ok(GatewayBody::full(to_client(bytes, client, backend, parts.status.as_u16())?))
 }
 
 /// A 2xx that is not JSON, before the request moves to another backend: its health and the

@@ -168,7 +168,8 @@ impl Exchange {
             let read =
                 forward::read_answer(incoming, driver, server.max_response_bytes, deadline).await;
             record.ctx_mut().upstream_wait += reading.elapsed();
-            let read = answer::from_backend(read, &candidate, parts.status.as_u16());
+            let client = record.ctx_mut().client_protocol;
+            let read = answer::from_backend(read, &candidate, client, parts.status.as_u16());
             let read = answer::parse(read, parts.status.is_success());
             // A success that is not JSON: nothing reached the client, so another backend may
             // answer, as the retry policy allows.

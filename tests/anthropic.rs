@@ -218,3 +218,81 @@ async fn count_tokens_counts_without_a_backend() {
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(r.json()["error"]["type"], "not_found_error");
 }
+
+#[tokio::test]
+async fn an_anthropic_client_on_an_anthropic_backend_keeps_its_cache_hints_and_pays_cache_rates() {
+    let gw = Harness::new()
+        .backend(claude_backend().model_toml(
+            "cached_input_usd_per_mtok = 0.3, cache_write_usd_per_mtok = 3.75",
+        ))
+        .team("research", KEY)
+        .start()
+        .await;
+    let long = "You answer questions about the tollgate. ".repeat(40);
+    let body = serde_json::json!({
+        "model": "sonnet", "max_tokens": 20,
+        "system": [{"type": "text", "text": long, "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "Who pays?"}],
+    });
+    let first = gw.send(messages(&gw, "/v1/messages", KEY, &body)).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    // The hint reached the backend as the client wrote it.
+    assert_eq!(gw.last_sent("claude")["system"][0]["cache_control"]["type"], "ephemeral");
+    let second = gw.send(messages(&gw, "/v1/messages", KEY, &body)).await;
+    let (u1, u2) = (first.json()["usage"].clone(), second.json()["usage"].clone());
+    let written = u1["cache_creation_input_tokens"].as_i64().unwrap();
+    let read = u2["cache_read_input_tokens"].as_i64().unwrap();
+    assert!(written > 0 && read == written, "{u1} {u2}");
+    let rows: Vec<(i64, i64, i64, i64, i64)> = gw.ledger(
+        "SELECT prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cost_nusd FROM requests ORDER BY started_at_us",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+    );
+    // Anthropic's input excludes the cache; the ledger's prompt is all three.
+    let input = |u: &serde_json::Value| u["input_tokens"].as_i64().unwrap();
+    assert_eq!(rows[0].0, input(&u1) + written);
+    assert_eq!((rows[0].2, rows[0].3), (0, written));
+    assert_eq!(rows[1].0, input(&u2) + read);
+    assert_eq!((rows[1].2, rows[1].3), (read, 0));
+    // Each at its own rate, in nano-dollars: $3 input, $15 output, $0.30 reads, $3.75 writes.
+    let cost = |uncached: i64, output: i64, reads: i64, writes: i64| {
+        uncached * 3_000 + output * 15_000 + reads * 300 + writes * 3_750
+    };
+    let (o1, o2) = (rows[0].1, rows[1].1);
+    assert_eq!(rows[0].4, cost(input(&u1), o1, 0, written));
+    assert_eq!(rows[1].4, cost(input(&u2), o2, read, 0));
+    assert_eq!(
+        first.headers["x-tollgate-cost-usd"],
+        format!("{:.9}", rows[0].4 as f64 / 1e9).as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_budget_ends_an_anthropic_stream_as_a_max_tokens_stop() {
+    let gw = Harness::new()
+        .backend(
+            Backend::sim("llama", "llama-3.1-8b")
+                .alias("small")
+                .price(0.2, 0.6)
+                .config(|c| {
+                    c.completion_tokens = 64;
+                    c.ignores_max_tokens = true;
+                    c.token_interval = std::time::Duration::from_millis(2);
+                }),
+        )
+        .team_toml("research", KEY, "budgets = [{ window = \"day\", tokens = 60 }]")
+        .start()
+        .await;
+    let body = serde_json::json!({
+        "model": "small", "max_tokens": 20, "stream": true,
+        "messages": [{"role": "user", "content": "Go on and on"}],
+    });
+    let r = gw.send(messages(&gw, "/v1/messages", KEY, &body)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = anthropic_events(&r.text());
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(&names[names.len() - 2..], ["message_delta", "message_stop"], "{}", r.text());
+    assert_eq!(events[events.len() - 2].1["delta"]["stop_reason"], "max_tokens");
+    assert!(r.text().contains(r#""ended_by":"budget""#), "{}", r.text());
+    gw.wait_ledger_rows("SELECT 1 FROM requests WHERE status = 'budget_cut'", 1)
+        .await;
+}

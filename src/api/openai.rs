@@ -572,9 +572,12 @@ where
         })??;
     // An Anthropic client's request is a chat completion from here on: one model of a
     // request for routing, budgets and counting, whichever protocol it came in.
-    let body = match ctx.client_protocol {
-        Protocol::OpenAi => body,
-        Protocol::Anthropic => Bytes::from(crate::api::anthropic::request_to_openai(&body)?),
+    let (body, native) = match ctx.client_protocol {
+        Protocol::OpenAi => (body, None),
+        Protocol::Anthropic => (
+            Bytes::from(crate::api::anthropic::request_to_openai(&body)?),
+            Some(body),
+        ),
     };
     let summary = parse(&body)?;
     summary.check_shape(ctx.endpoint)?;
@@ -600,6 +603,7 @@ where
         ask_usage: streams && !summary.include_usage,
         client_usage: streams && summary.include_usage,
         output_cap: None,
+        native,
     };
     let request = ClientRequest {
         model,
@@ -633,6 +637,9 @@ pub struct Shape {
     /// `max_tokens` to add for a request that set none: under a budget, what the upstream
     /// may generate must be bounded by what was reserved.
     output_cap: Option<u64>,
+    /// An Anthropic client's own body: an Anthropic backend gets it as sent (its cache hints
+    /// and all), not a translation of a translation.
+    native: Option<Bytes>,
 }
 
 impl Shape {
@@ -645,12 +652,29 @@ impl Shape {
         let body = self.edited(&to.model, cfg.stream_usage || cfg.protocol == Protocol::Anthropic);
         match cfg.protocol {
             Protocol::OpenAi => Ok((body, self.ask_usage)),
+            Protocol::Anthropic if self.native.is_some() => {
+                Ok((self.native_for(&to.model)?, self.ask_usage))
+            }
             Protocol::Anthropic => {
                 let max = to.max_output_tokens.unwrap_or(DEFAULT_ANTHROPIC_MAX_TOKENS);
                 let translated = crate::api::anthropic::request_to_anthropic(&body, max)?;
                 Ok((Bytes::from(translated), self.ask_usage))
             }
         }
+    }
+
+    /// The Anthropic client's body for an Anthropic backend: as sent, but for the model's name
+    /// there. `max_tokens` is in it already (Anthropic's API, and the translation, require
+    /// it), so no cap is ever added.
+    fn native_for(&self, model: &str) -> Result<Bytes, GatewayError> {
+        let native = self.native.clone().unwrap_or_default();
+        if model == &*self.requested {
+            return Ok(native);
+        }
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&native).map_err(|e| GatewayError::MalformedJson(e.to_string()))?;
+        v["model"] = model.into();
+        Ok(Bytes::from(v.to_string()))
     }
 
     /// The client's body with the backend's model name, the usage request and the output cap.
@@ -899,6 +923,7 @@ mod tests {
                 ask_usage: false,
                 client_usage: false,
                 output_cap: None,
+                native: None,
             };
             if s.max_output_tokens.is_none() {
                 shape.cap_output(per_choice);

@@ -279,6 +279,8 @@ pub struct RawModel {
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
     pub cached_input_usd_per_mtok: Option<f64>,
+    /// Prompt tokens written to the provider's cache (Anthropic's 5-minute write rate).
+    pub cache_write_usd_per_mtok: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

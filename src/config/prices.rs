@@ -149,11 +149,18 @@ pub fn resolve(backend: &Backend, model: &BackendModel, catalog: &Catalog) -> Op
             .cached_input_usd_per_mtok
             .or(catalog_cached)
             .unwrap_or(i);
+        let catalog_write = catalog
+            .get(&model.name)
+            .and_then(|m| m.cache_write_usd_per_mtok);
+        let write = model
+            .cache_write_usd_per_mtok
+            .or(catalog_write)
+            .unwrap_or(i);
         return Some(Price {
             input: i / 1e6,
             output: o / 1e6,
             cached_input: cached / 1e6,
-            cache_write: i / 1e6,
+            cache_write: write / 1e6,
             long_context: None,
             source: PriceSource::Config,
         });

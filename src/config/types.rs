@@ -361,6 +361,7 @@ pub struct BackendModel {
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
     pub cached_input_usd_per_mtok: Option<f64>,
+    pub cache_write_usd_per_mtok: Option<f64>,
 }
 
 #[derive(Debug)]

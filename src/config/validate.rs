@@ -453,6 +453,10 @@ fn model(mp: &str, m: RawModel, c: &mut Checker) -> BackendModel {
         &format!("{mp}.cached_input_usd_per_mtok"),
         m.cached_input_usd_per_mtok,
     );
+    c.non_negative(
+        &format!("{mp}.cache_write_usd_per_mtok"),
+        m.cache_write_usd_per_mtok,
+    );
     BackendModel {
         name: m.name.into(),
         aliases: m.aliases.into_iter().map(Arc::from).collect(),
@@ -462,6 +466,7 @@ fn model(mp: &str, m: RawModel, c: &mut Checker) -> BackendModel {
         input_usd_per_mtok: m.input_usd_per_mtok,
         output_usd_per_mtok: m.output_usd_per_mtok,
         cached_input_usd_per_mtok: m.cached_input_usd_per_mtok,
+        cache_write_usd_per_mtok: m.cache_write_usd_per_mtok,
     }
 }
 
