@@ -16,6 +16,7 @@ use std::time::Duration;
 
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 const SIM_OPENAI_KEY: &str = "sk-sim-openai";
+const SIM_ANTHROPIC_KEY: &str = "sk-ant-sim";
 pub const TEAM_KEYS: [(&str, &str); 3] = [
     ("search", "tg-demo-search"),
     ("support", "tg-demo-support"),
@@ -62,17 +63,32 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     })
     .await?;
 
+    let anthropic = Sim::spawn(SimConfig {
+        models: vec!["claude-haiku-4-5".into()],
+        api_key: Some(SIM_ANTHROPIC_KEY.into()),
+        time_to_first_token: Duration::from_millis(150),
+        token_interval: Duration::from_millis(3),
+        completion_tokens: 40,
+        ..Default::default()
+    })
+    .await?;
+
     let mut raw: RawConfig = toml::from_str(DEMO_CONFIG).context("config/demo.toml")?;
     for b in &mut raw.backend {
         b.url = match b.name.as_str() {
             "llama-onprem" => llama.url(),
+            "anthropic-sim" => anthropic.url(),
             _ => openai.url(),
         };
     }
     let listen: SocketAddr = raw.server.listen.parse()?;
     let admin_listen: SocketAddr = raw.server.admin_listen.parse()?;
     let cfg = config::validate(raw, &|var| {
-        (var == "DEMO_OPENAI_KEY").then(|| SIM_OPENAI_KEY.to_string())
+        match var {
+            "DEMO_OPENAI_KEY" => Some(SIM_OPENAI_KEY.to_string()),
+            "DEMO_ANTHROPIC_KEY" => Some(SIM_ANTHROPIC_KEY.to_string()),
+            _ => None,
+        }
     })
     .map_err(|errs| anyhow::anyhow!("demo config: {errs:?}"))?;
     let ephemeral = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -86,8 +102,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     println!("tollgate demo");
     println!(
-        "  simulated backends: llama-onprem (self-hosted, 4 slots) at {}, openai-sim at {}",
-        llama.addr, openai.addr
+        "  simulated backends: llama-onprem (self-hosted, 4 slots) at {}, openai-sim at {}, anthropic-sim at {}",
+        llama.addr, openai.addr, anthropic.addr
     );
     println!("  gateway: {} (admin {})", gw.addr, gw.admin_addr);
     println!(
@@ -167,7 +183,18 @@ fn request_for(team: &str, i: usize) -> (&'static str, String) {
         })
         .to_string()
     };
+    // An Anthropic SDK user: its own API, on the gateway's `/v1/messages`.
+    let messages = |model: &str, stream: bool| {
+        serde_json::json!({
+            "model": model, "stream": stream, "max_tokens": 64,
+            "messages": [{"role": "user", "content": prompt}],
+        })
+        .to_string()
+    };
     match (team, i % 4) {
+        ("search", 3) if i % 8 == 7 => ("/v1/messages", messages("chat-fast", i % 16 == 15)),
+        ("research", 2) => ("/v1/messages", messages("chat-fast", true)),
+        ("research", 3) => ("/v1/chat/completions", chat("chat-fast", false)),
         ("search", 0 | 1) => ("/v1/chat/completions", chat("chat-small", true)),
         ("search", _) => ("/v1/chat/completions", chat("chat-small", false)),
         ("support", _) => (
@@ -194,8 +221,13 @@ async fn send(
     let model = serde_json::from_str::<serde_json::Value>(&body)
         .map(|v| v["model"].as_str().unwrap_or("").to_string())
         .unwrap_or_default();
+    let anthropic = path == "/v1/messages";
     let req = http::Request::post(format!("http://{addr}{path}"))
-        .header("authorization", format!("Bearer {key}"))
+        .header(
+            if anthropic { "x-api-key" } else { "authorization" },
+            if anthropic { key.to_string() } else { format!("Bearer {key}") },
+        )
+        .header("anthropic-version", "2023-06-01")
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .expect("valid request");
@@ -234,7 +266,7 @@ async fn send(
             .ok()
             .map(|v| v["usage"].clone())
     };
-    let usage = if text.starts_with("data:") {
+    let usage = if text.starts_with("data:") || text.starts_with("event:") {
         text.lines()
             .filter_map(|l| l.strip_prefix("data: "))
             .filter_map(usage_of)
@@ -243,8 +275,13 @@ async fn send(
         usage_of(&text)
     };
     if let Some(u) = usage {
-        o.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
-        o.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
+        // OpenAI's names, or Anthropic's (input without the cache reads and writes).
+        let n = |k: &str| u[k].as_u64().unwrap_or(0);
+        o.prompt_tokens = n("prompt_tokens")
+            + n("input_tokens")
+            + n("cache_read_input_tokens")
+            + n("cache_creation_input_tokens");
+        o.completion_tokens = n("completion_tokens") + n("output_tokens");
     }
     o
 }

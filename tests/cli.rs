@@ -173,6 +173,14 @@ fn demo_runs_end_to_end() {
             .any(|l| l.starts_with("search") && l.contains("llama-onprem")),
         "{stdout}"
     );
+    // Anthropic's side: a Claude model behind Anthropic's API, asked by an Anthropic client
+    // and an OpenAI one, priced from the catalog.
+    assert!(
+        stdout.lines().any(|l| l.starts_with("research")
+            && l.contains("claude-haiku-4-5")
+            && l.contains("anthropic-sim")),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
