@@ -110,6 +110,35 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
+    // The translation an Anthropic request pays on top (plain OpenAI traffic pays none):
+    // its body to the OpenAI form and, for an OpenAI-style backend, the answer back; and an
+    // OpenAI request's body for an Anthropic backend.
+    let mut group = c.benchmark_group("anthropic");
+    let messages = |size: usize| {
+        Bytes::from(
+            serde_json::json!({
+                "model": "claude-sonnet-4-5", "max_tokens": 256, "system": "You are terse.",
+                "messages": [{"role": "user", "content": "w ".repeat(size / 2)}],
+            })
+            .to_string(),
+        )
+    };
+    let answer = Bytes::from_static(br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"The gateway meters every request it forwards."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":9,"total_tokens":259}}"#);
+    for size in [1024, 8 * 1024] {
+        let m = messages(size);
+        group.bench_with_input(BenchmarkId::new("request_to_openai", size), &m, |b, m| {
+            b.iter(|| tollgate::api::anthropic::request_to_openai(black_box(m)).unwrap())
+        });
+        let o = body(size);
+        group.bench_with_input(BenchmarkId::new("request_to_anthropic", size), &o, |b, o| {
+            b.iter(|| tollgate::api::anthropic::request_to_anthropic(black_box(o), 4096).unwrap())
+        });
+    }
+    group.bench_function("answer_to_anthropic", |b| {
+        b.iter(|| tollgate::api::anthropic::answer_to_anthropic(black_box(&answer)).unwrap())
+    });
+    group.finish();
+
     let mut group = c.benchmark_group("hot_path");
     for size in [1024, 8 * 1024] {
         let body = body(size);
