@@ -303,7 +303,11 @@ impl RequestSeries {
     }
 
     /// The duration histogram and the request counter of a status (`index` < [`STATUSES`]).
-    pub fn ended(&self, index: usize, status: &'static str) -> &(metrics::Histogram, metrics::Counter) {
+    pub fn ended(
+        &self,
+        index: usize,
+        status: &'static str,
+    ) -> &(metrics::Histogram, metrics::Counter) {
         self.by_status[index.min(STATUSES - 1)].get_or_init(|| {
             let mut with_status = self.base();
             with_status.push(metrics::Label::new("status", status));
