@@ -51,6 +51,10 @@ async fn the_official_anthropic_python_sdk_works_through_the_gateway() {
         stdout.contains("ok stream_tool_use_claude_backend"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("ok count_tokens_by_the_anthropic_backend"),
+        "{stdout}"
+    );
     // Every request the SDKs made that a backend answered is in the ledger, at the backend's
     // usage (the headers check compared them request by request).
     let rows: Vec<(String, String)> = gw.ledger(
