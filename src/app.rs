@@ -110,7 +110,7 @@ pub async fn start_with_clock(
         );
     }
     let handle = crate::metrics::install();
-    let store = Store::from_url(&config.ledger_url, &config.ledger_spool)?;
+    let store = Store::from_url(config.ledger_url.expose(), &config.ledger_spool)?;
     let ledger = {
         let replica = config.server.replica.clone();
         let fsync = config.ledger_fsync;

@@ -278,7 +278,7 @@ async fn close(ledger: Arc<Ledger>) {
 
 fn pg_store(url: &str, what: &str) -> Store {
     Store::Postgres {
-        url: url.to_string(),
+        url: tollgate::secret::Secret::new(url),
         spool: temp_dir(what).join("spool.db"),
     }
 }
@@ -803,5 +803,42 @@ async fn throughput() {
         "{N} records in {:.2} s: {:.0} rows/s",
         took.as_secs_f64(),
         f64::from(N) / took.as_secs_f64()
+    );
+}
+
+/// How fast a spool drains once PostgreSQL is back:
+/// `cargo test --release --test pg_ledger -- --ignored --nocapture drain_throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: run by hand for docs/PERFORMANCE.md"]
+async fn drain_throughput() {
+    let Some(db) = TestDb::new("drain").await else {
+        return;
+    };
+    let proxy = Proxy::start().await;
+    proxy.cut().await;
+    let ledger = open(pg_store(&db.url_via(proxy.addr), "pg-drain")).await;
+    const N: u32 = 100_000;
+    let records: Vec<Record> = (0..N).map(|i| record(i, DEC_2026, "search")).collect();
+    let started = std::time::Instant::now();
+    write(&ledger, &records).await;
+    let spooled = started.elapsed();
+    assert_eq!(ledger.spooled(), u64::from(N));
+    proxy.restore();
+    let started = std::time::Instant::now();
+    for _ in 0..1200 {
+        if ledger.spooled() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drained = started.elapsed();
+    close(ledger).await;
+    assert_eq!(db.ids().await.len(), N as usize);
+    eprintln!(
+        "{N} records spooled in {:.2} s ({:.0} rows/s), drained in {:.2} s ({:.0} rows/s, reconnect included)",
+        spooled.as_secs_f64(),
+        f64::from(N) / spooled.as_secs_f64(),
+        drained.as_secs_f64(),
+        f64::from(N) / drained.as_secs_f64()
     );
 }

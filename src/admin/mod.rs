@@ -110,9 +110,9 @@ impl Admin {
         }
     }
 
-    /// Runs `read` on a ledger connection (the file, or PostgreSQL in fleet mode) on the blocking pool: a report can scan
-    /// many rows, and the runtime must keep serving meanwhile. A failure is logged here and
-    /// answered with a 500 that says nothing internal.
+    /// Runs `read` on a ledger connection (the file, or PostgreSQL in fleet mode) on the
+    /// blocking pool: a report can scan many rows, and the runtime must keep serving meanwhile.
+    /// A failure is logged here and answered with a 500 that says nothing internal.
     async fn read_ledger(
         &self,
         what: &'static str,

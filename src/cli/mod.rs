@@ -253,7 +253,7 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
 
 fn migrate(out: &mut impl Write, config: &std::path::Path) -> anyhow::Result<()> {
     let cfg = config::load(config, &config::process_env)?;
-    let store = Store::from_url(&cfg.ledger_url, &cfg.ledger_spool)?;
+    let store = Store::from_url(cfg.ledger_url.expose(), &cfg.ledger_spool)?;
     let Store::Postgres { url, .. } = &store else {
         writeln!(
             out,
@@ -263,7 +263,7 @@ fn migrate(out: &mut impl Write, config: &std::path::Path) -> anyhow::Result<()>
         return Ok(());
     };
     let shown = store.display();
-    let mut pg = crate::ledger::postgres::Blocking::connect(url)
+    let mut pg = crate::ledger::postgres::Blocking::connect(url.expose())
         .with_context(|| format!("store.ledger: cannot connect to {shown}"))?;
     let applied = pg
         .migrate()
@@ -297,7 +297,7 @@ fn report(
 ) -> anyhow::Result<()> {
     use crate::finops::report::{self, Dim, Format};
     let cfg = config::load(config, &config::process_env)?;
-    let store = crate::ledger::Store::from_url(&cfg.ledger_url, &cfg.ledger_spool)?;
+    let store = crate::ledger::Store::from_url(cfg.ledger_url.expose(), &cfg.ledger_spool)?;
     let now = crate::clock::unix_now_us();
     let from = since.map(|s| report::parse_time(&s, now)).transpose()?;
     let to = until.map(|s| report::parse_time(&s, now)).transpose()?;

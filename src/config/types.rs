@@ -13,8 +13,8 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct Config {
     pub server: Server,
-    /// `sqlite://path` or `postgres://…` (checked to parse; may hold a password).
-    pub ledger_url: String,
+    /// `sqlite://path` or `postgres://…` (checked to parse). A secret: it may hold a password.
+    pub ledger_url: Secret,
     /// The spool file of a PostgreSQL ledger.
     pub ledger_spool: std::path::PathBuf,
     pub ledger_fsync: bool,

@@ -241,7 +241,7 @@ fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
 /// The stores this build can keep. A store it cannot honour is an error, never ignored: a
 /// user who names Redis believes budgets are shared across replicas. The value is quoted
 /// back redacted: store URLs carry passwords.
-fn store(s: RawStore, c: &mut Checker) -> (String, std::path::PathBuf, bool) {
+fn store(s: RawStore, c: &mut Checker) -> (Secret, std::path::PathBuf, bool) {
     let is_pg = s.ledger.starts_with("postgres://") || s.ledger.starts_with("postgresql://");
     if is_pg {
         // Only the shape here: whether the server answers is the gateway's start's question.
@@ -284,7 +284,7 @@ fn store(s: RawStore, c: &mut Checker) -> (String, std::path::PathBuf, bool) {
             format!("{what} (got `{}`)", redact_url(&s.budgets)),
         );
     }
-    (s.ledger, spool, s.fsync)
+    (Secret::new(s.ledger), spool, s.fsync)
 }
 
 /// `hostname-pid`: unique among live processes, which is what tells replicas apart.

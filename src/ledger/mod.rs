@@ -24,6 +24,7 @@ pub mod sqlite;
 pub(crate) mod testing;
 
 use crate::meter::TokenSource;
+use crate::secret::Secret;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -107,8 +108,9 @@ pub enum LedgerError {
 pub enum Store {
     /// The embedded ledger file.
     Sqlite(PathBuf),
-    /// The fleet ledger; `spool` keeps records while PostgreSQL cannot be reached.
-    Postgres { url: String, spool: PathBuf },
+    /// The fleet ledger; `spool` keeps records while PostgreSQL cannot be reached. The URL
+    /// may hold a password: a `Secret`, so no debug print shows it.
+    Postgres { url: Secret, spool: PathBuf },
 }
 
 impl Store {
@@ -118,7 +120,7 @@ impl Store {
             Ok(Store::Sqlite(PathBuf::from(p)))
         } else if postgres::is_postgres_url(url) {
             Ok(Store::Postgres {
-                url: url.to_string(),
+                url: Secret::new(url),
                 spool: spool.to_path_buf(),
             })
         } else {
@@ -131,7 +133,7 @@ impl Store {
     pub fn display(&self) -> String {
         match self {
             Store::Sqlite(p) => p.display().to_string(),
-            Store::Postgres { url, .. } => crate::secret::redact_url(url).into_owned(),
+            Store::Postgres { url, .. } => crate::secret::redact_url(url.expose()).into_owned(),
         }
     }
 
@@ -139,7 +141,7 @@ impl Store {
     pub fn reader(&self) -> Result<read::Reader, read::ReadError> {
         match self {
             Store::Sqlite(p) => read::Reader::sqlite(p),
-            Store::Postgres { url, .. } => read::Reader::postgres(url),
+            Store::Postgres { url, .. } => read::Reader::postgres(url.expose()),
         }
     }
 
@@ -189,7 +191,13 @@ impl Ledger {
                 thread.spawn(move || write_loop(conn, path, fsync, rx, healthy))
             }
             Store::Postgres { url, spool } => {
-                let w = fleet::Writer::open(url, spool, fsync, healthy.clone(), spooled.clone())?;
+                let w = fleet::Writer::open(
+                    url.expose(),
+                    spool,
+                    fsync,
+                    healthy.clone(),
+                    spooled.clone(),
+                )?;
                 thread.spawn(move || w.run(rx))
             }
         }

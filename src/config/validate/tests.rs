@@ -121,7 +121,7 @@ fn a_postgres_ledger_is_accepted_with_its_spool_and_the_replica_named() {
         &no_env,
     )
     .unwrap();
-    assert_eq!(c.ledger_url, "postgresql://tg@db:5432/ledger");
+    assert_eq!(c.ledger_url.expose(), "postgresql://tg@db:5432/ledger");
     assert_eq!(c.ledger_spool, std::path::Path::new("var/spool.db"));
     assert_eq!(&*c.server.replica, "gw-1");
     let c = parse(MINIMAL, "t.toml", &no_env).unwrap();
