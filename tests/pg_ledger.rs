@@ -675,6 +675,76 @@ async fn the_admin_reports_read_the_postgres_ledger() {
     gw.shutdown().await;
 }
 
+/// PostgreSQL gone mid-load: no request fails for it, the spool fills and drains, and the
+/// ledger then holds exactly one row per request the clients saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_gone_mid_load_fails_no_request_and_loses_no_record() {
+    let Some(db) = TestDb::new("midload").await else {
+        return;
+    };
+    let proxy = Proxy::start().await;
+    let gw = Harness::new()
+        .backend(
+            Backend::sim("llama", "llama-3.1-8b")
+                .alias("chat-small")
+                .price(0.2, 0.2),
+        )
+        .team("search", SEARCH_KEY)
+        .ledger_url(&db.url_via(proxy.addr))
+        .store(&format!(
+            "spool = \"sqlite://{}\"",
+            temp_dir("pg-midload").join("spool.db").display()
+        ))
+        .start()
+        .await;
+    let mut ids = Vec::new();
+    let mut round = |replies: Vec<Reply>| {
+        for r in replies {
+            assert_eq!(r.status, 200, "{}", r.text());
+            ids.push(
+                r.headers["x-tollgate-request-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+    };
+    let body = chat("chat-small", false);
+    round(
+        gw.post_concurrently(20, "/v1/chat/completions", SEARCH_KEY, body.clone())
+            .await,
+    );
+    proxy.cut().await;
+    let ledger = gw.running.as_ref().unwrap().ledger.clone();
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        round(
+            gw.post_concurrently(20, "/v1/chat/completions", SEARCH_KEY, body.clone())
+                .await,
+        );
+    }
+    assert!(ledger.spooled() > 0, "the outage filled the spool");
+    let metrics = gw.admin_get("/metrics").await.text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tollgate_ledger_spooled_records ") && !l.ends_with(" 0")),
+        "the depth is exported"
+    );
+    proxy.restore();
+    round(
+        gw.post_concurrently(20, "/v1/chat/completions", SEARCH_KEY, body.clone())
+            .await,
+    );
+    wait_drained(&ledger).await;
+    gw.shutdown().await;
+    let rows = db.ids().await;
+    assert!(rows.values().all(|&n| n == 1), "a record twice");
+    assert_eq!(rows.len(), ids.len(), "one row per request the clients saw");
+    assert!(ids.iter().all(|id| rows.contains_key(id)));
+    eprintln!("{} requests, {} rows", ids.len(), rows.len());
+}
+
 /// As tests/durability.rs, with the ledger in PostgreSQL: every response a client saw
 /// complete has its record after SIGKILL, in PostgreSQL or in the spool the restart drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
