@@ -44,6 +44,9 @@ pub(super) struct Writer {
     conn: Option<Conn>,
     connecting: Option<Connecting>,
     next_try: Instant,
+    /// The last reconnect failure logged: each new kind of failure is logged once, not
+    /// every attempt.
+    last_error: Option<String>,
     spool: rusqlite::Connection,
     spool_path: PathBuf,
     spooled: Arc<AtomicU64>,
@@ -99,6 +102,7 @@ impl Writer {
             conn: None,
             connecting: None,
             next_try: crate::clock::now(),
+            last_error: None,
             spool,
             spool_path: spool_path.to_path_buf(),
             spooled,
@@ -292,10 +296,21 @@ impl Writer {
                 Ok(conn) => {
                     tracing::info!(ledger = %self.shown, "PostgreSQL ledger connected");
                     self.conn = Some(conn);
+                    self.last_error = None;
                     return true;
                 }
                 Err(e) => {
-                    tracing::debug!(ledger = %self.shown, error = %e, "PostgreSQL ledger still unreachable");
+                    let message = e.to_string();
+                    if self.last_error.as_deref() != Some(message.as_str()) {
+                        if e.is_permanent() {
+                            // A changed password or a dropped database: no retry cures it,
+                            // but the spool still keeps every record, so keep serving.
+                            tracing::error!(ledger = %self.shown, error = %message, "PostgreSQL ledger refuses the connection; records stay in the spool");
+                        } else {
+                            tracing::warn!(ledger = %self.shown, error = %message, "PostgreSQL ledger still unreachable");
+                        }
+                        self.last_error = Some(message);
+                    }
                     self.next_try = crate::clock::now() + RECONNECT_EVERY;
                 }
             }
