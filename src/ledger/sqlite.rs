@@ -172,3 +172,49 @@ pub fn delete_through(conn: &Connection, rowid: i64) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM requests WHERE rowid <= ?1", [rowid])
         .map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file written before `resent` and `replica` existed opens, gains them with their
+    /// defaults, and its records read back.
+    #[test]
+    fn an_old_file_gains_the_new_columns_and_stays_readable() {
+        let dir = std::env::temp_dir().join(format!("tollgate-old-ledger-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.db");
+        let old = SCHEMA
+            .replace("    resent             INTEGER NOT NULL DEFAULT 0,\n", "")
+            .replace(
+                "    -- The gateway process that served the request; '' in files older than the column.\n    replica            TEXT NOT NULL DEFAULT ''\n",
+                "",
+            )
+            .replace(
+                "    -- Attempts sent after one whose backend may have begun working on the request.\n",
+                "",
+            )
+            .replace("stream             INTEGER NOT NULL,", "stream             INTEGER NOT NULL");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&old).unwrap();
+            assert!(
+                conn.prepare("SELECT replica FROM requests").is_err(),
+                "the old schema has no replica column:\n{old}"
+            );
+            conn.execute_batch(
+                "INSERT INTO requests VALUES ('r1', 1, 2, 't', 'k', '{}', '/v1/chat/completions',
+                 'm', 'b', 'm', 1, 2, 0, 0, 0, 'upstream', 5, 1, 0, 'ok', 200, 1, 1.5, NULL, 0)",
+            )
+            .unwrap();
+        }
+        let conn = open(&path, false).unwrap();
+        let rows = read_oldest(&conn, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(&*rows[0].1.replica, "");
+        assert_eq!(rows[0].1.resent, 0);
+        assert_eq!(rows[0].1.cost_nusd, 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
