@@ -132,8 +132,17 @@ impl Writer {
     /// The ledger thread's loop; ends when every sender is gone and the queue is written.
     pub(super) fn run(mut self, rx: mpsc::Receiver<Msg>) {
         let mut batch: Vec<Msg> = Vec::new();
+        // Whether the last drain moved records: then the next chunk goes at once, else the
+        // writer waits for records or the next reconnect attempt.
+        let mut draining = false;
         loop {
-            let first = if self.spooled() > 0 {
+            let first = if self.spooled() > 0 && draining {
+                match rx.try_recv() {
+                    Ok(msg) => Some(msg),
+                    Err(mpsc::TryRecvError::Empty) => None,
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+            } else if self.spooled() > 0 {
                 match rx.recv_timeout(RECONNECT_EVERY) {
                     Ok(msg) => Some(msg),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -155,9 +164,7 @@ impl Writer {
                 }
                 self.write(&mut batch);
             }
-            if self.spooled() > 0 {
-                self.drain_some();
-            }
+            draining = self.spooled() > 0 && self.drain_some();
         }
         // Shutting down: hand PostgreSQL what it will take now; the rest waits in the spool
         // for the next start.
