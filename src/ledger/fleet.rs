@@ -32,6 +32,9 @@ use tokio_postgres::{Client, Statement};
 
 /// How often a writer with a non-empty spool tries PostgreSQL again, and drains when idle.
 const RECONNECT_EVERY: Duration = Duration::from_millis(500);
+/// How long a stopping gateway keeps draining its spool before leaving the rest for its
+/// next start.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 type Connecting = JoinHandle<Result<(Client, Driver), PgError>>;
 type Driver = tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
@@ -166,9 +169,10 @@ impl Writer {
             }
             draining = self.spooled() > 0 && self.drain_some();
         }
-        // Shutting down: hand PostgreSQL what it will take now; the rest waits in the spool
-        // for the next start.
-        while self.spooled() > 0 && self.conn.is_some() {
+        // Shutting down: hand PostgreSQL what it takes within a bound (a long backlog must not
+        // hold the exit); the rest waits in the spool for the next start.
+        let until = crate::clock::now() + SHUTDOWN_DRAIN;
+        while self.spooled() > 0 && self.conn.is_some() && crate::clock::now() < until {
             if !self.drain_some() {
                 break;
             }
