@@ -4,7 +4,7 @@ use crate::admin::Admin;
 use crate::budget::{BudgetBook, Demand};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{AdminAccess, Config};
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Ledger, LedgerError, Store};
 use crate::live::{Live, LiveState};
 use crate::pipeline::Gateway;
 use crate::server::catch_panic::CatchPanicLayer;
@@ -110,9 +110,23 @@ pub async fn start_with_clock(
         );
     }
     let handle = crate::metrics::install();
-    let ledger = Ledger::open(&config.ledger_url, config.ledger_fsync)?;
+    let store = Store::from_url(config.ledger_url.expose(), &config.ledger_spool)?;
+    let ledger = {
+        let replica = config.server.replica.clone();
+        let fsync = config.ledger_fsync;
+        // Off the runtime: opening a PostgreSQL ledger connects and migrates.
+        tokio::task::spawn_blocking(move || Ledger::open(store, fsync, replica))
+            .await
+            .map_err(|e| LedgerError::Thread(std::io::Error::other(e)))??
+    };
     let budgets = Arc::new(BudgetBook::new(clock.clone()));
-    seed_budgets(&budgets, &ledger, &config)?;
+    {
+        let (budgets, ledger) = (budgets.clone(), ledger.clone());
+        let teams = config.teams.clone();
+        tokio::task::spawn_blocking(move || seed_budgets(&budgets, &ledger, &teams))
+            .await
+            .map_err(|e| LedgerError::Thread(std::io::Error::other(e)))??;
+    }
     // Loading the encoders takes a moment; do it now, not on the first request to need them.
     load_encodings(&config).await;
     let opts = ServeOptions {
@@ -247,30 +261,48 @@ impl Running {
 }
 
 /// Starts every budget counter from what the ledger already holds for its current window,
-/// so a restart neither forgets spend nor counts it twice.
-fn seed_budgets(book: &BudgetBook, ledger: &Ledger, config: &Config) -> Result<(), StartError> {
+/// so a restart neither forgets spend nor counts it twice. In fleet mode that is PostgreSQL
+/// plus the local spool (records PostgreSQL has not received yet); PostgreSQL out of reach
+/// leaves the spool alone to count, said loudly.
+fn seed_budgets(
+    book: &BudgetBook,
+    ledger: &Ledger,
+    teams: &[Arc<crate::config::Team>],
+) -> Result<(), StartError> {
     let now = book.now_us();
-    let conn =
-        crate::ledger::sqlite::open_read(&ledger.path).map_err(|source| LedgerError::Open {
-            path: ledger.path.display().to_string(),
-            source,
-        })?;
-    for team in &config.teams {
+    let read_err = |e: crate::ledger::read::ReadError| LedgerError::Read {
+        store: ledger.store.display(),
+        source: e,
+    };
+    // The spool first: a record the writer moves to PostgreSQL meanwhile is then counted
+    // twice (a budget a little stricter for this window), never not at all.
+    let mut readers = Vec::new();
+    if let Some(spool) = ledger.store.spool_reader() {
+        readers.push(spool.map_err(read_err)?);
+    }
+    match (ledger.store.reader(), &ledger.store) {
+        (Ok(r), _) => readers.push(r),
+        (Err(e), Store::Postgres { .. }) => tracing::error!(
+            ledger = %ledger.store.display(), error = %e,
+            "cannot read the PostgreSQL ledger: budgets start from the local spool only"
+        ),
+        (Err(e), Store::Sqlite(_)) => return Err(read_err(e).into()),
+    }
+    for team in teams {
         for b in &team.budgets {
             let (start, _) = crate::budget::window::bounds(b.window, now);
-            let rows = crate::ledger::sqlite::spend_since(&conn, &team.name, start, b.per_key)
-                .map_err(|source| LedgerError::Open {
-                    path: ledger.path.display().to_string(),
-                    source,
-                })?;
-            for (key, nusd, tokens) in rows {
-                book.seed(
-                    &team.name,
-                    key.map(Arc::from),
-                    b.window,
-                    start,
-                    Demand { nusd, tokens },
-                );
+            for reader in &readers {
+                let rows = crate::ledger::read::spend_since(reader, &team.name, start, b.per_key)
+                    .map_err(read_err)?;
+                for (key, nusd, tokens) in rows {
+                    book.seed(
+                        &team.name,
+                        key.map(Arc::from),
+                        b.window,
+                        start,
+                        Demand { nusd, tokens },
+                    );
+                }
             }
             if let (Some(nusd), false) = (b.nusd, b.per_key) {
                 metrics::gauge!(crate::metrics::BUDGET_LIMIT_USD, "team" => team.name.clone(), "window" => b.window.as_str())

@@ -295,10 +295,10 @@ async fn send(
 /// The ledger's view of this run: what each team spent, on which model and backend.
 async fn print_cost_report(gw: &app::Running, since_us: i64) -> anyhow::Result<()> {
     use crate::finops::report::{self, Dim, Format};
-    let path = gw.ledger.path.clone();
+    let store = gw.ledger.store.clone();
     let config = gw.live.load().config.clone();
     let table = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let conn = crate::ledger::sqlite::open_read(&path)?;
+        let conn = store.reader()?;
         let by = [Dim::Team, Dim::Model, Dim::Backend];
         let rows = report::query(&conn, &by, Some(since_us), None)?;
         let gpus = crate::finops::backends::economics(
@@ -318,7 +318,7 @@ async fn print_cost_report(gw: &app::Running, since_us: i64) -> anyhow::Result<(
     .await??;
     println!(
         "\nCost report from the ledger ({}):\n",
-        gw.ledger.path.display()
+        gw.ledger.store.display()
     );
     print!("{table}");
     println!(

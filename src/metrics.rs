@@ -19,6 +19,7 @@ pub const IN_FLIGHT: &str = "tollgate_in_flight";
 pub const TOKENS_TOTAL: &str = "tollgate_tokens_total";
 pub const UNPRICED_REQUESTS_TOTAL: &str = "tollgate_unpriced_requests_total";
 pub const LEDGER_ERRORS_TOTAL: &str = "tollgate_ledger_errors_total";
+pub const LEDGER_SPOOLED_RECORDS: &str = "tollgate_ledger_spooled_records";
 pub const BUDGET_LIMIT_USD: &str = "tollgate_budget_limit_usd";
 pub const BUDGET_SPENT_USD: &str = "tollgate_budget_spent_usd";
 pub const BUDGET_REJECTIONS_TOTAL: &str = "tollgate_budget_rejections_total";
@@ -138,6 +139,10 @@ fn describe() {
     describe_counter!(
         LEDGER_ERRORS_TOTAL,
         "Failed ledger commits; while they fail, billable requests get 503."
+    );
+    describe_gauge!(
+        LEDGER_SPOOLED_RECORDS,
+        "Records in the local spool waiting for PostgreSQL (fleet ledger); 0 when it keeps up."
     );
     describe_gauge!(
         BUDGET_LIMIT_USD,

@@ -405,6 +405,7 @@ impl Settle {
 
         let record = record(
             ctx,
+            &this.job.recorder.ledger.replica,
             o.status,
             o.http_status,
             Some(Figures {
@@ -451,7 +452,8 @@ impl Job {
     /// The record of a request no backend was asked to serve: no tokens, no cost.
     fn write_unsent(self, status: Status, http_status: u16) {
         let latency = self.ctx.started.elapsed();
-        let record = record(&self.ctx, status, http_status, None, latency);
+        let replica = &self.recorder.ledger.replica;
+        let record = record(&self.ctx, replica, status, http_status, None, latency);
         self.recorder.ledger.submit(record, None);
     }
 }
@@ -468,6 +470,7 @@ struct Figures<'a> {
 /// The ledger record of a request, settled (with its figures) or not sent (without).
 fn record(
     ctx: &RequestCtx,
+    replica: &Arc<str>,
     status: Status,
     http_status: u16,
     figures: Option<Figures<'_>>,
@@ -512,6 +515,7 @@ fn record(
             .and_then(|f| f.first_token_at)
             .map(|t| t.duration_since(ctx.started).as_secs_f64() * 1e3),
         stream: ctx.stream,
+        replica: replica.clone(),
     }
 }
 

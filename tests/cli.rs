@@ -361,12 +361,13 @@ fn check_never_prints_a_store_password_or_a_key() {
         assert!(!all.contains("s3cret"), "{what} leaked:\n{all}");
         all
     };
-    // Passwords in store URLs, including ones with characters that end a URL's authority.
+    // Passwords in store URLs, including ones with characters that end a URL's authority
+    // (the PostgreSQL URL is malformed on purpose: its port).
     let all = secret_free(
         "store URLs",
         base.replace(
             "\"sqlite://data/tollgate.db\"",
-            "\"postgres://tollgate:pg/s3cret@db.internal:5432/ledger\"",
+            "\"postgres://tollgate:pg/s3cret@db.internal:54x32/ledger\"",
         )
         .replace(
             "budgets = \"local\"",
@@ -374,7 +375,7 @@ fn check_never_prints_a_store_password_or_a_key() {
         ),
     );
     assert!(
-        all.contains("store.ledger") && all.contains("db.internal:5432/ledger"),
+        all.contains("store.ledger") && all.contains("db.internal:54x32/ledger"),
         "{all}"
     );
     assert!(
@@ -385,7 +386,7 @@ fn check_never_prints_a_store_password_or_a_key() {
         "a password as a URL parameter",
         base.replace(
             "\"sqlite://data/tollgate.db\"",
-            "\"postgres://db.internal/ledger?user=tg&password=s3cret\"",
+            "\"postgres://db.internal/ledger?user=tg&password=s3cret&port=x\"",
         )
         .replace(
             "budgets = \"local\"",

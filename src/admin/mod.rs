@@ -8,6 +8,7 @@ use crate::config;
 use crate::error::GatewayError;
 use crate::finops::report;
 use crate::keys::hash_key;
+use crate::ledger::read::Reader;
 use crate::ledger::Ledger;
 use crate::live::{Live, LiveState};
 use bytes::Bytes;
@@ -109,17 +110,17 @@ impl Admin {
         }
     }
 
-    /// Runs `read` on a read-only ledger connection on the blocking pool: a report can scan
-    /// many rows, and the runtime must keep serving meanwhile. A failure is logged here and
-    /// answered with a 500 that says nothing internal.
+    /// Runs `read` on a ledger connection (the file, or PostgreSQL in fleet mode) on the
+    /// blocking pool: a report can scan many rows, and the runtime must keep serving meanwhile.
+    /// A failure is logged here and answered with a 500 that says nothing internal.
     async fn read_ledger(
         &self,
         what: &'static str,
-        read: impl FnOnce(&rusqlite::Connection) -> Result<String, report::ReportError> + Send + 'static,
+        read: impl FnOnce(&Reader) -> Result<String, report::ReportError> + Send + 'static,
     ) -> Result<String, Response<GatewayBody>> {
-        let path = self.ledger.path.clone();
+        let store = self.ledger.store.clone();
         let out = tokio::task::spawn_blocking(move || {
-            let conn = crate::ledger::sqlite::open_read(&path)?;
+            let conn = store.reader()?;
             read(&conn)
         })
         .await;

@@ -3,6 +3,7 @@
 
 mod stdout;
 
+use crate::ledger::Store;
 use crate::{app, config, demo, keys, route::Router, sim};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -109,6 +110,11 @@ enum Command {
         #[arg(long)]
         backends: bool,
     },
+    /// Apply the PostgreSQL ledger's schema migrations (the gateway also does at start).
+    Migrate {
+        #[arg(long, default_value = "config/tollgate.toml")]
+        config: PathBuf,
+    },
     /// Manage client keys.
     Key {
         #[command(subcommand)]
@@ -173,6 +179,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(out.flush()?)
         }
         Command::Serve { config } => runtime()?.block_on(serve(config)),
+        Command::Migrate { config } => {
+            let mut out = stdout::Stdout::lock();
+            migrate(&mut out, &config)?;
+            Ok(out.flush()?)
+        }
         Command::Report {
             config,
             by,
@@ -240,6 +251,41 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn migrate(out: &mut impl Write, config: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = config::load(config, &config::process_env)?;
+    let store = Store::from_url(cfg.ledger_url.expose(), &cfg.ledger_spool)?;
+    let Store::Postgres { url, .. } = &store else {
+        writeln!(
+            out,
+            "store.ledger is {}: the embedded ledger migrates itself when opened; nothing to do",
+            store.display()
+        )?;
+        return Ok(());
+    };
+    let shown = store.display();
+    let mut pg = crate::ledger::postgres::Blocking::connect(url.expose())
+        .with_context(|| format!("store.ledger: cannot connect to {shown}"))?;
+    let applied = pg
+        .migrate()
+        .with_context(|| format!("store.ledger: migrating {shown}"))?;
+    let latest = crate::ledger::postgres::MIGRATIONS
+        .last()
+        .map_or(0, |m| m.0);
+    if applied.is_empty() {
+        writeln!(out, "{shown}: schema up to date (version {latest})")?;
+    } else {
+        for v in &applied {
+            let name = crate::ledger::postgres::MIGRATIONS
+                .iter()
+                .find(|m| m.0 == *v)
+                .map_or("", |m| m.1);
+            writeln!(out, "{shown}: applied migration {v} ({name})")?;
+        }
+        writeln!(out, "{shown}: schema at version {latest}")?;
+    }
+    Ok(())
+}
+
 fn report(
     out: &mut impl Write,
     config: &std::path::Path,
@@ -251,10 +297,7 @@ fn report(
 ) -> anyhow::Result<()> {
     use crate::finops::report::{self, Dim, Format};
     let cfg = config::load(config, &config::process_env)?;
-    let path = cfg
-        .ledger_url
-        .strip_prefix("sqlite://")
-        .context("only sqlite:// ledgers are supported so far")?;
+    let store = crate::ledger::Store::from_url(cfg.ledger_url.expose(), &cfg.ledger_spool)?;
     let now = crate::clock::unix_now_us();
     let from = since.map(|s| report::parse_time(&s, now)).transpose()?;
     let to = until.map(|s| report::parse_time(&s, now)).transpose()?;
@@ -264,8 +307,38 @@ fn report(
     } else {
         Some((Dim::parse_list(by)?, format.parse::<Format>()?))
     };
-    let conn = crate::ledger::sqlite::open_read(std::path::Path::new(path))
-        .with_context(|| format!("cannot open the ledger {path} (has the gateway run yet?)"))?;
+    let conn = store.reader().with_context(|| match &store {
+        crate::ledger::Store::Sqlite(_) => {
+            format!(
+                "cannot open the ledger {} (has the gateway run yet?)",
+                store.display()
+            )
+        }
+        crate::ledger::Store::Postgres { .. } => {
+            format!(
+                "store.ledger: cannot read the PostgreSQL ledger {}",
+                store.display()
+            )
+        }
+    })?;
+    if let Store::Postgres { spool, .. } = &store {
+        if let Some(Ok(n)) = store.spool_reader().map(|r| {
+            r.and_then(|r| {
+                let rows = r.rows("SELECT COUNT(*) FROM requests", &[])?;
+                Ok(rows
+                    .first()
+                    .and_then(|r| r[0].opt_int(0).ok().flatten())
+                    .unwrap_or(0))
+            })
+        }) {
+            if n > 0 {
+                eprintln!(
+                    "note: {n} records in the local spool {} are not in PostgreSQL yet and not in this report",
+                    spool.display()
+                );
+            }
+        }
+    }
     match report {
         None => write!(
             out,

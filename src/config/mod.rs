@@ -36,6 +36,8 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 /// OpenAI's own limit is 128; a gateway in front of shared budgets needs a tighter one.
 pub const DEFAULT_MAX_N: u64 = 16;
+/// Beside the embedded ledger's default file.
+pub const DEFAULT_SPOOL: &str = "sqlite://data/spool.db";
 pub const DEFAULT_EXPECTED_OUTPUT_TOKENS: u64 = 256;
 pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
 pub const DEFAULT_CIRCUIT_OPEN_S: f64 = 10.0;
@@ -105,6 +107,9 @@ pub struct RawServer {
     /// Largest `n` (and `best_of`) a request may ask: each choice is a full generation, so
     /// one request with a large `n` costs as much as that many requests.
     pub max_n: u64,
+    /// This process's name in the ledger's `replica` column; unset: hostname and pid, which
+    /// tells replicas apart but changes on restart, so set it in a fleet.
+    pub replica: Option<String>,
 }
 
 impl Default for RawServer {
@@ -126,6 +131,7 @@ impl Default for RawServer {
             shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_n: DEFAULT_MAX_N,
+            replica: None,
         }
     }
 }
@@ -133,8 +139,12 @@ impl Default for RawServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStore {
-    /// `sqlite://path` (embedded). `postgres://…` (fleet) is refused until this build has it.
+    /// `sqlite://path` (embedded) or `postgres://user:pass@host:port/db` (fleet; what the URL
+    /// leaves out comes from PGUSER, PGPASSWORD, PGHOST, PGPORT, PGDATABASE).
     pub ledger: String,
+    /// Fleet mode only: `sqlite://path` of the local spool that keeps records while
+    /// PostgreSQL cannot be reached.
+    pub spool: String,
     /// `local`. `redis://…` (fleet) is refused until this build has it.
     pub budgets: String,
     /// fsync each ledger group commit: survives power loss, not only a killed process.
@@ -145,6 +155,7 @@ impl Default for RawStore {
     fn default() -> Self {
         Self {
             ledger: "sqlite://data/tollgate.db".into(),
+            spool: DEFAULT_SPOOL.into(),
             budgets: "local".into(),
             fsync: false,
         }

@@ -13,8 +13,10 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct Config {
     pub server: Server,
-    /// `sqlite://path`: the only ledger this build can keep.
-    pub ledger_url: String,
+    /// `sqlite://path` or `postgres://…` (checked to parse). A secret: it may hold a password.
+    pub ledger_url: Secret,
+    /// The spool file of a PostgreSQL ledger.
+    pub ledger_spool: std::path::PathBuf,
     pub ledger_fsync: bool,
     pub routing: Routing,
     pub backends: Vec<Arc<Backend>>,
@@ -47,6 +49,8 @@ pub struct Server {
     pub shutdown_grace: Duration,
     pub max_response_bytes: u64,
     pub max_n: u64,
+    /// Stamped on every ledger record this process writes.
+    pub replica: Arc<str>,
 }
 
 /// How the admin port's guarded paths (`/metrics`, `/admin/*`) are kept from strangers.

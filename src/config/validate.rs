@@ -151,7 +151,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
         missing_keys: Vec::new(),
     };
     let server = server(&raw.server, env, &mut c);
-    let (ledger_url, ledger_fsync) = store(raw.store, &mut c);
+    let (ledger_url, ledger_spool, ledger_fsync) = store(raw.store, &mut c);
     let routing = routing(&raw.routing, &mut c);
     let backends = backends(raw.backend, env, &mut c);
     let teams = teams(raw.team, &backends, &mut c);
@@ -163,6 +163,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
     Ok(Config {
         server,
         ledger_url,
+        ledger_spool,
         ledger_fsync,
         routing,
         backends,
@@ -198,7 +199,14 @@ fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
         shutdown_grace: c.seconds("server.shutdown_grace_s", s.shutdown_grace_s),
         max_response_bytes: s.max_response_bytes,
         max_n: s.max_n,
+        replica: match &s.replica {
+            Some(r) => Arc::from(r.as_str()),
+            None => default_replica().into(),
+        },
     };
+    if let Some(r) = &s.replica {
+        c.name("server.replica", r);
+    }
     c.positive("server.max_n", s.max_n);
     c.positive("server.max_body_bytes", s.max_body_bytes);
     c.positive("server.max_in_flight", s.max_in_flight);
@@ -233,18 +241,38 @@ fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
 /// The stores this build can keep. A store it cannot honour is an error, never ignored: a
 /// user who names Redis believes budgets are shared across replicas. The value is quoted
 /// back redacted: store URLs carry passwords.
-fn store(s: RawStore, c: &mut Checker) -> (String, bool) {
-    if !s.ledger.starts_with("sqlite://") {
-        let what = if s.ledger.starts_with("postgres://") || s.ledger.starts_with("postgresql://") {
-            "a PostgreSQL ledger is not supported by this build yet; use sqlite://path".to_string()
-        } else {
-            "must be sqlite://path".to_string()
-        };
+fn store(s: RawStore, c: &mut Checker) -> (Secret, std::path::PathBuf, bool) {
+    let is_pg = s.ledger.starts_with("postgres://") || s.ledger.starts_with("postgresql://");
+    if is_pg {
+        // Only the shape here: whether the server answers is the gateway's start's question.
+        if let Err(e) = <tokio_postgres::Config as std::str::FromStr>::from_str(&s.ledger) {
+            c.err(
+                "store.ledger",
+                format!(
+                    "not a valid PostgreSQL URL: {e} (got `{}`)",
+                    redact_url(&s.ledger)
+                ),
+            );
+        }
+    } else if !s.ledger.starts_with("sqlite://") {
         c.err(
             "store.ledger",
-            format!("{what} (got `{}`)", redact_url(&s.ledger)),
+            format!(
+                "must be sqlite://path or postgres://user@host:port/db (got `{}`)",
+                redact_url(&s.ledger)
+            ),
         );
     }
+    let spool = match s.spool.strip_prefix("sqlite://") {
+        Some(p) if !p.is_empty() => std::path::PathBuf::from(p),
+        _ => {
+            c.err(
+                "store.spool",
+                format!("must be sqlite://path (got `{}`)", redact_url(&s.spool)),
+            );
+            std::path::PathBuf::new()
+        }
+    };
     if s.budgets != "local" {
         let what = if s.budgets.starts_with("redis://") || s.budgets.starts_with("rediss://") {
             "budgets shared in Redis are not supported by this build yet; use `local`"
@@ -256,7 +284,18 @@ fn store(s: RawStore, c: &mut Checker) -> (String, bool) {
             format!("{what} (got `{}`)", redact_url(&s.budgets)),
         );
     }
-    (s.ledger, s.fsync)
+    (Secret::new(s.ledger), spool, s.fsync)
+}
+
+/// `hostname-pid`: unique among live processes, which is what tells replicas apart.
+fn default_replica() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn routing(r: &RawRouting, c: &mut Checker) -> Routing {

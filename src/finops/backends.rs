@@ -17,8 +17,8 @@
 use crate::config::prices::{self, Catalog, Price};
 use crate::config::{Backend, Config, Hosting};
 use crate::finops::report::{Format, ReportError};
+use crate::ledger::read::{Param, Reader};
 use crate::meter::{self, TokenSource, Usage};
-use rusqlite::Connection;
 
 const HOUR_US: f64 = 3_600_000_000.0;
 
@@ -58,7 +58,7 @@ pub struct Commercial {
 
 /// One row per self-hosted backend with a `gpu` cost in the config.
 pub fn economics(
-    conn: &Connection,
+    conn: &Reader,
     config: &Config,
     catalog: &Catalog,
     from_us: Option<i64>,
@@ -68,8 +68,13 @@ pub fn economics(
     let from = match from_us {
         Some(f) => f,
         None => {
-            let first: Option<i64> =
-                conn.query_row("SELECT MIN(started_at_us) FROM requests", [], |r| r.get(0))?;
+            let first = match conn
+                .rows("SELECT MIN(started_at_us) FROM requests", &[])?
+                .first()
+            {
+                Some(row) => row[0].opt_int(0)?,
+                None => None,
+            };
             match first {
                 Some(f) => f,
                 None => return Ok(Vec::new()),
@@ -92,12 +97,16 @@ pub fn economics(
         let (busy_us, in_flight_us) = occupancy(conn, &b.name, from, to)?;
         let served = served_models(conn, &b.name, from, to)?;
         let tokens: u64 = served.iter().map(|s| s.prompt + s.completion).sum();
-        let (charged_nusd, inferences): (i64, i64) = conn.query_row(
-            "SELECT COALESCE(SUM(cost_nusd), 0), COALESCE(SUM(status = 'ok'), 0) FROM requests
-             WHERE backend = ?1 AND started_at_us >= ?2 AND started_at_us < ?3",
-            rusqlite::params![&*b.name, from, to],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+        let sums = conn.rows(
+            "SELECT CAST(COALESCE(SUM(cost_nusd), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(CASE WHEN status = 'ok' THEN 1 ELSE 0 END), 0) AS BIGINT)
+             FROM requests WHERE backend = ?1 AND started_at_us >= ?2 AND started_at_us < ?3",
+            &[Param::Text(&b.name), Param::Int(from), Param::Int(to)],
         )?;
+        let (charged_nusd, inferences) = match sums.first() {
+            Some(r) => (r[0].int(0)?, r[1].int(1)?),
+            None => (0, 0),
+        };
         let hours = period_us / HOUR_US;
         let commercial =
             cheapest_commercial(config, catalog, b, &served).map(|(serving, cost_nusd)| {
@@ -142,37 +151,33 @@ pub fn economics(
 }
 
 /// Time with at least one request in flight, and request-time in flight, within the period.
-fn occupancy(
-    conn: &Connection,
-    backend: &str,
-    from: i64,
-    to: i64,
-) -> Result<(i64, i64), ReportError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT started_at_us, ended_at_us FROM requests
-         WHERE backend = ?1 AND ended_at_us > ?2 AND started_at_us < ?3
-         ORDER BY started_at_us",
-    )?;
-    let mut rows = stmt.query(rusqlite::params![backend, from, to])?;
+fn occupancy(conn: &Reader, backend: &str, from: i64, to: i64) -> Result<(i64, i64), ReportError> {
     let (mut busy, mut area) = (0i64, 0i64);
     // The union of intervals sorted by start: extend the current run or close it.
     let mut run: Option<(i64, i64)> = None;
-    while let Some(r) = rows.next()? {
-        let start = r.get::<_, i64>(0)?.max(from);
-        let end = r.get::<_, i64>(1)?.min(to);
-        if end <= start {
-            continue;
-        }
-        area += end - start;
-        run = match run {
-            Some((s, e)) if start <= e => Some((s, e.max(end))),
-            Some((s, e)) => {
-                busy += e - s;
-                Some((start, end))
+    conn.each(
+        "SELECT started_at_us, ended_at_us FROM requests
+         WHERE backend = ?1 AND ended_at_us > ?2 AND started_at_us < ?3
+         ORDER BY started_at_us",
+        &[Param::Text(backend), Param::Int(from), Param::Int(to)],
+        |r| -> Result<(), ReportError> {
+            let start = r[0].int(0)?.max(from);
+            let end = r[1].int(1)?.min(to);
+            if end <= start {
+                return Ok(());
             }
-            None => Some((start, end)),
-        };
-    }
+            area += end - start;
+            run = match run {
+                Some((s, e)) if start <= e => Some((s, e.max(end))),
+                Some((s, e)) => {
+                    busy += e - s;
+                    Some((start, end))
+                }
+                None => Some((start, end)),
+            };
+            Ok(())
+        },
+    )?;
     if let Some((s, e)) = run {
         busy += e - s;
     }
@@ -189,28 +194,34 @@ struct Served {
 }
 
 fn served_models(
-    conn: &Connection,
+    conn: &Reader,
     backend: &str,
     from: i64,
     to: i64,
 ) -> Result<Vec<Served>, ReportError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT served_model, COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),
-                COALESCE(SUM(cached_tokens), 0)
+    let rows = conn.rows(
+        "SELECT served_model, CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT),
+                CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT),
+                CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT)
          FROM requests
          WHERE backend = ?1 AND started_at_us >= ?2 AND started_at_us < ?3
            AND served_model IS NOT NULL AND status != 'upstream_error'
          GROUP BY served_model ORDER BY served_model",
+        &[Param::Text(backend), Param::Int(from), Param::Int(to)],
     )?;
-    let rows = stmt.query_map(rusqlite::params![backend, from, to], |r| {
-        Ok(Served {
-            model: r.get(0)?,
-            prompt: r.get::<_, i64>(1)? as u64,
-            completion: r.get::<_, i64>(2)? as u64,
-            cached: r.get::<_, i64>(3)? as u64,
+    let count = |v: &crate::ledger::read::Value, i| -> Result<u64, ReportError> {
+        Ok(v.int(i)?.max(0) as u64)
+    };
+    rows.iter()
+        .map(|r| {
+            Ok(Served {
+                model: r[0].text(0)?,
+                prompt: count(&r[1], 1)?,
+                completion: count(&r[2], 2)?,
+                cached: count(&r[3], 3)?,
+            })
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+        .collect()
 }
 
 /// For each model served, the cheapest commercial model sharing its name or an alias, and

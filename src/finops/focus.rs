@@ -35,8 +35,8 @@ use crate::clock::format_time;
 use crate::config::prices::{Catalog, Price};
 use crate::config::{Backend, Config, Focus, Hosting, Window};
 use crate::finops::report::{csv_field, ReportError};
+use crate::ledger::read::{Param, ReadError, Reader};
 use crate::meter::{self, format_usd, TokenSource, Usage};
-use rusqlite::Connection;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 
@@ -126,7 +126,7 @@ struct Acc {
 /// Charges for requests that started in `[from_us, to_us)`, in FOCUS order: by period start,
 /// team, backend, model, key. `config` says each backend's hosting and region.
 pub fn query(
-    conn: &Connection,
+    conn: &Reader,
     config: &Config,
     from_us: Option<i64>,
     to_us: Option<i64>,
@@ -134,28 +134,32 @@ pub fn query(
     let catalog = Catalog::builtin();
     let backends: HashMap<&str, &Backend> =
         config.backends.iter().map(|b| (&*b.name, &**b)).collect();
-    let mut stmt = conn.prepare(
-        "SELECT started_at_us, team, backend, COALESCE(served_model, requested_model), tags,
+    let sql = "SELECT started_at_us, team, backend, COALESCE(served_model, requested_model), tags,
                 prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
                 cost_nusd, egress_bytes, key_id, cache_write_1h_tokens
          FROM requests
          WHERE started_at_us >= ?1 AND started_at_us < ?2
-           AND backend IS NOT NULL AND status != 'upstream_error'",
-    )?;
-    let mut rows = stmt.query([from_us.unwrap_or(i64::MIN), to_us.unwrap_or(i64::MAX)])?;
+           AND backend IS NOT NULL AND status != 'upstream_error'";
+    let range = [
+        Param::Int(from_us.unwrap_or(i64::MIN)),
+        Param::Int(to_us.unwrap_or(i64::MAX)),
+    ];
     let mut charges: BTreeMap<ChargeKey, Acc> = BTreeMap::new();
-    while let Some(r) = rows.next()? {
-        let started: i64 = r.get(0)?;
+    // Rows stream through one at a time: each request is re-priced at the catalog price on
+    // its own (rounding per request, as it was billed), so the sum cannot move into SQL.
+    conn.each(sql, &range, |r| -> Result<(), ReportError> {
+        let started = r[0].int(0)?;
         let key = (
             started.saturating_sub(started.rem_euclid(HOUR_US)),
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            r.get(11)?,
+            r[1].text(1)?,
+            r[2].text(2)?,
+            r[3].text(3)?,
+            r[11].text(11)?,
         );
         // Counts are NULL when unknown; a negative one could only come from a damaged file.
-        let count = |i: usize| -> rusqlite::Result<u64> {
-            Ok(r.get::<_, Option<i64>>(i)?
+        let count = |i: usize| -> Result<u64, ReadError> {
+            Ok(r[i]
+                .opt_int(i)?
                 .map_or(0, |n| u64::try_from(n).unwrap_or(0)))
         };
         let usage = Usage {
@@ -170,9 +174,10 @@ pub fn query(
         let acc = charges
             .entry(key)
             .or_insert_with_key(|key| Acc::new(key, &backends, &catalog));
-        acc.add(&usage, r.get(9)?, count(10)?);
-        acc.add_tags(r.get_ref(4)?.as_str().unwrap_or("{}"));
-    }
+        acc.add(&usage, r[9].int(9)?, count(10)?);
+        acc.add_tags(r[4].as_str().unwrap_or("{}"));
+        Ok(())
+    })?;
     Ok(charges.into_values().map(|a| a.charge).collect())
 }
 
@@ -274,7 +279,7 @@ fn fields(focus: &Focus, c: &Charge) -> [String; COLUMNS.len()] {
 
 /// The FOCUS CSV for `[from_us, to_us)`.
 pub fn export(
-    conn: &Connection,
+    conn: &Reader,
     config: &Config,
     from_us: Option<i64>,
     to_us: Option<i64>,

@@ -1,8 +1,8 @@
 //! Spend reports from the ledger: requests, tokens, cost and cost per inference, grouped by
 //! any of team, model, backend, key, status, endpoint, day, hour, or a tag key.
 
+use crate::ledger::read::{Dialect, Param, ReadError, Reader, Value};
 use crate::meter::format_usd;
-use rusqlite::Connection;
 
 use std::fmt::Write as _;
 
@@ -30,8 +30,8 @@ pub enum ReportError {
     BadTime(String),
     #[error("unknown format `{0}`: use table, csv, json or focus")]
     BadFormat(String),
-    #[error("ledger query failed: {0}")]
-    Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Read(#[from] ReadError),
 }
 
 impl Dim {
@@ -82,7 +82,18 @@ impl Dim {
     }
 
     /// The SQL expression; tag keys are restricted to `[A-Za-z0-9_.-]`, so inlining is safe.
-    fn sql(&self) -> String {
+    fn sql(&self, dialect: Dialect) -> String {
+        let pg = "to_timestamp(started_at_us / 1000000) AT TIME ZONE 'UTC'";
+        match (self, dialect) {
+            (Dim::Day, Dialect::Postgres) => return format!("to_char({pg}, 'YYYY-MM-DD')"),
+            (Dim::Hour, Dialect::Postgres) => {
+                return format!("to_char({pg}, 'YYYY-MM-DD\"T\"HH24\":00Z\"')")
+            }
+            (Dim::Tag(t), Dialect::Postgres) => {
+                return format!("COALESCE(tags::jsonb ->> '{t}', '-')")
+            }
+            _ => {}
+        }
         match self {
             Dim::Team => "team".into(),
             Dim::Model => "COALESCE(served_model, requested_model)".into(),
@@ -114,14 +125,15 @@ pub struct Row {
     pub p95_nusd: Option<i64>,
 }
 
-/// Rows for `[from_us, to_us)`, most expensive first.
+/// Rows for `[from_us, to_us)`, most expensive first. The grouping runs in the store, so
+/// memory grows with the number of groups, never with the number of records.
 pub fn query(
-    conn: &Connection,
+    conn: &Reader,
     by: &[Dim],
     from_us: Option<i64>,
     to_us: Option<i64>,
 ) -> Result<Vec<Row>, ReportError> {
-    let keys: Vec<String> = by.iter().map(Dim::sql).collect();
+    let keys: Vec<String> = by.iter().map(|d| d.sql(conn.dialect())).collect();
     let select_keys = if keys.is_empty() {
         String::new()
     } else {
@@ -138,33 +150,40 @@ pub fn query(
                 .join(", ")
         )
     };
+    // CAST: PostgreSQL sums BIGINTs as NUMERIC. `NOT priced` / `priced`: a boolean there, 0/1 here.
     let sql = format!(
-        "SELECT {select_keys} COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),
-                COALESCE(SUM(cost_nusd), 0), COALESCE(SUM(CASE WHEN priced = 0 AND status = 'ok' THEN 1 ELSE 0 END), 0),
-                COALESCE(SUM(CASE WHEN status = 'ok' THEN 1 ELSE 0 END), 0)
+        "SELECT {select_keys} COUNT(*), CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT),
+                CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT),
+                CAST(COALESCE(SUM(cost_nusd), 0) AS BIGINT),
+                CAST(COALESCE(SUM(CASE WHEN NOT priced AND status = 'ok' THEN 1 ELSE 0 END), 0) AS BIGINT),
+                CAST(COALESCE(SUM(CASE WHEN status = 'ok' THEN 1 ELSE 0 END), 0) AS BIGINT)
          FROM requests WHERE started_at_us >= ?1 AND started_at_us < ?2 {group}
          ORDER BY {} DESC",
         keys.len() + 4
     );
-    let range = [from_us.unwrap_or(i64::MIN), to_us.unwrap_or(i64::MAX)];
-    let mut stmt = conn.prepare(&sql)?;
+    let range = [
+        Param::Int(from_us.unwrap_or(i64::MIN)),
+        Param::Int(to_us.unwrap_or(i64::MAX)),
+    ];
     let n = keys.len();
-    let rows = stmt.query_map(range, |r| {
-        Ok(Row {
-            keys: group_keys(r, n)?,
-            requests: r.get::<_, i64>(n)? as u64,
-            prompt_tokens: r.get::<_, i64>(n + 1)? as u64,
-            completion_tokens: r.get::<_, i64>(n + 2)? as u64,
-            cost_nusd: r.get(n + 3)?,
-            unpriced_requests: r.get::<_, i64>(n + 4)? as u64,
-            inferences: r.get::<_, i64>(n + 5)? as u64,
+    let count = |v: &Value, i: usize| -> Result<u64, ReadError> { Ok(v.int(i)?.max(0) as u64) };
+    let mut rows = Vec::new();
+    conn.each(&sql, &range, |r| -> Result<(), ReportError> {
+        rows.push(Row {
+            keys: group_keys(r, n),
+            requests: count(&r[n], n)?,
+            prompt_tokens: count(&r[n + 1], n + 1)?,
+            completion_tokens: count(&r[n + 2], n + 2)?,
+            cost_nusd: r[n + 3].int(n + 3)?,
+            unpriced_requests: count(&r[n + 4], n + 4)?,
+            inferences: count(&r[n + 5], n + 5)?,
             p50_nusd: None,
             p95_nusd: None,
-        })
+        });
+        Ok(())
     })?;
-    let mut rows: Vec<Row> = rows.collect::<Result<_, _>>()?;
 
-    // Percentiles by nearest rank, ranked inside SQLite so memory does not grow with the
+    // Percentiles by nearest rank, ranked inside the store so memory does not grow with the
     // ledger: rank ⌈p·n⌉ of the group's costs in ascending order.
     let cols: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
     let partition = if n == 0 {
@@ -184,21 +203,21 @@ pub fn query(
                   ROW_NUMBER() OVER ({partition} ORDER BY cost_nusd) AS rn,
                   COUNT(*) OVER ({partition}) AS n
            FROM requests
-           WHERE started_at_us >= ?1 AND started_at_us < ?2 AND status = 'ok' AND priced = 1)
+           WHERE started_at_us >= ?1 AND started_at_us < ?2 AND status = 'ok' AND priced)
          SELECT {select} MAX(CASE WHEN rn = (n * 50 + 99) / 100 THEN cost_nusd END),
                 MAX(CASE WHEN rn = (n * 95 + 99) / 100 THEN cost_nusd END)
          FROM ranked {group}",
         select = cols.iter().map(|c| format!("{c}, ")).collect::<String>(),
     );
-    let mut stmt = conn.prepare(&sql)?;
     let mut percentiles: std::collections::HashMap<Vec<String>, (Option<i64>, Option<i64>)> =
         std::collections::HashMap::new();
-    for p in stmt.query_map(range, |r| {
-        Ok((group_keys(r, n)?, (r.get(n)?, r.get(n + 1)?)))
-    })? {
-        let (k, v) = p?;
-        percentiles.insert(k, v);
-    }
+    conn.each(&sql, &range, |r| -> Result<(), ReportError> {
+        percentiles.insert(
+            group_keys(r, n),
+            (r[n].opt_int(n)?, r[n + 1].opt_int(n + 1)?),
+        );
+        Ok(())
+    })?;
     for row in &mut rows {
         if let Some(&(p50, p95)) = percentiles.get(&row.keys) {
             row.p50_nusd = p50;
@@ -208,9 +227,10 @@ pub fn query(
     Ok(rows)
 }
 
-fn group_keys(r: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Vec<String>> {
-    (0..n)
-        .map(|i| Ok(r.get::<_, Option<String>>(i)?.unwrap_or_else(|| "-".into())))
+fn group_keys(r: &[Value], n: usize) -> Vec<String> {
+    r[..n]
+        .iter()
+        .map(|v| v.opt_text().unwrap_or_else(|| "-".into()))
         .collect()
 }
 

@@ -12,14 +12,21 @@
 //! process is killed; with `fsync = true` it also survives power loss, for the cost of one
 //! fsync per group commit. When a commit fails (disk full, directory gone), the ledger turns
 //! unhealthy and the gateway refuses billable requests with 503 until a retry succeeds.
+//!
+//! With `store.ledger = "postgres://…"` (fleet mode) the same thread writes to PostgreSQL and,
+//! while PostgreSQL cannot be reached, to a local SQLite spool; see `fleet.rs`.
 
+mod fleet;
+pub mod postgres;
+pub mod read;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod testing;
 
 use crate::meter::TokenSource;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::secret::Secret;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -65,6 +72,8 @@ pub struct Record {
     pub latency_ms: f64,
     pub ttft_ms: Option<f64>,
     pub stream: bool,
+    /// The gateway process that served the request (`server.replica`).
+    pub replica: Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +83,77 @@ pub enum LedgerError {
         path: String,
         source: rusqlite::Error,
     },
-    #[error("the ledger URL `{0}` is not supported yet (use sqlite://path)")]
+    #[error("the ledger URL `{0}` is not supported (use sqlite://path or postgres://…)")]
     Unsupported(String),
+    /// `url` is shown with its password hidden.
+    #[error("store.ledger `{url}`: {source}")]
+    Postgres {
+        url: String,
+        source: postgres::PgError,
+    },
+    #[error("cannot open the ledger spool at {path}: {source}")]
+    Spool {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("cannot start the ledger writer: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot read the ledger at {store}: {source}")]
+    Read {
+        store: String,
+        source: read::ReadError,
+    },
+}
+
+/// Where the ledger lives.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// The embedded ledger file.
+    Sqlite(PathBuf),
+    /// The fleet ledger; `spool` keeps records while PostgreSQL cannot be reached. The URL
+    /// may hold a password: a `Secret`, so no debug print shows it.
+    Postgres { url: Secret, spool: PathBuf },
+}
+
+impl Store {
+    /// `store.ledger` as validated; `spool` is `store.spool`'s path.
+    pub fn from_url(url: &str, spool: &Path) -> Result<Store, LedgerError> {
+        if let Some(p) = url.strip_prefix("sqlite://") {
+            Ok(Store::Sqlite(PathBuf::from(p)))
+        } else if postgres::is_postgres_url(url) {
+            Ok(Store::Postgres {
+                url: Secret::new(url),
+                spool: spool.to_path_buf(),
+            })
+        } else {
+            let shown = crate::secret::redact_url(url).into_owned();
+            Err(LedgerError::Unsupported(shown))
+        }
+    }
+
+    /// What to call the store in messages: the password never shows.
+    pub fn display(&self) -> String {
+        match self {
+            Store::Sqlite(p) => p.display().to_string(),
+            Store::Postgres { url, .. } => crate::secret::redact_url(url.expose()).into_owned(),
+        }
+    }
+
+    /// A read connection: PostgreSQL in fleet mode, else the file. Blocks; call off the runtime.
+    pub fn reader(&self) -> Result<read::Reader, read::ReadError> {
+        match self {
+            Store::Sqlite(p) => read::Reader::sqlite(p),
+            Store::Postgres { url, .. } => read::Reader::postgres(url.expose()),
+        }
+    }
+
+    /// The spool's reader, when there is a spool file: records PostgreSQL does not have yet.
+    pub fn spool_reader(&self) -> Option<Result<read::Reader, read::ReadError>> {
+        match self {
+            Store::Postgres { spool, .. } if spool.exists() => Some(read::Reader::sqlite(spool)),
+            _ => None,
+        }
+    }
 }
 
 /// Told whether the record was committed.
@@ -89,39 +167,56 @@ pub struct Ledger {
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
     healthy: Arc<AtomicBool>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    pub path: PathBuf,
+    pub store: Store,
+    /// Stamped on every record this process writes.
+    pub replica: Arc<str>,
+    /// Records in the spool (fleet mode): written locally, not yet in PostgreSQL.
+    spooled: Arc<AtomicU64>,
 }
 
 impl Ledger {
-    /// Opens (creating if needed) the ledger named by `store.ledger`.
-    pub fn open(url: &str, fsync: bool) -> Result<Arc<Ledger>, LedgerError> {
-        let path = match url.strip_prefix("sqlite://") {
-            Some(p) => PathBuf::from(p),
-            None => {
-                let shown = crate::secret::redact_url(url).into_owned();
-                return Err(LedgerError::Unsupported(shown));
-            }
-        };
-        let conn = sqlite::open(&path, fsync).map_err(|source| LedgerError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+    /// Opens (creating if needed) the ledger named by `store.ledger`. In fleet mode this
+    /// connects and migrates; PostgreSQL out of reach is not an error (records spool), a bad
+    /// URL, a refused login or a missing database is.
+    pub fn open(store: Store, fsync: bool, replica: Arc<str>) -> Result<Arc<Ledger>, LedgerError> {
         let (tx, rx) = mpsc::channel();
         let healthy = Arc::new(AtomicBool::new(true));
-        let writer = {
-            let healthy = healthy.clone();
-            let path = path.clone();
-            std::thread::Builder::new()
-                .name("tollgate-ledger".into())
-                .spawn(move || write_loop(conn, path, fsync, rx, healthy))
-                .expect("spawning the ledger thread")
-        };
+        let spooled = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::Builder::new().name("tollgate-ledger".into());
+        let writer = match &store {
+            Store::Sqlite(path) => {
+                let conn = sqlite::open(path, fsync).map_err(|source| LedgerError::Open {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                let (healthy, path) = (healthy.clone(), path.clone());
+                thread.spawn(move || write_loop(conn, path, fsync, rx, healthy))
+            }
+            Store::Postgres { url, spool } => {
+                let w = fleet::Writer::open(
+                    url.expose(),
+                    spool,
+                    fsync,
+                    healthy.clone(),
+                    spooled.clone(),
+                )?;
+                thread.spawn(move || w.run(rx))
+            }
+        }
+        .map_err(LedgerError::Thread)?;
         Ok(Arc::new(Ledger {
             tx: Mutex::new(Some(tx)),
             healthy,
             writer: Mutex::new(Some(writer)),
-            path,
+            store,
+            replica,
+            spooled,
         }))
+    }
+
+    /// Records in the spool waiting for PostgreSQL; always 0 for an embedded ledger.
+    pub fn spooled(&self) -> u64 {
+        self.spooled.load(Ordering::Relaxed)
     }
 
     /// False while commits fail: billable requests must be refused.
@@ -208,7 +303,7 @@ fn write_loop(
 
 /// Marks the ledger unhealthy and tells every waiter now; the records stay queued for retry,
 /// because the upstream spend they describe happened either way.
-fn fail(healthy: &AtomicBool, batch: &mut [Msg], e: &rusqlite::Error) {
+fn fail(healthy: &AtomicBool, batch: &mut [Msg], e: &dyn std::fmt::Display) {
     if healthy.swap(false, Ordering::Relaxed) {
         tracing::error!(error = %e, "ledger write failed: refusing billable requests until it recovers");
     }

@@ -36,7 +36,9 @@ CREATE TABLE IF NOT EXISTS requests (
     -- Attempts sent after one whose backend may have begun working on the request.
     resent             INTEGER NOT NULL DEFAULT 0,
     -- Of cache_write_tokens, those written for an hour (priced above the 5-minute ones).
-    cache_write_1h_tokens INTEGER
+    cache_write_1h_tokens INTEGER,
+    -- The gateway process that served the request; '' in files older than the column.
+    replica            TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS requests_started ON requests (started_at_us);
 CREATE INDEX IF NOT EXISTS requests_team_started ON requests (team, started_at_us);
@@ -70,6 +72,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has("cache_write_1h_tokens")? {
         conn.execute_batch("ALTER TABLE requests ADD COLUMN cache_write_1h_tokens INTEGER")?;
     }
+    if !has("replica")? {
+        conn.execute_batch("ALTER TABLE requests ADD COLUMN replica TEXT NOT NULL DEFAULT ''")?;
+    }
     Ok(())
 }
 
@@ -94,9 +99,9 @@ pub fn insert_batch<'a>(
                 requested_model, backend, served_model, prompt_tokens, completion_tokens, cached_tokens,
                 cache_write_tokens, reasoning_tokens, token_source, cost_nusd, priced, egress_bytes, status,
                 http_status, attempts, latency_ms, ttft_ms, stream, resent,
-                cache_write_1h_tokens)
+                cache_write_1h_tokens, replica)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
-                ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
+                ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)",
         )?;
         for r in records {
             stmt.execute(params![
@@ -127,28 +132,92 @@ pub fn insert_batch<'a>(
                 r.stream,
                 r.resent,
                 r.cache_write_1h_tokens.map(|v| v as i64),
+                &*r.replica,
             ])?;
         }
     }
     tx.commit()
 }
 
-/// Spend recorded for a team since `since_us` (by key when `per_key`): the budget counters'
-/// starting point after a restart.
-pub fn spend_since(
-    conn: &Connection,
-    team: &str,
-    since_us: i64,
-    per_key: bool,
-) -> rusqlite::Result<Vec<(Option<String>, i64, i64)>> {
-    let key = if per_key { "key_id" } else { "NULL" };
+/// Every column of a record, in [`super::read::record`]'s order; reads of old files see
+/// `replica` as ''.
+pub const COLUMNS: &str = "id, started_at_us, ended_at_us, team, key_id, tags, endpoint,
+    requested_model, backend, served_model, prompt_tokens, completion_tokens, cached_tokens,
+    cache_write_tokens, reasoning_tokens, token_source, cost_nusd, priced, egress_bytes, status,
+    http_status, attempts, latency_ms, ttft_ms, stream, resent, replica, cache_write_1h_tokens";
+
+/// Records in the file (the spool's depth).
+pub fn count(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row("SELECT COUNT(*) FROM requests", [], |r| r.get::<_, i64>(0))
+        .map(|n| n.max(0) as u64)
+}
+
+/// The oldest `limit` records in write order, each with its rowid.
+pub fn read_oldest(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<(i64, Record)>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {key}, COALESCE(SUM(cost_nusd), 0),
-                COALESCE(SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)), 0)
-         FROM requests WHERE team = ?1 AND started_at_us >= ?2 AND status != 'upstream_error' GROUP BY 1"
+        "SELECT rowid, {COLUMNS} FROM requests ORDER BY rowid LIMIT ?1"
     ))?;
-    let rows = stmt.query_map(rusqlite::params![team, since_us], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-    })?;
-    rows.collect()
+    let n = stmt.column_count();
+    let mut rows = stmt.query([limit as i64])?;
+    let mut out = Vec::new();
+    let mut values = Vec::with_capacity(n);
+    while let Some(row) = rows.next()? {
+        values.clear();
+        for i in 1..n {
+            values.push(super::read::Value::from(row.get_ref(i)?));
+        }
+        let record = super::read::record(&values).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Null, Box::new(e))
+        })?;
+        out.push((row.get(0)?, record));
+    }
+    Ok(out)
+}
+
+/// Removes the records up to and including `rowid`: PostgreSQL confirmed them.
+pub fn delete_through(conn: &Connection, rowid: i64) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM requests WHERE rowid <= ?1", [rowid])
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file written before `resent` and `replica` existed opens, gains them with their
+    /// defaults, and its records read back.
+    #[test]
+    fn an_old_file_gains_the_new_columns_and_stays_readable() {
+        let dir = std::env::temp_dir().join(format!("tollgate-old-ledger-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.db");
+        // The schema of files made before `resent`: every column up to `stream`.
+        let cut = SCHEMA.find("    -- Attempts sent after").unwrap();
+        let old = format!(
+            "{}\n);",
+            SCHEMA[..cut].trim_end().trim_end_matches(',')
+        );
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&old).unwrap();
+            assert!(
+                conn.prepare("SELECT replica FROM requests").is_err(),
+                "the old schema has no replica column:\n{old}"
+            );
+            conn.execute_batch(
+                "INSERT INTO requests VALUES ('r1', 1, 2, 't', 'k', '{}', '/v1/chat/completions',
+                 'm', 'b', 'm', 1, 2, 0, 0, 0, 'upstream', 5, 1, 0, 'ok', 200, 1, 1.5, NULL, 0)",
+            )
+            .unwrap();
+        }
+        let conn = open(&path, false).unwrap();
+        let rows = read_oldest(&conn, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(&*rows[0].1.replica, "");
+        assert_eq!(rows[0].1.resent, 0);
+        assert_eq!(rows[0].1.cache_write_1h_tokens, None);
+        assert_eq!(rows[0].1.cost_nusd, 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1,14 +1,14 @@
 //! Ledgers for unit tests: a real SQLite file with the gateway's schema, and records to fill it.
 
+use super::read::Reader;
 use super::{sqlite, Record};
 use crate::meter::TokenSource;
-use rusqlite::Connection;
 use std::path::PathBuf;
 
 /// A ledger file in a directory of its own, removed when dropped.
 pub struct TempLedger {
     dir: PathBuf,
-    pub conn: Connection,
+    pub conn: Reader,
 }
 
 impl TempLedger {
@@ -18,7 +18,10 @@ impl TempLedger {
         let _ = std::fs::remove_dir_all(&dir);
         let mut conn = sqlite::open(&dir.join("ledger.db"), false).unwrap();
         sqlite::insert_batch(&mut conn, records.iter()).unwrap();
-        TempLedger { dir, conn }
+        TempLedger {
+            dir,
+            conn: Reader::from(conn),
+        }
     }
 }
 
@@ -58,6 +61,7 @@ pub fn rec(at_us: i64, team: &str, backend: Option<&str>, model: &str, tags: &st
         latency_ms: 1.0,
         ttft_ms: None,
         stream: false,
+        replica: "test-1".into(),
     }
 }
 

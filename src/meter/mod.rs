@@ -34,6 +34,16 @@ impl TokenSource {
             TokenSource::Local => "local",
         }
     }
+
+    /// The inverse of [`TokenSource::as_str`], for records read back from a ledger.
+    pub fn parse(s: &str) -> Option<TokenSource> {
+        match s {
+            "upstream" => Some(TokenSource::Upstream),
+            "engine" => Some(TokenSource::Engine),
+            "local" => Some(TokenSource::Local),
+            _ => None,
+        }
+    }
 }
 
 /// Token counts of one request.

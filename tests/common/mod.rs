@@ -144,6 +144,8 @@ pub struct Harness {
     routing: String,
     clock: Option<std::sync::Arc<dyn tollgate::clock::Clock>>,
     ledger: Option<std::path::PathBuf>,
+    /// `store.ledger` as given (a PostgreSQL URL), instead of a file.
+    ledger_url: Option<String>,
     metrics: String,
     focus: String,
     admin_key: Option<String>,
@@ -200,6 +202,12 @@ impl Harness {
     /// Use this ledger file (to restart on the same one) instead of a fresh one.
     pub fn ledger(mut self, path: &std::path::Path) -> Self {
         self.ledger = Some(path.to_path_buf());
+        self
+    }
+
+    /// Use this `store.ledger` URL (`postgres://…`) instead of a ledger file.
+    pub fn ledger_url(mut self, url: &str) -> Self {
+        self.ledger_url = Some(url.to_string());
         self
     }
 
@@ -276,10 +284,14 @@ impl Harness {
 
     /// The config text, the simulators it points at, and the environment it needs.
     pub async fn render(self) -> (String, HashMap<String, Sim>, HashMap<String, String>) {
-        let ledger = self
-            .ledger
-            .clone()
-            .unwrap_or_else(|| temp_dir("ledger").join("tollgate.db"));
+        let ledger = match (&self.ledger_url, &self.ledger) {
+            (Some(url), _) => url.clone(),
+            (None, Some(path)) => format!("sqlite://{}", path.display()),
+            (None, None) => format!(
+                "sqlite://{}",
+                temp_dir("ledger").join("tollgate.db").display()
+            ),
+        };
         let mut env = HashMap::new();
         let mut server = self.server;
         if let Some(key) = self.admin_key {
@@ -287,9 +299,9 @@ impl Harness {
             env.insert("TEST_ADMIN_KEY".to_string(), key);
         }
         let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"sqlite://{}\"\n{}\n[routing]\n{}\n[metrics]\n{}\n[focus]\n{}\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"{}\"\n{}\n[routing]\n{}\n[metrics]\n{}\n[focus]\n{}\n",
             server,
-            ledger.display(),
+            ledger,
             self.store,
             self.routing,
             self.metrics,
@@ -393,7 +405,11 @@ impl Reply {
 
 impl Gateway {
     pub fn ledger_path(&self) -> std::path::PathBuf {
-        self.running.as_ref().expect("running").ledger.path.clone()
+        match &self.running.as_ref().expect("running").ledger.store {
+            tollgate::ledger::Store::Sqlite(path) => path.clone(),
+            // The spool: the only file a PostgreSQL ledger keeps.
+            tollgate::ledger::Store::Postgres { spool, .. } => spool.clone(),
+        }
     }
 
     /// Runs a query on the ledger file, as a report would.

@@ -86,15 +86,15 @@ fn errors_name_the_field() {
 #[test]
 fn a_store_this_build_cannot_keep_is_refused_and_its_password_not_shown() {
     let errs = errors_of(&format!(
-        "[store]\nledger = \"postgres://tg:s3cret@db:5432/ledger\"\nbudgets = \"redis://127.0.0.1:6379\"\n{MINIMAL}"
+        "[store]\nledger = \"postgres://tg:s3cret@db:54x32/ledger\"\nbudgets = \"redis://127.0.0.1:6379\"\n{MINIMAL}"
     ));
     assert_eq!(errs.len(), 2, "{errs:?}");
     assert!(
-        errs[0].starts_with("store.ledger a PostgreSQL ledger is not supported"),
+        errs[0].starts_with("store.ledger not a valid PostgreSQL URL"),
         "{errs:?}"
     );
     assert!(
-        errs[0].contains("postgres://tg:*****@db:5432/ledger"),
+        errs[0].contains("postgres://tg:*****@db:54x32/ledger"),
         "{errs:?}"
     );
     assert!(!errs.iter().any(|e| e.contains("s3cret")), "{errs:?}");
@@ -108,6 +108,32 @@ fn a_store_this_build_cannot_keep_is_refused_and_its_password_not_shown() {
     assert_eq!(
         errs,
         vec!["team[0].budgets[0].fail_open has no effect with the local budget store, which cannot fail; remove it"]
+    );
+}
+
+#[test]
+fn a_postgres_ledger_is_accepted_with_its_spool_and_the_replica_named() {
+    let c = parse(
+        &format!(
+            "[server]\nreplica = \"gw-1\"\n[store]\nledger = \"postgresql://tg@db:5432/ledger\"\nspool = \"sqlite://var/spool.db\"\n{MINIMAL}"
+        ),
+        "t.toml",
+        &no_env,
+    )
+    .unwrap();
+    assert_eq!(c.ledger_url.expose(), "postgresql://tg@db:5432/ledger");
+    assert_eq!(c.ledger_spool, std::path::Path::new("var/spool.db"));
+    assert_eq!(&*c.server.replica, "gw-1");
+    let c = parse(MINIMAL, "t.toml", &no_env).unwrap();
+    assert_eq!(c.ledger_spool, std::path::Path::new("data/spool.db"));
+    assert!(c
+        .server
+        .replica
+        .ends_with(&format!("-{}", std::process::id())));
+    let errs = errors_of(&format!("[store]\nspool = \"/tmp/spool.db\"\n{MINIMAL}"));
+    assert_eq!(
+        errs,
+        vec!["store.spool must be sqlite://path (got `/tmp/spool.db`)"]
     );
 }
 
@@ -265,7 +291,7 @@ fn no_error_quotes_a_password_or_a_key() {
         format!("[store]\nledger = \"postgres://tg:s3cret@db/ledger\" x\n{MINIMAL}"),
         // A password with a `/` (base64), which a URL parser takes for the end of the host.
         format!("[store]\nbudgets = \"redis://default:a/s3cret@cache:6379\"\n{MINIMAL}"),
-        format!("[store]\nledger = \"postgres://db/ledger?password=s3cret\"\n{MINIMAL}"),
+        format!("[store]\nledger = \"postgres://db/ledger?password=s3cret&port=x\"\n{MINIMAL}"),
         MINIMAL.replace("http://127.0.0.1:8001/", "gpu-1:s3cret@10.0.0.7"),
         MINIMAL.replace(
             "http://127.0.0.1:8001/",
