@@ -1,9 +1,10 @@
 //! Builds a running gateway from a validated config, and owns its shutdown.
 
 use crate::admin::Admin;
+use crate::budget::redis::RedisBook;
 use crate::budget::{BudgetBook, Demand};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{AdminAccess, Config};
+use crate::config::{AdminAccess, BudgetStore, Config};
 use crate::ledger::{Ledger, LedgerError};
 use crate::live::{Live, LiveState};
 use crate::pipeline::Gateway;
@@ -37,6 +38,9 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The URL was checked by validation; this is what the client still refuses.
+    #[error("store.budgets cannot be used: {0}")]
+    BudgetStore(String),
 }
 
 /// A gateway serving its client and admin ports.
@@ -111,8 +115,18 @@ pub async fn start_with_clock(
     }
     let handle = crate::metrics::install();
     let ledger = Ledger::open(&config.ledger_url, config.ledger_fsync)?;
-    let budgets = Arc::new(BudgetBook::new(clock.clone()));
+    let tasks = Tasks::new();
+    let budgets = Arc::new(budget_book(&config, &clock, &tasks)?);
     seed_budgets(&budgets, &ledger, &config)?;
+    if let BudgetBook::Redis(book) = &*budgets {
+        // Served all the same: budgets without fail_open refuse until Redis answers.
+        if !book.start().await {
+            tracing::error!(
+                "store.budgets: Redis does not answer at start; requests under budgets without \
+                 fail_open get 503 budget_store_unavailable until it does"
+            );
+        }
+    }
     // Loading the encoders takes a moment; do it now, not on the first request to need them.
     load_encodings(&config).await;
     let opts = ServeOptions {
@@ -123,7 +137,6 @@ pub async fn start_with_clock(
     let live: Live = Arc::new(ArcSwap::from_pointee(LiveState::build_with_clock(
         config, None, clock,
     )));
-    let tasks = Tasks::new();
     crate::probe::ensure_probes(&live, &tasks);
     let (shutdown, signal) = watch::channel(false);
     // The admin port outlives the client port: `/readyz` answers 503 through the whole drain.
@@ -243,6 +256,22 @@ impl Running {
         // Every response has ended and every task with it: write all records before exit.
         let ledger = self.ledger;
         let _ = tokio::task::spawn_blocking(move || ledger.close()).await;
+    }
+}
+
+/// The budget store the config names.
+fn budget_book(
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+    tasks: &Tasks,
+) -> Result<BudgetBook, StartError> {
+    match &config.budget_store {
+        BudgetStore::Local => Ok(BudgetBook::new(clock.clone())),
+        BudgetStore::Redis(cfg) => RedisBook::new(cfg.clone(), clock.clone(), tasks.clone())
+            .map(BudgetBook::Redis)
+            .map_err(|e| {
+                StartError::BudgetStore(crate::secret::redact_urls(&e.to_string()).into_owned())
+            }),
     }
 }
 

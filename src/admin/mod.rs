@@ -33,8 +33,16 @@ pub struct Admin {
 
 impl Admin {
     pub async fn handle<B>(self, req: Request<B>) -> Result<Response<GatewayBody>, Infallible> {
-        // Reports read the ledger and must wait for it, which `route` cannot.
         let path = req.uri().path();
+        // A shared budget store is asked over the network, which `route` cannot wait for.
+        if req.method() == Method::GET && path == "/admin/budgets" && self.authorized(&req) {
+            let teams = self.live.load().config.teams.clone();
+            return Ok(match self.budgets.view(&teams).await {
+                Ok(views) => json(StatusCode::OK, budgets(&views)),
+                Err(_) => error(&GatewayError::BudgetStoreUnavailable),
+            });
+        }
+        // Reports read the ledger and must wait for it, which `route` cannot.
         if req.method() == Method::GET
             && matches!(path, "/admin/usage" | "/admin/report/focus")
             && self.authorized(&req)
@@ -158,10 +166,6 @@ impl Admin {
                 resp
             }
             (&Method::GET, "/admin/backends") => json(StatusCode::OK, backends(&self.live.load())),
-            (&Method::GET, "/admin/budgets") => json(
-                StatusCode::OK,
-                budgets(&self.budgets.view(&self.live.load().config.teams)),
-            ),
             (&Method::POST, "/admin/reload") => match self.reload() {
                 Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
                 Err(message) => error(&GatewayError::InvalidConfig(message)),

@@ -36,6 +36,15 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 /// OpenAI's own limit is 128; a gateway in front of shared budgets needs a tighter one.
 pub const DEFAULT_MAX_N: u64 = 16;
+pub const DEFAULT_REDIS_PREFIX: &str = "tollgate:";
+/// Redis on the same network answers in well under a millisecond; 100 ms is a stalled server
+/// (or a starved client), and a request then waits at most this, once per phase, before it is
+/// refused or served on its allowance.
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 100;
+/// Added to `request_timeout_s` for the default lease: a request that is still running keeps
+/// its reservation until it must have ended.
+pub const LEASE_MARGIN_S: f64 = 30.0;
+pub const DEFAULT_FAIL_OPEN_SHARE: f64 = 0.05;
 pub const DEFAULT_EXPECTED_OUTPUT_TOKENS: u64 = 256;
 pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
 pub const DEFAULT_CIRCUIT_OPEN_S: f64 = 10.0;
@@ -135,8 +144,19 @@ impl Default for RawServer {
 pub struct RawStore {
     /// `sqlite://path` (embedded). `postgres://…` (fleet) is refused until this build has it.
     pub ledger: String,
-    /// `local`. `redis://…` (fleet) is refused until this build has it.
+    /// `local` (one process), or `redis://[:password@]host:port/db` / `rediss://…` (TLS): budgets
+    /// shared by every replica of a fleet.
     pub budgets: String,
+    /// Prefix of every Redis key the gateway writes, so fleets (or tests) can share one Redis.
+    pub redis_prefix: String,
+    /// How long one Redis command may take before the budget store counts as down.
+    pub redis_timeout_ms: u64,
+    /// How long a reservation held in Redis lives unless settled: a replica that dies gives its
+    /// reservations back after this. Default: `server.request_timeout_s` plus a margin.
+    pub lease_s: Option<f64>,
+    /// With `fail_open` budgets and Redis down, each replica may admit up to this share of the
+    /// room it last saw left in each budget.
+    pub fail_open_share: f64,
     /// fsync each ledger group commit: survives power loss, not only a killed process.
     pub fsync: bool,
 }
@@ -146,6 +166,10 @@ impl Default for RawStore {
         Self {
             ledger: "sqlite://data/tollgate.db".into(),
             budgets: "local".into(),
+            redis_prefix: DEFAULT_REDIS_PREFIX.into(),
+            redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
+            lease_s: None,
+            fail_open_share: DEFAULT_FAIL_OPEN_SHARE,
             fsync: false,
         }
     }
@@ -309,8 +333,9 @@ pub struct RawBudget {
     pub tokens: Option<u64>,
     pub usd: Option<f64>,
     pub soft_ratio: Option<f64>,
-    /// When a shared budget store cannot answer: refuse (default) or serve unchecked. Refused
-    /// by validation while budgets are local (they cannot fail).
+    /// When a shared budget store cannot answer: refuse (default), or admit against a bounded
+    /// local allowance (`store.fail_open_share`). Refused by validation while budgets are local
+    /// (they cannot fail).
     #[serde(default)]
     pub fail_open: bool,
     /// Apply the budget to each of the team's keys separately instead of to the team.
