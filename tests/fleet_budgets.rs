@@ -129,6 +129,10 @@ async fn two_gateways_on_one_redis_hold_one_team_budget_under_concurrent_load() 
     // Both replicas show the fleet's figure, and it is the ledgers' sum.
     assert_eq!(settled_spend(&gws[0]).await, ledger);
     assert_eq!(settled_spend(&gws[1]).await, ledger);
+    // Stopped before the prefix is deleted: nothing writes to it afterwards.
+    for gw in gws {
+        Arc::try_unwrap(gw).ok().unwrap().shutdown().await;
+    }
 }
 
 fn team(tokens: u64, fail_open: bool) -> Team {
@@ -318,6 +322,7 @@ async fn fail_open_admits_within_the_allowance_while_redis_is_down_and_reconcile
     assert_eq!(got, want, "the spend made during the outage reached Redis");
     let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
     assert_eq!(r.status, 200, "{}", r.text());
+    gw.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,4 +363,6 @@ async fn a_flushed_redis_is_reseeded_from_the_ledger_at_start() {
     let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
     assert_eq!(r.status, 200);
     assert_eq!(settled_spend(&again).await, 4 * COST);
+    gw.shutdown().await;
+    again.shutdown().await;
 }
