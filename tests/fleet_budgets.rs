@@ -366,3 +366,86 @@ async fn a_flushed_redis_is_reseeded_from_the_ledger_at_start() {
     gw.shutdown().await;
     again.shutdown().await;
 }
+
+/// A replica killed mid-stream (SIGKILL: no settlement, no release) leaves its reservations
+/// as leases; once they run out, the team's room is back for the other replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_reservations_come_back_after_the_lease() {
+    let Some(redis) = require_redis("a_killed_replicas_reservations_come_back") else {
+        return;
+    };
+    const STREAMS: usize = 4;
+    let budgets = "budgets = [{ window = \"day\", tokens = 100000 }]";
+    let (text, _sims, _) = Harness::new()
+        .backend(
+            Backend::sim("llama", "llama-3.1-8b")
+                .alias("chat-small")
+                .price(0.2, 0.2)
+                // Ten seconds of tokens: every stream is still going when the replica dies.
+                .paced(Duration::from_millis(100), 100),
+        )
+        .store(&format!("{}\nlease_s = 2", redis.store()))
+        .team_toml("search", SEARCH_KEY, budgets)
+        .render()
+        .await;
+    let path = temp_dir("fleet-kill").join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let doomed = BinaryGateway::start(&path).await;
+    let survivor = Harness::new()
+        .backend(gpt())
+        .store(&redis.store())
+        .team_toml("search", SEARCH_KEY, budgets)
+        .start()
+        .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let mut open = Vec::new();
+    for _ in 0..STREAMS {
+        let mut body: serde_json::Value = serde_json::from_str(&chat("chat-small", true)).unwrap();
+        body["max_tokens"] = 100.into();
+        let req = http::Request::post(format!("http://{}/v1/chat/completions", doomed.addr))
+            .header("authorization", format!("Bearer {SEARCH_KEY}"))
+            .body(http_body_util::Full::from(body.to_string()))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        use http_body_util::BodyExt;
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        open.push(body);
+    }
+    let tokens = |v: &serde_json::Value, f: &str| v[0][f].as_i64().unwrap();
+    let v = survivor.admin_get("/admin/budgets").await.json();
+    let held = tokens(&v, "reserved_tokens");
+    assert!(
+        held >= STREAMS as i64 * 100,
+        "the fleet sees the streams' reservations: {v}"
+    );
+    let killed = std::time::Instant::now();
+    let (status, _) = doomed.stop("-KILL").await;
+    assert!(!status.success());
+    drop(open);
+    let v = survivor.admin_get("/admin/budgets").await.json();
+    assert_eq!(
+        tokens(&v, "reserved_tokens"),
+        held,
+        "held until the leases end"
+    );
+    loop {
+        let v = survivor.admin_get("/admin/budgets").await.json();
+        if tokens(&v, "reserved_tokens") == 0 {
+            assert_eq!(tokens(&v, "spent_tokens"), 0, "nothing was settled: {v}");
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(6),
+            "the leases (2 s) should have run out: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        killed.elapsed() >= Duration::from_millis(1500),
+        "not before the lease"
+    );
+    survivor.shutdown().await;
+}
