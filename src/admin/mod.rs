@@ -201,6 +201,14 @@ impl Admin {
             return Err(config.missing_keys.join("; "));
         }
         let old = self.live.load();
+        // The budget store holds the counters; swapping it would drop or double spend.
+        if config.budget_store != old.config.budget_store {
+            return Err(
+                "store.budgets and its settings changed: they take effect at the next restart, \
+                 so the reload is refused"
+                    .into(),
+            );
+        }
         if config.server.listen != old.config.server.listen
             || config.server.admin_listen != old.config.server.admin_listen
         {

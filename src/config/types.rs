@@ -389,13 +389,13 @@ pub struct Budget {
 }
 
 /// Where budget counters live.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BudgetStore {
     Local,
     Redis(RedisStore),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RedisStore {
     /// May carry a password: never printed.
     pub url: crate::secret::Secret,
