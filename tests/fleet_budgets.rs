@@ -164,10 +164,12 @@ fn store(url: &str, prefix: &str, lease: Duration) -> RedisStore {
     }
 }
 
-async fn book(cfg: RedisStore) -> BudgetBook {
-    let b = RedisBook::new(cfg, Arc::new(SystemClock), tollgate::tasks::Tasks::new()).unwrap();
+/// A replica's book, and its background work (lease renewal among it).
+async fn book(cfg: RedisStore) -> (BudgetBook, tollgate::tasks::Tasks) {
+    let tasks = tollgate::tasks::Tasks::new();
+    let b = RedisBook::new(cfg, Arc::new(SystemClock), tasks.clone()).unwrap();
     b.start().await;
-    BudgetBook::Redis(b)
+    (BudgetBook::Redis(b), tasks)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,10 +178,8 @@ async fn a_dead_holders_reservation_expires_after_its_lease_and_the_room_comes_b
         return;
     };
     let lease = Duration::from_secs(1);
-    let (a, b) = (
-        book(store(&redis.url, &redis.prefix, lease)).await,
-        book(store(&redis.url, &redis.prefix, lease)).await,
-    );
+    let (a, a_tasks) = book(store(&redis.url, &redis.prefix, lease)).await;
+    let (b, _b_tasks) = book(store(&redis.url, &redis.prefix, lease)).await;
     let t = team(100, false);
     let key: Arc<str> = "k".into();
     let one = Demand {
@@ -187,11 +187,18 @@ async fn a_dead_holders_reservation_expires_after_its_lease_and_the_room_comes_b
         tokens: 60,
     };
     let (held, _) = a.admit(&t, &key, one).await.unwrap();
-    // Replica `a` dies holding it: never settled, never released.
-    std::mem::forget(held);
+    // Alive, `a` renews the lease: still held two leases later.
+    tokio::time::sleep(lease * 2).await;
     match b.admit(&t, &key, one).await {
         Err(Refusal::Over(o)) => assert_eq!((o.limit, o.used), (100, 60)),
         other => panic!("the other replica must see the reservation: {other:?}"),
+    }
+    // Replica `a` dies holding it: never settled, never released, no longer renewed.
+    std::mem::forget(held);
+    a_tasks.close_and_wait().await;
+    match b.admit(&t, &key, one).await {
+        Err(Refusal::Over(_)) => {}
+        other => panic!("held until its lease ends: {other:?}"),
     }
     tokio::time::sleep(lease + Duration::from_millis(300)).await;
     let (r, room) = b.admit(&t, &key, one).await.expect("the lease expired");
@@ -421,6 +428,10 @@ async fn a_killed_replicas_reservations_come_back_after_the_lease() {
         held >= STREAMS as i64 * 100,
         "the fleet sees the streams' reservations: {v}"
     );
+    // Streams outliving their lease keep their room while their replica lives (it renews).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = survivor.admin_get("/admin/budgets").await.json();
+    assert_eq!(tokens(&v, "reserved_tokens"), held, "renewed: {v}");
     let killed = std::time::Instant::now();
     let (status, _) = doomed.stop("-KILL").await;
     assert!(!status.success());

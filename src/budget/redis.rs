@@ -8,6 +8,7 @@
 //!                               release the leases, add the actual spend once (a marker per
 //!                               settlement makes a retry after a lost reply harmless)
 //! start:  EVALSHA seed.lua   ── counters raised to the ledger's spend (a max: idempotent)
+//! every lease/3: EVALSHA renew.lua ── leases of this replica's running requests pushed out
 //!
 //! Redis down (an error or no answer within store.redis_timeout_ms):
 //!   budget without fail_open ─► 503 budget_store_unavailable
@@ -16,8 +17,10 @@
 //!                               pushed (settle.lua, idempotent) once Redis answers again
 //! ```
 //!
-//! A replica that dies holding reservations leaves leases that expire after `store.lease_s`;
-//! the next admission touching the window purges them, so the team gets its room back.
+//! A live replica renews the leases of its running requests, so a long stream keeps its room
+//! however long it runs. A replica that dies stops renewing: its leases expire within
+//! `store.lease_s`, the next admission touching the window purges them, and the team gets
+//! its room back.
 //! All of a team's keys carry the hash tag `{team}`, so each script's keys live on one node
 //! of a Redis Cluster.
 //!
@@ -46,7 +49,8 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
 const KEY_MARGIN_S: i64 = 3600;
 /// How long a settlement's marker keeps a retry from counting twice.
 const DONE_MARKER_S: u64 = 86_400;
-/// How often queued settlements (and seeds) are pushed while Redis is failing.
+/// How often queued settlements (and seeds) are pushed while Redis is failing, and leases
+/// looked at for renewal (more often for leases shorter than 4 s).
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// At most one warning per this, however many requests meet a failing Redis.
 const WARN_EVERY_MS: u64 = 5_000;
@@ -63,6 +67,7 @@ enum Op {
     Admit,
     Settle,
     Seed,
+    Renew,
     View,
 }
 
@@ -71,6 +76,7 @@ struct Inner {
     admit: Script,
     settle: Script,
     seed: Script,
+    renew: Script,
     cfg: RedisStore,
     clock: Arc<dyn Clock>,
     tasks: Tasks,
@@ -94,6 +100,10 @@ struct Inner {
     seeds: Mutex<Vec<SeedOp>>,
     seeds_pending: AtomicBool,
     soft_warned: Mutex<HashSet<String>>,
+    /// Reservations of running requests, by id, for renewal.
+    live: Mutex<HashMap<String, Running>>,
+    /// When leases were last renewed (monotonic ms).
+    renewed_ms: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +112,9 @@ struct Seen {
     nusd: Option<i64>,
     tokens: Option<i64>,
 }
+
+/// A running request's reservation: its team (the script's hash tag) and lease keys.
+type Running = (Arc<str>, Vec<String>);
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Open {
@@ -205,6 +218,7 @@ impl RedisBook {
                 admit: Script::new(include_str!("redis/admit.lua")),
                 settle: Script::new(include_str!("redis/settle.lua")),
                 seed: Script::new(include_str!("redis/seed.lua")),
+                renew: Script::new(include_str!("redis/renew.lua")),
                 cfg,
                 clock,
                 tasks,
@@ -220,6 +234,8 @@ impl RedisBook {
                 seeds: Mutex::default(),
                 seeds_pending: AtomicBool::new(false),
                 soft_warned: Mutex::default(),
+                live: Mutex::default(),
+                renewed_ms: AtomicU64::new(0),
             }),
         })
     }
@@ -234,12 +250,14 @@ impl RedisBook {
         let up = self.inner.flush().await;
         let inner = self.inner.clone();
         let tasks = self.inner.tasks.clone();
+        let tick = FLUSH_EVERY.min(self.inner.cfg.lease / 4);
         self.inner.tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = tasks.stopping() => break,
-                    _ = tokio::time::sleep(FLUSH_EVERY) => {}
+                    _ = tokio::time::sleep(tick) => {}
                 }
+                inner.renew_due().await;
                 inner.flush().await;
             }
             // Shutdown: one last try, so a clean stop leaves nothing unpushed.
@@ -385,6 +403,8 @@ impl RedisBook {
             // A refused window the reply did not name: refuse as unavailable, never admit.
             return Err(Refusal::StoreUnavailable);
         }
+        let leases = held.iter().map(|h| format!("{}:leases", h.key)).collect();
+        lock(&i.live).insert(rid.clone(), (team.name.clone(), leases));
         Ok((
             RedisReservation {
                 book: i.clone(),
@@ -584,6 +604,7 @@ impl Inner {
             Op::Admit => "admit",
             Op::Settle => "settle",
             Op::Seed => "seed",
+            Op::Renew => "renew",
             Op::View => "view",
         };
         metrics::counter!(m::BUDGET_STORE_ERRORS_TOTAL, "op" => op).increment(1);
@@ -731,6 +752,37 @@ impl Inner {
             tracing::warn!(team = &*team.name, window = %b.window, ratio, "team passed the soft limit of its budget");
             metrics::gauge!(m::BUDGET_SOFT_LIMIT_REACHED, "team" => team.name.clone(), "window" => b.window.as_str())
                 .set(1.0);
+        }
+    }
+
+    /// Renews the leases of running requests once a third of a lease has passed since the
+    /// last renewal: one script per team.
+    async fn renew_due(&self) {
+        let now = self.mono_ms();
+        let every = (self.cfg.lease.as_millis() as u64 / 3).max(1);
+        if now < self.renewed_ms.load(Ordering::Relaxed) + every {
+            return;
+        }
+        let mut by_team: HashMap<Arc<str>, Vec<(String, String)>> = HashMap::new();
+        for (rid, (team, leases)) in lock(&self.live).iter() {
+            let pairs = by_team.entry(team.clone()).or_default();
+            pairs.extend(leases.iter().map(|z| (z.clone(), rid.clone())));
+        }
+        let mut ok = true;
+        for pairs in by_team.values() {
+            let mut inv = self.renew.prepare_invoke();
+            inv.arg(self.cfg.lease.as_millis() as u64);
+            for (z, rid) in pairs {
+                inv.key(z).arg(rid);
+            }
+            if let Err(e) = self.run::<i64>(inv).await {
+                self.failed(Op::Renew, &e);
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            self.renewed_ms.store(now, Ordering::Relaxed);
         }
     }
 
@@ -906,6 +958,7 @@ impl RedisReservation {
 
     fn into_settlement(mut self, actual: Demand, now_us: i64) -> (Arc<Inner>, SettleOp) {
         self.done = true;
+        self.forget_leases();
         let book = self.book.clone();
         self.release_open(Some(actual));
         let mut charge: Vec<(String, i64)> = Vec::new();
@@ -942,6 +995,16 @@ impl RedisReservation {
         (book, op)
     }
 
+    /// Stops renewing this request's leases.
+    fn forget_leases(&self) {
+        if !self.rids.is_empty() {
+            let mut live = lock(&self.book.live);
+            for rid in &self.rids {
+                live.remove(rid);
+            }
+        }
+    }
+
     /// Gives back what was taken from a fail-open allowance; with `actual`, keeps that much
     /// counted as spent here until Redis has it.
     fn release_open(&mut self, actual: Option<Demand>) {
@@ -969,6 +1032,7 @@ impl Drop for RedisReservation {
         if self.rids.is_empty() {
             return;
         }
+        self.forget_leases();
         let book = self.book.clone();
         let op = SettleOp {
             team: self.team.clone(),

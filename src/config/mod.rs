@@ -41,9 +41,9 @@ pub const DEFAULT_REDIS_PREFIX: &str = "tollgate:";
 /// (or a starved client), and a request then waits at most this, once per phase, before it is
 /// refused or served on its allowance.
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 100;
-/// Added to `request_timeout_s` for the default lease: a request that is still running keeps
-/// its reservation until it must have ended.
-pub const LEASE_MARGIN_S: f64 = 30.0;
+/// A live replica renews its requests' leases every third of this, so it bounds only how
+/// long a dead replica's reservations keep a team's room, not how long a request may run.
+pub const DEFAULT_LEASE_S: f64 = 30.0;
 pub const DEFAULT_FAIL_OPEN_SHARE: f64 = 0.05;
 pub const DEFAULT_EXPECTED_OUTPUT_TOKENS: u64 = 256;
 pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
@@ -151,9 +151,9 @@ pub struct RawStore {
     pub redis_prefix: String,
     /// How long one Redis command may take before the budget store counts as down.
     pub redis_timeout_ms: u64,
-    /// How long a reservation held in Redis lives unless settled: a replica that dies gives its
-    /// reservations back after this. Default: `server.request_timeout_s` plus a margin.
-    pub lease_s: Option<f64>,
+    /// How long a reservation held in Redis lives unless renewed (live replicas renew their
+    /// running requests' every third of it): a replica that dies gives its room back after this.
+    pub lease_s: f64,
     /// With `fail_open` budgets and Redis down, each replica may admit up to this share of the
     /// room it last saw left in each budget.
     pub fail_open_share: f64,
@@ -168,7 +168,7 @@ impl Default for RawStore {
             budgets: "local".into(),
             redis_prefix: DEFAULT_REDIS_PREFIX.into(),
             redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
-            lease_s: None,
+            lease_s: DEFAULT_LEASE_S,
             fail_open_share: DEFAULT_FAIL_OPEN_SHARE,
             fsync: false,
         }

@@ -151,7 +151,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
         missing_keys: Vec::new(),
     };
     let server = server(&raw.server, env, &mut c);
-    let budget_store = budget_store(&raw.store, raw.server.request_timeout_s, &mut c);
+    let budget_store = budget_store(&raw.store, &mut c);
     let (ledger_url, ledger_fsync) = store(raw.store, &mut c);
     let routing = routing(&raw.routing, &mut c);
     let backends = backends(raw.backend, env, &mut c);
@@ -265,7 +265,7 @@ fn store(s: RawStore, c: &mut Checker) -> (String, bool) {
 
 /// `store.budgets` and the settings of a Redis store. The URL is checked here, so a typo is
 /// a config error naming the field, with its password hidden, not a failure at first use.
-fn budget_store(s: &RawStore, request_timeout_s: f64, c: &mut Checker) -> BudgetStore {
+fn budget_store(s: &RawStore, c: &mut Checker) -> BudgetStore {
     if s.budgets == "local" {
         return BudgetStore::Local;
     }
@@ -298,22 +298,16 @@ fn budget_store(s: &RawStore, request_timeout_s: f64, c: &mut Checker) -> Budget
             "must be non-empty and without `{` or `}`",
         );
     }
-    let lease_s = s
-        .lease_s
-        .unwrap_or(request_timeout_s + crate::config::LEASE_MARGIN_S);
-    if !(lease_s.is_finite() && lease_s >= 1.0) {
-        c.err("store.lease_s", "must be at least 1");
-    } else if lease_s < request_timeout_s {
-        c.warn(format!(
-            "store.lease_s ({lease_s}) is shorter than server.request_timeout_s ({request_timeout_s}): \
-             a request still running when its lease ends gives its reservation back early"
-        ));
+    let lease_s = s.lease_s;
+    // Renewed every third of it, on a loop that ticks at least every 250 ms for short leases.
+    if !(lease_s.is_finite() && (1.0..=86_400.0).contains(&lease_s)) {
+        c.err("store.lease_s", "must be in 1..=86400");
     }
     BudgetStore::Redis(RedisStore {
         url: Secret::new(s.budgets.as_str()),
         prefix: s.redis_prefix.clone(),
         timeout: Duration::from_millis(s.redis_timeout_ms),
-        lease: Duration::from_secs_f64(lease_s.clamp(1.0, 1e9)),
+        lease: Duration::from_secs_f64(lease_s.clamp(1.0, 86_400.0)),
         fail_open_share: s.fail_open_share,
     })
 }
