@@ -159,7 +159,7 @@ fn describe() {
     );
     describe_counter!(
         BUDGET_STORE_ERRORS_TOTAL,
-        "Failed or timed-out calls to the shared (Redis) budget store, by operation (admit, settle, seed, view); while admissions fail, budgets without fail_open refuse with 503."
+        "Failed or timed-out calls to the shared (Redis) budget store, by operation (admit, settle, seed, renew, view); while admissions fail, budgets without fail_open refuse with 503."
     );
     describe_counter!(
         BUDGET_FAIL_OPEN_TOTAL,
