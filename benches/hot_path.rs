@@ -57,6 +57,7 @@ fn route_request<'a>(
 ) -> RouteRequest<'a> {
     RouteRequest {
         model,
+        endpoint: tollgate::api::endpoint::Endpoint::ChatCompletions,
         regions: &p.team.regions,
         features: tollgate::config::Features::NONE,
         max_output_tokens: Some(256),
@@ -95,7 +96,12 @@ fn bench(c: &mut Criterion) {
         let id = HeaderValue::from_static("req_0000000000000000");
         b.iter(|| {
             let mut h = headers.clone();
-            tollgate::upstream::headers::to_upstream(&mut h, tollgate::config::Protocol::OpenAi, Some("sk-backend"), &id);
+            tollgate::upstream::headers::to_upstream(
+                &mut h,
+                tollgate::config::Protocol::OpenAi,
+                Some("sk-backend"),
+                &id,
+            );
             h
         })
     });
@@ -130,9 +136,15 @@ fn bench(c: &mut Criterion) {
             b.iter(|| tollgate::api::anthropic::request_to_openai(black_box(m)).unwrap())
         });
         let o = body(size);
-        group.bench_with_input(BenchmarkId::new("request_to_anthropic", size), &o, |b, o| {
-            b.iter(|| tollgate::api::anthropic::request_to_anthropic(black_box(o), 4096).unwrap())
-        });
+        group.bench_with_input(
+            BenchmarkId::new("request_to_anthropic", size),
+            &o,
+            |b, o| {
+                b.iter(|| {
+                    tollgate::api::anthropic::request_to_anthropic(black_box(o), 4096).unwrap()
+                })
+            },
+        );
     }
     group.bench_function("answer_to_anthropic", |b| {
         b.iter(|| tollgate::api::anthropic::answer_to_anthropic(black_box(&answer)).unwrap())
@@ -158,7 +170,12 @@ fn bench(c: &mut Criterion) {
                     e.apply(body)
                 };
                 let mut h = headers.clone();
-                tollgate::upstream::headers::to_upstream(&mut h, tollgate::config::Protocol::OpenAi, None, &id);
+                tollgate::upstream::headers::to_upstream(
+                    &mut h,
+                    tollgate::config::Protocol::OpenAi,
+                    None,
+                    &id,
+                );
                 (out, h)
             })
         });

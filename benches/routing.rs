@@ -70,6 +70,7 @@ fn bench(c: &mut Criterion) {
     let regions: Vec<Arc<str>> = vec!["eu".into(), "us".into()];
     let request = RouteRequest {
         model: "chat",
+        endpoint: tollgate::api::endpoint::Endpoint::ChatCompletions,
         regions: &regions,
         features: Features::TOOLS,
         max_output_tokens: Some(512),

@@ -51,6 +51,7 @@ never written as 0; a 0 is written only when the catalog says 0.
   output_usd_per_mtok         output_cost_per_token
   cached_input_usd_per_mtok   cache_read_input_token_cost
   cache_write_usd_per_mtok    cache_creation_input_token_cost (Anthropic 5-minute TTL)
+  cache_write_1h_usd_per_mtok cache_creation_input_token_cost_above_1hr (Anthropic 1-hour TTL)
   context_window              max_input_tokens (the legacy, ambiguous max_tokens is ignored)
   max_output_tokens           max_output_tokens
   deprecation_date            deprecation_date (a date on or after the generation date)
@@ -61,7 +62,8 @@ never written as 0; a 0 is written only when the catalog says 0.
                               cache_read_input_token_cost or cache_creation_input_token_cost
                               and nothing follows "_tokens" (the _batches/_priority/_flex/...
                               service-tier variants and the cache_creation ..._above_1hr /
-                              _above_12hr TTL variants are not tiers and are ignored).
+                              _above_12hr TTL variants are not tiers: the 1-hour one is
+                              cache_write_1h_usd_per_mtok above, the others are ignored).
                               threshold_tokens = N * 1000. If several thresholds exist, the
                               lowest one is used (it is the first tier a request crosses) and
                               the higher ones are dropped. Once a request's prompt (uncached +
@@ -111,6 +113,7 @@ PRICE_FIELDS = (
     ("output_cost_per_token", "output_usd_per_mtok"),
     ("cache_read_input_token_cost", "cached_input_usd_per_mtok"),
     ("cache_creation_input_token_cost", "cache_write_usd_per_mtok"),
+    ("cache_creation_input_token_cost_above_1hr", "cache_write_1h_usd_per_mtok"),
 )
 TIER_RE = re.compile(
     r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost"

@@ -71,8 +71,12 @@ pub fn stream(
         endpoint: ctx.endpoint,
     };
     let (started, waited) = (ctx.started, ctx.upstream_wait);
-    let from_backend =
-        (candidate.backend.cfg.protocol == Protocol::Anthropic).then(anthropic::FromAnthropic::new);
+    let from_backend = (candidate.backend.cfg.protocol == Protocol::Anthropic).then(|| {
+        match ctx.client_protocol {
+            Protocol::Anthropic => anthropic::FromAnthropic::for_anthropic_client(),
+            Protocol::OpenAi => anthropic::FromAnthropic::new(),
+        }
+    });
     let to_client = (ctx.client_protocol == Protocol::Anthropic)
         .then(|| anthropic::ToAnthropic::new(&candidate.model));
     let tasks = record.tasks().cloned().unwrap_or_default();
@@ -131,7 +135,9 @@ pub fn from_backend(
             .map(bytes::Bytes::from)
             .map_err(|_| ReadError::NotJson)
     } else {
-        Ok(bytes::Bytes::from(anthropic::error_to_openai(status, &bytes)))
+        Ok(bytes::Bytes::from(anthropic::error_to_openai(
+            status, &bytes,
+        )))
     }
 }
 
@@ -145,10 +151,14 @@ fn to_client(
     match protocol {
         Protocol::OpenAi => Ok(bytes),
         Protocol::Anthropic if backend == Protocol::Anthropic => Ok(bytes),
-        Protocol::Anthropic if (200..300).contains(&status) => anthropic::answer_to_anthropic(&bytes)
-            .map(bytes::Bytes::from)
-            .map_err(GatewayError::from),
-        Protocol::Anthropic => Ok(bytes::Bytes::from(anthropic::error_to_anthropic(status, &bytes))),
+        Protocol::Anthropic if (200..300).contains(&status) => {
+            anthropic::answer_to_anthropic(&bytes)
+                .map(bytes::Bytes::from)
+                .map_err(GatewayError::from)
+        }
+        Protocol::Anthropic => Ok(bytes::Bytes::from(anthropic::error_to_anthropic(
+            status, &bytes,
+        ))),
     }
 }
 
@@ -201,7 +211,12 @@ pub async fn whole(
     parts.headers.remove(CONTENT_LENGTH);
     record_overhead(candidate, settled.ended.duration_since(started), waited);
     let backend = candidate.backend.cfg.protocol;
-    Ok(GatewayBody::full(to_client(bytes, client, backend, parts.status.as_u16())?))
+    Ok(GatewayBody::full(to_client(
+        bytes,
+        client,
+        backend,
+        parts.status.as_u16(),
+    )?))
 }
 
 /// A 2xx that is not JSON, before the request moves to another backend: its health and the

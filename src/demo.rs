@@ -83,12 +83,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
     let listen: SocketAddr = raw.server.listen.parse()?;
     let admin_listen: SocketAddr = raw.server.admin_listen.parse()?;
-    let cfg = config::validate(raw, &|var| {
-        match var {
-            "DEMO_OPENAI_KEY" => Some(SIM_OPENAI_KEY.to_string()),
-            "DEMO_ANTHROPIC_KEY" => Some(SIM_ANTHROPIC_KEY.to_string()),
-            _ => None,
-        }
+    let cfg = config::validate(raw, &|var| match var {
+        "DEMO_OPENAI_KEY" => Some(SIM_OPENAI_KEY.to_string()),
+        "DEMO_ANTHROPIC_KEY" => Some(SIM_ANTHROPIC_KEY.to_string()),
+        _ => None,
     })
     .map_err(|errs| anyhow::anyhow!("demo config: {errs:?}"))?;
     let ephemeral = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -224,8 +222,16 @@ async fn send(
     let anthropic = path == "/v1/messages";
     let req = http::Request::post(format!("http://{addr}{path}"))
         .header(
-            if anthropic { "x-api-key" } else { "authorization" },
-            if anthropic { key.to_string() } else { format!("Bearer {key}") },
+            if anthropic {
+                "x-api-key"
+            } else {
+                "authorization"
+            },
+            if anthropic {
+                key.to_string()
+            } else {
+                format!("Bearer {key}")
+            },
         )
         .header("anthropic-version", "2023-06-01")
         .header("content-type", "application/json")

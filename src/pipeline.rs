@@ -14,8 +14,8 @@
 //! However a request ends, the record guard ([`Completion`]) opened right after
 //! authentication writes its ledger record: refused, answered, broken, or abandoned.
 
-use crate::api::endpoint::{Endpoint, Route};
-use crate::api::{models, openai};
+use crate::api::endpoint::Route;
+use crate::api::{count_tokens, models, openai};
 use crate::body::GatewayBody;
 use crate::budget::admit;
 use crate::budget::BudgetBook;
@@ -123,7 +123,7 @@ async fn dispatch(
             let principal = live.keys.authenticate(req.headers())?;
             return Ok(json_response(models::list(&live.router, &principal)));
         }
-        Route::CountTokens => return count_tokens(live, req).await,
+        Route::CountTokens => return count_tokens(live, req, &id).await,
     };
     let (parts, body) = req.into_parts();
     let principal = live.keys.authenticate(&parts.headers)?;
@@ -207,6 +207,7 @@ async fn prepare(
     let team = ctx.principal.team.clone();
     let route_request = RouteRequest {
         model: &request.model,
+        endpoint: ctx.endpoint,
         regions: &team.regions,
         features: request.features,
         max_output_tokens: request.max_output_tokens,
@@ -275,12 +276,12 @@ fn json_response(body: bytes::Bytes) -> Response<GatewayBody> {
     resp
 }
 
-/// `POST /v1/messages/count_tokens`: the prompt's tokens by the model's counter (its own
-/// tokenizer where one ships, else the stand-in `tokens` names), with no backend asked and
-/// nothing billed.
+/// `POST /v1/messages/count_tokens`, counted where it is exact (see [`count_tokens::count`]),
+/// with nothing billed.
 async fn count_tokens(
     live: &LiveState,
     req: Request<Incoming>,
+    id: &RequestId,
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let (parts, body) = req.into_parts();
     let principal = live.keys.authenticate(&parts.headers)?;
@@ -291,21 +292,13 @@ async fn count_tokens(
         .map_err(|_| GatewayError::BodyTimeout {
             after: server.body_read_timeout,
         })??;
-    // `max_tokens` is not part of a count request; the translation wants one.
-    let mut v: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| GatewayError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
-    if let Some(o) = v.as_object_mut() {
-        o.entry("max_tokens").or_insert(1.into());
-    }
-    let chat = crate::api::anthropic::request_to_openai(&serde_json::to_vec(&v).unwrap_or_default())?;
-    let summary = openai::parse(&chat)?;
-    summary.check_shape(Endpoint::ChatCompletions)?;
-    if !live.router.names_for(&principal).any(|n| n == summary.model) {
-        return Err(GatewayError::UnknownModel(Arc::from(&*summary.model)));
-    }
-    let counter = crate::tokens::Encoding::for_model(&summary.model);
-    let n = crate::tokens::count_prompt(counter, Endpoint::ChatCompletions, &bytes::Bytes::from(chat)).await;
-    Ok(json_response(bytes::Bytes::from(
-        serde_json::json!({ "input_tokens": n }).to_string(),
-    )))
+    let n = count_tokens::count(live, &principal, &parts, &body, &id.0).await?;
+    let mut resp = json_response(bytes::Bytes::from(
+        serde_json::json!({ "input_tokens": n.input_tokens }).to_string(),
+    ));
+    resp.headers_mut().insert(
+        "x-tollgate-token-source",
+        HeaderValue::from_static(n.source.as_str()),
+    );
+    Ok(resp)
 }

@@ -302,6 +302,7 @@ impl Settle {
                     completion: completion + overflow.div_ceil(4),
                     cached: 0,
                     cache_write: 0,
+                    cache_write_1h: 0,
                     reasoning: 0,
                     source: TokenSource::Engine,
                 });
@@ -494,6 +495,7 @@ fn record(
         completion_tokens: usage.map(|u| u.completion),
         cached_tokens: usage.map(|u| u.cached),
         cache_write_tokens: usage.map(|u| u.cache_write),
+        cache_write_1h_tokens: usage.map(|u| u.cache_write_1h),
         reasoning_tokens: usage.map(|u| u.reasoning),
         token_source: usage.map(|u| u.source),
         cost_nusd: figures.as_ref().map_or(0, |f| f.cost_nusd),
@@ -527,6 +529,7 @@ fn local_usage(ctx: &RequestCtx, generated: Option<&Generated>) -> Usage {
         completion,
         cached: 0,
         cache_write: 0,
+        cache_write_1h: 0,
         reasoning: 0,
         source: TokenSource::Local,
     }

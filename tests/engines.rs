@@ -239,10 +239,7 @@ async fn real_engines_are_metered_as_they_count_themselves() {
         }
         Err(why) => panic!("CI is set, so the real-engine test may not be skipped: {why}"),
     };
-    let python = match tokio::task::spawn_blocking(sdk_python)
-        .await
-        .unwrap()
-    {
+    let python = match tokio::task::spawn_blocking(sdk_python).await.unwrap() {
         Ok(p) => p,
         Err(why) if std::env::var_os("CI").is_none() => {
             eprintln!("SKIPPED real_engines_are_metered_as_they_count_themselves: {why}");

@@ -292,6 +292,7 @@ fn ledger(gw: &Gateway) -> Vec<Request> {
                     completion: count(5)?,
                     cached: count(6)?,
                     cache_write: 0,
+                    cache_write_1h: 0,
                     reasoning: 0,
                     source: TokenSource::Upstream,
                 },

@@ -498,3 +498,171 @@ async fn refused_requests_are_recorded_at_no_cost() {
         ]
     );
 }
+
+/// Nano-dollars of a `usage` object, in either protocol's shape, at claude-sonnet-4-5's prices
+/// as configured below ($3 in, $15 out, $0.30 cache reads, $3.75 5-minute and $6 1-hour
+/// writes per 1M) or gpt-4o's ($2.50 in, $10 out).
+fn expected_nusd(backend: &str, u: &serde_json::Value) -> i64 {
+    let n = |v: &serde_json::Value| v.as_i64().unwrap_or(0);
+    if backend == "gpt" {
+        let prompt = n(&u["prompt_tokens"]).max(n(&u["input_tokens"]));
+        let completion = n(&u["completion_tokens"]).max(n(&u["output_tokens"]));
+        return prompt * 2_500 + completion * 10_000;
+    }
+    let hour = n(&u["cache_creation"]["ephemeral_1h_input_tokens"]);
+    let writes = n(&u["cache_creation_input_tokens"]);
+    let reads =
+        n(&u["cache_read_input_tokens"]).max(n(&u["prompt_tokens_details"]["cached_tokens"]));
+    // Anthropic's input excludes the cache; OpenAI's prompt includes it.
+    let uncached = match u.get("input_tokens") {
+        Some(i) => n(i),
+        None => n(&u["prompt_tokens"]) - reads - writes,
+    };
+    let output = n(&u["output_tokens"]).max(n(&u["completion_tokens"]));
+    uncached * 3_000 + output * 15_000 + reads * 300 + (writes - hour) * 3_750 + hour * 6_000
+}
+
+/// What a client read of a request's usage, and what the gateway said it cost.
+type ReadCost = dyn Fn(&Reply) -> (serde_json::Value, i64);
+
+#[tokio::test]
+async fn both_protocols_with_cache_reads_and_writes_agree_everywhere_to_the_nano_dollar() {
+    const KEY: &str = "tg-test-mixed-cache";
+    let gw = Harness::new()
+        .backend(priced())
+        .backend(claude_backend().model_toml(
+            "cached_input_usd_per_mtok = 0.3, cache_write_usd_per_mtok = 3.75, \
+             cache_write_1h_usd_per_mtok = 6.0",
+        ))
+        .team("mixed-cache", KEY)
+        .start()
+        .await;
+    let five = "Five minutes of context about the gateway. ".repeat(40);
+    let hour = "An hour of context about the ledger. ".repeat(40);
+    let mut seen = 0i64;
+    let mut requests = 0;
+    for i in 0..24usize {
+        let anthropic_client = i % 2 == 0;
+        let model = if i % 3 == 2 { "chat-large" } else { "sonnet" };
+        let backend = if model == "sonnet" { "claude" } else { "gpt" };
+        let stream = i % 4 >= 2;
+        let (req, usage_and_cost): (_, Box<ReadCost>) = if anthropic_client {
+            let (text, ttl) = if i % 8 < 4 {
+                (&five, "5m")
+            } else {
+                (&hour, "1h")
+            };
+            let body = serde_json::json!({
+                "model": model, "max_tokens": 8 + i, "stream": stream,
+                "system": [{"type": "text", "text": text,
+                            "cache_control": {"type": "ephemeral", "ttl": ttl}}],
+                "messages": [{"role": "user", "content": format!("Question {i}?")}],
+            });
+            let req = http::Request::post(gw.url("/v1/messages"))
+                .header("x-api-key", KEY)
+                .header("anthropic-version", "2023-06-01")
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    body.to_string(),
+                )))
+                .unwrap();
+            (
+                req,
+                Box::new(move |r: &Reply| {
+                    if !stream {
+                        let cost = nanos(r.headers["x-tollgate-cost-usd"].to_str().unwrap());
+                        return (r.json()["usage"].clone(), cost);
+                    }
+                    let text = r.text();
+                    let data = |name: &str| -> Vec<serde_json::Value> {
+                        text.split("\n\n")
+                            .filter(|e| e.starts_with(&format!("event: {name}\n")))
+                            .map(|e| {
+                                serde_json::from_str(e.split_once("data: ").unwrap().1).unwrap()
+                            })
+                            .collect()
+                    };
+                    // Input and cache figures come in message_start (from an Anthropic
+                    // backend; an OpenAI one tells them only at the end), the rest in the
+                    // last message_delta; the gateway's comment precedes message_stop.
+                    let mut u = data("message_start")[0]["message"]["usage"].clone();
+                    let last = data("message_delta").pop().unwrap();
+                    for (k, v) in last["usage"].as_object().unwrap() {
+                        u[k] = v.clone();
+                    }
+                    let comment = closing_comment(&text);
+                    assert!(
+                        text.find(": tollgate").unwrap()
+                            < text.find("event: message_stop").unwrap()
+                    );
+                    (u, nanos(&comment["cost_usd"].to_string()))
+                }),
+            )
+        } else {
+            let mut body: serde_json::Value = serde_json::from_str(&chat(model, stream)).unwrap();
+            body["max_tokens"] = (8 + i).into();
+            if stream {
+                body["stream_options"] = serde_json::json!({"include_usage": true});
+            }
+            (
+                gw.request("/v1/chat/completions", KEY, body.to_string()),
+                Box::new(move |r: &Reply| {
+                    if !stream {
+                        let cost = nanos(r.headers["x-tollgate-cost-usd"].to_str().unwrap());
+                        return (r.json()["usage"].clone(), cost);
+                    }
+                    let usage = r
+                        .events()
+                        .iter()
+                        .filter(|e| *e != "[DONE]")
+                        .map(|e| serde_json::from_str::<serde_json::Value>(e).unwrap())
+                        .rfind(|c| c["usage"].is_object())
+                        .unwrap()["usage"]
+                        .clone();
+                    (
+                        usage,
+                        nanos(&closing_comment(&r.text())["cost_usd"].to_string()),
+                    )
+                }),
+            )
+        };
+        let r = gw.send(req).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        let (usage, cost) = usage_and_cost(&r);
+        assert_eq!(cost, expected_nusd(backend, &usage), "request {i}: {usage}");
+        seen += cost;
+        requests += 1;
+    }
+
+    let rows: Vec<(i64, i64, i64, i64)> = gw.ledger(
+        "SELECT cost_nusd, cached_tokens, cache_write_tokens, cache_write_1h_tokens FROM requests",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    );
+    assert_eq!(rows.len(), requests);
+    assert_eq!(rows.iter().map(|r| r.0).sum::<i64>(), seen, "ledger");
+    // The workload did read and write the cache, at both lifetimes.
+    assert!(rows.iter().any(|r| r.1 > 0), "cache reads: {rows:?}");
+    assert!(
+        rows.iter().any(|r| r.2 > r.3 && r.3 == 0),
+        "5-minute writes: {rows:?}"
+    );
+    assert!(rows.iter().any(|r| r.3 > 0), "1-hour writes: {rows:?}");
+
+    let report = gw.admin_get("/admin/usage?group_by=team").await;
+    let rows = report.json();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["team"] == "mixed-cache")
+        .unwrap();
+    assert_eq!(nanos(&row["cost_usd"].to_string()), seen, "report");
+
+    let metrics = gw.admin_get("/metrics").await.text();
+    let metered: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tollgate_cost_usd_total{") && l.contains("team=\"mixed-cache\""))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+        .sum();
+    assert_eq!((metered * 1e9).round() as i64, seen, "metrics");
+}

@@ -21,10 +21,18 @@ async fn the_official_anthropic_python_sdk_works_through_the_gateway() {
         Err(why) => panic!("CI is set, so the SDK test may not be skipped: {why}"),
     };
     let gw = Harness::new()
-        .backend(Backend::sim("llama", "llama-3.1-8b").alias("small").price(0.2, 0.6))
+        .backend(
+            Backend::sim("llama", "llama-3.1-8b")
+                .alias("small")
+                .price(0.2, 0.6),
+        )
         .backend(claude_backend())
         .team("apps", KEY)
-        .team_toml("spent", POOR_KEY, "budgets = [{ window = \"day\", tokens = 1 }]")
+        .team_toml(
+            "spent",
+            POOR_KEY,
+            "budgets = [{ window = \"day\", tokens = 1 }]",
+        )
         .start()
         .await;
     let stdout = run_sdk_script(
@@ -39,7 +47,14 @@ async fn the_official_anthropic_python_sdk_works_through_the_gateway() {
         ],
     )
     .await;
-    assert!(stdout.contains("ok stream_tool_use_claude_backend"), "{stdout}");
+    assert!(
+        stdout.contains("ok stream_tool_use_claude_backend"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok count_tokens_by_the_anthropic_backend"),
+        "{stdout}"
+    );
     // Every request the SDKs made that a backend answered is in the ledger, at the backend's
     // usage (the headers check compared them request by request).
     let rows: Vec<(String, String)> = gw.ledger(

@@ -13,10 +13,7 @@ const RESEARCH_KEY: &str = "tg-test-research";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_sdk_works_through_the_gateway() {
-    let python = match tokio::task::spawn_blocking(sdk_python)
-        .await
-        .unwrap()
-    {
+    let python = match tokio::task::spawn_blocking(sdk_python).await.unwrap() {
         Ok(p) => p,
         Err(why) if std::env::var_os("CI").is_none() => {
             eprintln!("SKIPPED the_official_openai_python_sdk_works_through_the_gateway: {why}");

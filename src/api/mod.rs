@@ -2,6 +2,7 @@
 //! gives itself (`/v1/models`), and the translation between OpenAI's and Anthropic's formats.
 
 pub mod anthropic;
+pub mod count_tokens;
 pub mod endpoint;
 pub mod error;
 pub mod headers;

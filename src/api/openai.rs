@@ -649,7 +649,10 @@ impl Shape {
     /// it requires) at the model's cap when the client set none.
     pub fn for_backend(&self, to: &crate::route::Candidate) -> Result<(Bytes, bool), GatewayError> {
         let cfg = &to.backend.cfg;
-        let body = self.edited(&to.model, cfg.stream_usage || cfg.protocol == Protocol::Anthropic);
+        let body = self.edited(
+            &to.model,
+            cfg.stream_usage || cfg.protocol == Protocol::Anthropic,
+        );
         match cfg.protocol {
             Protocol::OpenAi => Ok((body, self.ask_usage)),
             Protocol::Anthropic if self.native.is_some() => {
@@ -671,8 +674,8 @@ impl Shape {
         if model == &*self.requested {
             return Ok(native);
         }
-        let mut v: serde_json::Value =
-            serde_json::from_slice(&native).map_err(|e| GatewayError::MalformedJson(e.to_string()))?;
+        let mut v: serde_json::Value = serde_json::from_slice(&native)
+            .map_err(|e| GatewayError::MalformedJson(e.to_string()))?;
         v["model"] = model.into();
         Ok(Bytes::from(v.to_string()))
     }

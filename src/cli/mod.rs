@@ -419,6 +419,7 @@ fn explain_route(
     }
     let request = RouteRequest {
         model: &e.model,
+        endpoint: crate::api::endpoint::Endpoint::ChatCompletions,
         regions: &regions,
         features,
         max_output_tokens: e.output_tokens,

@@ -305,6 +305,8 @@ pub struct RawModel {
     pub cached_input_usd_per_mtok: Option<f64>,
     /// Prompt tokens written to the provider's cache (Anthropic's 5-minute write rate).
     pub cache_write_usd_per_mtok: Option<f64>,
+    /// Anthropic's 1-hour cache write rate.
+    pub cache_write_1h_usd_per_mtok: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,7 +15,10 @@ pub struct Price {
     pub input: f64,
     pub output: f64,
     pub cached_input: f64,
+    /// Anthropic's 5-minute cache writes (and any provider's only kind).
     pub cache_write: f64,
+    /// Anthropic's 1-hour cache writes (twice the input rate where 5 minutes cost 1.25 times).
+    pub cache_write_1h: f64,
     /// Prices for the whole request once its prompt exceeds a threshold (long-context tiers).
     pub long_context: Option<(u64, Box<Price>)>,
     pub source: PriceSource,
@@ -65,6 +68,7 @@ pub struct CatalogModel {
     pub output_usd_per_mtok: Option<f64>,
     pub cached_input_usd_per_mtok: Option<f64>,
     pub cache_write_usd_per_mtok: Option<f64>,
+    pub cache_write_1h_usd_per_mtok: Option<f64>,
     pub context_window: Option<u64>,
     pub max_output_tokens: Option<u64>,
     pub long_context: Option<LongContext>,
@@ -114,6 +118,9 @@ impl Catalog {
         let output = m.output_usd_per_mtok.or(embedding_output)? / 1e6;
         let cached_input = m.cached_input_usd_per_mtok.map_or(input, |p| p / 1e6);
         let cache_write = m.cache_write_usd_per_mtok.map_or(input, |p| p / 1e6);
+        let cache_write_1h = m
+            .cache_write_1h_usd_per_mtok
+            .map_or(cache_write, |p| p / 1e6);
         let long_context = m.long_context.as_ref().map(|lc| {
             let tier_input = lc.input_usd_per_mtok.map_or(input, |p| p / 1e6);
             let tier = Price {
@@ -123,6 +130,8 @@ impl Catalog {
                     .cached_input_usd_per_mtok
                     .map_or(cached_input, |p| p / 1e6),
                 cache_write: lc.cache_write_usd_per_mtok.map_or(cache_write, |p| p / 1e6),
+                // The catalog lists no long-context 1-hour rate: the base one stands.
+                cache_write_1h,
                 long_context: None,
                 source: PriceSource::Catalog,
             };
@@ -133,6 +142,7 @@ impl Catalog {
             output,
             cached_input,
             cache_write,
+            cache_write_1h,
             long_context,
             source: PriceSource::Catalog,
         })
@@ -156,11 +166,19 @@ pub fn resolve(backend: &Backend, model: &BackendModel, catalog: &Catalog) -> Op
             .cache_write_usd_per_mtok
             .or(catalog_write)
             .unwrap_or(i);
+        let catalog_write_1h = catalog
+            .get(&model.name)
+            .and_then(|m| m.cache_write_1h_usd_per_mtok);
+        let write_1h = model
+            .cache_write_1h_usd_per_mtok
+            .or(catalog_write_1h)
+            .unwrap_or(write);
         return Some(Price {
             input: i / 1e6,
             output: o / 1e6,
             cached_input: cached / 1e6,
             cache_write: write / 1e6,
+            cache_write_1h: write_1h / 1e6,
             long_context: None,
             source: PriceSource::Config,
         });
@@ -172,6 +190,7 @@ pub fn resolve(backend: &Backend, model: &BackendModel, catalog: &Catalog) -> Op
                 output: per_token,
                 cached_input: per_token,
                 cache_write: per_token,
+                cache_write_1h: per_token,
                 long_context: None,
                 source: PriceSource::GpuRateCard,
             });

@@ -363,6 +363,7 @@ pub struct BackendModel {
     pub output_usd_per_mtok: Option<f64>,
     pub cached_input_usd_per_mtok: Option<f64>,
     pub cache_write_usd_per_mtok: Option<f64>,
+    pub cache_write_1h_usd_per_mtok: Option<f64>,
 }
 
 #[derive(Debug)]

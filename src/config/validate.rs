@@ -510,6 +510,10 @@ fn model(mp: &str, m: RawModel, c: &mut Checker) -> BackendModel {
         &format!("{mp}.cache_write_usd_per_mtok"),
         m.cache_write_usd_per_mtok,
     );
+    c.non_negative(
+        &format!("{mp}.cache_write_1h_usd_per_mtok"),
+        m.cache_write_1h_usd_per_mtok,
+    );
     BackendModel {
         name: m.name.into(),
         aliases: m.aliases.into_iter().map(Arc::from).collect(),
@@ -520,6 +524,7 @@ fn model(mp: &str, m: RawModel, c: &mut Checker) -> BackendModel {
         output_usd_per_mtok: m.output_usd_per_mtok,
         cached_input_usd_per_mtok: m.cached_input_usd_per_mtok,
         cache_write_usd_per_mtok: m.cache_write_usd_per_mtok,
+        cache_write_1h_usd_per_mtok: m.cache_write_1h_usd_per_mtok,
     }
 }
 

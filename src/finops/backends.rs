@@ -257,6 +257,7 @@ fn cost_nusd(p: &Price, s: &Served) -> i64 {
         completion: s.completion,
         cached: s.cached,
         cache_write: 0,
+        cache_write_1h: 0,
         reasoning: 0,
         source: TokenSource::Upstream,
     };

@@ -137,7 +137,7 @@ pub fn query(
     let mut stmt = conn.prepare(
         "SELECT started_at_us, team, backend, COALESCE(served_model, requested_model), tags,
                 prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
-                cost_nusd, egress_bytes, key_id
+                cost_nusd, egress_bytes, key_id, cache_write_1h_tokens
          FROM requests
          WHERE started_at_us >= ?1 AND started_at_us < ?2
            AND backend IS NOT NULL AND status != 'upstream_error'",
@@ -163,6 +163,7 @@ pub fn query(
             completion: count(6)?,
             cached: count(7)?,
             cache_write: count(8)?,
+            cache_write_1h: count(12)?,
             reasoning: 0,
             source: TokenSource::Upstream,
         };

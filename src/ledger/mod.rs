@@ -48,6 +48,8 @@ pub struct Record {
     pub completion_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
     pub cache_write_tokens: Option<u64>,
+    /// Of `cache_write_tokens`, those written for an hour (Anthropic's dearer TTL).
+    pub cache_write_1h_tokens: Option<u64>,
     pub reasoning_tokens: Option<u64>,
     pub token_source: Option<TokenSource>,
     pub cost_nusd: i64,

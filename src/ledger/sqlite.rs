@@ -34,7 +34,9 @@ CREATE TABLE IF NOT EXISTS requests (
     ttft_ms            REAL,
     stream             INTEGER NOT NULL,
     -- Attempts sent after one whose backend may have begun working on the request.
-    resent             INTEGER NOT NULL DEFAULT 0
+    resent             INTEGER NOT NULL DEFAULT 0,
+    -- Of cache_write_tokens, those written for an hour (priced above the 5-minute ones).
+    cache_write_1h_tokens INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_started ON requests (started_at_us);
 CREATE INDEX IF NOT EXISTS requests_team_started ON requests (team, started_at_us);
@@ -65,6 +67,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has("resent")? {
         conn.execute_batch("ALTER TABLE requests ADD COLUMN resent INTEGER NOT NULL DEFAULT 0")?;
     }
+    if !has("cache_write_1h_tokens")? {
+        conn.execute_batch("ALTER TABLE requests ADD COLUMN cache_write_1h_tokens INTEGER")?;
+    }
     Ok(())
 }
 
@@ -88,9 +93,10 @@ pub fn insert_batch<'a>(
             "INSERT INTO requests (id, started_at_us, ended_at_us, team, key_id, tags, endpoint,
                 requested_model, backend, served_model, prompt_tokens, completion_tokens, cached_tokens,
                 cache_write_tokens, reasoning_tokens, token_source, cost_nusd, priced, egress_bytes, status,
-                http_status, attempts, latency_ms, ttft_ms, stream, resent)
+                http_status, attempts, latency_ms, ttft_ms, stream, resent,
+                cache_write_1h_tokens)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
-                ?21, ?22, ?23, ?24, ?25, ?26)",
+                ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
         )?;
         for r in records {
             stmt.execute(params![
@@ -120,6 +126,7 @@ pub fn insert_batch<'a>(
                 r.ttft_ms,
                 r.stream,
                 r.resent,
+                r.cache_write_1h_tokens.map(|v| v as i64),
             ])?;
         }
     }

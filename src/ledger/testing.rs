@@ -45,6 +45,7 @@ pub fn rec(at_us: i64, team: &str, backend: Option<&str>, model: &str, tags: &st
         completion_tokens: Some(0),
         cached_tokens: Some(0),
         cache_write_tokens: Some(0),
+        cache_write_1h_tokens: Some(0),
         reasoning_tokens: Some(0),
         token_source: Some(TokenSource::Upstream),
         cost_nusd: 0,

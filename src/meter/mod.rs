@@ -45,6 +45,9 @@ pub struct Usage {
     pub cached: u64,
     /// Prompt tokens written to the provider's cache (Anthropic), priced at the write rate.
     pub cache_write: u64,
+    /// Of `cache_write`, the tokens written for an hour (Anthropic's 1-hour TTL, priced higher
+    /// than the 5-minute default).
+    pub cache_write_1h: u64,
     /// Reasoning tokens, already included in `completion` (billed as output).
     pub reasoning: u64,
     pub source: TokenSource,
@@ -61,6 +64,14 @@ pub struct WireUsage {
     pub output_tokens: Option<u64>,
     pub cache_read_input_tokens: Option<u64>,
     pub cache_creation_input_tokens: Option<u64>,
+    /// Anthropic's split of `cache_creation_input_tokens` by TTL.
+    pub cache_creation: Option<CacheCreation>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct CacheCreation {
+    pub ephemeral_5m_input_tokens: Option<u64>,
+    pub ephemeral_1h_input_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +100,9 @@ impl WireUsage {
             self.output_tokens,
             self.cache_read_input_tokens,
             self.cache_creation_input_tokens,
+            self.cache_creation
+                .as_ref()
+                .and_then(|c| c.ephemeral_1h_input_tokens),
             self.prompt_tokens_details
                 .as_ref()
                 .and_then(|d| d.cached_tokens),
@@ -122,11 +136,19 @@ impl WireUsage {
         if prompt > MAX_REPORTED_TOKENS {
             return None;
         }
+        let cached = cached.min(prompt);
+        let cache_write = cache_write.min(prompt - cached);
         Some(Usage {
             prompt,
             completion,
-            cached: cached.min(prompt),
-            cache_write: cache_write.min(prompt - cached.min(prompt)),
+            cached,
+            cache_write,
+            cache_write_1h: self
+                .cache_creation
+                .as_ref()
+                .and_then(|c| c.ephemeral_1h_input_tokens)
+                .unwrap_or(0)
+                .min(cache_write),
             reasoning: self
                 .completion_tokens_details
                 .as_ref()
@@ -174,6 +196,7 @@ pub fn timings_json(value: &[u8]) -> Option<Usage> {
         completion: t.predicted_n,
         cached: t.cache_n,
         cache_write: 0,
+        cache_write_1h: 0,
         reasoning: 0,
         source: TokenSource::Upstream,
     })

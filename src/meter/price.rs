@@ -29,6 +29,8 @@ pub struct Tokens {
     pub prompt: u64,
     pub cached: u64,
     pub cache_write: u64,
+    /// Of `cache_write`, those written for an hour.
+    pub cache_write_1h: u64,
     pub completion: u64,
 }
 
@@ -38,6 +40,7 @@ impl From<&Usage> for Tokens {
             prompt: u.prompt,
             cached: u.cached,
             cache_write: u.cache_write,
+            cache_write_1h: u.cache_write_1h,
             completion: u.completion,
         }
     }
@@ -61,7 +64,10 @@ pub fn cost_nusd(price: Option<&Price>, tokens: Tokens, egress: Egress, rounding
             .saturating_sub(tokens.cached.saturating_add(tokens.cache_write));
         femto += u128::from(uncached) * femto_per_unit(p.input)
             + u128::from(tokens.cached) * femto_per_unit(p.cached_input)
-            + u128::from(tokens.cache_write) * femto_per_unit(p.cache_write)
+            + u128::from(tokens.cache_write.saturating_sub(tokens.cache_write_1h))
+                * femto_per_unit(p.cache_write)
+            + u128::from(tokens.cache_write_1h.min(tokens.cache_write))
+                * femto_per_unit(p.cache_write_1h)
             + u128::from(tokens.completion) * femto_per_unit(p.output);
     }
     if let Some(per_gb) = egress.usd_per_gb {
@@ -103,6 +109,7 @@ mod tests {
             output: output / 1e6,
             cached_input: input / 2e6,
             cache_write: input * 1.25 / 1e6,
+            cache_write_1h: input * 2.0 / 1e6,
             long_context: None,
             source: PriceSource::Config,
         }
@@ -115,6 +122,7 @@ mod tests {
             prompt: 1000,
             cached: 600,
             cache_write: 0,
+            cache_write_1h: 0,
             completion: 200,
         };
         // 400 x 0.15 + 600 x 0.075 + 200 x 0.60 = 225 micro-dollars... per 1M: 225_000 n$.

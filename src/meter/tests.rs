@@ -7,6 +7,7 @@ fn price(input_per_m: f64, output_per_m: f64, cached_per_m: f64) -> Price {
         output: output_per_m / 1e6,
         cached_input: cached_per_m / 1e6,
         cache_write: input_per_m * 1.25 / 1e6,
+        cache_write_1h: input_per_m * 2.0 / 1e6,
         long_context: None,
         source: PriceSource::Catalog,
     }
@@ -29,6 +30,21 @@ fn reads_anthropic_usage() {
         (u.prompt, u.completion, u.cached, u.cache_write),
         (450, 20, 300, 50)
     );
+}
+
+#[test]
+fn anthropic_cache_writes_are_priced_by_their_ttl() {
+    // claude-haiku-4-5: $1 in, $5 out, $0.10 read, $1.25 5-minute write, $2 1-hour write.
+    let u = usage_of(br#"{"usage":{"input_tokens":100,"output_tokens":20,"cache_read_input_tokens":300,"cache_creation_input_tokens":50,"cache_creation":{"ephemeral_5m_input_tokens":20,"ephemeral_1h_input_tokens":30}}}"#).unwrap();
+    assert_eq!((u.prompt, u.cache_write, u.cache_write_1h), (450, 50, 30));
+    // (100 x 1 + 300 x 0.10 + 20 x 1.25 + 30 x 2 + 20 x 5) $/1M = 315 µ$.
+    assert_eq!(
+        cost_nusd(Some(&price(1.0, 5.0, 0.10)), &u, 0, None),
+        315_000
+    );
+    // A 1-hour count larger than the writes it is part of is held to them.
+    let u = usage_of(br#"{"usage":{"input_tokens":0,"output_tokens":1,"cache_creation_input_tokens":10,"cache_creation":{"ephemeral_1h_input_tokens":99}}}"#).unwrap();
+    assert_eq!((u.cache_write, u.cache_write_1h), (10, 10));
 }
 
 #[test]
@@ -72,6 +88,7 @@ fn cost_prices_cached_tokens_at_their_own_rate() {
         completion: 200,
         cached: 600,
         cache_write: 0,
+        cache_write_1h: 0,
         reasoning: 0,
         source: TokenSource::Upstream,
     };
@@ -89,6 +106,7 @@ fn long_context_tier_applies_to_the_whole_request() {
         completion: 0,
         cached: 0,
         cache_write: 0,
+        cache_write_1h: 0,
         reasoning: 0,
         source: TokenSource::Local,
     };
@@ -107,6 +125,7 @@ fn egress_is_charged_per_byte_and_unpriced_models_cost_only_egress() {
         completion: 10,
         cached: 0,
         cache_write: 0,
+        cache_write_1h: 0,
         reasoning: 0,
         source: TokenSource::Upstream,
     };

@@ -18,6 +18,9 @@ pub fn describe(why: &Exclusion) -> String {
             region.as_deref().unwrap_or("(none)")
         ),
         Exclusion::Features { missing } => format!("does not support {missing}"),
+        Exclusion::Endpoint { endpoint } => {
+            format!("speaks Anthropic's API, which has no {}", endpoint.path())
+        }
         Exclusion::Context { needed, window } => {
             format!("needs {needed} tokens (prompt + max_tokens), context window is {window}")
         }

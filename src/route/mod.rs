@@ -17,9 +17,10 @@ pub mod explain;
 pub mod health;
 pub mod occupancy;
 
+use crate::api::endpoint::Endpoint;
 use crate::auth::Principal;
 use crate::config::prices::{self, Catalog, Price};
-use crate::config::{Backend, Features, Hosting, Routing, SelfHostedCost};
+use crate::config::{Backend, Features, Hosting, Protocol, Routing, SelfHostedCost};
 use crate::error::GatewayError;
 use crate::meter::price;
 use crate::tokens::{Counter, Encoding};
@@ -136,6 +137,7 @@ fn header_value(s: &str) -> HeaderValue {
 #[derive(Debug, Clone, Copy)]
 pub struct RouteRequest<'a> {
     pub model: &'a str,
+    pub endpoint: Endpoint,
     pub regions: &'a [Arc<str>],
     pub features: Features,
     /// The request's own output cap (`max_tokens`), counted in the context window.
@@ -197,6 +199,10 @@ pub enum Exclusion {
     Features {
         missing: Features,
     },
+    /// The backend's protocol has no such endpoint (Anthropic's API: only chat).
+    Endpoint {
+        endpoint: Endpoint,
+    },
     Context {
         needed: u64,
         window: u64,
@@ -221,6 +227,7 @@ impl Exclusion {
         match self {
             Exclusion::Region { .. } => "region",
             Exclusion::Features { .. } => "features",
+            Exclusion::Endpoint { .. } => "endpoint",
             Exclusion::Context { .. } => "context",
             Exclusion::Circuit { .. } => "circuit_open",
             Exclusion::Probing => "probing",
@@ -402,6 +409,14 @@ impl Router {
                 false,
             ));
         }
+        if cfg.protocol == Protocol::Anthropic && req.endpoint != Endpoint::ChatCompletions {
+            return Err((
+                Exclusion::Endpoint {
+                    endpoint: req.endpoint,
+                },
+                false,
+            ));
+        }
         let missing = req.features.missing_from(c.features);
         if !missing.is_empty() {
             return Err((Exclusion::Features { missing }, false));
@@ -506,19 +521,18 @@ impl Router {
         let permanent_only = plan.excluded.iter().all(|e| {
             matches!(
                 e.why,
-                Exclusion::Context { .. } | Exclusion::Features { .. }
+                Exclusion::Context { .. } | Exclusion::Features { .. } | Exclusion::Endpoint { .. }
             )
         });
         if permanent_only && !plan.excluded.is_empty() {
-            let context = plan
-                .excluded
-                .iter()
-                .all(|e| matches!(e.why, Exclusion::Context { .. }));
+            let all = |f: fn(&Exclusion) -> bool| plan.excluded.iter().all(|e| f(&e.why));
             return GatewayError::NotServable {
                 model: model.into(),
                 reason: reasons,
-                code: if context {
+                code: if all(|w| matches!(w, Exclusion::Context { .. })) {
                     "context_length_exceeded"
+                } else if all(|w| matches!(w, Exclusion::Endpoint { .. })) {
+                    "unsupported_endpoint"
                 } else {
                     "unsupported_feature"
                 },
@@ -547,6 +561,20 @@ impl Router {
             .map(|(n, _)| &**n)
             .collect();
         names.into_iter()
+    }
+
+    /// The candidates that serve a model name or alias to the principal (in its regions), in
+    /// the config's order.
+    pub fn candidates_for<'a>(
+        &'a self,
+        name: &str,
+        principal: &'a Principal,
+    ) -> impl Iterator<Item = &'a Arc<Candidate>> + 'a {
+        self.by_name
+            .get(name)
+            .map_or(&[][..], |c| c.as_slice())
+            .iter()
+            .filter(|c| in_regions(&c.backend.cfg, &principal.team.regions))
     }
 
     /// Every name with its candidates, sorted by name: the routing table `tollgate check` prints.

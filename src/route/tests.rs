@@ -49,6 +49,7 @@ models = [{{ name = "eu-mini", aliases = ["chat"], context_window = 32000, input
 fn req<'a>(regions: &'a [Arc<str>], prompt: Prompt<'a>) -> RouteRequest<'a> {
     RouteRequest {
         model: "chat",
+        endpoint: crate::api::endpoint::Endpoint::ChatCompletions,
         regions,
         features: Features::NONE,
         max_output_tokens: Some(100),

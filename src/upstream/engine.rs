@@ -270,6 +270,45 @@ impl EngineCounter {
     }
 }
 
+/// Anthropic's own count of a Messages request (`POST /v1/messages/count_tokens`) on an
+/// Anthropic backend: exact for Claude models, whose tokenizer does not ship. `headers` are
+/// the client's, completed for this backend (its key, `anthropic-version`).
+pub async fn anthropic_count(
+    backend: &RouteBackend,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Result<u64, EngineCountError> {
+    bounded(async {
+        let url = format!("{}/v1/messages/count_tokens", backend.cfg.base_url);
+        let mut req = http::Request::post(url)
+            .body(Full::new(body))
+            .map_err(|e| EngineCountError::Request(e.to_string()))?;
+        *req.headers_mut() = headers;
+        req.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let resp = backend
+            .client
+            .request(req)
+            .await
+            .map_err(|e| EngineCountError::Request(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(EngineCountError::Status {
+                status: resp.status().as_u16(),
+            });
+        }
+        let bytes = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| EngineCountError::Request(e.to_string()))?
+            .to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).map_err(|_| EngineCountError::Answer)?;
+        v["input_tokens"].as_u64().ok_or(EngineCountError::Answer)
+    })
+    .await
+}
+
 async fn bounded<T>(
     f: impl std::future::Future<Output = Result<T, EngineCountError>>,
 ) -> Result<T, EngineCountError> {

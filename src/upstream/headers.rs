@@ -252,14 +252,22 @@ mod tests {
         assert!(!h.contains_key("x-api-key"));
         assert!(!h.contains_key("x-tollgate-tags"));
         assert_eq!(h[&X_REQUEST_ID], "req_1");
-        to_upstream(&mut h, Protocol::OpenAi, None, &HeaderValue::from_static("req_1"));
+        to_upstream(
+            &mut h,
+            Protocol::OpenAi,
+            None,
+            &HeaderValue::from_static("req_1"),
+        );
         assert!(!h.contains_key(header::AUTHORIZATION));
     }
 
     #[test]
     fn an_anthropic_backend_gets_its_key_and_version_its_own_way() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer tg-client"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer tg-client"),
+        );
         let id = HeaderValue::from_static("req_1");
         to_upstream(&mut h, Protocol::Anthropic, Some("sk-ant"), &id);
         assert_eq!(h[&X_API_KEY], "sk-ant");
@@ -267,7 +275,10 @@ mod tests {
         assert_eq!(h[&ANTHROPIC_VERSION], ANTHROPIC_API_VERSION);
         // A client's own version is kept.
         let mut h = HeaderMap::new();
-        h.insert(ANTHROPIC_VERSION.clone(), HeaderValue::from_static("2024-01-01"));
+        h.insert(
+            ANTHROPIC_VERSION.clone(),
+            HeaderValue::from_static("2024-01-01"),
+        );
         to_upstream(&mut h, Protocol::Anthropic, None, &id);
         assert_eq!(h[&ANTHROPIC_VERSION], "2024-01-01");
         assert!(!h.contains_key(&X_API_KEY));

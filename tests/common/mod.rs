@@ -723,7 +723,9 @@ pub async fn run_sdk_script(
     script: &str,
     env: Vec<(&'static str, String)>,
 ) -> String {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk").join(script);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
             .arg(script)
@@ -735,7 +737,10 @@ pub async fn run_sdk_script(
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SDK checks failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{stdout}\n{stderr}"
+    );
     assert!(
         stdout.lines().any(|l| l.ends_with(" passed, 0 failed")),
         "{stdout}"

@@ -113,9 +113,16 @@ def check_stream_tool_use(model: str) -> None:
     expect(final.stop_reason == "tool_use", f"stop_reason {final.stop_reason!r}")
 
 
-def check_count_tokens(model: str) -> None:
-    n = claude().messages.count_tokens(model=model, messages=MESSAGES).input_tokens
+def check_count_tokens(model: str, source: str) -> None:
+    raw = claude().messages.with_raw_response.count_tokens(model=model, messages=MESSAGES)
+    n = raw.parse().input_tokens
     expect(0 < n < 100, f"input_tokens {n}")
+    said = raw.headers.get("x-tollgate-token-source")
+    expect(said == source, f"x-tollgate-token-source {said!r}, expected {source!r}")
+    if source == "upstream":
+        # The backend's count is what it then bills for the same messages.
+        used = claude().messages.create(model=model, max_tokens=8, messages=MESSAGES).usage
+        expect(used.input_tokens == n, f"count_tokens {n}, usage.input_tokens {used.input_tokens}")
 
 
 def check_bad_key() -> None:
@@ -181,7 +188,8 @@ CHECKS = [
     ("stream_text_openai_backend", lambda: check_stream_text(OPENAI_MODEL)),
     ("stream_text_claude_backend", lambda: check_stream_text(CLAUDE_MODEL)),
     ("stream_tool_use_claude_backend", lambda: check_stream_tool_use(CLAUDE_MODEL)),
-    ("count_tokens", lambda: check_count_tokens(CLAUDE_MODEL)),
+    ("count_tokens_by_the_anthropic_backend", lambda: check_count_tokens(CLAUDE_MODEL, "upstream")),
+    ("count_tokens_locally", lambda: check_count_tokens(OPENAI_MODEL, "local")),
     ("bad_key_401", check_bad_key),
     ("unknown_model_404", check_unknown_model),
     ("over_budget_429", check_over_budget),

@@ -17,7 +17,10 @@ fn whole_events(
     loop {
         let Some((end, sep)) = event_end(buf) else {
             if buf.len() > MAX_EVENT_BYTES {
-                return Err(Untranslatable::new("stream", "an upstream event grew past its bound"));
+                return Err(Untranslatable::new(
+                    "stream",
+                    "an upstream event grew past its bound",
+                ));
             }
             return Ok(());
         };
@@ -69,12 +72,23 @@ impl FromAnthropic {
         Self::default()
     }
 
+    /// For an Anthropic client: the chunks also carry what only Anthropic events can say (see
+    /// [`StreamToOpenAi::with_anthropic_extras`]), so its events are the backend's own.
+    pub fn for_anthropic_client() -> Self {
+        Self {
+            buf: BytesMut::new(),
+            inner: StreamToOpenAi::new().with_anthropic_extras(true),
+        }
+    }
+
     /// One upstream frame in; the OpenAI frames of the events it completed out (maybe none).
     pub fn feed(&mut self, frame: &[u8]) -> Result<Bytes, Untranslatable> {
         self.buf.extend_from_slice(frame);
         let mut out = BytesMut::new();
         let inner = &mut self.inner;
-        whole_events(&mut self.buf, |name, data| inner.event(name, data, &mut out))?;
+        whole_events(&mut self.buf, |name, data| {
+            inner.event(name, data, &mut out)
+        })?;
         Ok(out.freeze())
     }
 }
@@ -176,6 +190,42 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         assert!(text.contains("Hi there"), "{text}");
         assert!(text.contains("\"prompt_tokens\":7"), "{text}");
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+
+    #[test]
+    fn anthropic_on_both_sides_keeps_what_openai_chunks_cannot_say() {
+        let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":7,\"cache_read_input_tokens\":100,\"cache_creation_input_tokens\":30,\"cache_creation\":{\"ephemeral_5m_input_tokens\":0,\"ephemeral_1h_input_tokens\":30},\"output_tokens\":1}}}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"one, two\"}}\n\n\
+event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"stop_sequence\",\"stop_sequence\":\"three\"},\"usage\":{\"output_tokens\":4}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let chunks = FromAnthropic::for_anthropic_client()
+            .feed(stream.as_bytes())
+            .unwrap();
+        let events = String::from_utf8(ToAnthropic::new("claude").feed(&chunks).to_vec()).unwrap();
+        let data = |name: &str| -> serde_json::Value {
+            let at = events.find(&format!("event: {name}\ndata: ")).unwrap() + name.len() + 14;
+            let end = events[at..].find('\n').unwrap();
+            serde_json::from_str(&events[at..at + end]).unwrap()
+        };
+        let start = data("message_start");
+        assert_eq!(
+            start["message"]["usage"]["cache_creation"]["ephemeral_1h_input_tokens"],
+            30
+        );
+        assert_eq!(start["message"]["usage"]["cache_read_input_tokens"], 100);
+        let delta = data("message_delta");
+        assert_eq!(delta["delta"]["stop_reason"], "stop_sequence", "{events}");
+        assert_eq!(delta["delta"]["stop_sequence"], "three");
+        assert_eq!(
+            delta["usage"]["cache_creation"]["ephemeral_1h_input_tokens"],
+            30
+        );
+        assert_eq!(delta["usage"]["output_tokens"], 4);
+        // An OpenAI client gets no such members.
+        let plain = FromAnthropic::new().feed(stream.as_bytes()).unwrap();
+        assert!(!String::from_utf8_lossy(&plain).contains("x_anthropic"));
     }
 
     #[test]

@@ -61,7 +61,14 @@ pub struct StreamToOpenAi {
     tool_calls: u64,
     usage: Usage,
     usage_chunk: bool,
+    anthropic_extras: bool,
 }
+
+/// Members a translated chunk carries, when the stream is translated back to Anthropic, for
+/// what OpenAI chunks cannot say: the usage `message_start` reports (input and cache, before
+/// any output) and the exact `stop_reason` and `stop_sequence`. The meter reads only `usage`.
+pub(super) const START_USAGE: &str = "x_anthropic_start_usage";
+pub(super) const STOP: &str = "x_anthropic_stop";
 
 impl Default for StreamToOpenAi {
     fn default() -> Self {
@@ -81,7 +88,15 @@ impl StreamToOpenAi {
             tool_calls: 0,
             usage: Usage::default(),
             usage_chunk: true,
+            anthropic_extras: false,
         }
+    }
+
+    /// Whether chunks carry [`START_USAGE`] and [`STOP`]: on when the client speaks Anthropic
+    /// too, so that its events say what the backend's said.
+    pub fn with_anthropic_extras(mut self, on: bool) -> Self {
+        self.anthropic_extras = on;
+        self
     }
 
     /// Whether the usage chunk (`choices: []`) is sent. On by default: the gateway meters from
@@ -151,7 +166,13 @@ impl StreamToOpenAi {
                 .merge_anthropic(as_object(u, "usage", "message.usage")?)?;
         }
         self.started = true;
-        self.delta(out, json!({ "role": "assistant", "content": "" }));
+        let choice = json!({ "index": 0, "delta": { "role": "assistant", "content": "" },
+                             "logprobs": null, "finish_reason": null });
+        let mut chunk = self.chunk(json!([choice]));
+        if self.anthropic_extras {
+            chunk[START_USAGE] = get(message, "usage").clone();
+        }
+        frame(out, &chunk);
         Ok(())
     }
 
@@ -247,7 +268,12 @@ impl StreamToOpenAi {
         if !get(delta, "stop_reason").is_null() {
             let reason = str_field(delta, "stop_reason", "stop_reason", "delta")?;
             let choice = json!({ "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(reason)? });
-            frame(out, &self.chunk(json!([choice])));
+            let mut chunk = self.chunk(json!([choice]));
+            if self.anthropic_extras {
+                chunk[STOP] =
+                    json!({ "stop_reason": reason, "stop_sequence": get(delta, "stop_sequence") });
+            }
+            frame(out, &chunk);
         }
         if self.usage_chunk {
             let mut chunk = self.chunk(json!([]));
@@ -307,6 +333,8 @@ pub struct StreamToAnthropic {
     calls: Vec<u64>,
     refused: bool,
     stop_reason: Option<&'static str>,
+    /// The Anthropic backend's own stop reason and sequence, when the chunks carried them.
+    native_stop: Option<Value>,
     usage: Option<Usage>,
 }
 
@@ -322,6 +350,7 @@ impl StreamToAnthropic {
             calls: Vec::new(),
             refused: false,
             stop_reason: None,
+            native_stop: None,
             usage: None,
         }
     }
@@ -363,6 +392,9 @@ impl StreamToAnthropic {
         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
             self.usage = Some(Usage::from_openai(as_object(u, "usage", "usage")?)?);
         }
+        if let Some(stop) = v.get(STOP).filter(|s| s.is_object()) {
+            self.native_stop = Some(stop.clone());
+        }
         if self.stop_reason.is_some() && self.usage.is_some() {
             self.finish(out);
         }
@@ -382,9 +414,14 @@ impl StreamToAnthropic {
 
     fn start(&mut self, v: &Value, out: &mut BytesMut) -> Result<(), Untranslatable> {
         let id = message_id(v.get("id").and_then(Value::as_str).unwrap_or(""));
-        let input = match v.get("usage").filter(|u| !u.is_null()) {
-            Some(u) => Usage::from_openai(as_object(u, "usage", "usage")?)?.input,
-            None => 0,
+        let usage = match (v.get(START_USAGE), v.get("usage")) {
+            // An Anthropic backend's own message_start usage, whole (cache figures included).
+            (Some(u @ Value::Object(_)), _) => u.clone(),
+            (_, Some(u)) if !u.is_null() => {
+                let input = Usage::from_openai(as_object(u, "usage", "usage")?)?.input;
+                json!({ "input_tokens": input, "output_tokens": 0 })
+            }
+            _ => json!({ "input_tokens": 0, "output_tokens": 0 }),
         };
         let message = json!({
             "id": id,
@@ -394,7 +431,7 @@ impl StreamToAnthropic {
             "content": [],
             "stop_reason": null,
             "stop_sequence": null,
-            "usage": { "input_tokens": input, "output_tokens": 0 },
+            "usage": usage,
         });
         event(
             out,
@@ -504,15 +541,13 @@ impl StreamToAnthropic {
     fn finish(&mut self, out: &mut BytesMut) {
         self.close(out);
         let usage = match &self.usage {
-            Some(u) => json!({
-                "output_tokens": u.output,
-                "input_tokens": u.input,
-                "cache_read_input_tokens": u.cache_read.unwrap_or(0),
-                "cache_creation_input_tokens": u.cache_creation.unwrap_or(0),
-            }),
+            Some(u) => u.to_anthropic(),
             None => json!({ "output_tokens": 0 }),
         };
-        let delta = json!({ "stop_reason": self.stop_reason, "stop_sequence": null });
+        let delta = match self.native_stop.take() {
+            Some(stop) => stop,
+            None => json!({ "stop_reason": self.stop_reason, "stop_sequence": null }),
+        };
         let data = json!({ "type": "message_delta", "delta": delta, "usage": usage });
         event(out, "message_delta", &data);
         event(out, "message_stop", &json!({ "type": "message_stop" }));

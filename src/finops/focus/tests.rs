@@ -489,6 +489,7 @@ fn a_commercial_backend_at_the_catalog_price_lists_at_what_it_billed() {
                 completion: 3 + i * 7,
                 cached: i % 5,
                 cache_write: 0,
+                cache_write_1h: 0,
                 reasoning: 0,
                 source: TokenSource::Upstream,
             };
