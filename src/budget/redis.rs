@@ -763,12 +763,18 @@ impl Inner {
         if now < self.renewed_ms.load(Ordering::Relaxed) + every {
             return;
         }
+        if self.renew().await {
+            self.renewed_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Renews every running request's leases; whether Redis took them all.
+    async fn renew(&self) -> bool {
         let mut by_team: HashMap<Arc<str>, Vec<(String, String)>> = HashMap::new();
         for (rid, (team, leases)) in lock(&self.live).iter() {
             let pairs = by_team.entry(team.clone()).or_default();
             pairs.extend(leases.iter().map(|z| (z.clone(), rid.clone())));
         }
-        let mut ok = true;
         for pairs in by_team.values() {
             let mut inv = self.renew.prepare_invoke();
             inv.arg(self.cfg.lease.as_millis() as u64);
@@ -777,13 +783,10 @@ impl Inner {
             }
             if let Err(e) = self.run::<i64>(inv).await {
                 self.failed(Op::Renew, &e);
-                ok = false;
-                break;
+                return false;
             }
         }
-        if ok {
-            self.renewed_ms.store(now, Ordering::Relaxed);
-        }
+        true
     }
 
     /// Brings queued ledger spend into Redis; whether it is all there.

@@ -229,3 +229,49 @@ async fn amounts_past_lua_number_printing_stay_exact() {
         (5_000_000_000_000_001, 0)
     );
 }
+
+#[tokio::test]
+async fn renewal_pushes_out_running_leases_and_never_revives_a_settled_one() {
+    let Some(s) = scratch("renewal_pushes_out_running_leases").await else {
+        return;
+    };
+    let t = team(vec![budget(Window::Day, None, Some(100), false)]);
+    let k: Arc<str> = "k".into();
+    let d = Demand {
+        nusd: 0,
+        tokens: 10,
+    };
+    let (running, _) = s.book.admit(&t, &k, d).await.unwrap();
+    let (done, _) = s.book.admit(&t, &k, d).await.unwrap();
+    let leases = format!("{}:leases", running.held[0].key);
+    let conn = redis::Client::open(s.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let score = |rid: String| {
+        let mut conn = conn.clone();
+        let leases = leases.clone();
+        async move {
+            redis::cmd("ZSCORE")
+                .arg(&leases)
+                .arg(rid)
+                .query_async::<Option<f64>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let before = score(running.rids[0].clone()).await.unwrap();
+    let settled_id = done.rids[0].clone();
+    assert!(done.settle_confirmed(d, T0).await);
+    assert_eq!(
+        lock(&s.book.inner.live).len(),
+        1,
+        "only the running one is renewed"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(s.book.inner.renew().await);
+    assert!(score(running.rids[0].clone()).await.unwrap() > before);
+    assert_eq!(score(settled_id).await, None);
+    drop(running);
+}
