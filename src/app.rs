@@ -1,9 +1,10 @@
 //! Builds a running gateway from a validated config, and owns its shutdown.
 
 use crate::admin::Admin;
+use crate::budget::redis::RedisBook;
 use crate::budget::{BudgetBook, Demand};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{AdminAccess, Config};
+use crate::config::{AdminAccess, BudgetStore, Config};
 use crate::ledger::{Ledger, LedgerError, Store};
 use crate::live::{Live, LiveState};
 use crate::pipeline::Gateway;
@@ -37,6 +38,9 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The URL was checked by validation; this is what the client still refuses.
+    #[error("store.budgets cannot be used: {0}")]
+    BudgetStore(String),
 }
 
 /// A gateway serving its client and admin ports.
@@ -119,13 +123,23 @@ pub async fn start_with_clock(
             .await
             .map_err(|e| LedgerError::Thread(std::io::Error::other(e)))??
     };
-    let budgets = Arc::new(BudgetBook::new(clock.clone()));
+    let tasks = Tasks::new();
+    let budgets = Arc::new(budget_book(&config, &clock, &tasks)?);
     {
         let (budgets, ledger) = (budgets.clone(), ledger.clone());
         let teams = config.teams.clone();
         tokio::task::spawn_blocking(move || seed_budgets(&budgets, &ledger, &teams))
             .await
             .map_err(|e| LedgerError::Thread(std::io::Error::other(e)))??;
+    }
+    if let BudgetBook::Redis(book) = &*budgets {
+        // Served all the same: budgets without fail_open refuse until Redis answers.
+        if !book.start().await {
+            tracing::error!(
+                "store.budgets: Redis does not answer at start; requests under budgets without \
+                 fail_open get 503 budget_store_unavailable until it does"
+            );
+        }
     }
     // Loading the encoders takes a moment; do it now, not on the first request to need them.
     load_encodings(&config).await;
@@ -137,7 +151,6 @@ pub async fn start_with_clock(
     let live: Live = Arc::new(ArcSwap::from_pointee(LiveState::build_with_clock(
         config, None, clock,
     )));
-    let tasks = Tasks::new();
     crate::probe::ensure_probes(&live, &tasks);
     let (shutdown, signal) = watch::channel(false);
     // The admin port outlives the client port: `/readyz` answers 503 through the whole drain.
@@ -260,6 +273,22 @@ impl Running {
     }
 }
 
+/// The budget store the config names.
+fn budget_book(
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+    tasks: &Tasks,
+) -> Result<BudgetBook, StartError> {
+    match &config.budget_store {
+        BudgetStore::Local => Ok(BudgetBook::new(clock.clone())),
+        BudgetStore::Redis(cfg) => RedisBook::new(cfg.clone(), clock.clone(), tasks.clone())
+            .map(BudgetBook::Redis)
+            .map_err(|e| {
+                StartError::BudgetStore(crate::secret::redact_urls(&e.to_string()).into_owned())
+            }),
+    }
+}
+
 /// Starts every budget counter from what the ledger already holds for its current window,
 /// so a restart neither forgets spend nor counts it twice. In fleet mode that is PostgreSQL
 /// plus the local spool (records PostgreSQL has not received yet); PostgreSQL out of reach
@@ -291,18 +320,20 @@ fn seed_budgets(
     for team in teams {
         for b in &team.budgets {
             let (start, _) = crate::budget::window::bounds(b.window, now);
+            // Summed over the readers first: a Redis store takes each seed as a floor (the
+            // larger of it and what Redis holds), so one seed per counter must carry it all.
+            let mut spent: std::collections::BTreeMap<Option<String>, Demand> = Default::default();
             for reader in &readers {
                 let rows = crate::ledger::read::spend_since(reader, &team.name, start, b.per_key)
                     .map_err(read_err)?;
                 for (key, nusd, tokens) in rows {
-                    book.seed(
-                        &team.name,
-                        key.map(Arc::from),
-                        b.window,
-                        start,
-                        Demand { nusd, tokens },
-                    );
+                    let d = spent.entry(key).or_default();
+                    d.nusd = d.nusd.saturating_add(nusd);
+                    d.tokens = d.tokens.saturating_add(tokens);
                 }
+            }
+            for (key, demand) in spent {
+                book.seed(&team.name, key.map(Arc::from), b.window, start, demand);
             }
             if let (Some(nusd), false) = (b.nusd, b.per_key) {
                 metrics::gauge!(crate::metrics::BUDGET_LIMIT_USD, "team" => team.name.clone(), "window" => b.window.as_str())

@@ -79,6 +79,8 @@ pub enum GatewayError {
     LedgerRead,
     #[error("{}", over_budget_message(.0))]
     OverBudget(Box<crate::budget::OverBudget>),
+    #[error("the budget store cannot be reached, so budgets cannot be checked; retry shortly")]
+    BudgetStoreUnavailable,
     #[error("internal error")]
     Internal,
 }
@@ -151,7 +153,9 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::OverBudget(_) => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::LedgerUnavailable | GatewayError::BudgetStoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -181,6 +185,7 @@ impl GatewayError {
             GatewayError::Internal => "internal",
             GatewayError::OverBudget(_) => "over_budget",
             GatewayError::LedgerUnavailable => "ledger_unavailable",
+            GatewayError::BudgetStoreUnavailable => "budget_store_unavailable",
             GatewayError::AdminKey => "admin_key",
             GatewayError::InvalidConfig(_) => "invalid_config",
             GatewayError::LedgerRead => "ledger_read",
@@ -221,6 +226,9 @@ impl GatewayError {
             GatewayError::Internal => ("server_error", None),
             GatewayError::OverBudget(_) => ("budget_exceeded", Some("budget_exceeded")),
             GatewayError::LedgerUnavailable => ("server_error", Some("ledger_unavailable")),
+            GatewayError::BudgetStoreUnavailable => {
+                ("server_error", Some("budget_store_unavailable"))
+            }
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamFailed { .. }
             | GatewayError::UpstreamTimeout { .. } => ("upstream_error", Some(self.kind())),
@@ -244,6 +252,7 @@ impl GatewayError {
         match self {
             GatewayError::Overloaded
             | GatewayError::LedgerUnavailable
+            | GatewayError::BudgetStoreUnavailable
             | GatewayError::KeyInFlight { .. }
             | GatewayError::ShuttingDown => Some(Duration::from_secs(1)),
             GatewayError::OverBudget(o) => Some(o.retry_after),

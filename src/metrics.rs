@@ -24,6 +24,8 @@ pub const BUDGET_LIMIT_USD: &str = "tollgate_budget_limit_usd";
 pub const BUDGET_SPENT_USD: &str = "tollgate_budget_spent_usd";
 pub const BUDGET_REJECTIONS_TOTAL: &str = "tollgate_budget_rejections_total";
 pub const BUDGET_SOFT_LIMIT_REACHED: &str = "tollgate_budget_soft_limit_reached";
+pub const BUDGET_STORE_ERRORS_TOTAL: &str = "tollgate_budget_store_errors_total";
+pub const BUDGET_FAIL_OPEN_TOTAL: &str = "tollgate_budget_fail_open_total";
 pub const ROUTE_FALLBACKS_TOTAL: &str = "tollgate_route_fallbacks_total";
 pub const RESENDS_TOTAL: &str = "tollgate_resends_total";
 pub const COST_USD_TOTAL: &str = "tollgate_cost_usd_total";
@@ -159,6 +161,14 @@ fn describe() {
     describe_gauge!(
         BUDGET_SOFT_LIMIT_REACHED,
         "1 once a team's spend in a window has passed the budget's soft_ratio."
+    );
+    describe_counter!(
+        BUDGET_STORE_ERRORS_TOTAL,
+        "Failed or timed-out calls to the shared (Redis) budget store, by operation (admit, settle, seed, renew, view); while admissions fail, budgets without fail_open refuse with 503."
+    );
+    describe_counter!(
+        BUDGET_FAIL_OPEN_TOTAL,
+        "Requests admitted on a replica's local fail_open allowance because the Redis budget store did not answer, by team."
     );
 }
 

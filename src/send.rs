@@ -45,7 +45,7 @@ pub struct Fallback<'a> {
 }
 
 impl Retarget for Fallback<'_> {
-    fn retarget(&mut self, to: &Arc<Candidate>, claim: Claim) -> Option<bytes::Bytes> {
+    async fn retarget(&mut self, to: &Arc<Candidate>, claim: Claim) -> Option<bytes::Bytes> {
         let Fallback {
             record,
             prepared,
@@ -53,7 +53,7 @@ impl Retarget for Fallback<'_> {
         } = self;
         if let Some(admission) = prepared.admission.as_mut() {
             let principal = record.ctx_mut().principal.clone();
-            match admit::grow(book, &principal, admission, to.price.as_deref()) {
+            match admit::grow(book, &principal, admission, to.price.as_deref()).await {
                 Ok(Some(more)) => {
                     if let Some(held) = record.reservation_mut() {
                         held.absorb(more);
@@ -179,7 +179,10 @@ impl Exchange {
                     prepared: &mut prepared,
                     book: &budgets,
                 };
-                if let Some(body) = attempts.move_on(RetryOn::Failed, &request_id, &mut fallback) {
+                if let Some(body) = attempts
+                    .move_on(RetryOn::Failed, &request_id, &mut fallback)
+                    .await
+                {
                     answer::broken_answer(&candidate);
                     prepared.body = body;
                     continue;

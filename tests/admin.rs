@@ -181,6 +181,23 @@ async fn reload_swaps_the_config_and_keeps_it_on_a_bad_file() {
         "{e}"
     );
     assert_eq!(models(OTHER_KEY).await.unwrap().status(), 200);
+
+    // Counters live in the store the gateway started with: moving them needs a restart.
+    let ledger = text.lines().find(|l| l.starts_with("ledger = ")).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            ledger,
+            &format!("{ledger}\nbudgets = \"redis://127.0.0.1:6379/0\""),
+        ),
+    )
+    .unwrap();
+    let r = collect(reload().await.unwrap()).await;
+    let e = r.error(400);
+    assert!(
+        e["message"].as_str().unwrap().contains("store.budgets"),
+        "{e}"
+    );
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -34,8 +34,16 @@ pub struct Admin {
 
 impl Admin {
     pub async fn handle<B>(self, req: Request<B>) -> Result<Response<GatewayBody>, Infallible> {
-        // Reports read the ledger and must wait for it, which `route` cannot.
         let path = req.uri().path();
+        // A shared budget store is asked over the network, which `route` cannot wait for.
+        if req.method() == Method::GET && path == "/admin/budgets" && self.authorized(&req) {
+            let teams = self.live.load().config.teams.clone();
+            return Ok(match self.budgets.view(&teams).await {
+                Ok(views) => json(StatusCode::OK, budgets(&views)),
+                Err(_) => error(&GatewayError::BudgetStoreUnavailable),
+            });
+        }
+        // Reports read the ledger and must wait for it, which `route` cannot.
         if req.method() == Method::GET
             && matches!(path, "/admin/usage" | "/admin/report/focus")
             && self.authorized(&req)
@@ -159,10 +167,6 @@ impl Admin {
                 resp
             }
             (&Method::GET, "/admin/backends") => json(StatusCode::OK, backends(&self.live.load())),
-            (&Method::GET, "/admin/budgets") => json(
-                StatusCode::OK,
-                budgets(&self.budgets.view(&self.live.load().config.teams)),
-            ),
             (&Method::POST, "/admin/reload") => match self.reload() {
                 Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
                 Err(message) => error(&GatewayError::InvalidConfig(message)),
@@ -198,6 +202,14 @@ impl Admin {
             return Err(config.missing_keys.join("; "));
         }
         let old = self.live.load();
+        // The budget store holds the counters; swapping it would drop or double spend.
+        if config.budget_store != old.config.budget_store {
+            return Err(
+                "store.budgets and its settings changed: they take effect at the next restart, \
+                 so the reload is refused"
+                    .into(),
+            );
+        }
         if config.server.listen != old.config.server.listen
             || config.server.admin_listen != old.config.server.admin_listen
         {

@@ -5,7 +5,7 @@
 //! where that slack would refuse a request that fits or hold room others could use, is it
 //! counted exactly and tried again. A fallback to a dearer backend reserves the difference.
 
-use super::{BudgetBook, Demand, OverBudget, Remaining, Reservation};
+use super::{BudgetBook, Demand, Refusal, Remaining, Reservation};
 use crate::api::endpoint::Endpoint;
 use crate::auth::Principal;
 use crate::config::prices::Price;
@@ -120,9 +120,10 @@ pub async fn admit(
     body: &Bytes,
 ) -> Result<(Reservation, Admission), GatewayError> {
     let team = &principal.team;
-    let reserve = |prompt: u64| {
+    let reserve = |prompt: u64| async move {
         let demand = worst_case(terms.price, prompt, output);
         book.admit(team, &principal.key_id, demand)
+            .await
             .map(|(reservation, remaining)| {
                 (
                     reservation,
@@ -150,24 +151,29 @@ pub async fn admit(
                     .tokens
                     .is_none_or(|r| rough.tokens <= r / NEAR_LIMIT_FRACTION);
             if far {
-                if let Ok(admitted) = reserve(estimate) {
-                    return Ok(admitted);
+                match reserve(estimate).await {
+                    Ok(admitted) => return Ok(admitted),
+                    // Counting exactly would not bring the store back.
+                    Err(Refusal::StoreUnavailable) => {
+                        return Err(refused(Refusal::StoreUnavailable))
+                    }
+                    Err(Refusal::Over(_)) => {}
                 }
             }
             crate::tokens::count_prompt(terms.counter, endpoint, body).await
         }
     };
-    reserve(prompt).map_err(refused)
+    reserve(prompt).await.map_err(refused)
 }
 
 /// Reserves what a fallback to a dearer backend adds to the worst case; `Ok(None)` when it
 /// costs no more. The admission then describes the new backend.
-pub fn grow(
+pub async fn grow(
     book: &BudgetBook,
     principal: &Principal,
     admission: &mut Admission,
     price: Option<&Price>,
-) -> Result<Option<Reservation>, OverBudget> {
+) -> Result<Option<Reservation>, Refusal> {
     let demand = worst_case(price, admission.prompt_tokens, admission.output);
     let extra = Demand {
         nusd: (demand.nusd - admission.demand.nusd).max(0),
@@ -176,7 +182,9 @@ pub fn grow(
     if extra == Demand::default() {
         return Ok(None);
     }
-    let (more, remaining) = book.admit(&principal.team, &principal.key_id, extra)?;
+    let (more, remaining) = book
+        .admit(&principal.team, &principal.key_id, extra)
+        .await?;
     admission.demand = demand;
     admission.remaining = remaining;
     admission.output_limit = output_limit(&remaining, admission.output, price);
@@ -208,8 +216,13 @@ fn output_limit(room: &Remaining, reserved: u64, price: Option<&Price>) -> Optio
     [by_tokens, by_usd].into_iter().flatten().min()
 }
 
-fn refused(over: OverBudget) -> GatewayError {
-    metrics::counter!(m::BUDGET_REJECTIONS_TOTAL, "team" => over.team.clone(), "window" => over.window.as_str())
-        .increment(1);
-    GatewayError::OverBudget(Box::new(over))
+fn refused(refusal: Refusal) -> GatewayError {
+    match refusal {
+        Refusal::Over(over) => {
+            metrics::counter!(m::BUDGET_REJECTIONS_TOTAL, "team" => over.team.clone(), "window" => over.window.as_str())
+                .increment(1);
+            GatewayError::OverBudget(Box::new(over))
+        }
+        Refusal::StoreUnavailable => GatewayError::BudgetStoreUnavailable,
+    }
 }

@@ -1,5 +1,6 @@
 //! Per-team (and per-key) token and dollar budgets over calendar windows, held exactly
-//! under concurrency.
+//! under concurrency, in this process ([`local`], the default) or shared by a fleet of
+//! replicas in Redis ([`redis`]).
 //!
 //! ```text
 //! admit:  for every budget of the team: roll the window, check spent + reserved + demand
@@ -12,15 +13,21 @@
 //! Money is integer nano-dollars, so sums never drift. Counters live outside the config
 //! snapshot: a reload changes limits without losing spend. At start they are seeded from the
 //! ledger, so a restart neither forgets spend nor counts it twice.
+//!
+//! The two stores sit behind one enum rather than a trait object: the local store's admission
+//! stays a plain call with no allocation or boxed future, and the Redis one is one round
+//! trip per phase.
 
 pub mod admit;
+pub mod local;
+pub mod redis;
 pub mod window;
 
-use crate::clock::Clock;
-use crate::config::{Budget, Team, Window};
-use dashmap::DashMap;
+pub use local::{LocalBook, LocalReservation};
 
-use std::sync::{Arc, Mutex};
+use crate::clock::Clock;
+use crate::config::{Team, Window};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What a request may consume at most (admission) or did consume (settlement).
@@ -28,43 +35,6 @@ use std::time::Duration;
 pub struct Demand {
     pub nusd: i64,
     pub tokens: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct CounterKey {
-    team: Arc<str>,
-    /// `Some` for a `per_key` budget.
-    key_id: Option<Arc<str>>,
-    window: Window,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    start_us: i64,
-    spent: Demand,
-    reserved: Demand,
-    soft_warned: bool,
-}
-
-impl State {
-    /// Moves to the window containing `now`; what was spent or reserved before stays behind.
-    fn roll(&mut self, start_us: i64) {
-        if start_us > self.start_us {
-            *self = State {
-                start_us,
-                ..State::default()
-            };
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Counter(Mutex<State>);
-
-impl Counter {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// Which limit refused a request.
@@ -87,6 +57,15 @@ pub struct OverBudget {
     pub retry_after: Duration,
 }
 
+/// Why an admission was refused.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    Over(OverBudget),
+    /// The shared store did not answer, and the budget does not fail open (or its local
+    /// allowance is used up).
+    StoreUnavailable,
+}
+
 /// The tightest room left after an admission, for the response headers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Remaining {
@@ -94,246 +73,15 @@ pub struct Remaining {
     pub tokens: Option<i64>,
 }
 
-/// Budget counters of every team and key.
-#[derive(Debug)]
-pub struct BudgetBook {
-    counters: DashMap<CounterKey, Arc<Counter>>,
-    clock: Arc<dyn Clock>,
-}
-
-/// A reservation held by a request; settle it once, or drop it to release.
-#[derive(Debug)]
-pub struct Reservation {
-    held: Vec<Held>,
-}
-
-#[derive(Debug)]
-struct Held {
-    counter: Arc<Counter>,
-    /// Set for team-wide budgets, whose spend is exported as a metric.
-    team: Option<Arc<str>>,
-    window: Window,
-    start_us: i64,
-    demand: Demand,
-}
-
-// === impl BudgetBook ===
-
-impl BudgetBook {
-    pub fn new(clock: Arc<dyn Clock>) -> Self {
-        Self {
-            counters: DashMap::new(),
-            clock,
+impl Remaining {
+    /// Narrows to `left` of one budget's limits.
+    fn narrow(&mut self, nusd: Option<i64>, tokens: Option<i64>) {
+        if let Some(n) = nusd {
+            self.nusd = Some(self.nusd.map_or(n, |r| r.min(n)));
         }
-    }
-
-    pub fn now_us(&self) -> i64 {
-        self.clock.now_us()
-    }
-
-    fn counter(&self, key: CounterKey) -> Arc<Counter> {
-        // `get` first: the shard write lock is only taken to insert a missing key.
-        if let Some(c) = self.counters.get(&key) {
-            return c.clone();
+        if let Some(t) = tokens {
+            self.tokens = Some(self.tokens.map_or(t, |r| r.min(t)));
         }
-        self.counters.entry(key).or_default().clone()
-    }
-
-    fn key_for(team: &Team, key_id: &Arc<str>, b: &Budget) -> CounterKey {
-        CounterKey {
-            team: team.name.clone(),
-            key_id: b.per_key.then(|| key_id.clone()),
-            window: b.window,
-        }
-    }
-
-    /// Reserves `demand` against every budget of the team and key, or refuses naming the
-    /// first budget it does not fit.
-    pub fn admit(
-        &self,
-        team: &Team,
-        key_id: &Arc<str>,
-        demand: Demand,
-    ) -> Result<(Reservation, Remaining), OverBudget> {
-        let now = self.clock.now_us();
-        let mut reservation = Reservation {
-            held: Vec::with_capacity(team.budgets.len()),
-        };
-        let mut remaining = Remaining::default();
-        for b in &team.budgets {
-            let (start, end) = window::bounds(b.window, now);
-            let counter = self.counter(Self::key_for(team, key_id, b));
-            let mut s = counter.lock();
-            s.roll(start);
-            let used = Demand {
-                nusd: s.spent.nusd + s.reserved.nusd,
-                tokens: s.spent.tokens + s.reserved.tokens,
-            };
-            let over = |kind, limit: i64, used: i64| OverBudget {
-                team: team.name.clone(),
-                key_id: b.per_key.then(|| key_id.clone()),
-                window: b.window,
-                kind,
-                limit,
-                used,
-                reset_at_us: end,
-                retry_after: Duration::from_micros((end - now).max(1_000_000) as u64),
-            };
-            if let Some(limit) = b.nusd {
-                if used.nusd + demand.nusd > limit {
-                    return Err(over(LimitKind::Usd, limit, used.nusd));
-                }
-            }
-            if let Some(limit) = b.tokens.map(|t| t as i64) {
-                if used.tokens + demand.tokens > limit {
-                    return Err(over(LimitKind::Tokens, limit, used.tokens));
-                }
-            }
-            s.reserved.nusd += demand.nusd;
-            s.reserved.tokens += demand.tokens;
-            let now_used = Demand {
-                nusd: used.nusd + demand.nusd,
-                tokens: used.tokens + demand.tokens,
-            };
-            if let Some(limit) = b.nusd {
-                remaining.nusd = Some(
-                    remaining
-                        .nusd
-                        .map_or(limit - now_used.nusd, |r| r.min(limit - now_used.nusd)),
-                );
-            }
-            if let Some(limit) = b.tokens.map(|t| t as i64) {
-                remaining.tokens = Some(
-                    remaining
-                        .tokens
-                        .map_or(limit - now_used.tokens, |r| r.min(limit - now_used.tokens)),
-                );
-            }
-            if let Some(ratio) = b.soft_ratio {
-                let crossed = b
-                    .nusd
-                    .is_some_and(|l| now_used.nusd as f64 >= l as f64 * ratio)
-                    || b.tokens
-                        .is_some_and(|l| now_used.tokens as f64 >= l as f64 * ratio);
-                if crossed && !s.soft_warned {
-                    s.soft_warned = true;
-                    tracing::warn!(team = &*team.name, window = %b.window, ratio, "team passed the soft limit of its budget");
-                    metrics::gauge!(crate::metrics::BUDGET_SOFT_LIMIT_REACHED, "team" => team.name.clone(), "window" => b.window.as_str())
-                        .set(1.0);
-                }
-            }
-            drop(s);
-            reservation.held.push(Held {
-                counter,
-                team: (!b.per_key).then(|| team.name.clone()),
-                window: b.window,
-                start_us: start,
-                demand,
-            });
-        }
-        Ok((reservation, remaining))
-    }
-
-    /// Room left before any budget of the team and key is reached (not reserving anything).
-    pub fn room(&self, team: &Team, key_id: &Arc<str>) -> Remaining {
-        let now = self.clock.now_us();
-        let mut room = Remaining::default();
-        for b in &team.budgets {
-            let (start, _) = window::bounds(b.window, now);
-            let counter = self.counter(Self::key_for(team, key_id, b));
-            let mut s = counter.lock();
-            s.roll(start);
-            if let Some(limit) = b.nusd {
-                let left = limit - s.spent.nusd - s.reserved.nusd;
-                room.nusd = Some(room.nusd.map_or(left, |r| r.min(left)));
-            }
-            if let Some(limit) = b.tokens.map(|t| t as i64) {
-                let left = limit - s.spent.tokens - s.reserved.tokens;
-                room.tokens = Some(room.tokens.map_or(left, |r| r.min(left)));
-            }
-        }
-        room
-    }
-
-    /// Spend already in the ledger for the window starting at `start_us`.
-    pub fn seed(
-        &self,
-        team: &Arc<str>,
-        key_id: Option<Arc<str>>,
-        window: Window,
-        start_us: i64,
-        spent: Demand,
-    ) {
-        let team_wide = key_id.is_none();
-        let counter = self.counter(CounterKey {
-            team: team.clone(),
-            key_id,
-            window,
-        });
-        let mut s = counter.lock();
-        s.roll(start_us);
-        if s.start_us == start_us {
-            s.spent.nusd += spent.nusd;
-            s.spent.tokens += spent.tokens;
-        }
-        if team_wide {
-            metrics::gauge!(crate::metrics::BUDGET_SPENT_USD, "team" => team.clone(), "window" => window.as_str())
-                .set(s.spent.nusd as f64 / 1e9);
-        }
-    }
-
-    /// Every budget of these teams, as `GET /admin/budgets` shows it.
-    pub fn view(&self, teams: &[Arc<Team>]) -> Vec<BudgetView> {
-        let now = self.clock.now_us();
-        let mut out = Vec::new();
-        for team in teams {
-            for b in &team.budgets {
-                let (start, end) = window::bounds(b.window, now);
-                let keys: Vec<Option<Arc<str>>> = if b.per_key {
-                    self.counters
-                        .iter()
-                        .filter(|e| {
-                            e.key().team == team.name
-                                && e.key().window == b.window
-                                && e.key().key_id.is_some()
-                        })
-                        .map(|e| e.key().key_id.clone())
-                        .collect()
-                } else {
-                    vec![None]
-                };
-                for key_id in keys {
-                    let ck = CounterKey {
-                        team: team.name.clone(),
-                        key_id: key_id.clone(),
-                        window: b.window,
-                    };
-                    let (spent, reserved) = match self.counters.get(&ck) {
-                        Some(c) => {
-                            let s = c.lock();
-                            if s.start_us == start {
-                                (s.spent, s.reserved)
-                            } else {
-                                Default::default()
-                            }
-                        }
-                        None => Default::default(),
-                    };
-                    out.push(BudgetView {
-                        team: team.name.clone(),
-                        key_id,
-                        window: b.window,
-                        limit_nusd: b.nusd,
-                        limit_tokens: b.tokens.map(|t| t as i64),
-                        soft_ratio: b.soft_ratio,
-                        spent,
-                        reserved,
-                        resets_at_us: end,
-                    });
-                }
-            }
-        }
-        out
     }
 }
 
@@ -350,62 +98,109 @@ pub struct BudgetView {
     pub resets_at_us: i64,
 }
 
+/// Budget counters of every team and key, wherever they are kept.
+#[derive(Debug)]
+pub enum BudgetBook {
+    Local(LocalBook),
+    Redis(redis::RedisBook),
+}
+
+/// A reservation held by a request; settle it once, or drop it to release.
+#[derive(Debug)]
+pub enum Reservation {
+    Local(LocalReservation),
+    Redis(redis::RedisReservation),
+}
+
+// === impl BudgetBook ===
+
+impl BudgetBook {
+    /// The local store.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        BudgetBook::Local(LocalBook::new(clock))
+    }
+
+    pub fn now_us(&self) -> i64 {
+        match self {
+            BudgetBook::Local(b) => b.now_us(),
+            BudgetBook::Redis(b) => b.now_us(),
+        }
+    }
+
+    /// Reserves `demand` against every budget of the team and key, or refuses naming the
+    /// first budget it does not fit.
+    pub async fn admit(
+        &self,
+        team: &Team,
+        key_id: &Arc<str>,
+        demand: Demand,
+    ) -> Result<(Reservation, Remaining), Refusal> {
+        match self {
+            BudgetBook::Local(b) => b
+                .admit(team, key_id, demand)
+                .map(|(r, rem)| (Reservation::Local(r), rem))
+                .map_err(Refusal::Over),
+            BudgetBook::Redis(b) => b
+                .admit(team, key_id, demand)
+                .await
+                .map(|(r, rem)| (Reservation::Redis(r), rem)),
+        }
+    }
+
+    /// Room left before any budget of the team and key is reached (not reserving anything).
+    /// For Redis, the room this replica last saw: a hint for how carefully to count, never
+    /// a decision.
+    pub fn room(&self, team: &Team, key_id: &Arc<str>) -> Remaining {
+        match self {
+            BudgetBook::Local(b) => b.room(team, key_id),
+            BudgetBook::Redis(b) => b.room(team, key_id),
+        }
+    }
+
+    /// Spend already in the ledger for the window starting at `start_us`.
+    pub fn seed(
+        &self,
+        team: &Arc<str>,
+        key_id: Option<Arc<str>>,
+        window: Window,
+        start_us: i64,
+        spent: Demand,
+    ) {
+        match self {
+            BudgetBook::Local(b) => b.seed(team, key_id, window, start_us, spent),
+            BudgetBook::Redis(b) => b.seed(team, key_id, window, start_us, spent),
+        }
+    }
+
+    /// Every budget of these teams, as `GET /admin/budgets` shows it: for Redis, the
+    /// fleet's figures (`StoreUnavailable` rather than figures it could not read).
+    pub async fn view(&self, teams: &[Arc<Team>]) -> Result<Vec<BudgetView>, Refusal> {
+        match self {
+            BudgetBook::Local(b) => Ok(b.view(teams)),
+            BudgetBook::Redis(b) => b.view(teams).await,
+        }
+    }
+}
+
 // === impl Reservation ===
 
 impl Reservation {
     /// Takes over `other`'s holdings, so one settlement counts the request once.
-    pub fn absorb(&mut self, mut other: Reservation) {
-        for h in other.held.drain(..) {
-            match self
-                .held
-                .iter_mut()
-                .find(|m| Arc::ptr_eq(&m.counter, &h.counter) && m.start_us == h.start_us)
-            {
-                Some(mine) => {
-                    mine.demand.nusd += h.demand.nusd;
-                    mine.demand.tokens += h.demand.tokens;
-                }
-                None => self.held.push(h),
-            }
+    pub fn absorb(&mut self, other: Reservation) {
+        match (self, other) {
+            (Reservation::Local(mine), Reservation::Local(o)) => mine.absorb(o),
+            (Reservation::Redis(mine), Reservation::Redis(o)) => mine.absorb(o),
+            // One book makes both; a mix cannot happen, and dropping releases `other`.
+            (_, other) => drop(other),
         }
     }
 
     /// Releases the reservation and records what was actually consumed, in the window that is
     /// current now (a request that straddles a reset is charged to the new window).
-    pub fn settle(mut self, actual: Demand, now_us: i64) {
-        let held = std::mem::take(&mut self.held);
-        for (i, h) in held.iter().enumerate() {
-            let mut s = h.counter.lock();
-            if s.start_us == h.start_us {
-                s.reserved.nusd -= h.demand.nusd;
-                s.reserved.tokens -= h.demand.tokens;
-            }
-            // A counter held twice (a reservation grown across a window reset) is charged once.
-            if held[..i]
-                .iter()
-                .any(|o| Arc::ptr_eq(&o.counter, &h.counter))
-            {
-                continue;
-            }
-            s.roll(window::bounds(h.window, now_us).0);
-            s.spent.nusd += actual.nusd;
-            s.spent.tokens += actual.tokens;
-            if let Some(team) = &h.team {
-                metrics::gauge!(crate::metrics::BUDGET_SPENT_USD, "team" => team.clone(), "window" => h.window.as_str())
-                    .set(s.spent.nusd as f64 / 1e9);
-            }
-        }
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        for h in self.held.drain(..) {
-            let mut s = h.counter.lock();
-            if s.start_us == h.start_us {
-                s.reserved.nusd -= h.demand.nusd;
-                s.reserved.tokens -= h.demand.tokens;
-            }
+    pub fn settle(self, actual: Demand, now_us: i64) {
+        match self {
+            Reservation::Local(r) => r.settle(actual, now_us),
+            Reservation::Redis(r) => r.settle(actual, now_us),
         }
     }
 }

@@ -1,3 +1,4 @@
+use super::local::LocalBook as BudgetBook;
 use super::*;
 use crate::clock::ManualClock;
 use crate::config::{Budget, Team};
@@ -24,6 +25,7 @@ fn budget(window: Window, usd: Option<f64>, tokens: Option<u64>) -> Budget {
         nusd: usd.map(|u| (u * 1e9) as i64),
         soft_ratio: None,
         per_key: false,
+        fail_open: false,
     }
 }
 

@@ -38,6 +38,15 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_MAX_N: u64 = 16;
 /// Beside the embedded ledger's default file.
 pub const DEFAULT_SPOOL: &str = "sqlite://data/spool.db";
+pub const DEFAULT_REDIS_PREFIX: &str = "tollgate:";
+/// Redis on the same network answers in well under a millisecond; 100 ms is a stalled server
+/// (or a starved client), and a request then waits at most this, once per phase, before it is
+/// refused or served on its allowance.
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 100;
+/// A live replica renews its requests' leases every third of this, so it bounds only how
+/// long a dead replica's reservations keep a team's room, not how long a request may run.
+pub const DEFAULT_LEASE_S: f64 = 30.0;
+pub const DEFAULT_FAIL_OPEN_SHARE: f64 = 0.05;
 pub const DEFAULT_EXPECTED_OUTPUT_TOKENS: u64 = 256;
 pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
 pub const DEFAULT_CIRCUIT_OPEN_S: f64 = 10.0;
@@ -145,8 +154,19 @@ pub struct RawStore {
     /// Fleet mode only: `sqlite://path` of the local spool that keeps records while
     /// PostgreSQL cannot be reached.
     pub spool: String,
-    /// `local`. `redis://…` (fleet) is refused until this build has it.
+    /// `local` (one process), or `redis://[:password@]host:port/db` / `rediss://…` (TLS): budgets
+    /// shared by every replica of a fleet.
     pub budgets: String,
+    /// Prefix of every Redis key the gateway writes, so fleets (or tests) can share one Redis.
+    pub redis_prefix: String,
+    /// How long one Redis command may take before the budget store counts as down.
+    pub redis_timeout_ms: u64,
+    /// How long a reservation held in Redis lives unless renewed (live replicas renew their
+    /// running requests' every third of it): a replica that dies gives its room back after this.
+    pub lease_s: f64,
+    /// With `fail_open` budgets and Redis down, each replica may admit up to this share of the
+    /// room it last saw left in each budget.
+    pub fail_open_share: f64,
     /// fsync each ledger group commit: survives power loss, not only a killed process.
     pub fsync: bool,
 }
@@ -157,6 +177,10 @@ impl Default for RawStore {
             ledger: "sqlite://data/tollgate.db".into(),
             spool: DEFAULT_SPOOL.into(),
             budgets: "local".into(),
+            redis_prefix: DEFAULT_REDIS_PREFIX.into(),
+            redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
+            lease_s: DEFAULT_LEASE_S,
+            fail_open_share: DEFAULT_FAIL_OPEN_SHARE,
             fsync: false,
         }
     }
@@ -322,8 +346,9 @@ pub struct RawBudget {
     pub tokens: Option<u64>,
     pub usd: Option<f64>,
     pub soft_ratio: Option<f64>,
-    /// When a shared budget store cannot answer: refuse (default) or serve unchecked. Refused
-    /// by validation while budgets are local (they cannot fail).
+    /// When a shared budget store cannot answer: refuse (default), or admit against a bounded
+    /// local allowance (`store.fail_open_share`). Refused by validation while budgets are local
+    /// (they cannot fail).
     #[serde(default)]
     pub fail_open: bool,
     /// Apply the budget to each of the team's keys separately instead of to the team.

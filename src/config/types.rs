@@ -18,6 +18,7 @@ pub struct Config {
     /// The spool file of a PostgreSQL ledger.
     pub ledger_spool: std::path::PathBuf,
     pub ledger_fsync: bool,
+    pub budget_store: BudgetStore,
     pub routing: Routing,
     pub backends: Vec<Arc<Backend>>,
     pub teams: Vec<Arc<Team>>,
@@ -388,6 +389,25 @@ pub struct Budget {
     pub nusd: Option<i64>,
     pub soft_ratio: Option<f64>,
     pub per_key: bool,
+    /// Admit against a local allowance when the shared store cannot answer.
+    pub fail_open: bool,
+}
+
+/// Where budget counters live.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BudgetStore {
+    Local,
+    Redis(RedisStore),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisStore {
+    /// May carry a password: never printed.
+    pub url: crate::secret::Secret,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub lease: Duration,
+    pub fail_open_share: f64,
 }
 
 /// One problem in a config file, with the field it is about. Made by [`ConfigError::new`],

@@ -151,10 +151,24 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
         missing_keys: Vec::new(),
     };
     let server = server(&raw.server, env, &mut c);
+    let budget_store = budget_store(&raw.store, &mut c);
     let (ledger_url, ledger_spool, ledger_fsync) = store(raw.store, &mut c);
     let routing = routing(&raw.routing, &mut c);
     let backends = backends(raw.backend, env, &mut c);
     let teams = teams(raw.team, &backends, &mut c);
+    if matches!(budget_store, BudgetStore::Local) {
+        for (i, t) in teams.iter().enumerate() {
+            for (j, b) in t.budgets.iter().enumerate() {
+                if b.fail_open {
+                    // It would matter only when a shared budget store fails; the local store cannot.
+                    c.err(
+                        format!("team[{i}].budgets[{j}].fail_open"),
+                        "has no effect with the local budget store, which cannot fail; remove it",
+                    );
+                }
+            }
+        }
+    }
     let metrics = metrics(raw.metrics, &mut c);
     let focus = focus(raw.focus, &mut c);
     if !c.errors.is_empty() {
@@ -165,6 +179,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
         ledger_url,
         ledger_spool,
         ledger_fsync,
+        budget_store,
         routing,
         backends,
         teams,
@@ -273,18 +288,56 @@ fn store(s: RawStore, c: &mut Checker) -> (Secret, std::path::PathBuf, bool) {
             std::path::PathBuf::new()
         }
     };
-    if s.budgets != "local" {
-        let what = if s.budgets.starts_with("redis://") || s.budgets.starts_with("rediss://") {
-            "budgets shared in Redis are not supported by this build yet; use `local`"
-        } else {
-            "must be `local`"
-        };
+    (Secret::new(s.ledger), spool, s.fsync)
+}
+
+/// `store.budgets` and the settings of a Redis store. The URL is checked here, so a typo is
+/// a config error naming the field, with its password hidden, not a failure at first use.
+fn budget_store(s: &RawStore, c: &mut Checker) -> BudgetStore {
+    if s.budgets == "local" {
+        return BudgetStore::Local;
+    }
+    let shown = redact_url(&s.budgets);
+    if !(s.budgets.starts_with("redis://") || s.budgets.starts_with("rediss://")) {
         c.err(
             "store.budgets",
-            format!("{what} (got `{}`)", redact_url(&s.budgets)),
+            format!("must be `local`, redis://host:port/db or rediss://… (got `{shown}`)"),
+        );
+        return BudgetStore::Local;
+    }
+    if let Err(e) = redis::Client::open(s.budgets.as_str()) {
+        // The client's message may quote the URL; only the kind of fault is shown.
+        let why = match e.kind() {
+            redis::ErrorKind::InvalidClientConfig => "is not a valid Redis URL",
+            _ => "cannot be used as a Redis URL",
+        };
+        c.err("store.budgets", format!("{why} (got `{shown}`)"));
+    }
+    if s.redis_timeout_ms == 0 || s.redis_timeout_ms > 5_000 {
+        c.err("store.redis_timeout_ms", "must be in 1..=5000");
+    }
+    if !(s.fail_open_share >= 0.0 && s.fail_open_share <= 1.0) {
+        c.err("store.fail_open_share", "must be in [0, 1]");
+    }
+    if s.redis_prefix.is_empty() || s.redis_prefix.contains(['{', '}']) {
+        // Braces would change the cluster hash tag that keeps a team's keys on one node.
+        c.err(
+            "store.redis_prefix",
+            "must be non-empty and without `{` or `}`",
         );
     }
-    (Secret::new(s.ledger), spool, s.fsync)
+    let lease_s = s.lease_s;
+    // Renewed every third of it, on a loop that ticks at least every 250 ms for short leases.
+    if !(lease_s.is_finite() && (1.0..=86_400.0).contains(&lease_s)) {
+        c.err("store.lease_s", "must be in 1..=86400");
+    }
+    BudgetStore::Redis(RedisStore {
+        url: Secret::new(s.budgets.as_str()),
+        prefix: s.redis_prefix.clone(),
+        timeout: Duration::from_millis(s.redis_timeout_ms),
+        lease: Duration::from_secs_f64(lease_s.clamp(1.0, 86_400.0)),
+        fail_open_share: s.fail_open_share,
+    })
 }
 
 /// `hostname-pid`: unique among live processes, which is what tells replicas apart.
@@ -592,13 +645,6 @@ fn budget(bp: &str, b: RawBudget, c: &mut Checker) -> Budget {
             c.err(format!("{bp}.soft_ratio"), "must be in (0, 1]");
         }
     }
-    if b.fail_open {
-        // It would matter only when a shared budget store fails; the local store cannot.
-        c.err(
-            format!("{bp}.fail_open"),
-            "has no effect with the local budget store, which cannot fail; remove it",
-        );
-    }
     Budget {
         window: b.window,
         tokens: b.tokens,
@@ -606,6 +652,7 @@ fn budget(bp: &str, b: RawBudget, c: &mut Checker) -> Budget {
         nusd: b.usd.map(|u| (u * 1e9).round() as i64),
         soft_ratio: b.soft_ratio,
         per_key: b.per_key,
+        fail_open: b.fail_open,
     }
 }
 

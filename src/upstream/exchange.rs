@@ -34,8 +34,13 @@ pub type Attempt = Result<(Response<Incoming>, Option<Driver>), GatewayError>;
 /// Moves a request to another candidate; `None` when that candidate cannot take it (its
 /// worst case does not fit the budgets), and the slot it was given is then released.
 pub trait Retarget {
-    /// The body to send it; the caller records the move.
-    fn retarget(&mut self, to: &Arc<Candidate>, claim: Claim) -> Option<Bytes>;
+    /// The body to send it; the caller records the move. Async: a shared budget store
+    /// reserves the difference in one round trip.
+    fn retarget(
+        &mut self,
+        to: &Arc<Candidate>,
+        claim: Claim,
+    ) -> impl std::future::Future<Output = Option<Bytes>> + Send;
     /// Attempts made so far, the first included.
     fn attempts(&self) -> u32;
     /// The request goes to another backend after one that may have begun working on it.
@@ -134,7 +139,7 @@ impl Attempts {
             *waited += asked.elapsed();
             match retryable(&attempt) {
                 Some(why) if more && self.retry_on.allows(why, self.candidate()) => {
-                    match self.fall_back(why, req.request_id, hooks) {
+                    match self.fall_back(why, req.request_id, hooks).await {
                         Some(body) => req.body = body,
                         None => return attempt,
                     }
@@ -146,7 +151,7 @@ impl Attempts {
 
     /// Moves on after an answer found broken only once read (a 2xx that is not JSON), when a
     /// candidate is left and the policy allows it; the body for the next try.
-    pub fn move_on(
+    pub async fn move_on(
         &mut self,
         why: RetryOn,
         request_id: &HeaderValue,
@@ -156,12 +161,12 @@ impl Attempts {
         if !more || !self.retry_on.allows(why, self.candidate()) {
             return None;
         }
-        self.fall_back(why, request_id, hooks)
+        self.fall_back(why, request_id, hooks).await
     }
 
     /// Moves to the next candidate that has a slot and takes the request; its body, or
     /// `None` when none is left and the last answer must stand.
-    fn fall_back(
+    async fn fall_back(
         &mut self,
         retry: RetryOn,
         request_id: &HeaderValue,
@@ -180,7 +185,7 @@ impl Attempts {
                 next = i + 1;
                 continue;
             }
-            if let Some(body) = hooks.retarget(&to, claim) {
+            if let Some(body) = hooks.retarget(&to, claim).await {
                 self.tried.append(&mut tried);
                 metrics::counter!(m::ROUTE_FALLBACKS_TOTAL, "from" => from.clone(), "reason" => why)
                     .increment(1);

@@ -86,9 +86,9 @@ fn errors_name_the_field() {
 #[test]
 fn a_store_this_build_cannot_keep_is_refused_and_its_password_not_shown() {
     let errs = errors_of(&format!(
-        "[store]\nledger = \"postgres://tg:s3cret@db:54x32/ledger\"\nbudgets = \"redis://127.0.0.1:6379\"\n{MINIMAL}"
+        "[store]\nledger = \"postgres://tg:s3cret@db:54x32/ledger\"\n{MINIMAL}"
     ));
-    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
         errs[0].starts_with("store.ledger not a valid PostgreSQL URL"),
         "{errs:?}"
@@ -98,10 +98,6 @@ fn a_store_this_build_cannot_keep_is_refused_and_its_password_not_shown() {
         "{errs:?}"
     );
     assert!(!errs.iter().any(|e| e.contains("s3cret")), "{errs:?}");
-    assert!(
-        errs[1].starts_with("store.budgets budgets shared in Redis are not supported"),
-        "{errs:?}"
-    );
     let errs = errors_of(&format!(
         "{MINIMAL}budgets = [{{ window = \"day\", tokens = 10, fail_open = true }}]\n"
     ));
@@ -134,6 +130,50 @@ fn a_postgres_ledger_is_accepted_with_its_spool_and_the_replica_named() {
     assert_eq!(
         errs,
         vec!["store.spool must be sqlite://path (got `/tmp/spool.db`)"]
+    );
+}
+
+#[test]
+fn budgets_in_redis_are_accepted_and_a_bad_url_is_named_with_its_password_hidden() {
+    for url in [
+        "redis://127.0.0.1:6379/0",
+        "rediss://:pw@cache.internal:6380/2",
+        "redis://user:pw@127.0.0.1",
+    ] {
+        let cfg = parse(&format!(
+            "[store]\nbudgets = \"{url}\"\n{MINIMAL}budgets = [{{ window = \"day\", tokens = 10, fail_open = true }}]\n"
+        ), "t.toml", &no_env)
+        .unwrap();
+        let BudgetStore::Redis(r) = &cfg.budget_store else {
+            panic!("{url} is a Redis store")
+        };
+        assert_eq!(r.url.expose(), url);
+        assert_eq!(r.prefix, "tollgate:");
+        assert_eq!(r.lease, Duration::from_secs(30));
+        assert!(cfg.teams[0].budgets[0].fail_open);
+    }
+    for bad in [
+        "redis://:s3cret@cache.internal:notaport/0",
+        "redis://:s3cret@cache.internal:6379/notadb",
+        "memcached://:s3cret@cache.internal",
+    ] {
+        let errs = errors_of(&format!("[store]\nbudgets = \"{bad}\"\n{MINIMAL}"));
+        assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+        assert!(errs[0].starts_with("store.budgets "), "{errs:?}");
+        assert!(errs[0].contains("cache.internal"), "{errs:?}");
+        assert!(!errs[0].contains("s3cret"), "{errs:?}");
+    }
+    let errs = errors_of(&format!(
+        "[store]\nbudgets = \"redis://h\"\nfail_open_share = 2.0\nredis_timeout_ms = 0\nlease_s = 0\nredis_prefix = \"{{x}}\"\n{MINIMAL}"
+    ));
+    assert_eq!(
+        errs,
+        vec![
+            "store.redis_timeout_ms must be in 1..=5000",
+            "store.fail_open_share must be in [0, 1]",
+            "store.redis_prefix must be non-empty and without `{` or `}`",
+            "store.lease_s must be in 1..=86400",
+        ]
     );
 }
 

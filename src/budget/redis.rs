@@ -1,0 +1,1058 @@
+//! Budgets shared by a fleet of replicas, in Redis (`store.budgets = "redis://…"`).
+//!
+//! ```text
+//! admit:  EVALSHA admit.lua  ── one round trip for all of a request's windows (team, key):
+//!                               purge expired leases, check spent + reserved + demand <= limit
+//!                               everywhere, then reserve under a lease (Redis's clock)
+//! settle: EVALSHA settle.lua ── one round trip, off the request's path (a tracked task):
+//!                               release the leases, add the actual spend once (a marker per
+//!                               settlement makes a retry after a lost reply harmless)
+//! start:  EVALSHA seed.lua   ── counters raised to the ledger's spend (a max: idempotent)
+//! every lease/3: EVALSHA renew.lua ── leases of this replica's running requests pushed out
+//!
+//! Redis down (an error or no answer within store.redis_timeout_ms):
+//!   budget without fail_open ─► 503 budget_store_unavailable
+//!   every budget fail_open   ─► admitted against a local allowance: store.fail_open_share of
+//!                               the room this replica last saw; the spend is queued and
+//!                               pushed (settle.lua, idempotent) once Redis answers again
+//! ```
+//!
+//! A live replica renews the leases of its running requests, so a long stream keeps its room
+//! however long it runs. A replica that dies stops renewing: its leases expire within
+//! `store.lease_s`, the next admission touching the window purges them, and the team gets
+//! its room back.
+//! All of a team's keys carry the hash tag `{team}`, so each script's keys live on one node
+//! of a Redis Cluster.
+//!
+//! Keys (`tollgate:` is `store.redis_prefix`), each expiring an hour after its window:
+//! `tollgate:{team}:day:team:<window start s>` (team-wide), `…:day:k:<key id>:<start>` (per
+//! key), the same plus `:leases`, and `tollgate:{team}:done:<settlement id>` markers.
+
+use super::{window, BudgetView, Demand, LimitKind, OverBudget, Refusal, Remaining};
+use crate::clock::Clock;
+use crate::config::{Budget, RedisStore, Team, Window};
+use crate::metrics as m;
+use crate::tasks::Tasks;
+use redis::aio::ConnectionManager;
+use redis::Script;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// After this many failed commands in a row, requests skip Redis for
+/// [`RETRY_AFTER_FAILURE`] instead of each waiting out a timeout; the first request after it
+/// tries again. One slow answer under load refuses only its own request.
+const FAILURES_TO_TRIP: u32 = 3;
+const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
+/// Counters outlive their window by this, so a late settlement still finds its leases.
+const KEY_MARGIN_S: i64 = 3600;
+/// How long a settlement's marker keeps a retry from counting twice.
+const DONE_MARKER_S: u64 = 86_400;
+/// How often queued settlements (and seeds) are pushed while Redis is failing, and leases
+/// looked at for renewal (more often for leases shorter than 4 s).
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// At most one warning per this, however many requests meet a failing Redis.
+const WARN_EVERY_MS: u64 = 5_000;
+
+/// Budget counters in Redis, shared by every replica that names the same server and prefix.
+#[derive(Debug, Clone)]
+pub struct RedisBook {
+    inner: Arc<Inner>,
+}
+
+/// Where a store failure happened, for the metric's `op` label.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Admit,
+    Settle,
+    Seed,
+    Renew,
+    View,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    admit: Script,
+    settle: Script,
+    seed: Script,
+    renew: Script,
+    cfg: RedisStore,
+    clock: Arc<dyn Clock>,
+    tasks: Tasks,
+    /// Makes reservation ids unique across the fleet without a round trip.
+    replica: String,
+    next_id: AtomicU64,
+    /// Monotonic milliseconds (since `born`) until which Redis counts as down: a span, not
+    /// gateway time, which tests may hold still.
+    born: std::time::Instant,
+    down_until_ms: AtomicU64,
+    failures: AtomicU32,
+    last_warn_ms: AtomicU64,
+    /// Room this replica last saw per budget (its counter key without the window start):
+    /// a hint for `room`, and what the fail-open allowance is a share of.
+    seen: Mutex<HashMap<String, Seen>>,
+    /// Fail-open state per counter key while Redis is down.
+    open: Mutex<HashMap<String, Open>>,
+    /// Settlements Redis has not confirmed, retried until it does.
+    pending: Mutex<Vec<SettleOp>>,
+    /// Ledger spend not yet brought into Redis; admissions wait for it.
+    seeds: Mutex<Vec<SeedOp>>,
+    seeds_pending: AtomicBool,
+    soft_warned: Mutex<HashSet<String>>,
+    /// Reservations of running requests, by id, for renewal.
+    live: Mutex<HashMap<String, Running>>,
+    /// When leases were last renewed (monotonic ms).
+    renewed_ms: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    start_us: i64,
+    nusd: Option<i64>,
+    tokens: Option<i64>,
+}
+
+/// A running request's reservation: its team (the script's hash tag) and lease keys.
+type Running = (Arc<str>, Vec<String>);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Open {
+    allowance: Demand,
+    /// Reserved and spent here while Redis was down.
+    used: Demand,
+}
+
+#[derive(Debug, Clone)]
+struct SettleOp {
+    team: Arc<str>,
+    id: String,
+    /// (counter, leases) the reservations were held in.
+    held: Vec<String>,
+    rids: Vec<String>,
+    /// Counters charged and the seconds each lives on.
+    charge: Vec<(String, i64)>,
+    actual: Demand,
+    /// Team-wide counters charged, for the spend gauge: (index in `charge`, window).
+    gauges: Vec<(usize, Window)>,
+}
+
+#[derive(Debug, Clone)]
+struct SeedOp {
+    team: Arc<str>,
+    key: String,
+    spent: Demand,
+    ttl_s: i64,
+}
+
+/// One budget window a reservation is held in.
+#[derive(Debug, Clone)]
+struct Held {
+    window: Window,
+    per_key: bool,
+    /// The counter key, window start included.
+    key: String,
+}
+
+/// A request's reservation in Redis (and, while Redis was down, in the local allowance).
+#[derive(Debug)]
+pub struct RedisReservation {
+    book: Arc<Inner>,
+    team: Arc<str>,
+    key_id: Arc<str>,
+    held: Vec<Held>,
+    rids: Vec<String>,
+    /// Admitted on the fail-open allowance: counted in `open` until settled.
+    open: Demand,
+    done: bool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBook")
+            .field("prefix", &self.cfg.prefix)
+            .field("replica", &self.replica)
+            .finish()
+    }
+}
+
+/// Where a script call failed: Redis answered with an error, or not in time.
+#[derive(Debug)]
+enum StoreError {
+    Redis(redis::RedisError),
+    Timeout,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Redis(e) => write!(f, "{e}"),
+            StoreError::Timeout => f.write_str("no answer in time"),
+        }
+    }
+}
+
+// === impl RedisBook ===
+
+impl RedisBook {
+    /// A book on the Redis that `cfg.url` names. Connects lazily: a replica starts while Redis
+    /// is down (refusing or allowance-admitting until it answers) rather than not at all.
+    pub fn new(
+        cfg: RedisStore,
+        clock: Arc<dyn Clock>,
+        tasks: Tasks,
+    ) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(cfg.url.expose())?;
+        let conn_cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.timeout))
+            .set_response_timeout(Some(cfg.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let conn = ConnectionManager::new_lazy_with_config(client, conn_cfg)?;
+        let mut id = [0u8; 6];
+        let _ = getrandom::fill(&mut id);
+        let replica = id.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conn,
+                admit: Script::new(include_str!("redis/admit.lua")),
+                settle: Script::new(include_str!("redis/settle.lua")),
+                seed: Script::new(include_str!("redis/seed.lua")),
+                renew: Script::new(include_str!("redis/renew.lua")),
+                cfg,
+                clock,
+                tasks,
+                replica,
+                next_id: AtomicU64::new(0),
+                born: crate::clock::now(),
+                down_until_ms: AtomicU64::new(0),
+                failures: AtomicU32::new(0),
+                last_warn_ms: AtomicU64::new(0),
+                seen: Mutex::default(),
+                open: Mutex::default(),
+                pending: Mutex::default(),
+                seeds: Mutex::default(),
+                seeds_pending: AtomicBool::new(false),
+                soft_warned: Mutex::default(),
+                live: Mutex::default(),
+                renewed_ms: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn now_us(&self) -> i64 {
+        self.inner.clock.now_us()
+    }
+
+    /// Pushes the seeds (once, now, if Redis answers) and starts the loop that retries queued
+    /// settlements. Whether Redis answered.
+    pub async fn start(&self) -> bool {
+        let up = self.inner.flush().await;
+        let inner = self.inner.clone();
+        let tasks = self.inner.tasks.clone();
+        let tick = FLUSH_EVERY.min(self.inner.cfg.lease / 4);
+        self.inner.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tasks.stopping() => break,
+                    _ = tokio::time::sleep(tick) => {}
+                }
+                inner.renew_due().await;
+                inner.flush().await;
+            }
+            // Shutdown: one last try, so a clean stop leaves nothing unpushed.
+            inner.flush().await;
+        });
+        up
+    }
+
+    /// Spend already in the ledger for the window starting at `start_us`: queued, and brought
+    /// into Redis before the first admission.
+    pub fn seed(
+        &self,
+        team: &Arc<str>,
+        key_id: Option<Arc<str>>,
+        window: Window,
+        start_us: i64,
+        spent: Demand,
+    ) {
+        let i = &self.inner;
+        let end = window::bounds(window, start_us).1;
+        let key = i.counter_key(team, window, key_id.as_deref(), start_us);
+        lock(&i.seeds).push(SeedOp {
+            team: team.clone(),
+            key,
+            spent,
+            ttl_s: i.ttl_s(end),
+        });
+        i.seeds_pending.store(true, Ordering::Release);
+    }
+
+    /// Room last seen by this replica; unknown budgets count as far from their limits.
+    pub fn room(&self, team: &Team, key_id: &Arc<str>) -> Remaining {
+        let now = self.now_us();
+        let seen = lock(&self.inner.seen);
+        let mut room = Remaining::default();
+        for b in &team.budgets {
+            let slot = self.inner.slot_key(&team.name, b, key_id);
+            if let Some(s) = seen.get(&slot) {
+                if s.start_us == window::bounds(b.window, now).0 {
+                    room.narrow(s.nusd, s.tokens);
+                }
+            }
+        }
+        room
+    }
+
+    pub async fn admit(
+        &self,
+        team: &Team,
+        key_id: &Arc<str>,
+        demand: Demand,
+    ) -> Result<(RedisReservation, Remaining), Refusal> {
+        let i = &self.inner;
+        let now = i.clock.now_us();
+        let held: Vec<Held> = team
+            .budgets
+            .iter()
+            .map(|b| Held {
+                window: b.window,
+                per_key: b.per_key,
+                key: i.counter_key(
+                    &team.name,
+                    b.window,
+                    b.per_key.then_some(&**key_id),
+                    window::bounds(b.window, now).0,
+                ),
+            })
+            .collect();
+        if !i.is_down() && (!i.seeds_pending.load(Ordering::Acquire) || i.push_seeds().await) {
+            let rid = i.new_id();
+            match i.run_admit(team, &held, &rid, demand, now).await {
+                Ok(reply) => return self.admitted(team, key_id, held, rid, demand, now, &reply),
+                Err(e) => i.failed(Op::Admit, &e),
+            }
+        }
+        self.admit_open(team, key_id, held, demand, now)
+    }
+
+    /// Reads the reply of `admit.lua`: a reservation, or the budget that refused.
+    #[allow(clippy::too_many_arguments)]
+    fn admitted(
+        &self,
+        team: &Team,
+        key_id: &Arc<str>,
+        held: Vec<Held>,
+        rid: String,
+        demand: Demand,
+        now: i64,
+        reply: &[i64],
+    ) -> Result<(RedisReservation, Remaining), Refusal> {
+        let i = &self.inner;
+        let fits = reply.first() == Some(&1);
+        let refused_at = reply.get(1).copied().unwrap_or(0);
+        let mut remaining = Remaining::default();
+        let mut seen = lock(&i.seen);
+        for (n, b) in team.budgets.iter().enumerate() {
+            let at = 2 + 4 * n;
+            let fig = |k: usize| reply.get(at + k).copied().unwrap_or(0);
+            let used = Demand {
+                nusd: fig(0) + fig(2),
+                tokens: fig(1) + fig(3),
+            };
+            let (start, end) = window::bounds(b.window, now);
+            let limit_tokens = b.tokens.map(|t| t as i64);
+            if !fits && refused_at == n as i64 + 1 {
+                let kind = match b.nusd {
+                    Some(l) if used.nusd + demand.nusd > l => LimitKind::Usd,
+                    _ => LimitKind::Tokens,
+                };
+                let (limit, used) = match kind {
+                    LimitKind::Usd => (b.nusd.unwrap_or(0), used.nusd),
+                    LimitKind::Tokens => (limit_tokens.unwrap_or(0), used.tokens),
+                };
+                return Err(Refusal::Over(OverBudget {
+                    team: team.name.clone(),
+                    key_id: b.per_key.then(|| key_id.clone()),
+                    window: b.window,
+                    kind,
+                    limit,
+                    used,
+                    reset_at_us: end,
+                    retry_after: Duration::from_micros((end - now).max(1_000_000) as u64),
+                }));
+            }
+            let after = if fits { demand } else { Demand::default() };
+            let left_n = b.nusd.map(|l| l - used.nusd - after.nusd);
+            let left_t = limit_tokens.map(|l| l - used.tokens - after.tokens);
+            remaining.narrow(left_n, left_t);
+            seen.insert(
+                i.slot_key(&team.name, b, key_id),
+                Seen {
+                    start_us: start,
+                    nusd: left_n,
+                    tokens: left_t,
+                },
+            );
+            if let Some(ratio) = b.soft_ratio {
+                i.soft_limit(team, b, &held[n].key, used, after, ratio);
+            }
+        }
+        drop(seen);
+        if !fits {
+            // A refused window the reply did not name: refuse as unavailable, never admit.
+            return Err(Refusal::StoreUnavailable);
+        }
+        let leases = held.iter().map(|h| format!("{}:leases", h.key)).collect();
+        lock(&i.live).insert(rid.clone(), (team.name.clone(), leases));
+        Ok((
+            RedisReservation {
+                book: i.clone(),
+                team: team.name.clone(),
+                key_id: key_id.clone(),
+                held,
+                rids: vec![rid],
+                open: Demand::default(),
+                done: false,
+            },
+            remaining,
+        ))
+    }
+
+    /// Redis is down: admit against each budget's local allowance if every budget fails
+    /// open, else refuse.
+    fn admit_open(
+        &self,
+        team: &Team,
+        key_id: &Arc<str>,
+        held: Vec<Held>,
+        demand: Demand,
+        now: i64,
+    ) -> Result<(RedisReservation, Remaining), Refusal> {
+        let i = &self.inner;
+        if team.budgets.iter().any(|b| !b.fail_open) {
+            return Err(Refusal::StoreUnavailable);
+        }
+        let seen = lock(&i.seen).clone();
+        let mut open = lock(&i.open);
+        let mut remaining = Remaining::default();
+        // All fit, or none is taken.
+        for (b, h) in team.budgets.iter().zip(&held) {
+            let o = open
+                .entry(h.key.clone())
+                .or_insert_with(|| i.allowance(&team.name, b, key_id, &seen, now));
+            let left = Demand {
+                nusd: o.allowance.nusd - o.used.nusd - demand.nusd,
+                tokens: o.allowance.tokens - o.used.tokens - demand.tokens,
+            };
+            let check_n = b.nusd.is_some() && left.nusd < 0;
+            let check_t = b.tokens.is_some() && left.tokens < 0;
+            if check_n || check_t {
+                return Err(Refusal::StoreUnavailable);
+            }
+            remaining.narrow(b.nusd.map(|_| left.nusd), b.tokens.map(|_| left.tokens));
+        }
+        for h in &held {
+            if let Some(o) = open.get_mut(&h.key) {
+                o.used.nusd += demand.nusd;
+                o.used.tokens += demand.tokens;
+            }
+        }
+        drop(open);
+        metrics::counter!(m::BUDGET_FAIL_OPEN_TOTAL, "team" => team.name.clone()).increment(1);
+        Ok((
+            RedisReservation {
+                book: i.clone(),
+                team: team.name.clone(),
+                key_id: key_id.clone(),
+                held,
+                rids: Vec::new(),
+                open: demand,
+                done: false,
+            },
+            remaining,
+        ))
+    }
+
+    /// Every budget of these teams as Redis holds it now: the whole fleet's figures.
+    pub async fn view(&self, teams: &[Arc<Team>]) -> Result<Vec<BudgetView>, Refusal> {
+        let i = &self.inner;
+        let now = i.clock.now_us();
+        let mut out = Vec::new();
+        for team in teams {
+            let mut rows: Vec<(usize, Option<Arc<str>>, String)> = Vec::new();
+            for (n, b) in team.budgets.iter().enumerate() {
+                let start = window::bounds(b.window, now).0;
+                if b.per_key {
+                    let head =
+                        format!("{}{{{}}}:{}:k:", i.cfg.prefix, team.name, b.window.as_str());
+                    let tail = format!(":{}", start / 1_000_000);
+                    let keys = i.scan(&format!("{head}*{tail}")).await.map_err(|e| {
+                        i.failed(Op::View, &e);
+                        Refusal::StoreUnavailable
+                    })?;
+                    for k in keys {
+                        let id = k
+                            .strip_prefix(head.as_str())
+                            .and_then(|rest| rest.strip_suffix(tail.as_str()))
+                            .map(Arc::<str>::from);
+                        if id.is_some() {
+                            rows.push((n, id, k));
+                        }
+                    }
+                } else {
+                    rows.push((n, None, i.counter_key(&team.name, b.window, None, start)));
+                }
+            }
+            let keys: Vec<&str> = rows.iter().map(|(_, _, k)| k.as_str()).collect();
+            let figures = i.look(&keys).await.map_err(|e| {
+                i.failed(Op::View, &e);
+                Refusal::StoreUnavailable
+            })?;
+            for (r, (n, key_id, _)) in rows.into_iter().enumerate() {
+                let b = &team.budgets[n];
+                let fig = |k: usize| figures.get(2 + 4 * r + k).copied().unwrap_or(0);
+                out.push(BudgetView {
+                    team: team.name.clone(),
+                    key_id,
+                    window: b.window,
+                    limit_nusd: b.nusd,
+                    limit_tokens: b.tokens.map(|t| t as i64),
+                    soft_ratio: b.soft_ratio,
+                    spent: Demand {
+                        nusd: fig(0),
+                        tokens: fig(1),
+                    },
+                    reserved: Demand {
+                        nusd: fig(2),
+                        tokens: fig(3),
+                    },
+                    resets_at_us: window::bounds(b.window, now).1,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    /// The budget a counter belongs to, window start excluded.
+    fn slot_key(&self, team: &str, b: &Budget, key_id: &str) -> String {
+        match b.per_key {
+            true => format!(
+                "{}{{{team}}}:{}:k:{key_id}",
+                self.cfg.prefix,
+                b.window.as_str()
+            ),
+            false => format!("{}{{{team}}}:{}:team", self.cfg.prefix, b.window.as_str()),
+        }
+    }
+
+    fn counter_key(
+        &self,
+        team: &str,
+        window: Window,
+        key_id: Option<&str>,
+        start_us: i64,
+    ) -> String {
+        let start_s = start_us / 1_000_000;
+        match key_id {
+            Some(k) => format!(
+                "{}{{{team}}}:{}:k:{k}:{start_s}",
+                self.cfg.prefix,
+                window.as_str()
+            ),
+            None => format!(
+                "{}{{{team}}}:{}:team:{start_s}",
+                self.cfg.prefix,
+                window.as_str()
+            ),
+        }
+    }
+
+    /// Seconds a counter of a window ending at `end_us` lives on.
+    fn ttl_s(&self, end_us: i64) -> i64 {
+        ((end_us - self.clock.now_us()) / 1_000_000).max(1) + KEY_MARGIN_S
+    }
+
+    fn new_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:x}", self.replica)
+    }
+
+    fn is_down(&self) -> bool {
+        self.mono_ms() < self.down_until_ms.load(Ordering::Acquire)
+    }
+
+    fn mono_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Counts and (at most every few seconds) logs a failure; after a few in a row,
+    /// requests skip Redis briefly.
+    fn failed(&self, op: Op, e: &StoreError) {
+        let now = self.mono_ms();
+        if self.failures.fetch_add(1, Ordering::AcqRel) + 1 >= FAILURES_TO_TRIP {
+            self.down_until_ms.store(
+                now + RETRY_AFTER_FAILURE.as_millis() as u64,
+                Ordering::Release,
+            );
+        }
+        let op = match op {
+            Op::Admit => "admit",
+            Op::Settle => "settle",
+            Op::Seed => "seed",
+            Op::Renew => "renew",
+            Op::View => "view",
+        };
+        metrics::counter!(m::BUDGET_STORE_ERRORS_TOTAL, "op" => op).increment(1);
+        let last = self.last_warn_ms.load(Ordering::Relaxed);
+        if (last == 0 || now >= last + WARN_EVERY_MS)
+            && self
+                .last_warn_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            // The error text of the client may quote the server's address, never the URL's
+            // password; redacted all the same.
+            let e = crate::secret::redact_urls(&e.to_string()).into_owned();
+            tracing::warn!(
+                op,
+                error = %e,
+                "the Redis budget store failed: budgets without fail_open refuse requests (503), \
+                 fail_open budgets admit on their local allowance"
+            );
+        }
+    }
+
+    /// Runs a script with the command timeout.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.cfg.timeout, inv.invoke_async(&mut conn)).await {
+            Ok(Ok(v)) => {
+                if self.failures.load(Ordering::Relaxed) != 0 {
+                    self.failures.store(0, Ordering::Relaxed);
+                    self.down_until_ms.store(0, Ordering::Release);
+                }
+                Ok(v)
+            }
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+
+    async fn run_admit(
+        &self,
+        team: &Team,
+        held: &[Held],
+        rid: &str,
+        demand: Demand,
+        now: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut inv = self.admit.prepare_invoke();
+        inv.arg(rid)
+            .arg(self.cfg.lease.as_millis() as u64)
+            .arg(demand.nusd.max(0))
+            .arg(demand.tokens.max(0));
+        for (b, h) in team.budgets.iter().zip(held) {
+            inv.key(&h.key).key(format!("{}:leases", h.key));
+            inv.arg(b.nusd.unwrap_or(-1))
+                .arg(b.tokens.map_or(-1, |t| t as i64))
+                .arg(self.ttl_s(window::bounds(b.window, now).1));
+        }
+        self.run(inv).await
+    }
+
+    /// Figures of these counters (of one team), nothing reserved.
+    async fn look(&self, keys: &[&str]) -> Result<Vec<i64>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.admit.prepare_invoke();
+        inv.arg("").arg(0).arg(0).arg(0);
+        for k in keys {
+            inv.key(*k).key(format!("{k}:leases"));
+            inv.arg(-1).arg(-1).arg(KEY_MARGIN_S);
+        }
+        self.run(inv).await
+    }
+
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut keys = Vec::new();
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let step = cmd.query_async::<(u64, Vec<String>)>(&mut conn);
+            let (next, batch) = match tokio::time::timeout(self.cfg.timeout * 4, step).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return Err(StoreError::Redis(e)),
+                Err(_) => return Err(StoreError::Timeout),
+            };
+            keys.extend(batch);
+            if next == 0 {
+                return Ok(keys);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The local allowance of one budget while Redis is down: a share of the room last seen
+    /// (of the whole limit when this replica has seen none in this window).
+    fn allowance(
+        &self,
+        team: &str,
+        b: &Budget,
+        key_id: &str,
+        seen: &HashMap<String, Seen>,
+        now: i64,
+    ) -> Open {
+        let start = window::bounds(b.window, now).0;
+        let last = seen
+            .get(&self.slot_key(team, b, key_id))
+            .filter(|s| s.start_us == start);
+        let share = |room: i64| (room.max(0) as f64 * self.cfg.fail_open_share) as i64;
+        let room_n = last.and_then(|s| s.nusd).or(b.nusd).unwrap_or(0);
+        let room_t = last
+            .and_then(|s| s.tokens)
+            .or(b.tokens.map(|t| t as i64))
+            .unwrap_or(0);
+        Open {
+            allowance: Demand {
+                nusd: share(room_n),
+                tokens: share(room_t),
+            },
+            used: Demand::default(),
+        }
+    }
+
+    fn soft_limit(
+        &self,
+        team: &Team,
+        b: &Budget,
+        key: &str,
+        used: Demand,
+        add: Demand,
+        ratio: f64,
+    ) {
+        let (n, t) = (used.nusd + add.nusd, used.tokens + add.tokens);
+        let crossed = b.nusd.is_some_and(|l| n as f64 >= l as f64 * ratio)
+            || b.tokens.is_some_and(|l| t as f64 >= l as f64 * ratio);
+        if crossed && lock(&self.soft_warned).insert(key.to_string()) {
+            tracing::warn!(team = &*team.name, window = %b.window, ratio, "team passed the soft limit of its budget");
+            metrics::gauge!(m::BUDGET_SOFT_LIMIT_REACHED, "team" => team.name.clone(), "window" => b.window.as_str())
+                .set(1.0);
+        }
+    }
+
+    /// Renews the leases of running requests once a third of a lease has passed since the
+    /// last renewal: one script per team.
+    async fn renew_due(&self) {
+        let now = self.mono_ms();
+        let every = (self.cfg.lease.as_millis() as u64 / 3).max(1);
+        if now < self.renewed_ms.load(Ordering::Relaxed) + every {
+            return;
+        }
+        if self.renew().await {
+            self.renewed_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Renews every running request's leases; whether Redis took them all.
+    async fn renew(&self) -> bool {
+        let mut by_team: HashMap<Arc<str>, Vec<(String, String)>> = HashMap::new();
+        for (rid, (team, leases)) in lock(&self.live).iter() {
+            let pairs = by_team.entry(team.clone()).or_default();
+            pairs.extend(leases.iter().map(|z| (z.clone(), rid.clone())));
+        }
+        for pairs in by_team.values() {
+            let mut inv = self.renew.prepare_invoke();
+            inv.arg(self.cfg.lease.as_millis() as u64);
+            for (z, rid) in pairs {
+                inv.key(z).arg(rid);
+            }
+            if let Err(e) = self.run::<i64>(inv).await {
+                self.failed(Op::Renew, &e);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Brings queued ledger spend into Redis; whether it is all there.
+    async fn push_seeds(&self) -> bool {
+        let seeds = lock(&self.seeds).clone();
+        let mut by_team: HashMap<&str, Vec<&SeedOp>> = HashMap::new();
+        for s in &seeds {
+            by_team.entry(&s.team).or_default().push(s);
+        }
+        for ops in by_team.values() {
+            let mut inv = self.seed.prepare_invoke();
+            for s in ops {
+                inv.key(&s.key)
+                    .arg(s.spent.nusd.max(0))
+                    .arg(s.spent.tokens.max(0))
+                    .arg(s.ttl_s);
+            }
+            if let Err(e) = self.run::<i64>(inv).await {
+                self.failed(Op::Seed, &e);
+                return false;
+            }
+        }
+        let mut q = lock(&self.seeds);
+        let n = seeds.len().min(q.len());
+        q.drain(..n);
+        if q.is_empty() {
+            self.seeds_pending.store(false, Ordering::Release);
+        }
+        true
+    }
+
+    /// One settlement; its spent-USD gauges updated from what Redis now holds.
+    async fn run_settle(&self, op: &SettleOp) -> Result<(), StoreError> {
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(format!("{}{{{}}}:done:{}", self.cfg.prefix, op.team, op.id));
+        for h in &op.held {
+            inv.key(h).key(format!("{h}:leases"));
+        }
+        for (c, _) in &op.charge {
+            inv.key(c);
+        }
+        inv.arg(op.held.len())
+            .arg(op.actual.nusd.max(0))
+            .arg(op.actual.tokens.max(0))
+            .arg(DONE_MARKER_S)
+            .arg(op.rids.len());
+        for r in &op.rids {
+            inv.arg(r);
+        }
+        for (_, ttl) in &op.charge {
+            inv.arg(*ttl);
+        }
+        let spent: Vec<i64> = self.run(inv).await?;
+        for &(idx, window) in &op.gauges {
+            if let Some(&n) = spent.get(idx).filter(|n| **n >= 0) {
+                metrics::gauge!(m::BUDGET_SPENT_USD, "team" => op.team.clone(), "window" => window.as_str())
+                    .set(n as f64 / 1e9);
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles off the request's path; a settlement Redis does not confirm is queued.
+    fn submit(self: &Arc<Self>, op: SettleOp) {
+        // Without a runtime (a process ending) the lease gives the room back; spend is queued.
+        if tokio::runtime::Handle::try_current().is_err() || self.is_down() {
+            if op.actual != Demand::default() {
+                lock(&self.pending).push(op);
+            }
+            return;
+        }
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = me.run_settle(&op).await {
+                me.failed(Op::Settle, &e);
+                if op.actual != Demand::default() {
+                    lock(&me.pending).push(op);
+                }
+            }
+        });
+    }
+
+    /// Pushes what is queued: seeds first (so a new Redis holds the ledger's spend before
+    /// more is added), then settlements. Once all is in, fail-open allowances start afresh.
+    /// Whether Redis answered.
+    async fn flush(&self) -> bool {
+        if self.seeds_pending.load(Ordering::Acquire) && !self.push_seeds().await {
+            return false;
+        }
+        let ops = std::mem::take(&mut *lock(&self.pending));
+        let mut up = true;
+        let mut left = Vec::new();
+        for op in ops {
+            if !up {
+                left.push(op);
+                continue;
+            }
+            if let Err(e) = self.run_settle(&op).await {
+                self.failed(Op::Settle, &e);
+                up = false;
+                left.push(op);
+            }
+        }
+        lock(&self.pending).extend(left);
+        if !up {
+            return false;
+        }
+        if lock(&self.open).is_empty() {
+            return true;
+        }
+        // Allowances were in use: an answer ends the outage, and they start afresh next time.
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        let answer = match tokio::time::timeout(self.cfg.timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout),
+        };
+        match answer {
+            Ok(()) => {
+                lock(&self.open).clear();
+                tracing::info!(
+                    "the Redis budget store answers again; spend made on local allowances is in it"
+                );
+                true
+            }
+            Err(e) => {
+                self.failed(Op::Settle, &e);
+                false
+            }
+        }
+    }
+}
+
+// === impl RedisReservation ===
+
+impl RedisReservation {
+    /// Takes over `other`'s holdings, so one settlement counts the request once.
+    pub fn absorb(&mut self, mut other: RedisReservation) {
+        other.done = true;
+        self.rids.append(&mut other.rids);
+        for h in other.held.drain(..) {
+            if !self.held.iter().any(|m| m.key == h.key) {
+                self.held.push(h);
+            }
+        }
+        self.open.nusd += other.open.nusd;
+        self.open.tokens += other.open.tokens;
+    }
+
+    /// Releases the leases and adds what was consumed to the windows current at `now_us`
+    /// (each budget once), off the request's path.
+    pub fn settle(self, actual: Demand, now_us: i64) {
+        let (book, op) = self.into_settlement(actual, now_us);
+        book.submit(op);
+    }
+
+    /// [`Self::settle`], waiting for Redis to confirm (or the settlement to be queued):
+    /// for benches and tests that measure or check it.
+    pub async fn settle_confirmed(self, actual: Demand, now_us: i64) -> bool {
+        let (book, op) = self.into_settlement(actual, now_us);
+        match book.run_settle(&op).await {
+            Ok(()) => true,
+            Err(e) => {
+                book.failed(Op::Settle, &e);
+                lock(&book.pending).push(op);
+                false
+            }
+        }
+    }
+
+    fn into_settlement(mut self, actual: Demand, now_us: i64) -> (Arc<Inner>, SettleOp) {
+        self.done = true;
+        self.forget_leases();
+        let book = self.book.clone();
+        self.release_open(Some(actual));
+        let mut charge: Vec<(String, i64)> = Vec::new();
+        let mut gauges = Vec::new();
+        for h in &self.held {
+            let (start, end) = window::bounds(h.window, now_us);
+            let key = book.counter_key(
+                &self.team,
+                h.window,
+                h.per_key.then_some(&*self.key_id),
+                start,
+            );
+            if charge.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            if !h.per_key {
+                gauges.push((charge.len(), h.window));
+            }
+            charge.push((key, book.ttl_s(end)));
+        }
+        let op = SettleOp {
+            team: self.team.clone(),
+            id: book.new_id(),
+            held: if self.rids.is_empty() {
+                Vec::new()
+            } else {
+                self.held.iter().map(|h| h.key.clone()).collect()
+            },
+            rids: std::mem::take(&mut self.rids),
+            charge,
+            actual,
+            gauges,
+        };
+        (book, op)
+    }
+
+    /// Stops renewing this request's leases.
+    fn forget_leases(&self) {
+        if !self.rids.is_empty() {
+            let mut live = lock(&self.book.live);
+            for rid in &self.rids {
+                live.remove(rid);
+            }
+        }
+    }
+
+    /// Gives back what was taken from a fail-open allowance; with `actual`, keeps that much
+    /// counted as spent here until Redis has it.
+    fn release_open(&mut self, actual: Option<Demand>) {
+        if self.open == Demand::default() {
+            return;
+        }
+        let spent = actual.unwrap_or_default();
+        let mut open = lock(&self.book.open);
+        for h in &self.held {
+            if let Some(o) = open.get_mut(&h.key) {
+                o.used.nusd += spent.nusd - self.open.nusd;
+                o.used.tokens += spent.tokens - self.open.tokens;
+            }
+        }
+        self.open = Demand::default();
+    }
+}
+
+impl Drop for RedisReservation {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.release_open(None);
+        if self.rids.is_empty() {
+            return;
+        }
+        self.forget_leases();
+        let book = self.book.clone();
+        let op = SettleOp {
+            team: self.team.clone(),
+            id: book.new_id(),
+            held: self.held.iter().map(|h| h.key.clone()).collect(),
+            rids: std::mem::take(&mut self.rids),
+            charge: Vec::new(),
+            actual: Demand::default(),
+            gauges: Vec::new(),
+        };
+        book.submit(op);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,277 @@
+//! The scripts against a real Redis (`TOLLGATE_TEST_REDIS` or 127.0.0.1:6379), each test
+//! under its own prefix. Without Redis they skip with a note, unless `CI` is set.
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::secret::Secret;
+
+const T0: i64 = 1_795_343_400_000_000; // 2026-11-22T10:30:00Z
+
+struct Scratch {
+    book: RedisBook,
+    url: String,
+    prefix: String,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let Ok(mut conn) = redis::Client::open(self.url.as_str()).and_then(|c| c.get_connection())
+        else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query(&mut conn)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
+        }
+    }
+}
+
+async fn scratch(test: &str) -> Option<Scratch> {
+    let url =
+        std::env::var("TOLLGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    let mut id = [0u8; 6];
+    getrandom::fill(&mut id).unwrap();
+    let prefix = format!(
+        "tgunit-{}:",
+        id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let cfg = RedisStore {
+        url: Secret::new(url.as_str()),
+        prefix: prefix.clone(),
+        timeout: Duration::from_millis(500),
+        lease: Duration::from_secs(60),
+        fail_open_share: 0.1,
+    };
+    let book = RedisBook::new(cfg, Arc::new(ManualClock::new(T0)), Tasks::new()).unwrap();
+    if !book.start().await {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set, so {test} may not be skipped: no Redis at {url}"
+        );
+        eprintln!("SKIPPED {test}: no Redis at {url}");
+        return None;
+    }
+    Some(Scratch { book, url, prefix })
+}
+
+fn team(budgets: Vec<Budget>) -> Team {
+    Team {
+        name: "search".into(),
+        key_hashes: vec![],
+        tags: Default::default(),
+        request_tags: vec![],
+        regions: vec![],
+        budgets,
+    }
+}
+
+fn budget(window: Window, nusd: Option<i64>, tokens: Option<u64>, per_key: bool) -> Budget {
+    Budget {
+        window,
+        tokens,
+        usd: nusd.map(|n| n as f64 / 1e9),
+        nusd,
+        soft_ratio: None,
+        per_key,
+        fail_open: false,
+    }
+}
+
+#[tokio::test]
+async fn a_request_is_reserved_in_every_window_or_in_none() {
+    let Some(s) = scratch("a_request_is_reserved_in_every_window_or_in_none").await else {
+        return;
+    };
+    let t = team(vec![
+        budget(Window::Month, Some(1_000), None, false),
+        budget(Window::Day, None, Some(10), true),
+    ]);
+    let (k1, k2): (Arc<str>, Arc<str>) = ("k1".into(), "k2".into());
+    let d = Demand {
+        nusd: 300,
+        tokens: 4,
+    };
+    let (a, room) = s.book.admit(&t, &k1, d).await.unwrap();
+    assert_eq!((room.nusd, room.tokens), (Some(700), Some(6)));
+    let (_b, _) = s.book.admit(&t, &k1, d).await.unwrap();
+    // k1's day tokens are short (8 + 4 > 10): refused there, and the month keeps nothing of it.
+    match s.book.admit(&t, &k1, d).await {
+        Err(Refusal::Over(o)) => {
+            assert_eq!(o.window, Window::Day);
+            assert_eq!(o.kind, LimitKind::Tokens);
+            assert_eq!(o.key_id.as_deref(), Some("k1"));
+            assert_eq!((o.limit, o.used), (10, 8));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another key has its own day budget; the team's month is shared: 600 + 300 fits.
+    let (_c, room) = s.book.admit(&t, &k2, d).await.unwrap();
+    assert_eq!(room.nusd, Some(100));
+    match s.book.admit(&t, &k2, d).await {
+        Err(Refusal::Over(o)) => assert_eq!((o.window, o.kind), (Window::Month, LimitKind::Usd)),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        a.settle_confirmed(
+            Demand {
+                nusd: 100,
+                tokens: 1
+            },
+            T0
+        )
+        .await
+    );
+    let v = s.book.view(&[Arc::new(t)]).await.unwrap();
+    let month = &v[0];
+    assert_eq!((month.spent.nusd, month.reserved.nusd), (100, 600));
+    let mut days: Vec<_> = v[1..]
+        .iter()
+        .map(|d| (d.key_id.clone().unwrap(), d.spent.tokens, d.reserved.tokens))
+        .collect();
+    days.sort();
+    assert_eq!(days, [("k1".into(), 1, 4), ("k2".into(), 0, 4)]);
+}
+
+#[tokio::test]
+async fn a_settlement_sent_twice_counts_once() {
+    let Some(s) = scratch("a_settlement_sent_twice_counts_once").await else {
+        return;
+    };
+    let t = team(vec![budget(Window::Day, None, Some(100), false)]);
+    let k: Arc<str> = "k".into();
+    let (r, _) = s
+        .book
+        .admit(
+            &t,
+            &k,
+            Demand {
+                nusd: 0,
+                tokens: 50,
+            },
+        )
+        .await
+        .unwrap();
+    let (inner, op) = r.into_settlement(
+        Demand {
+            nusd: 0,
+            tokens: 20,
+        },
+        T0,
+    );
+    inner.run_settle(&op).await.unwrap();
+    // A retry after a lost reply.
+    inner.run_settle(&op).await.unwrap();
+    let v = s.book.view(&[Arc::new(t)]).await.unwrap();
+    assert_eq!((v[0].spent.tokens, v[0].reserved.tokens), (20, 0));
+}
+
+#[tokio::test]
+async fn seeding_raises_counters_to_the_ledger_and_never_adds_twice() {
+    let Some(s) = scratch("seeding_raises_counters_to_the_ledger").await else {
+        return;
+    };
+    let t = Arc::new(team(vec![budget(
+        Window::Day,
+        Some(1_000_000),
+        None,
+        false,
+    )]));
+    let start = window::bounds(Window::Day, T0).0;
+    let seeded = Demand {
+        nusd: 400_000,
+        tokens: 9,
+    };
+    for _ in 0..2 {
+        s.book.seed(&t.name, None, Window::Day, start, seeded);
+        assert!(s.book.inner.flush().await);
+    }
+    let v = s.book.view(std::slice::from_ref(&t)).await.unwrap();
+    assert_eq!(v[0].spent, seeded, "seeded twice, counted once");
+    // A counter already past the ledger (spend not yet in it) is left alone.
+    s.book.seed(
+        &t.name,
+        None,
+        Window::Day,
+        start,
+        Demand { nusd: 1, tokens: 1 },
+    );
+    assert!(s.book.inner.flush().await);
+    let v = s.book.view(&[t]).await.unwrap();
+    assert_eq!(v[0].spent, seeded);
+}
+
+#[tokio::test]
+async fn amounts_past_lua_number_printing_stay_exact() {
+    let Some(s) = scratch("amounts_past_lua_number_printing_stay_exact").await else {
+        return;
+    };
+    // $5M in one window: 5e15 nano-dollars, which Lua would print as 5e+15.
+    let t = team(vec![budget(
+        Window::Month,
+        Some(9_000_000_000_000_000),
+        None,
+        false,
+    )]);
+    let k: Arc<str> = "k".into();
+    let d = Demand {
+        nusd: 5_000_000_000_000_001,
+        tokens: 1,
+    };
+    let (r, room) = s.book.admit(&t, &k, d).await.unwrap();
+    assert_eq!(room.nusd, Some(3_999_999_999_999_999));
+    assert!(r.settle_confirmed(d, T0).await);
+    let v = s.book.view(&[Arc::new(t)]).await.unwrap();
+    assert_eq!(
+        (v[0].spent.nusd, v[0].reserved.nusd),
+        (5_000_000_000_000_001, 0)
+    );
+}
+
+#[tokio::test]
+async fn renewal_pushes_out_running_leases_and_never_revives_a_settled_one() {
+    let Some(s) = scratch("renewal_pushes_out_running_leases").await else {
+        return;
+    };
+    let t = team(vec![budget(Window::Day, None, Some(100), false)]);
+    let k: Arc<str> = "k".into();
+    let d = Demand {
+        nusd: 0,
+        tokens: 10,
+    };
+    let (running, _) = s.book.admit(&t, &k, d).await.unwrap();
+    let (done, _) = s.book.admit(&t, &k, d).await.unwrap();
+    let leases = format!("{}:leases", running.held[0].key);
+    let conn = redis::Client::open(s.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let score = |rid: String| {
+        let mut conn = conn.clone();
+        let leases = leases.clone();
+        async move {
+            redis::cmd("ZSCORE")
+                .arg(&leases)
+                .arg(rid)
+                .query_async::<Option<f64>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let before = score(running.rids[0].clone()).await.unwrap();
+    let settled_id = done.rids[0].clone();
+    assert!(done.settle_confirmed(d, T0).await);
+    assert_eq!(
+        lock(&s.book.inner.live).len(),
+        1,
+        "only the running one is renewed"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(s.book.inner.renew().await);
+    assert!(score(running.rids[0].clone()).await.unwrap() > before);
+    assert_eq!(score(settled_id).await, None);
+    drop(running);
+}

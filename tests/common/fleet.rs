@@ -1,0 +1,162 @@
+//! A real Redis for the fleet tests: `TOLLGATE_TEST_REDIS` or 127.0.0.1:6379, each test under
+//! its own key prefix, deleted when it ends. Off machines that run Redis the tests skip with a
+//! printed reason; with `CI` set they fail instead, so CI cannot pass by skipping them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+pub fn redis_url() -> String {
+    std::env::var("TOLLGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A Redis to test against, under a fresh prefix; `None` (the test returns) when there is
+/// none and CI is not set.
+pub fn require_redis(test: &str) -> Option<TestRedis> {
+    let url = redis_url();
+    let reachable = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+    match reachable {
+        Ok(_) => {}
+        Err(why) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED {test}: no Redis at {url} ({why})");
+            return None;
+        }
+        Err(why) => panic!("CI is set, so {test} may not be skipped: no Redis at {url} ({why})"),
+    }
+    let mut r = [0u8; 6];
+    getrandom::fill(&mut r).unwrap();
+    let tag: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    Some(TestRedis {
+        url,
+        prefix: format!("tgtest-{tag}:"),
+    })
+}
+
+/// A Redis and the key prefix that is this test's alone.
+pub struct TestRedis {
+    pub url: String,
+    pub prefix: String,
+}
+
+impl TestRedis {
+    /// `[store]` lines for a gateway on this Redis.
+    pub fn store(&self) -> String {
+        self.store_via(&self.url)
+    }
+
+    /// `[store]` lines for a gateway that reaches this Redis at `url` (a relay).
+    pub fn store_via(&self, url: &str) -> String {
+        format!("budgets = \"{url}\"\nredis_prefix = \"{}\"", self.prefix)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Every key of this test.
+    pub fn keys(&self) -> Vec<String> {
+        let mut conn = self.conn();
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut conn)
+                .unwrap();
+            keys.extend(batch);
+            if next == 0 {
+                return keys;
+            }
+            cursor = next;
+        }
+    }
+
+    /// Deletes this test's keys, as a flush of the whole Redis would.
+    pub fn flush(&self) {
+        let keys = self.keys();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(keys).query(&mut self.conn()).unwrap();
+        }
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// A TCP relay in front of Redis that can be cut (every connection dropped, new ones closed
+/// at once) and mended: Redis going down and coming back, without touching the shared server.
+pub struct Relay {
+    pub addr: std::net::SocketAddr,
+    up: Arc<AtomicBool>,
+    cut: watch::Sender<u64>,
+}
+
+impl Relay {
+    pub async fn start(target: &str) -> Relay {
+        let target = target
+            .trim_start_matches("redis://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let (cut, cuts) = watch::channel(0u64);
+        let is_up = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !is_up.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let mut cuts = cuts.clone();
+                // Only cuts from now on end this connection.
+                cuts.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, up, cut }
+    }
+
+    /// The Redis URL through this relay, database included.
+    pub fn url(&self, db_url: &str) -> String {
+        let db = db_url.rsplit_once('/').map_or("0", |(_, d)| d);
+        format!("redis://{}/{db}", self.addr)
+    }
+
+    pub fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,464 @@
+//! Budgets shared by replicas through Redis (`store.budgets = "redis://…"`): one limit for the
+//! fleet under concurrent load, leases that give a dead holder's room back, fail closed (503
+//! `budget_store_unavailable`) or fail open within an allowance when Redis is down, and
+//! counters rebuilt from the ledger after a flush. Each test uses its own key prefix.
+
+mod common;
+#[path = "common/fleet.rs"]
+mod fleet;
+
+use common::*;
+use fleet::{require_redis, Relay};
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate::budget::redis::RedisBook;
+use tollgate::budget::{BudgetBook, Demand, Refusal};
+use tollgate::clock::SystemClock;
+use tollgate::config::{Budget, RedisStore, Team, Window};
+
+/// One request costs 19 x $2.50/M + 10 x $10/M = $0.0001475 (the simulator answers 10
+/// tokens to `max_tokens: 10`).
+const COST: i64 = 147_500;
+
+fn gpt() -> Backend {
+    Backend::sim("gpt", "gpt-4o")
+        .alias("chat-large")
+        .price(2.5, 10.0)
+        .config(|c| c.max_concurrency = 256)
+}
+
+fn request() -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&chat("chat-large", false)).unwrap();
+    v["max_tokens"] = 10.into();
+    v.to_string()
+}
+
+fn ledger_spend(gw: &Gateway) -> i64 {
+    gw.ledger(
+        "SELECT COALESCE(SUM(cost_nusd), 0) FROM requests WHERE team = 'search'",
+        |r| r.get(0),
+    )[0]
+}
+
+fn nusd(v: &serde_json::Value) -> i64 {
+    let s = v.as_str().unwrap();
+    (s.parse::<f64>().unwrap() * 1e9).round() as i64
+}
+
+/// The fleet's figures for the team's day budget, once no reservation is held.
+async fn settled_spend(gw: &Gateway) -> i64 {
+    let mut last = String::new();
+    for _ in 0..300 {
+        let r = gw.admin_get("/admin/budgets").await;
+        if r.status != 200 {
+            // Redis not (yet) reachable again.
+            assert_eq!(r.error(503)["code"], "budget_store_unavailable");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let v = r.json();
+        last = v.to_string();
+        if nusd(&v[0]["reserved_usd"]) == 0 {
+            return nusd(&v[0]["spent_usd"]);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("reservations still held: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_redis_hold_one_team_budget_under_concurrent_load() {
+    let Some(redis) = require_redis("two_gateways_on_one_redis_hold_one_team_budget") else {
+        return;
+    };
+    const LIMIT: i64 = 7_500_000;
+    let start = || {
+        Harness::new()
+            .backend(gpt())
+            // Two gateways, their backends and 200 clients share two cores in a debug build:
+            // an answer may wait longer on the client's side than the production default.
+            .store(&format!("{}\nredis_timeout_ms = 1000", redis.store()))
+            .team_toml(
+                "search",
+                SEARCH_KEY,
+                "budgets = [{ window = \"day\", usd = 0.0075 }]",
+            )
+            .start()
+    };
+    let gws = [Arc::new(start().await), Arc::new(start().await)];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let gw = gws[i % 2].clone();
+        tasks.spawn(async move { gw.post("/v1/chat/completions", SEARCH_KEY, request()).await });
+    }
+    let (mut admitted, mut refused) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap();
+        match r.status.as_u16() {
+            200 => admitted += 1,
+            429 => {
+                refused += 1;
+                assert_eq!(r.error(429)["type"], "budget_exceeded");
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    assert!(refused > 0, "the load was more than the budget");
+    // Settlements run after the responses: wait for them, so no worst case is still held.
+    settled_spend(&gws[0]).await;
+    // Requests refused while others' worst cases were held may leave room: fill it one by one.
+    for i in 0.. {
+        let r = gws[i % 2]
+            .post("/v1/chat/completions", SEARCH_KEY, request())
+            .await;
+        match r.status.as_u16() {
+            200 => admitted += 1,
+            429 => break,
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    let ledger = ledger_spend(&gws[0]) + ledger_spend(&gws[1]);
+    assert_eq!(
+        ledger,
+        admitted * COST,
+        "every admitted request billed once"
+    );
+    assert!(ledger <= LIMIT, "spent {ledger} over the limit {LIMIT}");
+    assert!(
+        LIMIT - ledger < COST,
+        "spent {ledger}: more than one request's reservation left unused of {LIMIT}"
+    );
+    // Both replicas show the fleet's figure, and it is the ledgers' sum.
+    assert_eq!(settled_spend(&gws[0]).await, ledger);
+    assert_eq!(settled_spend(&gws[1]).await, ledger);
+    // Stopped before the prefix is deleted: nothing writes to it afterwards.
+    for gw in gws {
+        Arc::try_unwrap(gw).ok().unwrap().shutdown().await;
+    }
+}
+
+fn team(tokens: u64, fail_open: bool) -> Team {
+    Team {
+        name: "search".into(),
+        key_hashes: vec![],
+        tags: Default::default(),
+        request_tags: vec![],
+        regions: vec![],
+        budgets: vec![Budget {
+            window: Window::Day,
+            tokens: Some(tokens),
+            usd: None,
+            nusd: None,
+            soft_ratio: None,
+            per_key: false,
+            fail_open,
+        }],
+    }
+}
+
+fn store(url: &str, prefix: &str, lease: Duration) -> RedisStore {
+    RedisStore {
+        url: tollgate::secret::Secret::new(url),
+        prefix: prefix.into(),
+        timeout: Duration::from_millis(100),
+        lease,
+        fail_open_share: 0.1,
+    }
+}
+
+/// A replica's book, and its background work (lease renewal among it).
+async fn book(cfg: RedisStore) -> (BudgetBook, tollgate::tasks::Tasks) {
+    let tasks = tollgate::tasks::Tasks::new();
+    let b = RedisBook::new(cfg, Arc::new(SystemClock), tasks.clone()).unwrap();
+    b.start().await;
+    (BudgetBook::Redis(b), tasks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holders_reservation_expires_after_its_lease_and_the_room_comes_back() {
+    let Some(redis) = require_redis("a_dead_holders_reservation_expires_after_its_lease") else {
+        return;
+    };
+    let lease = Duration::from_secs(2);
+    let (a, a_tasks) = book(store(&redis.url, &redis.prefix, lease)).await;
+    let (b, _b_tasks) = book(store(&redis.url, &redis.prefix, lease)).await;
+    let t = team(100, false);
+    let key: Arc<str> = "k".into();
+    let one = Demand {
+        nusd: 0,
+        tokens: 60,
+    };
+    let (held, _) = a.admit(&t, &key, one).await.unwrap();
+    // Alive, `a` renews the lease: still held two leases later.
+    tokio::time::sleep(lease * 2).await;
+    match b.admit(&t, &key, one).await {
+        Err(Refusal::Over(o)) => assert_eq!((o.limit, o.used), (100, 60)),
+        other => panic!("the other replica must see the reservation: {other:?}"),
+    }
+    // Replica `a` dies holding it: never settled, never released, no longer renewed.
+    std::mem::forget(held);
+    a_tasks.close_and_wait().await;
+    match b.admit(&t, &key, one).await {
+        Err(Refusal::Over(_)) => {}
+        other => panic!("held until its lease ends: {other:?}"),
+    }
+    tokio::time::sleep(lease + Duration::from_millis(500)).await;
+    let (r, room) = b.admit(&t, &key, one).await.expect("the lease expired");
+    assert_eq!(room.tokens, Some(40));
+    let BudgetBook::Redis(_) = &b else {
+        unreachable!()
+    };
+    let tollgate::budget::Reservation::Redis(r) = r else {
+        unreachable!()
+    };
+    assert!(
+        r.settle_confirmed(Demand { nusd: 0, tokens: 7 }, b.now_us())
+            .await
+    );
+    let v = b.view(&[Arc::new(t)]).await.unwrap();
+    assert_eq!((v[0].spent.tokens, v[0].reserved.tokens), (7, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_unreachable_requests_are_refused_with_503_budget_store_unavailable() {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw = Harness::new()
+        .backend(gpt())
+        .store(&format!(
+            "budgets = \"redis://:s3cret@{closed}/0\"\nredis_timeout_ms = 50"
+        ))
+        .team_toml(
+            "search",
+            SEARCH_KEY,
+            "budgets = [{ window = \"day\", usd = 1.0 }]",
+        )
+        .team("other", OTHER_KEY)
+        .start()
+        .await;
+    let asked = std::time::Instant::now();
+    let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
+    assert!(asked.elapsed() < Duration::from_secs(1), "never hangs");
+    let e = r.error(503);
+    assert_eq!(e["code"], "budget_store_unavailable", "{e}");
+    assert_eq!(e["type"], "server_error", "{e}");
+    assert_eq!(r.headers["retry-after"], "1");
+    // Anthropic clients get their own error shape, same status.
+    let mut req = gw.request(
+        "/v1/messages",
+        SEARCH_KEY,
+        r#"{"model":"chat-large","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    req.headers_mut()
+        .insert("anthropic-version", "2023-06-01".parse().unwrap());
+    let r = gw.send(req).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    // A team without budgets does not need the store.
+    let r = gw.post("/v1/chat/completions", OTHER_KEY, request()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    gw.wait_ledger_rows(
+        "SELECT 1 FROM requests WHERE team = 'search' AND http_status = 503",
+        2,
+    )
+    .await;
+    let m = gw.admin_get("/metrics").await.text();
+    assert!(
+        m.contains("tollgate_budget_store_errors_total{op=\"admit\"}"),
+        "{m}"
+    );
+    assert!(!m.contains("s3cret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_admits_within_the_allowance_while_redis_is_down_and_reconciles_after() {
+    let Some(redis) = require_redis("fail_open_admits_within_the_allowance") else {
+        return;
+    };
+    let relay = Relay::start(&redis.url).await;
+    let gw = Harness::new()
+        .backend(gpt())
+        .store(&format!(
+            "{}\nfail_open_share = 0.2\nredis_timeout_ms = 100",
+            redis.store_via(&relay.url(&redis.url))
+        ))
+        .team_toml(
+            "search",
+            SEARCH_KEY,
+            "budgets = [{ window = \"day\", usd = 0.0075, fail_open = true }]",
+        )
+        .start()
+        .await;
+    for _ in 0..4 {
+        let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Room last seen: at most 7.5M - 4 x 147.5K = 6.91M (less while the last admissions held
+    // their rough worst case); a fifth of it is at most 1.382M: 9 requests.
+    let allowance = (7_500_000 - 4 * COST) / 5;
+    relay.down();
+    let (mut admitted, mut refused) = (0, 0);
+    for _ in 0..20 {
+        let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
+        match r.status.as_u16() {
+            200 => admitted += 1,
+            503 => {
+                refused += 1;
+                assert_eq!(r.error(503)["code"], "budget_store_unavailable");
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    assert!(
+        (1..=allowance / COST).contains(&admitted),
+        "admitted {admitted} on an allowance of at most {allowance}"
+    );
+    assert_eq!(refused, 20 - admitted);
+    relay.up();
+    // Reconciled: Redis holds what the ledger billed, outage included.
+    let want = ledger_spend(&gw);
+    assert_eq!(want, (4 + admitted) * COST);
+    let mut got = 0;
+    for _ in 0..100 {
+        got = settled_spend(&gw).await;
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got, want, "the spend made during the outage reached Redis");
+    let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_redis_is_reseeded_from_the_ledger_at_start() {
+    let Some(redis) = require_redis("a_flushed_redis_is_reseeded_from_the_ledger") else {
+        return;
+    };
+    let ledger = temp_dir("fleet-seed").join("tollgate.db");
+    let start = || {
+        Harness::new()
+            .backend(gpt())
+            .ledger(&ledger)
+            .store(&redis.store())
+            .team_toml(
+                "search",
+                SEARCH_KEY,
+                "budgets = [{ window = \"day\", usd = 0.0075 }]",
+            )
+            .start()
+    };
+    let gw = start().await;
+    for _ in 0..3 {
+        let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(settled_spend(&gw).await, 3 * COST);
+    gw.shutdown().await;
+    redis.flush();
+    let gw = start().await;
+    assert_eq!(
+        settled_spend(&gw).await,
+        3 * COST,
+        "rebuilt from the ledger"
+    );
+    // A second replica starting on the same ledger counts nothing twice.
+    let again = start().await;
+    assert_eq!(settled_spend(&again).await, 3 * COST);
+    let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(settled_spend(&again).await, 4 * COST);
+    gw.shutdown().await;
+    again.shutdown().await;
+}
+
+/// A replica killed mid-stream (SIGKILL: no settlement, no release) leaves its reservations
+/// as leases; once they run out, the team's room is back for the other replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_reservations_come_back_after_the_lease() {
+    let Some(redis) = require_redis("a_killed_replicas_reservations_come_back") else {
+        return;
+    };
+    const STREAMS: usize = 4;
+    let budgets = "budgets = [{ window = \"day\", tokens = 100000 }]";
+    let (text, _sims, _) = Harness::new()
+        .backend(
+            Backend::sim("llama", "llama-3.1-8b")
+                .alias("chat-small")
+                .price(0.2, 0.2)
+                // Ten seconds of tokens: every stream is still going when the replica dies.
+                .paced(Duration::from_millis(100), 100),
+        )
+        .store(&format!("{}\nlease_s = 2", redis.store()))
+        .team_toml("search", SEARCH_KEY, budgets)
+        .render()
+        .await;
+    let path = temp_dir("fleet-kill").join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let doomed = BinaryGateway::start(&path).await;
+    let survivor = Harness::new()
+        .backend(gpt())
+        .store(&redis.store())
+        .team_toml("search", SEARCH_KEY, budgets)
+        .start()
+        .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let mut open = Vec::new();
+    for _ in 0..STREAMS {
+        let mut body: serde_json::Value = serde_json::from_str(&chat("chat-small", true)).unwrap();
+        body["max_tokens"] = 100.into();
+        let req = http::Request::post(format!("http://{}/v1/chat/completions", doomed.addr))
+            .header("authorization", format!("Bearer {SEARCH_KEY}"))
+            .body(http_body_util::Full::from(body.to_string()))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        use http_body_util::BodyExt;
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        open.push(body);
+    }
+    let tokens = |v: &serde_json::Value, f: &str| v[0][f].as_i64().unwrap();
+    let v = survivor.admin_get("/admin/budgets").await.json();
+    let held = tokens(&v, "reserved_tokens");
+    assert!(
+        held >= STREAMS as i64 * 100,
+        "the fleet sees the streams' reservations: {v}"
+    );
+    // Streams outliving their lease keep their room while their replica lives (it renews).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = survivor.admin_get("/admin/budgets").await.json();
+    assert_eq!(tokens(&v, "reserved_tokens"), held, "renewed: {v}");
+    let killed = std::time::Instant::now();
+    let (status, _) = doomed.stop("-KILL").await;
+    assert!(!status.success());
+    drop(open);
+    let v = survivor.admin_get("/admin/budgets").await.json();
+    assert_eq!(
+        tokens(&v, "reserved_tokens"),
+        held,
+        "held until the leases end"
+    );
+    loop {
+        let v = survivor.admin_get("/admin/budgets").await.json();
+        if tokens(&v, "reserved_tokens") == 0 {
+            assert_eq!(tokens(&v, "spent_tokens"), 0, "nothing was settled: {v}");
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(6),
+            "the leases (2 s) should have run out: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        killed.elapsed() >= Duration::from_millis(1500),
+        "not before the lease"
+    );
+    survivor.shutdown().await;
+}
