@@ -82,6 +82,13 @@ impl Fleet {
         }
     }
 
+    /// Replica `i` reaches the ledger at `to` instead of `from`.
+    fn route_ledger(&self, i: usize, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.configs[i]).unwrap();
+        assert!(text.contains(from));
+        std::fs::write(&self.configs[i], text.replace(from, to)).unwrap();
+    }
+
     async fn start(&self, i: usize) -> BinaryGateway {
         BinaryGateway::start(&self.configs[i]).await
     }
@@ -408,7 +415,8 @@ async fn three_replicas_hold_one_budget_and_write_one_ledger_row_per_request() {
 /// Long streams held on one replica when it is SIGKILLed mid-load: the two others keep
 /// serving without an error, the room the dead one held comes back once its leases (2 s) end,
 /// and after its restart (same replica name and spool) every response a client saw complete
-/// has exactly one row in PostgreSQL.
+/// has exactly one row in PostgreSQL — including those whose records the dead replica had
+/// only in its spool, its path to PostgreSQL being cut just before the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_gives_its_room_back_and_its_restart_loses_no_record() {
     const TEST: &str = "a_killed_replica_gives_its_room_back";
@@ -446,6 +454,10 @@ async fn a_killed_replica_gives_its_room_back_and_its_restart_loses_no_record() 
         "fleet-kill",
     )
     .await;
+    // The doomed replica reaches the database through a proxy the test cuts before the kill:
+    // its last records wait in its spool, which only its restart can drain.
+    let proxy = pg::Proxy::start().await;
+    fleet.route_ledger(DOOMED, &db.url, &proxy.url(&db));
     let mut gws = Vec::new();
     for i in 0..REPLICAS {
         gws.push(Some(fleet.start(i).await));
@@ -517,7 +529,21 @@ async fn a_killed_replica_gives_its_room_back_and_its_restart_loses_no_record() 
     let (_, reserved) = team_tokens(&client, survivor_admin).await;
     assert!(reserved >= held_by_streams, "renewed: {reserved}");
 
+    proxy.cut().await;
     let doomed = gws[DOOMED].take().unwrap();
+    // Its responses still complete, their records committed to the spool.
+    let cut = Instant::now();
+    let spooled_at_kill = loop {
+        let n = spooled(&client, doomed.admin_addr).await;
+        if n >= 10 {
+            break n;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(15),
+            "the doomed replica spooled only {n} records"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let killed = Instant::now();
     let (status, _) = doomed.stop("-KILL").await;
     assert!(!status.success(), "killed, not exited");
@@ -554,13 +580,25 @@ async fn a_killed_replica_gives_its_room_back_and_its_restart_loses_no_record() 
         w.expect("a worker failed");
     }
 
-    // The restart: same config, so the same replica name and spool.
+    // The restart: same config, so the same replica name and spool; the database is back.
+    let in_pg: std::collections::HashSet<String> =
+        db.rows().await.into_iter().map(|r| r.id).collect();
+    let waiting = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.complete && s.id.as_ref().is_some_and(|id| !in_pg.contains(id)))
+        .count();
+    assert!(
+        waiting > 0,
+        "some completed responses' records were only in the dead replica's spool"
+    );
+    proxy.restore();
     let restarted = fleet.start(DOOMED).await;
     let restarted_admin = restarted.admin_addr;
     let drained = Instant::now();
     loop {
-        let m = admin_text(&client, restarted_admin, "/metrics").await;
-        if m.lines().any(|l| l == "tollgate_ledger_spooled_records 0") {
+        if spooled(&client, restarted_admin).await == 0 {
             break;
         }
         assert!(
@@ -604,8 +642,8 @@ async fn a_killed_replica_gives_its_room_back_and_its_restart_loses_no_record() 
         "the doomed replica served before it died: {on_doomed}"
     );
     eprintln!(
-        "{} requests, {complete} complete ({on_doomed} on {} across its kill and restart); \
-         reserved room back {:.2} s after SIGKILL (lease {LEASE:?}); {} rows in PostgreSQL, none missing or doubled",
+        "{} requests, {complete} complete ({on_doomed} on {} across its kill and restart, \
+         {spooled_at_kill}+ records spooled before the kill, {waiting} complete ones only there); reserved room back {:.2} s after SIGKILL (lease {LEASE:?}); {} rows in PostgreSQL, none missing or doubled",
         seen.len(),
         replica(DOOMED),
         back.as_secs_f64(),
@@ -615,6 +653,15 @@ async fn a_killed_replica_gives_its_room_back_and_its_restart_loses_no_record() 
         let (status, _) = g.stop("-TERM").await;
         assert!(status.success());
     }
+}
+
+/// Records waiting in a replica's spool (`tollgate_ledger_spooled_records`).
+async fn spooled(client: &HttpClient, admin: SocketAddr) -> u64 {
+    let m = admin_text(client, admin, "/metrics").await;
+    m.lines()
+        .find_map(|l| l.strip_prefix("tollgate_ledger_spooled_records "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no spool depth in the metrics:\n{m}")) as u64
 }
 
 async fn admin_text(client: &HttpClient, admin: SocketAddr, path: &str) -> String {

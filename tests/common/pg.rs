@@ -131,3 +131,74 @@ async fn admin() -> Result<tokio_postgres::Client, String> {
         Err(_) => Err("no answer in 3 s".into()),
     }
 }
+
+/// A TCP proxy to PostgreSQL that a test can cut (every connection closed, new ones refused)
+/// and restore: an outage of one replica's path to the database, without touching the
+/// machine's server.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped on each cut: connections of an older generation close.
+    generation: std::sync::Arc<AtomicU32>,
+}
+
+impl Proxy {
+    pub async fn start() -> Proxy {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(AtomicU32::new(0));
+        let (up2, gen2) = (up.clone(), generation.clone());
+        let target = server();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let born = gen2.load(Ordering::SeqCst);
+                let (generation, target) = (gen2.clone(), target.clone());
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let cut = async {
+                        while generation.load(Ordering::SeqCst) == born {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            generation,
+        }
+    }
+
+    /// The test database's URL through this proxy.
+    pub fn url(&self, db: &TestDb) -> String {
+        format!("postgres://postgres@{}/{}", self.addr, db.name)
+    }
+
+    /// Returns once every open connection has seen the cut (they poll every 10 ms).
+    pub async fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
