@@ -194,10 +194,7 @@ mod tests {
         let path = dir.join("old.db");
         // The schema of files made before `resent`: every column up to `stream`.
         let cut = SCHEMA.find("    -- Attempts sent after").unwrap();
-        let old = format!(
-            "{}\n);",
-            SCHEMA[..cut].trim_end().trim_end_matches(',')
-        );
+        let old = format!("{}\n);", SCHEMA[..cut].trim_end().trim_end_matches(','));
         {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(&old).unwrap();
