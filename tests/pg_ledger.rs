@@ -6,179 +6,18 @@
 //! under CI, where a missing server is a failure.
 
 mod common;
+#[path = "common/pg.rs"]
+mod pg;
 
 use common::*;
+use pg::{Proxy, TestDb};
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
 use tollgate::ledger::read;
 use tollgate::ledger::{Ledger, Record, Store};
 use tollgate::meter::TokenSource;
-
-const SERVER: &str = "127.0.0.1:5432";
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-/// A database of its own, dropped at the end.
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    /// `None` (after saying why) when there is no server and this is not CI.
-    async fn new(what: &str) -> Option<TestDb> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let admin = match admin().await {
-            Ok(c) => c,
-            Err(why) if std::env::var_os("CI").is_none() => {
-                eprintln!("skipping: no PostgreSQL at {SERVER} ({why})");
-                return None;
-            }
-            Err(why) => panic!("CI needs PostgreSQL at {SERVER}: {why}"),
-        };
-        let name = format!(
-            "tollgate_t_{what}_{}_{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        // One statement each: a multi-statement string runs as one transaction, which
-        // CREATE DATABASE refuses.
-        for sql in [
-            format!("DROP DATABASE IF EXISTS {name}"),
-            format!("CREATE DATABASE {name}"),
-        ] {
-            admin.batch_execute(&sql).await.unwrap();
-        }
-        Some(TestDb {
-            url: format!("postgres://postgres@{SERVER}/{name}"),
-            name,
-        })
-    }
-
-    /// The same database through another address (a proxy).
-    fn url_via(&self, addr: SocketAddr) -> String {
-        format!("postgres://postgres@{addr}/{}", self.name)
-    }
-
-    async fn client(&self) -> tokio_postgres::Client {
-        connect(&self.url).await.unwrap()
-    }
-
-    /// Request ids in PostgreSQL, with how often each is there.
-    async fn ids(&self) -> HashMap<String, usize> {
-        let mut out = HashMap::new();
-        for row in self
-            .client()
-            .await
-            .query("SELECT id FROM requests", &[])
-            .await
-            .unwrap()
-        {
-            *out.entry(row.get::<_, String>(0)).or_default() += 1;
-        }
-        out
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs inside the test's runtime: a thread of its own with a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(c) = admin().await {
-                    let _ = c
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-async fn admin() -> Result<tokio_postgres::Client, String> {
-    match tokio::time::timeout(Duration::from_secs(3), connect(ADMIN_URL)).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer in 3 s".into()),
-    }
-}
-
-/// A TCP proxy to PostgreSQL that a test can cut (every connection closed, new ones refused)
-/// and restore: an outage without touching the machine's server.
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    /// Bumped on each cut: connections of an older generation close.
-    generation: Arc<AtomicU32>,
-}
-
-impl Proxy {
-    async fn start() -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let generation = Arc::new(AtomicU32::new(0));
-        let (up2, gen2) = (up.clone(), generation.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if !up2.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let born = gen2.load(Ordering::SeqCst);
-                let generation = gen2.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(SERVER).await else {
-                        return;
-                    };
-                    let cut = async {
-                        while generation.load(Ordering::SeqCst) == born {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut => {}
-                    }
-                });
-            }
-        });
-        Proxy {
-            addr,
-            up,
-            generation,
-        }
-    }
-
-    /// Returns once every open connection has seen the cut (they poll every 10 ms).
-    async fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
 
 /// 2026-12-03T08:00:00Z
 const DEC_2026: i64 = 1_796_284_800_000_000;
@@ -445,7 +284,7 @@ async fn an_outage_spools_and_the_spool_drains_once_in_order() {
         return;
     };
     let proxy = Proxy::start().await;
-    let store = pg_store(&db.url_via(proxy.addr), "pg-outage");
+    let store = pg_store(&proxy.url(&db), "pg-outage");
     let ledger = open(store.clone()).await;
     let records: Vec<Record> = (0..600).map(|i| record(i, DEC_2026, "search")).collect();
 
@@ -496,7 +335,7 @@ async fn a_gateway_started_during_an_outage_spools_and_a_restart_replays_the_spo
     };
     let proxy = Proxy::start().await;
     proxy.cut().await;
-    let store = pg_store(&db.url_via(proxy.addr), "pg-restart");
+    let store = pg_store(&proxy.url(&db), "pg-restart");
     // Unreachable at start: the ledger opens on its spool, it does not refuse.
     let ledger = open(store.clone()).await;
     let records: Vec<Record> = (0..250).map(|i| record(i, DEC_2026, "search")).collect();
@@ -544,11 +383,14 @@ async fn bad_urls_and_credentials_fail_naming_the_field_and_hiding_the_password(
     // The server answers but says no: a start error, not a spool.
     for (url, says) in [
         (
-            format!("postgres://postgres:s3cret@{SERVER}/tollgate_no_such_database"),
+            format!(
+                "postgres://postgres:s3cret@{}/tollgate_no_such_database",
+                pg::server()
+            ),
             "does not exist",
         ),
         (
-            format!("postgres://no_such_role:s3cret@{SERVER}/test"),
+            format!("postgres://no_such_role:s3cret@{}/test", pg::server()),
             "no_such_role",
         ),
     ] {
@@ -691,7 +533,7 @@ async fn postgres_gone_mid_load_fails_no_request_and_loses_no_record() {
                 .price(0.2, 0.2),
         )
         .team("search", SEARCH_KEY)
-        .ledger_url(&db.url_via(proxy.addr))
+        .ledger_url(&proxy.url(&db))
         .store(&format!(
             "spool = \"sqlite://{}\"",
             temp_dir("pg-midload").join("spool.db").display()
@@ -887,7 +729,7 @@ async fn drain_throughput() {
     };
     let proxy = Proxy::start().await;
     proxy.cut().await;
-    let ledger = open(pg_store(&db.url_via(proxy.addr), "pg-drain")).await;
+    let ledger = open(pg_store(&proxy.url(&db), "pg-drain")).await;
     const N: u32 = 100_000;
     let records: Vec<Record> = (0..N).map(|i| record(i, DEC_2026, "search")).collect();
     let started = std::time::Instant::now();

@@ -238,35 +238,18 @@ impl EngineCounter {
     }
 
     async fn post(&self, path: &str, body: &Value) -> Result<Value, EngineCountError> {
-        let cfg = &self.backend.cfg;
-        let mut req = http::Request::post(format!("{}{path}", cfg.base_url))
-            .header(http::header::CONTENT_TYPE, "application/json");
-        if let Some(key) = &cfg.api_key {
-            req = req.header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", key.expose()),
-            );
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| EngineCountError::Request(e.to_string()))?;
-        let resp = self
+        let mut headers = http::HeaderMap::new();
+        if let Some(Ok(mut v)) = self
             .backend
-            .client
-            .request(req)
-            .await
-            .map_err(|e| EngineCountError::Request(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(EngineCountError::Status {
-                status: resp.status().as_u16(),
-            });
+            .cfg
+            .api_key
+            .as_ref()
+            .map(|key| http::HeaderValue::from_str(&format!("Bearer {}", key.expose())))
+        {
+            v.set_sensitive(true);
+            headers.insert(http::header::AUTHORIZATION, v);
         }
-        let bytes = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| EngineCountError::Request(e.to_string()))?
-            .to_bytes();
-        serde_json::from_slice(&bytes).map_err(|_| EngineCountError::Answer)
+        post_json(&self.backend, path, headers, Bytes::from(body.to_string())).await
     }
 }
 
@@ -278,35 +261,48 @@ pub async fn anthropic_count(
     headers: http::HeaderMap,
     body: Bytes,
 ) -> Result<u64, EngineCountError> {
-    bounded(async {
-        let url = format!("{}/v1/messages/count_tokens", backend.cfg.base_url);
-        let mut req = http::Request::post(url)
-            .body(Full::new(body))
-            .map_err(|e| EngineCountError::Request(e.to_string()))?;
-        *req.headers_mut() = headers;
-        req.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-        let resp = backend
-            .client
-            .request(req)
-            .await
-            .map_err(|e| EngineCountError::Request(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(EngineCountError::Status {
-                status: resp.status().as_u16(),
-            });
-        }
-        let bytes = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| EngineCountError::Request(e.to_string()))?
-            .to_bytes();
-        let v: Value = serde_json::from_slice(&bytes).map_err(|_| EngineCountError::Answer)?;
-        v["input_tokens"].as_u64().ok_or(EngineCountError::Answer)
-    })
-    .await
+    let v = bounded(post_json(
+        backend,
+        "/v1/messages/count_tokens",
+        headers,
+        body,
+    ))
+    .await?;
+    v["input_tokens"].as_u64().ok_or(EngineCountError::Answer)
+}
+
+/// A JSON POST to one of the backend's counting endpoints on its own pooled client, and its
+/// JSON answer (2xx only, bounded in size).
+async fn post_json(
+    backend: &RouteBackend,
+    path: &str,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Result<Value, EngineCountError> {
+    let mut req = http::Request::post(format!("{}{path}", backend.cfg.base_url))
+        .body(Full::new(body))
+        .map_err(|e| EngineCountError::Request(e.to_string()))?;
+    *req.headers_mut() = headers;
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let resp = backend
+        .client
+        .request(req)
+        .await
+        .map_err(|e| EngineCountError::Request(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(EngineCountError::Status {
+            status: resp.status().as_u16(),
+        });
+    }
+    let bytes = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+        .collect()
+        .await
+        .map_err(|e| EngineCountError::Request(e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|_| EngineCountError::Answer)
 }
 
 async fn bounded<T>(
