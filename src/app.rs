@@ -2,9 +2,10 @@
 
 use crate::admin::Admin;
 use crate::budget::redis::RedisBook;
-use crate::budget::{BudgetBook, Demand};
+use crate::budget::{BudgetBook, Demand, LedgerSeed, SpendSource, SpendUnreadable};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{AdminAccess, BudgetStore, Config};
+use crate::config::{AdminAccess, BudgetStore, Config, Window};
+use crate::ledger::read::{ReadError, Reader};
 use crate::ledger::{Ledger, LedgerError, Store};
 use crate::live::{Live, LiveState};
 use crate::pipeline::Gateway;
@@ -133,6 +134,7 @@ pub async fn start_with_clock(
             .map_err(|e| LedgerError::Thread(std::io::Error::other(e)))??;
     }
     if let BudgetBook::Redis(book) = &*budgets {
+        book.set_spend_source(Arc::new(LedgerSpend(ledger.clone())));
         // Served all the same: budgets without fail_open refuse until Redis answers.
         if !book.start().await {
             tracing::error!(
@@ -299,42 +301,18 @@ fn seed_budgets(
     teams: &[Arc<crate::config::Team>],
 ) -> Result<(), StartError> {
     let now = book.now_us();
-    let read_err = |e: crate::ledger::read::ReadError| LedgerError::Read {
+    let read_err = |e: ReadError| LedgerError::Read {
         store: ledger.store.display(),
         source: e,
     };
-    // The spool first: a record the writer moves to PostgreSQL meanwhile is then counted
-    // twice (a budget a little stricter for this window), never not at all.
-    let mut readers = Vec::new();
-    if let Some(spool) = ledger.store.spool_reader() {
-        readers.push(spool.map_err(read_err)?);
-    }
-    match (ledger.store.reader(), &ledger.store) {
-        (Ok(r), _) => readers.push(r),
-        (Err(e), Store::Postgres { .. }) => tracing::error!(
-            ledger = %ledger.store.display(), error = %e,
-            "cannot read the PostgreSQL ledger: budgets start from the local spool only"
-        ),
-        (Err(e), Store::Sqlite(_)) => return Err(read_err(e).into()),
-    }
+    let readers = ledger_readers(&ledger.store).map_err(read_err)?;
     for team in teams {
+        let budgets: Vec<(Window, bool)> =
+            team.budgets.iter().map(|b| (b.window, b.per_key)).collect();
+        for s in team_spend(&readers, &team.name, &budgets, now).map_err(read_err)? {
+            book.seed(&team.name, s.key_id, s.window, s.start_us, s.spent);
+        }
         for b in &team.budgets {
-            let (start, _) = crate::budget::window::bounds(b.window, now);
-            // Summed over the readers first: a Redis store takes each seed as a floor (the
-            // larger of it and what Redis holds), so one seed per counter must carry it all.
-            let mut spent: std::collections::BTreeMap<Option<String>, Demand> = Default::default();
-            for reader in &readers {
-                let rows = crate::ledger::read::spend_since(reader, &team.name, start, b.per_key)
-                    .map_err(read_err)?;
-                for (key, nusd, tokens) in rows {
-                    let d = spent.entry(key).or_default();
-                    d.nusd = d.nusd.saturating_add(nusd);
-                    d.tokens = d.tokens.saturating_add(tokens);
-                }
-            }
-            for (key, demand) in spent {
-                book.seed(&team.name, key.map(Arc::from), b.window, start, demand);
-            }
             if let (Some(nusd), false) = (b.nusd, b.per_key) {
                 metrics::gauge!(crate::metrics::BUDGET_LIMIT_USD, "team" => team.name.clone(), "window" => b.window.as_str())
                     .set(nusd as f64 / 1e9);
@@ -342,6 +320,77 @@ fn seed_budgets(
         }
     }
     Ok(())
+}
+
+/// What budget counters are rebuilt from: the spool first, so a record the writer moves to
+/// PostgreSQL meanwhile is counted twice (a budget a little stricter for this window), never
+/// not at all; then the ledger itself. PostgreSQL out of reach is logged, and the spool alone
+/// counts; an unreadable SQLite ledger is an error.
+fn ledger_readers(store: &Store) -> Result<Vec<Reader>, ReadError> {
+    let mut readers = Vec::new();
+    if let Some(spool) = store.spool_reader() {
+        readers.push(spool?);
+    }
+    match (store.reader(), store) {
+        (Ok(r), _) => readers.push(r),
+        (Err(e), Store::Postgres { .. }) => tracing::error!(
+            ledger = %store.display(), error = %e,
+            "cannot read the PostgreSQL ledger: budgets start from the local spool only"
+        ),
+        (Err(e), Store::Sqlite(_)) => return Err(e),
+    }
+    Ok(readers)
+}
+
+/// The spend of `team` in the current window of each budget (window, per key), summed over
+/// the readers first: a Redis store takes each seed as a floor (the larger of it and what
+/// Redis holds), so one seed per counter must carry it all. A team-wide counter gets a seed
+/// even when nothing was spent, so the store learns the team is seeded.
+fn team_spend(
+    readers: &[Reader],
+    team: &str,
+    budgets: &[(Window, bool)],
+    now: i64,
+) -> Result<Vec<LedgerSeed>, ReadError> {
+    let mut out = Vec::new();
+    for &(window, per_key) in budgets {
+        let (start, _) = crate::budget::window::bounds(window, now);
+        let mut spent: std::collections::BTreeMap<Option<String>, Demand> = Default::default();
+        if !per_key {
+            spent.insert(None, Demand::default());
+        }
+        for reader in readers {
+            for (key, nusd, tokens) in
+                crate::ledger::read::spend_since(reader, team, start, per_key)?
+            {
+                let d = spent.entry(key).or_default();
+                d.nusd = d.nusd.saturating_add(nusd);
+                d.tokens = d.tokens.saturating_add(tokens);
+            }
+        }
+        out.extend(spent.into_iter().map(|(key, spent)| LedgerSeed {
+            window,
+            start_us: start,
+            key_id: key.map(Arc::from),
+            spent,
+        }));
+    }
+    Ok(out)
+}
+
+/// The ledger as a running Redis budget store's source when Redis loses counters.
+struct LedgerSpend(Arc<Ledger>);
+
+impl SpendSource for LedgerSpend {
+    fn spend(
+        &self,
+        team: &str,
+        budgets: &[(Window, bool)],
+        now_us: i64,
+    ) -> Result<Vec<LedgerSeed>, SpendUnreadable> {
+        let readers = ledger_readers(&self.0.store).map_err(|e| SpendUnreadable(e.into()))?;
+        team_spend(&readers, team, budgets, now_us).map_err(|e| SpendUnreadable(e.into()))
+    }
 }
 
 /// Builds the token encoders the configured models need (a few hundred milliseconds each),

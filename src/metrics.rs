@@ -26,6 +26,7 @@ pub const BUDGET_REJECTIONS_TOTAL: &str = "tollgate_budget_rejections_total";
 pub const BUDGET_SOFT_LIMIT_REACHED: &str = "tollgate_budget_soft_limit_reached";
 pub const BUDGET_STORE_ERRORS_TOTAL: &str = "tollgate_budget_store_errors_total";
 pub const BUDGET_FAIL_OPEN_TOTAL: &str = "tollgate_budget_fail_open_total";
+pub const BUDGET_RESEEDS_TOTAL: &str = "tollgate_budget_reseeds_total";
 pub const ROUTE_FALLBACKS_TOTAL: &str = "tollgate_route_fallbacks_total";
 pub const RESENDS_TOTAL: &str = "tollgate_resends_total";
 pub const COST_USD_TOTAL: &str = "tollgate_cost_usd_total";
@@ -169,6 +170,10 @@ fn describe() {
     describe_counter!(
         BUDGET_FAIL_OPEN_TOTAL,
         "Requests admitted on a replica's local fail_open allowance because the Redis budget store did not answer, by team."
+    );
+    describe_counter!(
+        BUDGET_RESEEDS_TOTAL,
+        "Times this replica found a team's budget counters lost by Redis (flushed, evicted or new) and rebuilt them from the ledger, by team."
     );
 }
 

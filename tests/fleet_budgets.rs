@@ -8,7 +8,7 @@ mod common;
 mod fleet;
 
 use common::*;
-use fleet::{require_redis, Relay};
+use fleet::{require_redis, Relay, TestCluster};
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate::budget::redis::RedisBook;
@@ -45,7 +45,7 @@ fn nusd(v: &serde_json::Value) -> i64 {
     (s.parse::<f64>().unwrap() * 1e9).round() as i64
 }
 
-/// The fleet's figures for the team's day budget, once no reservation is held.
+/// The fleet's figures for the first team's first budget, once no reservation is held in any.
 async fn settled_spend(gw: &Gateway) -> i64 {
     let mut last = String::new();
     for _ in 0..300 {
@@ -58,7 +58,11 @@ async fn settled_spend(gw: &Gateway) -> i64 {
         }
         let v = r.json();
         last = v.to_string();
-        if nusd(&v[0]["reserved_usd"]) == 0 {
+        if v.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| nusd(&r["reserved_usd"]) == 0)
+        {
             return nusd(&v[0]["spent_usd"]);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -159,6 +163,7 @@ fn team(tokens: u64, fail_open: bool) -> Team {
 fn store(url: &str, prefix: &str, lease: Duration) -> RedisStore {
     RedisStore {
         url: tollgate::secret::Secret::new(url),
+        cluster: false,
         prefix: prefix.into(),
         timeout: Duration::from_millis(100),
         lease,
@@ -374,6 +379,163 @@ async fn a_flushed_redis_is_reseeded_from_the_ledger_at_start() {
     assert_eq!(settled_spend(&again).await, 4 * COST);
     gw.shutdown().await;
     again.shutdown().await;
+}
+
+/// Posts until the team is refused, alternating replicas; a refusal counts only once no
+/// reservation is held (a settlement still on its way makes an early 429). How many got in.
+async fn fill(gws: &[&Gateway], key: &str) -> i64 {
+    let mut admitted = 0;
+    let mut refused_settled = false;
+    for i in 0.. {
+        let r = gws[i % gws.len()]
+            .post("/v1/chat/completions", key, request())
+            .await;
+        match r.status.as_u16() {
+            200 => {
+                admitted += 1;
+                refused_settled = false;
+            }
+            429 if refused_settled => return admitted,
+            429 => {
+                settled_spend(gws[0]).await;
+                refused_settled = true;
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+        assert!(admitted < 200, "never refused");
+    }
+    unreachable!()
+}
+
+/// Redis loses the keys under a running fleet (FLUSHALL, eviction, a failover to an empty
+/// server): the next admission finds the team's marker gone and rebuilds the counters from
+/// the ledger before it decides, so the fleet stops at the true limit, not a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_fleet_rebuilds_counters_from_the_ledger_when_redis_loses_them() {
+    let Some(redis) = require_redis("a_running_fleet_rebuilds_counters_from_the_ledger") else {
+        return;
+    };
+    const LIMIT: i64 = 7_500_000;
+    const BEFORE: i64 = 30;
+    // One ledger for both replicas, as a fleet's PostgreSQL would be.
+    let ledger = temp_dir("fleet-reseed-live").join("tollgate.db");
+    let start = || {
+        Harness::new()
+            .backend(gpt())
+            .ledger(&ledger)
+            .store(&redis.store())
+            .team_toml(
+                "search",
+                SEARCH_KEY,
+                "budgets = [{ window = \"day\", usd = 0.0075 }]",
+            )
+            .start()
+    };
+    let (a, b) = (start().await, start().await);
+    for i in 0..BEFORE {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    a.wait_ledger_rows(
+        "SELECT 1 FROM requests WHERE team = 'search'",
+        BEFORE as usize,
+    )
+    .await;
+    assert_eq!(settled_spend(&a).await, BEFORE * COST);
+    // Every key of this fleet gone, as FLUSHALL would leave them (the Redis is shared).
+    redis.flush();
+    assert!(redis.keys().is_empty());
+    let after = fill(&[&b, &a], SEARCH_KEY).await;
+    let spent = ledger_spend(&a);
+    assert_eq!(
+        spent,
+        (BEFORE + after) * COST,
+        "every admitted request billed once"
+    );
+    assert!(
+        spent <= LIMIT,
+        "spent {spent} over the limit {LIMIT}: counted from zero"
+    );
+    assert!(
+        LIMIT - spent < COST,
+        "spent {spent}: more than one request's room left unused of {LIMIT}"
+    );
+    // `/admin/budgets` rebuilds too rather than show the fleet as having spent nothing.
+    a.wait_ledger_rows(
+        "SELECT 1 FROM requests WHERE team = 'search' AND http_status = 200",
+        (BEFORE + after) as usize,
+    )
+    .await;
+    redis.flush();
+    assert_eq!(
+        settled_spend(&b).await,
+        spent,
+        "the view shows the ledger's spend"
+    );
+    let m = b.admin_get("/metrics").await.text();
+    assert!(
+        m.contains("tollgate_budget_reseeds_total{team=\"search\"}"),
+        "{m}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two gateways on a Redis Cluster of three primaries (`store.redis_cluster`): teams whose
+/// hash tags land on different nodes each hold their limit across both replicas, and
+/// `/admin/budgets` reads every node, per-key rows included (found by a scan on the node
+/// holding the team's slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_holds_each_teams_budget_on_the_node_of_its_slot() {
+    let Some(cluster) = TestCluster::require("a_redis_cluster_holds_each_teams_budget") else {
+        return;
+    };
+    // Ten requests fit ($0.0014750), the eleventh does not.
+    const LIMIT: i64 = 1_500_000;
+    let teams = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"];
+    let key = |t: &str| format!("tg-test-{t}");
+    let start = || {
+        let mut h = Harness::new().backend(gpt()).store(&format!(
+            "{}\nredis_timeout_ms = 1000",
+            cluster.store("tgtest:")
+        ));
+        for t in teams {
+            h = h.team_toml(
+                t,
+                &key(t),
+                "budgets = [{ window = \"day\", usd = 0.0015 }, { window = \"month\", usd = 1.0, per_key = true }]",
+            );
+        }
+        h.start()
+    };
+    let (a, b) = (start().await, start().await);
+    for t in teams {
+        let admitted = fill(&[&a, &b], &key(t)).await;
+        assert_eq!(admitted, LIMIT / COST, "team {t}");
+    }
+    let spread = cluster.keys_per_node();
+    assert!(
+        spread.iter().filter(|n| **n > 0).count() >= 2,
+        "the teams' keys should sit on several nodes: {spread:?}"
+    );
+    for gw in [&a, &b] {
+        let v = gw.admin_get("/admin/budgets").await.json();
+        for t in teams {
+            let rows: Vec<_> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["team"] == t)
+                .collect();
+            assert_eq!(rows.len(), 2, "team-wide and one key: {v}");
+            for r in rows {
+                assert_eq!(nusd(&r["spent_usd"]), LIMIT / COST * COST, "{r}");
+            }
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 /// A replica killed mid-stream (SIGKILL: no settlement, no release) leaves its reservations

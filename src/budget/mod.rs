@@ -85,6 +85,35 @@ impl Remaining {
     }
 }
 
+/// Spend the ledger holds for one counter of a current window.
+#[derive(Debug, Clone)]
+pub struct LedgerSeed {
+    pub window: Window,
+    pub start_us: i64,
+    /// The key, for a per-key budget; `None` for the team-wide one.
+    pub key_id: Option<Arc<str>>,
+    pub spent: Demand,
+}
+
+/// The ledger could not be read, so counters cannot be rebuilt from it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the ledger's spend: {0}")]
+pub struct SpendUnreadable(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+/// Where a running shared store finds a team's spend when its counters are lost (a flushed,
+/// evicted or new Redis). The budget module cannot read the ledger itself (the ledger sits
+/// after it on the request's path); the app hands it this.
+pub trait SpendSource: Send + Sync + 'static {
+    /// The ledger's spend in the current window (at `now_us`) of each of `budgets`
+    /// (window, per key), one seed per counter that has any. Blocks: call it off the runtime.
+    fn spend(
+        &self,
+        team: &str,
+        budgets: &[(Window, bool)],
+        now_us: i64,
+    ) -> Result<Vec<LedgerSeed>, SpendUnreadable>;
+}
+
 #[derive(Debug, Clone)]
 pub struct BudgetView {
     pub team: Arc<str>,

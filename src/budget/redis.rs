@@ -7,7 +7,10 @@
 //! settle: EVALSHA settle.lua ── one round trip, off the request's path (a tracked task):
 //!                               release the leases, add the actual spend once (a marker per
 //!                               settlement makes a retry after a lost reply harmless)
-//! start:  EVALSHA seed.lua   ── counters raised to the ledger's spend (a max: idempotent)
+//! start:  EVALSHA seed.lua   ── counters raised to the ledger's spend (a max: idempotent),
+//!                               and the team's `seeded` marker set
+//! admit finds no marker (Redis flushed, keys evicted, a new Redis):
+//!         ledger read off the runtime (one per team at a time) ─► seed.lua ─► admit once more
 //! every lease/3: EVALSHA renew.lua ── leases of this replica's running requests pushed out
 //!
 //! Redis down (an error or no answer within store.redis_timeout_ms):
@@ -26,18 +29,24 @@
 //!
 //! Keys (`tollgate:` is `store.redis_prefix`), each expiring an hour after its window:
 //! `tollgate:{team}:day:team:<window start s>` (team-wide), `…:day:k:<key id>:<start>` (per
-//! key), the same plus `:leases`, and `tollgate:{team}:done:<settlement id>` markers.
+//! key), the same plus `:leases`, `tollgate:{team}:done:<settlement id>` markers, and
+//! `tollgate:{team}:seeded`, whose absence tells a running fleet that the team's counters lost
+//! their past: a counter that is merely missing cannot tell "nothing spent yet" from "flushed".
 
-use super::{window, BudgetView, Demand, LimitKind, OverBudget, Refusal, Remaining};
+use super::{
+    window, BudgetView, Demand, LedgerSeed, LimitKind, OverBudget, Refusal, Remaining, SpendSource,
+};
 use crate::clock::Clock;
 use crate::config::{Budget, RedisStore, Team, Window};
 use crate::metrics as m;
 use crate::tasks::Tasks;
 use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::Script;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 /// After this many failed commands in a row, requests skip Redis for
@@ -54,6 +63,14 @@ const DONE_MARKER_S: u64 = 86_400;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// At most one warning per this, however many requests meet a failing Redis.
 const WARN_EVERY_MS: u64 = 5_000;
+/// How long a team's `seeded` marker lives. Its expiry only costs one needless rebuild (a
+/// max over counters that are right), so it need not outlive the counters it vouches for.
+const SEEDED_MARKER_S: i64 = 7 * 86_400;
+/// How long requests wait for the ledger when Redis has lost a team's counters, before they
+/// are refused (or admitted on the fail-open allowance) as if Redis were down.
+const RESEED_TIMEOUT: Duration = Duration::from_secs(5);
+/// What `admit.lua` answers when the team's marker is missing.
+const UNSEEDED: i64 = 2;
 
 /// Budget counters in Redis, shared by every replica that names the same server and prefix.
 #[derive(Debug, Clone)]
@@ -71,8 +88,18 @@ enum Op {
     View,
 }
 
+/// One server (or a failover address), or a Redis Cluster (`store.redis_cluster`). Both
+/// multiplex one socket per node and reconnect by themselves; the cluster one also follows
+/// slot moves. Every script's keys share the `{team}` hash tag, so each call goes to the one
+/// node that holds them.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
 struct Inner {
-    conn: ConnectionManager,
+    conn: Conn,
     admit: Script,
     settle: Script,
     seed: Script,
@@ -99,6 +126,11 @@ struct Inner {
     /// Ledger spend not yet brought into Redis; admissions wait for it.
     seeds: Mutex<Vec<SeedOp>>,
     seeds_pending: AtomicBool,
+    /// Where counters lost by Redis are rebuilt from; without one (benches, unit tests) they
+    /// restart from what Redis holds.
+    source: OnceLock<Arc<dyn SpendSource>>,
+    /// One rebuild per team at a time in this replica; the others wait for it.
+    reseeds: Mutex<HashMap<Arc<str>, Arc<Reseed>>>,
     soft_warned: Mutex<HashSet<String>>,
     /// Reservations of running requests, by id, for renewal.
     live: Mutex<HashMap<String, Running>>,
@@ -115,6 +147,13 @@ struct Seen {
 
 /// A running request's reservation: its team (the script's hash tag) and lease keys.
 type Running = (Arc<str>, Vec<String>);
+
+#[derive(Debug, Default)]
+struct Reseed {
+    gate: tokio::sync::Mutex<()>,
+    /// Rebuilds done: a waiter that finds it moved on admits without reading the ledger again.
+    done: AtomicU64,
+}
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Open {
@@ -202,13 +241,29 @@ impl RedisBook {
         clock: Arc<dyn Clock>,
         tasks: Tasks,
     ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(cfg.url.expose())?;
-        let conn_cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.timeout))
-            .set_response_timeout(Some(cfg.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, conn_cfg)?;
+        let conn = if cfg.cluster {
+            let seeds = cfg.url.expose().split(',').map(str::trim);
+            let client = redis::cluster::ClusterClientBuilder::new(seeds)
+                .connection_timeout(cfg.timeout)
+                .response_timeout(cfg.timeout)
+                .retries(1)
+                .max_retry_wait(200)
+                .build()?;
+            let conn_cfg = redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(cfg.timeout)
+                .set_response_timeout(cfg.timeout);
+            // Pending: the cluster's slots are learnt on first use, so a replica starts while
+            // the cluster is down, as with one server.
+            Conn::Cluster(client.get_pending_async_connection_with_config(conn_cfg))
+        } else {
+            let client = redis::Client::open(cfg.url.expose())?;
+            let conn_cfg = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(cfg.timeout))
+                .set_response_timeout(Some(cfg.timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(200));
+            Conn::Single(ConnectionManager::new_lazy_with_config(client, conn_cfg)?)
+        };
         let mut id = [0u8; 6];
         let _ = getrandom::fill(&mut id);
         let replica = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -233,6 +288,8 @@ impl RedisBook {
                 pending: Mutex::default(),
                 seeds: Mutex::default(),
                 seeds_pending: AtomicBool::new(false),
+                source: OnceLock::new(),
+                reseeds: Mutex::default(),
                 soft_warned: Mutex::default(),
                 live: Mutex::default(),
                 renewed_ms: AtomicU64::new(0),
@@ -242,6 +299,12 @@ impl RedisBook {
 
     pub fn now_us(&self) -> i64 {
         self.inner.clock.now_us()
+    }
+
+    /// Where to rebuild counters from when Redis loses them while the fleet runs; set once,
+    /// before serving.
+    pub fn set_spend_source(&self, source: Arc<dyn SpendSource>) {
+        let _ = self.inner.source.set(source);
     }
 
     /// Pushes the seeds (once, now, if Redis answers) and starts the loop that retries queued
@@ -328,7 +391,17 @@ impl RedisBook {
             .collect();
         if !i.is_down() && (!i.seeds_pending.load(Ordering::Acquire) || i.push_seeds().await) {
             let rid = i.new_id();
-            match i.run_admit(team, &held, &rid, demand, now).await {
+            let mut reply = i.run_admit(team, &held, &rid, demand, now, false).await;
+            if matches!(&reply, Ok(r) if r.first() == Some(&UNSEEDED)) {
+                // Admitting on counters that lost their past would start the team from zero.
+                if !i.reseed(team).await {
+                    return self.admit_open(team, key_id, held, demand, now);
+                }
+                reply = i.run_admit(team, &held, &rid, demand, now, false).await;
+            }
+            match reply {
+                // Lost again at once: counted as a store that cannot be trusted right now.
+                Ok(reply) if reply.first() == Some(&UNSEEDED) => {}
                 Ok(reply) => return self.admitted(team, key_id, held, rid, demand, now, &reply),
                 Err(e) => i.failed(Op::Admit, &e),
             }
@@ -487,7 +560,8 @@ impl RedisBook {
                     let head =
                         format!("{}{{{}}}:{}:k:", i.cfg.prefix, team.name, b.window.as_str());
                     let tail = format!(":{}", start / 1_000_000);
-                    let keys = i.scan(&format!("{head}*{tail}")).await.map_err(|e| {
+                    let pattern = format!("{head}*{tail}");
+                    let keys = i.scan(&team.name, &pattern).await.map_err(|e| {
                         i.failed(Op::View, &e);
                         Refusal::StoreUnavailable
                     })?;
@@ -505,10 +579,21 @@ impl RedisBook {
                 }
             }
             let keys: Vec<&str> = rows.iter().map(|(_, _, k)| k.as_str()).collect();
-            let figures = i.look(&keys).await.map_err(|e| {
+            let fail = |e: StoreError| {
                 i.failed(Op::View, &e);
                 Refusal::StoreUnavailable
-            })?;
+            };
+            let mut figures = i.look(&team.name, &keys).await.map_err(fail)?;
+            if figures.first() == Some(&UNSEEDED) {
+                // Figures from lost counters would show the team as having spent nothing.
+                if !i.reseed(team).await {
+                    return Err(Refusal::StoreUnavailable);
+                }
+                figures = i.look(&team.name, &keys).await.map_err(fail)?;
+                if figures.first() == Some(&UNSEEDED) {
+                    return Err(Refusal::StoreUnavailable);
+                }
+            }
             for (r, (n, key_id, _)) in rows.into_iter().enumerate() {
                 let b = &team.budgets[n];
                 let fig = |k: usize| figures.get(2 + 4 * r + k).copied().unwrap_or(0);
@@ -572,6 +657,11 @@ impl Inner {
         }
     }
 
+    /// The team's `seeded` marker: same hash tag as its counters, so scripts stay on one node.
+    fn marker_key(&self, team: &str) -> String {
+        format!("{}{{{team}}}:seeded", self.cfg.prefix)
+    }
+
     /// Seconds a counter of a window ending at `end_us` lives on.
     fn ttl_s(&self, end_us: i64) -> i64 {
         ((end_us - self.clock.now_us()) / 1_000_000).max(1) + KEY_MARGIN_S
@@ -632,8 +722,13 @@ impl Inner {
         &self,
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.cfg.timeout, inv.invoke_async(&mut conn)).await {
+        let call = async {
+            match self.conn.clone() {
+                Conn::Single(mut c) => inv.invoke_async(&mut c).await,
+                Conn::Cluster(mut c) => inv.invoke_async(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(self.cfg.timeout, call).await {
             Ok(Ok(v)) => {
                 if self.failures.load(Ordering::Relaxed) != 0 {
                     self.failures.store(0, Ordering::Relaxed);
@@ -646,6 +741,7 @@ impl Inner {
         }
     }
 
+    /// `force` reserves even past the limits: for spend already made while Redis was down.
     async fn run_admit(
         &self,
         team: &Team,
@@ -653,12 +749,15 @@ impl Inner {
         rid: &str,
         demand: Demand,
         now: i64,
+        force: bool,
     ) -> Result<Vec<i64>, StoreError> {
         let mut inv = self.admit.prepare_invoke();
+        inv.key(self.marker_key(&team.name));
         inv.arg(rid)
             .arg(self.cfg.lease.as_millis() as u64)
             .arg(demand.nusd.max(0))
-            .arg(demand.tokens.max(0));
+            .arg(demand.tokens.max(0))
+            .arg(if force { "1" } else { "0" });
         for (b, h) in team.budgets.iter().zip(held) {
             inv.key(&h.key).key(format!("{}:leases", h.key));
             inv.arg(b.nusd.unwrap_or(-1))
@@ -669,12 +768,13 @@ impl Inner {
     }
 
     /// Figures of these counters (of one team), nothing reserved.
-    async fn look(&self, keys: &[&str]) -> Result<Vec<i64>, StoreError> {
+    async fn look(&self, team: &str, keys: &[&str]) -> Result<Vec<i64>, StoreError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
         let mut inv = self.admit.prepare_invoke();
-        inv.arg("").arg(0).arg(0).arg(0);
+        inv.key(self.marker_key(team));
+        inv.arg("").arg(0).arg(0).arg(0).arg("0");
         for k in keys {
             inv.key(*k).key(format!("{k}:leases"));
             inv.arg(-1).arg(-1).arg(KEY_MARGIN_S);
@@ -682,8 +782,10 @@ impl Inner {
         self.run(inv).await
     }
 
-    async fn scan(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn.clone();
+    /// Keys of one team matching `pattern`. In a cluster they all sit on the node holding the
+    /// team's slot, so the scan goes there rather than to every primary.
+    async fn scan(&self, team: &str, pattern: &str) -> Result<Vec<String>, StoreError> {
+        let tag = self.marker_key(team);
         let mut cursor: u64 = 0;
         let mut keys = Vec::new();
         loop {
@@ -693,7 +795,17 @@ impl Inner {
                 .arg(pattern)
                 .arg("COUNT")
                 .arg(1000);
-            let step = cmd.query_async::<(u64, Vec<String>)>(&mut conn);
+            let step = async {
+                match self.conn.clone() {
+                    Conn::Single(mut c) => cmd.query_async::<(u64, Vec<String>)>(&mut c).await,
+                    Conn::Cluster(mut c) => {
+                        let node = Route::with_key(tag.as_bytes(), SlotAddr::Master);
+                        let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(node));
+                        let v = c.route_command(cmd, at).await?;
+                        Ok(redis::from_redis_value::<(u64, Vec<String>)>(v)?)
+                    }
+                }
+            };
             let (next, batch) = match tokio::time::timeout(self.cfg.timeout * 4, step).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => return Err(StoreError::Redis(e)),
@@ -796,15 +908,8 @@ impl Inner {
         for s in &seeds {
             by_team.entry(&s.team).or_default().push(s);
         }
-        for ops in by_team.values() {
-            let mut inv = self.seed.prepare_invoke();
-            for s in ops {
-                inv.key(&s.key)
-                    .arg(s.spent.nusd.max(0))
-                    .arg(s.spent.tokens.max(0))
-                    .arg(s.ttl_s);
-            }
-            if let Err(e) = self.run::<i64>(inv).await {
+        for (team, ops) in &by_team {
+            if let Err(e) = self.run_seed(team, ops.iter().copied()).await {
                 self.failed(Op::Seed, &e);
                 return false;
             }
@@ -816,6 +921,93 @@ impl Inner {
             self.seeds_pending.store(false, Ordering::Release);
         }
         true
+    }
+
+    /// Raises one team's counters to the ledger's spend and sets its marker.
+    async fn run_seed(
+        &self,
+        team: &str,
+        ops: impl Iterator<Item = &SeedOp>,
+    ) -> Result<i64, StoreError> {
+        let mut inv = self.seed.prepare_invoke();
+        inv.key(self.marker_key(team)).arg(SEEDED_MARKER_S);
+        for s in ops {
+            inv.key(&s.key)
+                .arg(s.spent.nusd.max(0))
+                .arg(s.spent.tokens.max(0))
+                .arg(s.ttl_s);
+        }
+        self.run(inv).await
+    }
+
+    /// Redis has lost the team's counters (or never had them): raises them to the ledger's
+    /// spend, read off the runtime, one rebuild per team at a time. Whether they are back.
+    ///
+    /// Reservations Redis lost are gone with it; their settlements still add what the
+    /// requests cost. A settlement that lands between the ledger read and the seed, of a
+    /// record the read did not see, is hidden by the max: the error is bounded by the
+    /// requests settling at that moment.
+    async fn reseed(&self, team: &Team) -> bool {
+        let gate = lock(&self.reseeds)
+            .entry(team.name.clone())
+            .or_default()
+            .clone();
+        let before = gate.done.load(Ordering::Acquire);
+        let _one = gate.gate.lock().await;
+        if gate.done.load(Ordering::Acquire) != before {
+            return true;
+        }
+        let now = self.clock.now_us();
+        let seeds = match self.source.get() {
+            None => Vec::new(),
+            Some(source) => {
+                let source = source.clone();
+                let name = team.name.clone();
+                let budgets: Vec<(Window, bool)> =
+                    team.budgets.iter().map(|b| (b.window, b.per_key)).collect();
+                let read = self
+                    .tasks
+                    .spawn_blocking(move || source.spend(&name, &budgets, now));
+                match tokio::time::timeout(RESEED_TIMEOUT, read).await {
+                    Ok(Ok(Ok(seeds))) => seeds,
+                    Ok(Ok(Err(e))) => {
+                        tracing::error!(team = &*team.name, error = %e, "Redis lost the team's budget counters and the ledger cannot be read to rebuild them");
+                        return false;
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::error!(team = &*team.name, "Redis lost the team's budget counters and the ledger did not answer in time to rebuild them");
+                        return false;
+                    }
+                }
+            }
+        };
+        let ops: Vec<SeedOp> = seeds
+            .into_iter()
+            .map(|s: LedgerSeed| SeedOp {
+                team: team.name.clone(),
+                key: self.counter_key(&team.name, s.window, s.key_id.as_deref(), s.start_us),
+                spent: s.spent,
+                ttl_s: self.ttl_s(window::bounds(s.window, s.start_us).1),
+            })
+            .collect();
+        match self.run_seed(&team.name, ops.iter()).await {
+            Ok(_) => {
+                gate.done.fetch_add(1, Ordering::AcqRel);
+                metrics::counter!(m::BUDGET_RESEEDS_TOTAL, "team" => team.name.clone())
+                    .increment(1);
+                tracing::warn!(
+                    team = &*team.name,
+                    counters = ops.len(),
+                    "Redis had lost the team's budget counters (flushed, evicted or new): \
+                     rebuilt from the ledger"
+                );
+                true
+            }
+            Err(e) => {
+                self.failed(Op::Seed, &e);
+                false
+            }
+        }
     }
 
     /// One settlement; its spent-USD gauges updated from what Redis now holds.
@@ -898,9 +1090,13 @@ impl Inner {
             return true;
         }
         // Allowances were in use: an answer ends the outage, and they start afresh next time.
-        let mut conn = self.conn.clone();
         let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut conn);
+        let ping = async {
+            match self.conn.clone() {
+                Conn::Single(mut c) => cmd.query_async::<String>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<String>(&mut c).await,
+            }
+        };
         let answer = match tokio::time::timeout(self.cfg.timeout, ping).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Redis(e)),

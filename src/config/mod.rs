@@ -155,8 +155,11 @@ pub struct RawStore {
     /// PostgreSQL cannot be reached.
     pub spool: String,
     /// `local` (one process), or `redis://[:password@]host:port/db` / `rediss://…` (TLS): budgets
-    /// shared by every replica of a fleet.
+    /// shared by every replica of a fleet. With `redis_cluster`, one or more of the cluster's
+    /// nodes, comma-separated (`redis://10.0.0.5:6379,redis://10.0.0.6:6379`).
     pub budgets: String,
+    /// `store.budgets` names nodes of a Redis (or Valkey) Cluster rather than one server.
+    pub redis_cluster: bool,
     /// Prefix of every Redis key the gateway writes, so fleets (or tests) can share one Redis.
     pub redis_prefix: String,
     /// How long one Redis command may take before the budget store counts as down.
@@ -177,6 +180,7 @@ impl Default for RawStore {
             ledger: "sqlite://data/tollgate.db".into(),
             spool: DEFAULT_SPOOL.into(),
             budgets: "local".into(),
+            redis_cluster: false,
             redis_prefix: DEFAULT_REDIS_PREFIX.into(),
             redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
             lease_s: DEFAULT_LEASE_S,

@@ -402,8 +402,10 @@ pub enum BudgetStore {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisStore {
-    /// May carry a password: never printed.
+    /// May carry a password: never printed. With `cluster`, comma-separated seed nodes.
     pub url: crate::secret::Secret,
+    /// A Redis Cluster: the client learns the slots and sends each script to its node.
+    pub cluster: bool,
     pub prefix: String,
     pub timeout: Duration,
     pub lease: Duration,

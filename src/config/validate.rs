@@ -169,6 +169,18 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
             }
         }
     }
+    if let BudgetStore::Redis(r) = &budget_store {
+        for (i, t) in teams.iter().enumerate() {
+            // `{}…}` is an empty hash tag: a Redis Cluster would scatter the team's keys, and
+            // its scripts, which touch several, would be refused.
+            if r.cluster && t.name.starts_with('}') {
+                c.err(
+                    format!("team[{i}].name"),
+                    "must not start with `}` when budgets are in a Redis Cluster",
+                );
+            }
+        }
+    }
     let metrics = metrics(raw.metrics, &mut c);
     let focus = focus(raw.focus, &mut c);
     if !c.errors.is_empty() {
@@ -297,21 +309,40 @@ fn budget_store(s: &RawStore, c: &mut Checker) -> BudgetStore {
     if s.budgets == "local" {
         return BudgetStore::Local;
     }
-    let shown = redact_url(&s.budgets);
-    if !(s.budgets.starts_with("redis://") || s.budgets.starts_with("rediss://")) {
-        c.err(
-            "store.budgets",
-            format!("must be `local`, redis://host:port/db or rediss://… (got `{shown}`)"),
-        );
-        return BudgetStore::Local;
-    }
-    if let Err(e) = redis::Client::open(s.budgets.as_str()) {
-        // The client's message may quote the URL; only the kind of fault is shown.
-        let why = match e.kind() {
-            redis::ErrorKind::InvalidClientConfig => "is not a valid Redis URL",
-            _ => "cannot be used as a Redis URL",
-        };
-        c.err("store.budgets", format!("{why} (got `{shown}`)"));
+    // A cluster is reached through any of its nodes: the client learns the rest.
+    let urls: Vec<&str> = match s.redis_cluster {
+        true => s.budgets.split(',').map(str::trim).collect(),
+        false => vec![s.budgets.as_str()],
+    };
+    for url in urls {
+        let shown = redact_url(url);
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            let want = match s.redis_cluster {
+                true => "comma-separated redis://host:port or rediss://… nodes",
+                false => "`local`, redis://host:port/db or rediss://…",
+            };
+            c.err("store.budgets", format!("must be {want} (got `{shown}`)"));
+            return BudgetStore::Local;
+        }
+        match redis::Client::open(url) {
+            Err(e) => {
+                // The client's message may quote the URL; only the kind of fault is shown.
+                let why = match e.kind() {
+                    redis::ErrorKind::InvalidClientConfig => "is not a valid Redis URL",
+                    _ => "cannot be used as a Redis URL",
+                };
+                c.err("store.budgets", format!("{why} (got `{shown}`)"));
+            }
+            Ok(client)
+                if s.redis_cluster && client.get_connection_info().redis_settings().db() != 0 =>
+            {
+                c.err(
+                    "store.budgets",
+                    format!("a Redis Cluster has only database 0 (got `{shown}`)"),
+                );
+            }
+            Ok(_) => {}
+        }
     }
     if s.redis_timeout_ms == 0 || s.redis_timeout_ms > 5_000 {
         c.err("store.redis_timeout_ms", "must be in 1..=5000");
@@ -333,6 +364,7 @@ fn budget_store(s: &RawStore, c: &mut Checker) -> BudgetStore {
     }
     BudgetStore::Redis(RedisStore {
         url: Secret::new(s.budgets.as_str()),
+        cluster: s.redis_cluster,
         prefix: s.redis_prefix.clone(),
         timeout: Duration::from_millis(s.redis_timeout_ms),
         lease: Duration::from_secs_f64(lease_s.clamp(1.0, 86_400.0)),

@@ -160,3 +160,148 @@ impl Relay {
         self.up.store(true, Ordering::SeqCst);
     }
 }
+
+/// A Redis Cluster of three primaries, started for one test from the machine's `redis-server`
+/// and `redis-cli` (in a temporary directory, on free ports, nothing persisted) and stopped
+/// when dropped. Skips with a printed reason where they are not installed, unless CI is set.
+pub struct TestCluster {
+    pub ports: Vec<u16>,
+    servers: Vec<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+impl TestCluster {
+    pub fn require(test: &str) -> Option<TestCluster> {
+        let installed = ["redis-server", "redis-cli"].iter().all(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        if !installed {
+            let why = "redis-server and redis-cli are not both installed";
+            if std::env::var_os("CI").is_none() {
+                eprintln!("SKIPPED {test}: {why}");
+                return None;
+            }
+            panic!("CI is set, so {test} may not be skipped: {why}");
+        }
+        let dir = std::env::temp_dir().join(format!("tollgate-cluster-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cluster = TestCluster {
+            ports: Vec::new(),
+            servers: Vec::new(),
+            dir,
+        };
+        while cluster.ports.len() < 3 {
+            // The cluster bus listens on port + 10000: both must be free.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if port > 55_000
+                || cluster.ports.contains(&port)
+                || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err()
+            {
+                continue;
+            }
+            let node_dir = cluster.dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let server = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            cluster.ports.push(port);
+            cluster.servers.push(server);
+        }
+        for &port in &cluster.ports {
+            cluster.wait(port, "PING", |r| r == "PONG");
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for &port in &cluster.ports {
+            cluster.wait(port, "CLUSTER INFO", |r| r.contains("cluster_state:ok"));
+        }
+        Some(cluster)
+    }
+
+    /// Asks one node until its answer passes `ok` (10 s at most).
+    fn wait(&self, port: u16, cmd: &str, ok: impl Fn(&str) -> bool) {
+        let mut last = String::new();
+        for _ in 0..200 {
+            let answer = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                .and_then(|mut c| {
+                    let mut words = cmd.split(' ');
+                    let mut q = redis::cmd(words.next().unwrap());
+                    q.arg(words.collect::<Vec<_>>());
+                    q.query::<String>(&mut c)
+                });
+            match answer {
+                Ok(r) if ok(&r) => return,
+                Ok(r) => last = r,
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("node 127.0.0.1:{port} never answered `{cmd}` as expected: {last}");
+    }
+
+    /// `store.budgets` naming two of the nodes (the client learns the third).
+    pub fn store(&self, prefix: &str) -> String {
+        format!(
+            "budgets = \"redis://127.0.0.1:{},redis://127.0.0.1:{}\"\nredis_cluster = true\nredis_prefix = \"{prefix}\"",
+            self.ports[0], self.ports[1]
+        )
+    }
+
+    /// Keys held by each node.
+    pub fn keys_per_node(&self) -> Vec<usize> {
+        self.ports
+            .iter()
+            .map(|p| {
+                let mut c = redis::Client::open(format!("redis://127.0.0.1:{p}/"))
+                    .unwrap()
+                    .get_connection()
+                    .unwrap();
+                redis::cmd("DBSIZE").query::<usize>(&mut c).unwrap()
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -134,6 +134,49 @@ fn a_postgres_ledger_is_accepted_with_its_spool_and_the_replica_named() {
 }
 
 #[test]
+fn a_redis_cluster_is_named_by_comma_separated_nodes_each_checked() {
+    let nodes = "redis://:pw@10.0.0.5:7000, rediss://:pw@10.0.0.6:7001/0";
+    let cfg = parse(
+        &format!("[store]\nbudgets = \"{nodes}\"\nredis_cluster = true\n{MINIMAL}"),
+        "t.toml",
+        &no_env,
+    )
+    .unwrap();
+    let BudgetStore::Redis(r) = &cfg.budget_store else {
+        panic!("a Redis store")
+    };
+    assert!(r.cluster);
+    assert_eq!(r.url.expose(), nodes);
+    for (bad, why) in [
+        (
+            "redis://10.0.0.5:7000,memcached://:s3cret@10.0.0.6",
+            "must be comma-separated",
+        ),
+        (
+            "redis://10.0.0.5:7000,redis://:s3cret@10.0.0.6:7001/3",
+            "only database 0",
+        ),
+        (
+            "redis://10.0.0.5:7000,redis://:s3cret@10.0.0.6:nope",
+            "is not a valid Redis URL",
+        ),
+    ] {
+        let errs = errors_of(&format!(
+            "[store]\nbudgets = \"{bad}\"\nredis_cluster = true\n{MINIMAL}"
+        ));
+        assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+        assert!(errs[0].starts_with("store.budgets "), "{errs:?}");
+        assert!(errs[0].contains(why), "{errs:?}");
+        assert!(!errs[0].contains("s3cret"), "{errs:?}");
+    }
+    // Without `redis_cluster` the list is one (bad) URL, not several nodes.
+    let errs = errors_of(&format!(
+        "[store]\nbudgets = \"redis://10.0.0.5:7000,redis://10.0.0.6:7001\"\n{MINIMAL}"
+    ));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+}
+
+#[test]
 fn budgets_in_redis_are_accepted_and_a_bad_url_is_named_with_its_password_hidden() {
     for url in [
         "redis://127.0.0.1:6379/0",
