@@ -12,7 +12,7 @@ use fleet::{require_redis, Relay, TestCluster};
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate::budget::redis::RedisBook;
-use tollgate::budget::{BudgetBook, Demand, Refusal};
+use tollgate::budget::{BudgetBook, Demand, Refusal, Reservation};
 use tollgate::clock::SystemClock;
 use tollgate::config::{Budget, RedisStore, Team, Window};
 
@@ -536,6 +536,117 @@ async fn a_redis_cluster_holds_each_teams_budget_on_the_node_of_its_slot() {
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// `store(…)` with the whole room as the fail-open allowance.
+fn open_store(url: &str, prefix: &str, lease: Duration) -> RedisStore {
+    RedisStore {
+        fail_open_share: 1.0,
+        ..store(url, prefix, lease)
+    }
+}
+
+/// A request admitted on a replica's allowance while Redis was out of its reach, still
+/// running when Redis answers again, is reserved in Redis then: another replica cannot hand
+/// out its room while it runs, and its settlement gives the reservation back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_running_on_the_allowance_is_reserved_in_redis_when_it_answers_again() {
+    let Some(redis) = require_redis("a_request_running_on_the_allowance_is_reserved") else {
+        return;
+    };
+    let relay = Relay::start(&redis.url).await;
+    let lease = Duration::from_secs(2);
+    let (a, _a_tasks) = book(open_store(&relay.url(&redis.url), &redis.prefix, lease)).await;
+    let (b, _b_tasks) = book(store(&redis.url, &redis.prefix, lease)).await;
+    let t = team(100, true);
+    let key: Arc<str> = "k".into();
+    let tokens = |n| Demand { nusd: 0, tokens: n };
+    let (r, _) = b.admit(&t, &key, tokens(10)).await.unwrap();
+    let Reservation::Redis(r) = r else {
+        unreachable!()
+    };
+    assert!(r.settle_confirmed(tokens(10), b.now_us()).await);
+    relay.down();
+    let (running, _) = a
+        .admit(&t, &key, tokens(60))
+        .await
+        .expect("admitted on the allowance");
+    relay.up();
+    let mut v = Vec::new();
+    for _ in 0..100 {
+        v = b.view(&[Arc::new(team(100, true))]).await.unwrap();
+        if v[0].reserved.tokens == 60 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        (v[0].spent.tokens, v[0].reserved.tokens),
+        (10, 60),
+        "the running request is reserved in Redis"
+    );
+    match b.admit(&t, &key, tokens(60)).await {
+        Err(Refusal::Over(o)) => assert_eq!(o.used, 70),
+        other => panic!("the other replica must count the running request: {other:?}"),
+    }
+    // Renewed like any running request: still held past its lease.
+    tokio::time::sleep(lease + Duration::from_millis(500)).await;
+    let v = b.view(&[Arc::new(team(100, true))]).await.unwrap();
+    assert_eq!(v[0].reserved.tokens, 60, "renewed");
+    let Reservation::Redis(running) = running else {
+        unreachable!()
+    };
+    assert!(running.settle_confirmed(tokens(45), a.now_us()).await);
+    let v = b.view(&[Arc::new(team(100, true))]).await.unwrap();
+    assert_eq!((v[0].spent.tokens, v[0].reserved.tokens), (55, 0));
+}
+
+/// While Redis is down a replica's settlements wait merged per set of counters: a thousand
+/// requests leave one queued settlement, not a thousand, and their spend reaches Redis once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_queued_while_redis_is_down_are_merged_and_counted_once() {
+    let Some(redis) = require_redis("settlements_queued_while_redis_is_down_are_merged") else {
+        return;
+    };
+    const N: i64 = 1000;
+    let relay = Relay::start(&redis.url).await;
+    let lease = Duration::from_secs(2);
+    let (a, _a_tasks) = book(open_store(&relay.url(&redis.url), &redis.prefix, lease)).await;
+    let (b, _b_tasks) = book(store(&redis.url, &redis.prefix, lease)).await;
+    let t = team(1_000_000, true);
+    let key: Arc<str> = "k".into();
+    let tokens = |n| Demand { nusd: 0, tokens: n };
+    let (r, _) = a.admit(&t, &key, tokens(10)).await.unwrap();
+    let Reservation::Redis(r) = r else {
+        unreachable!()
+    };
+    assert!(r.settle_confirmed(tokens(7), a.now_us()).await);
+    relay.down();
+    for _ in 0..N {
+        let (r, _) = a.admit(&t, &key, tokens(10)).await.unwrap();
+        r.settle(tokens(7), a.now_us());
+    }
+    let BudgetBook::Redis(queue) = &a else {
+        unreachable!()
+    };
+    assert_eq!(queue.queued(), 1, "merged into one settlement");
+    relay.up();
+    let want = (N + 1) * 7;
+    let mut spent = 0;
+    for _ in 0..100 {
+        spent = b.view(&[Arc::new(team(1_000_000, true))]).await.unwrap()[0]
+            .spent
+            .tokens;
+        if spent == want && queue.queued() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(spent, want);
+    // Nothing more arrives later: counted once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let v = b.view(&[Arc::new(team(1_000_000, true))]).await.unwrap();
+    assert_eq!((v[0].spent.tokens, v[0].reserved.tokens), (want, 0));
 }
 
 /// A replica killed mid-stream (SIGKILL: no settlement, no release) leaves its reservations

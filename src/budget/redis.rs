@@ -16,8 +16,10 @@
 //! Redis down (an error or no answer within store.redis_timeout_ms):
 //!   budget without fail_open ─► 503 budget_store_unavailable
 //!   every budget fail_open   ─► admitted against a local allowance: store.fail_open_share of
-//!                               the room this replica last saw; the spend is queued and
-//!                               pushed (settle.lua, idempotent) once Redis answers again
+//!                               the room this replica last saw; the spend is queued (merged
+//!                               per set of counters) and pushed (settle.lua, idempotent) once
+//!                               Redis answers again; requests still running then are reserved
+//!                               in Redis (admit.lua, forced) so the other replicas count them
 //! ```
 //!
 //! A live replica renews the leases of its running requests, so a long stream keeps its room
@@ -61,6 +63,9 @@ const DONE_MARKER_S: u64 = 86_400;
 /// How often queued settlements (and seeds) are pushed while Redis is failing, and leases
 /// looked at for renewal (more often for leases shorter than 4 s).
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Reservation ids a merged queued settlement releases at most; the leases of any more run
+/// out by themselves (`store.lease_s`), so an outage's queue stays one op per set of counters.
+const MAX_MERGED_RIDS: usize = 256;
 /// At most one warning per this, however many requests meet a failing Redis.
 const WARN_EVERY_MS: u64 = 5_000;
 /// How long a team's `seeded` marker lives. Its expiry only costs one needless rebuild (a
@@ -122,7 +127,10 @@ struct Inner {
     /// Fail-open state per counter key while Redis is down.
     open: Mutex<HashMap<String, Open>>,
     /// Settlements Redis has not confirmed, retried until it does.
-    pending: Mutex<Vec<SettleOp>>,
+    pending: Mutex<Pending>,
+    /// Requests admitted on a fail-open allowance and still running, by a number of this
+    /// replica's: reserved in Redis once it answers again.
+    open_running: Mutex<HashMap<u64, OpenRunning>>,
     /// Ledger spend not yet brought into Redis; admissions wait for it.
     seeds: Mutex<Vec<SeedOp>>,
     seeds_pending: AtomicBool,
@@ -153,6 +161,28 @@ struct Reseed {
     gate: tokio::sync::Mutex<()>,
     /// Rebuilds done: a waiter that finds it moved on admits without reading the ledger again.
     done: AtomicU64,
+}
+
+/// Settlements Redis has not confirmed. Those never sent are merged per team and set of
+/// counters (a fresh settlement id at each merge: no attempt carried the old one), so an
+/// outage costs memory per counter, not per request. One that may have reached Redis (sent,
+/// no answer) keeps its id and stays apart, so its retry never counts it twice; `flush`
+/// sends nothing until a PING answers, so those stay as few as the attempts made while Redis
+/// looked up.
+#[derive(Debug, Default)]
+struct Pending {
+    unsent: Vec<SettleOp>,
+    unsure: Vec<SettleOp>,
+}
+
+/// A running request admitted on a fail-open allowance.
+#[derive(Debug, Clone)]
+struct OpenRunning {
+    team: Arc<str>,
+    held: Vec<Held>,
+    demand: Demand,
+    /// Its reservation in Redis, once made.
+    rid: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -203,6 +233,8 @@ pub struct RedisReservation {
     rids: Vec<String>,
     /// Admitted on the fail-open allowance: counted in `open` until settled.
     open: Demand,
+    /// Its entries in `open_running` (more than one once it absorbed another).
+    open_ids: Vec<u64>,
     done: bool,
 }
 
@@ -286,6 +318,7 @@ impl RedisBook {
                 seen: Mutex::default(),
                 open: Mutex::default(),
                 pending: Mutex::default(),
+                open_running: Mutex::default(),
                 seeds: Mutex::default(),
                 seeds_pending: AtomicBool::new(false),
                 source: OnceLock::new(),
@@ -349,6 +382,12 @@ impl RedisBook {
             ttl_s: i.ttl_s(end),
         });
         i.seeds_pending.store(true, Ordering::Release);
+    }
+
+    /// Settlements waiting for Redis to confirm them: what an outage holds in memory.
+    pub fn queued(&self) -> usize {
+        let q = lock(&self.inner.pending);
+        q.unsent.len() + q.unsure.len()
     }
 
     /// Room last seen by this replica; unknown budgets count as far from their limits.
@@ -486,6 +525,7 @@ impl RedisBook {
                 held,
                 rids: vec![rid],
                 open: Demand::default(),
+                open_ids: Vec::new(),
                 done: false,
             },
             remaining,
@@ -533,6 +573,16 @@ impl RedisBook {
         }
         drop(open);
         metrics::counter!(m::BUDGET_FAIL_OPEN_TOTAL, "team" => team.name.clone()).increment(1);
+        let open_id = i.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&i.open_running).insert(
+            open_id,
+            OpenRunning {
+                team: team.name.clone(),
+                held: held.clone(),
+                demand,
+                rid: None,
+            },
+        );
         Ok((
             RedisReservation {
                 book: i.clone(),
@@ -541,6 +591,7 @@ impl RedisBook {
                 held,
                 rids: Vec::new(),
                 open: demand,
+                open_ids: vec![open_id],
                 done: false,
             },
             remaining,
@@ -751,18 +802,39 @@ impl Inner {
         now: i64,
         force: bool,
     ) -> Result<Vec<i64>, StoreError> {
+        let limits: Vec<(i64, i64)> = team
+            .budgets
+            .iter()
+            .map(|b| (b.nusd.unwrap_or(-1), b.tokens.map_or(-1, |t| t as i64)))
+            .collect();
+        self.run_admit_in(&team.name, held, &limits, rid, demand, now, force)
+            .await
+    }
+
+    /// `admit.lua` over `held`, whose limits (nano-dollars, tokens; -1 = none) are `limits`.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_admit_in(
+        &self,
+        team: &str,
+        held: &[Held],
+        limits: &[(i64, i64)],
+        rid: &str,
+        demand: Demand,
+        now: i64,
+        force: bool,
+    ) -> Result<Vec<i64>, StoreError> {
         let mut inv = self.admit.prepare_invoke();
-        inv.key(self.marker_key(&team.name));
+        inv.key(self.marker_key(team));
         inv.arg(rid)
             .arg(self.cfg.lease.as_millis() as u64)
             .arg(demand.nusd.max(0))
             .arg(demand.tokens.max(0))
             .arg(if force { "1" } else { "0" });
-        for (b, h) in team.budgets.iter().zip(held) {
+        for (&(nusd, tokens), h) in limits.iter().zip(held) {
             inv.key(&h.key).key(format!("{}:leases", h.key));
-            inv.arg(b.nusd.unwrap_or(-1))
-                .arg(b.tokens.map_or(-1, |t| t as i64))
-                .arg(self.ttl_s(window::bounds(b.window, now).1));
+            inv.arg(nusd)
+                .arg(tokens)
+                .arg(self.ttl_s(window::bounds(h.window, now).1));
         }
         self.run(inv).await
     }
@@ -1044,21 +1116,56 @@ impl Inner {
     /// Settles off the request's path; a settlement Redis does not confirm is queued.
     fn submit(self: &Arc<Self>, op: SettleOp) {
         // Without a runtime (a process ending) the lease gives the room back; spend is queued.
-        if tokio::runtime::Handle::try_current().is_err() || self.is_down() {
-            if op.actual != Demand::default() {
-                lock(&self.pending).push(op);
-            }
+        // Spend is not even tried while Redis fails: unanswered, it would leave an op that
+        // cannot be merged. A release alone is tried: lost, it only waits out its lease.
+        let failing = self.failures.load(Ordering::Relaxed) != 0 && op.actual != Demand::default();
+        if tokio::runtime::Handle::try_current().is_err() || self.is_down() || failing {
+            self.queue(op, false);
             return;
         }
         let me = self.clone();
         self.tasks.spawn(async move {
             if let Err(e) = me.run_settle(&op).await {
                 me.failed(Op::Settle, &e);
-                if op.actual != Demand::default() {
-                    lock(&me.pending).push(op);
-                }
+                me.queue(op, true);
             }
         });
+    }
+
+    /// Queues a settlement Redis has not confirmed; `sent` if it may have reached Redis.
+    fn queue(&self, mut op: SettleOp, sent: bool) {
+        if op.actual == Demand::default() {
+            // Only leases to release: they run out by themselves.
+            return;
+        }
+        let mut q = lock(&self.pending);
+        if sent {
+            q.unsure.push(op);
+            return;
+        }
+        let same = |m: &&mut SettleOp| {
+            m.team == op.team
+                && m.charge.len() == op.charge.len()
+                && m.charge.iter().zip(&op.charge).all(|(a, b)| a.0 == b.0)
+        };
+        let Some(m) = q.unsent.iter_mut().find(same) else {
+            q.unsent.push(op);
+            return;
+        };
+        m.id = self.new_id();
+        m.actual.nusd = m.actual.nusd.saturating_add(op.actual.nusd);
+        m.actual.tokens = m.actual.tokens.saturating_add(op.actual.tokens);
+        for h in op.held.drain(..) {
+            if !m.held.contains(&h) {
+                m.held.push(h);
+            }
+        }
+        let room = MAX_MERGED_RIDS.saturating_sub(m.rids.len());
+        m.rids.extend(op.rids.drain(..).take(room));
+        // The longer lifetime of the two: the later settlement's counters may need it.
+        for (c, o) in m.charge.iter_mut().zip(&op.charge) {
+            c.1 = c.1.max(o.1);
+        }
     }
 
     /// Pushes what is queued: seeds first (so a new Redis holds the ledger's spend before
@@ -1068,28 +1175,130 @@ impl Inner {
         if self.seeds_pending.load(Ordering::Acquire) && !self.push_seeds().await {
             return false;
         }
-        let ops = std::mem::take(&mut *lock(&self.pending));
+        let queued = {
+            let q = lock(&self.pending);
+            !q.unsent.is_empty() || !q.unsure.is_empty()
+        };
+        if queued && self.failures.load(Ordering::Relaxed) != 0 && !self.ping().await {
+            return false;
+        }
+        let (unsure, unsent) = {
+            let mut q = lock(&self.pending);
+            (std::mem::take(&mut q.unsure), std::mem::take(&mut q.unsent))
+        };
+        let mut left = (Vec::new(), Vec::new());
         let mut up = true;
-        let mut left = Vec::new();
-        for op in ops {
-            if !up {
-                left.push(op);
-                continue;
+        // The unsure first, in order: their ids are kept, so a retry counts nothing twice.
+        for (op, sent) in unsure
+            .into_iter()
+            .map(|o| (o, true))
+            .chain(unsent.into_iter().map(|o| (o, false)))
+        {
+            if up {
+                match self.run_settle(&op).await {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        self.failed(Op::Settle, &e);
+                        up = false;
+                        // Sent now, answered or not.
+                        left.0.push(op);
+                        continue;
+                    }
+                }
             }
-            if let Err(e) = self.run_settle(&op).await {
-                self.failed(Op::Settle, &e);
-                up = false;
-                left.push(op);
+            match sent {
+                true => left.0.push(op),
+                false => left.1.push(op),
             }
         }
-        lock(&self.pending).extend(left);
+        {
+            let mut q = lock(&self.pending);
+            let newer = std::mem::take(&mut q.unsent);
+            q.unsure.splice(0..0, left.0);
+            q.unsent = left.1;
+            drop(q);
+            for op in newer {
+                self.queue(op, false);
+            }
+        }
         if !up {
             return false;
         }
         if lock(&self.open).is_empty() {
             return true;
         }
-        // Allowances were in use: an answer ends the outage, and they start afresh next time.
+        // Allowances were in use: an answer ends the outage, and they start afresh next time;
+        // the requests still running on them are reserved in Redis first.
+        if !self.ping().await || !self.reserve_open_running().await {
+            return false;
+        }
+        lock(&self.open).clear();
+        tracing::info!(
+            "the Redis budget store answers again; spend made on local allowances is in it"
+        );
+        true
+    }
+
+    /// Requests admitted on allowances that are still running, reserved in Redis (past the
+    /// limits if need be: the spend is being made) under leases this replica renews, so the
+    /// other replicas count them until they settle. Whether all are.
+    async fn reserve_open_running(&self) -> bool {
+        let waiting: Vec<(u64, OpenRunning)> = lock(&self.open_running)
+            .iter()
+            .filter(|(_, r)| r.rid.is_none())
+            .map(|(id, r)| (*id, r.clone()))
+            .collect();
+        let now = self.clock.now_us();
+        let mut all = true;
+        for (id, r) in waiting {
+            let rid = self.new_id();
+            let limits = vec![(-1, -1); r.held.len()];
+            match self
+                .run_admit_in(&r.team, &r.held, &limits, &rid, r.demand, now, true)
+                .await
+            {
+                Ok(reply) if reply.first() == Some(&1) => {}
+                // Counters lost: the team's next admission rebuilds them; tried again then.
+                Ok(_) => {
+                    all = false;
+                    continue;
+                }
+                Err(e) => {
+                    self.failed(Op::Admit, &e);
+                    return false;
+                }
+            }
+            let leases: Vec<String> = r.held.iter().map(|h| format!("{}:leases", h.key)).collect();
+            let claimed = match lock(&self.open_running).get_mut(&id) {
+                Some(e) => {
+                    e.rid = Some(rid.clone());
+                    lock(&self.live).insert(rid.clone(), (r.team.clone(), leases));
+                    true
+                }
+                None => false,
+            };
+            if claimed {
+                continue;
+            }
+            // Settled meanwhile, its spend queued: only the reservation to give back.
+            let release = SettleOp {
+                team: r.team.clone(),
+                id: self.new_id(),
+                held: r.held.iter().map(|h| h.key.clone()).collect(),
+                rids: vec![rid],
+                charge: Vec::new(),
+                actual: Demand::default(),
+                gauges: Vec::new(),
+            };
+            if let Err(e) = self.run_settle(&release).await {
+                self.failed(Op::Settle, &e);
+            }
+        }
+        all
+    }
+
+    /// Whether Redis answers a PING in time.
+    async fn ping(&self) -> bool {
         let cmd = redis::cmd("PING");
         let ping = async {
             match self.conn.clone() {
@@ -1103,13 +1312,7 @@ impl Inner {
             Err(_) => Err(StoreError::Timeout),
         };
         match answer {
-            Ok(()) => {
-                lock(&self.open).clear();
-                tracing::info!(
-                    "the Redis budget store answers again; spend made on local allowances is in it"
-                );
-                true
-            }
+            Ok(()) => true,
             Err(e) => {
                 self.failed(Op::Settle, &e);
                 false
@@ -1125,6 +1328,7 @@ impl RedisReservation {
     pub fn absorb(&mut self, mut other: RedisReservation) {
         other.done = true;
         self.rids.append(&mut other.rids);
+        self.open_ids.append(&mut other.open_ids);
         for h in other.held.drain(..) {
             if !self.held.iter().any(|m| m.key == h.key) {
                 self.held.push(h);
@@ -1149,7 +1353,7 @@ impl RedisReservation {
             Ok(()) => true,
             Err(e) => {
                 book.failed(Op::Settle, &e);
-                lock(&book.pending).push(op);
+                book.queue(op, true);
                 false
             }
         }
@@ -1157,6 +1361,7 @@ impl RedisReservation {
 
     fn into_settlement(mut self, actual: Demand, now_us: i64) -> (Arc<Inner>, SettleOp) {
         self.done = true;
+        self.claim_open();
         self.forget_leases();
         let book = self.book.clone();
         self.release_open(Some(actual));
@@ -1194,6 +1399,20 @@ impl RedisReservation {
         (book, op)
     }
 
+    /// Takes over the reservations made in Redis for this request when Redis came back
+    /// while it ran on an allowance, so settling (or dropping) releases them.
+    fn claim_open(&mut self) {
+        if self.open_ids.is_empty() {
+            return;
+        }
+        let mut running = lock(&self.book.open_running);
+        for id in self.open_ids.drain(..) {
+            if let Some(OpenRunning { rid: Some(rid), .. }) = running.remove(&id) {
+                self.rids.push(rid);
+            }
+        }
+    }
+
     /// Stops renewing this request's leases.
     fn forget_leases(&self) {
         if !self.rids.is_empty() {
@@ -1228,6 +1447,7 @@ impl Drop for RedisReservation {
             return;
         }
         self.release_open(None);
+        self.claim_open();
         if self.rids.is_empty() {
             return;
         }
