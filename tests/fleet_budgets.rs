@@ -6,6 +6,8 @@
 mod common;
 #[path = "common/fleet.rs"]
 mod fleet;
+#[path = "common/pg.rs"]
+mod pg;
 
 use common::*;
 use fleet::{require_redis, Relay, TestCluster};
@@ -407,22 +409,62 @@ async fn fill(gws: &[&Gateway], key: &str) -> i64 {
     unreachable!()
 }
 
+/// The one ledger a fleet's replicas share in the rebuild test.
+enum FleetLedger {
+    Sqlite(std::path::PathBuf),
+    Postgres(pg::TestDb),
+}
+
+impl FleetLedger {
+    fn on(&self, h: Harness) -> Harness {
+        match self {
+            FleetLedger::Sqlite(path) => h.ledger(path),
+            FleetLedger::Postgres(db) => h.ledger_url(&db.url),
+        }
+    }
+
+    /// The team's billed spend, once `n` of its requests answered 200 are recorded.
+    async fn spend(&self, gw: &Gateway, n: i64) -> i64 {
+        let ok = "FROM requests WHERE team = 'search' AND http_status = 200";
+        match self {
+            FleetLedger::Sqlite(_) => {
+                gw.wait_ledger_rows(&format!("SELECT 1 {ok}"), n as usize)
+                    .await;
+                gw.ledger(&format!("SELECT COALESCE(SUM(cost_nusd), 0) {ok}"), |r| {
+                    r.get(0)
+                })[0]
+            }
+            FleetLedger::Postgres(db) => {
+                let c = db.client().await;
+                for _ in 0..200 {
+                    let sql = format!(
+                        "SELECT COUNT(*), CAST(COALESCE(SUM(cost_nusd), 0) AS BIGINT) {ok}"
+                    );
+                    let row = c.query_one(&sql, &[]).await.unwrap();
+                    if row.get::<_, i64>(0) >= n {
+                        return row.get(1);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("fewer than {n} records reached PostgreSQL");
+            }
+        }
+    }
+}
+
 /// Redis loses the keys under a running fleet (FLUSHALL, eviction, a failover to an empty
 /// server): the next admission finds the team's marker gone and rebuilds the counters from
 /// the ledger before it decides, so the fleet stops at the true limit, not a fresh one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_fleet_rebuilds_counters_from_the_ledger_when_redis_loses_them() {
-    let Some(redis) = require_redis("a_running_fleet_rebuilds_counters_from_the_ledger") else {
+async fn rebuilds_counters_lost_by_redis(test: &str, ledger: FleetLedger) {
+    let Some(redis) = require_redis(test) else {
         return;
     };
     const LIMIT: i64 = 7_500_000;
     const BEFORE: i64 = 30;
-    // One ledger for both replicas, as a fleet's PostgreSQL would be.
-    let ledger = temp_dir("fleet-reseed-live").join("tollgate.db");
     let start = || {
-        Harness::new()
+        ledger
+            .on(Harness::new())
             .backend(gpt())
-            .ledger(&ledger)
             .store(&redis.store())
             .team_toml(
                 "search",
@@ -437,17 +479,14 @@ async fn a_running_fleet_rebuilds_counters_from_the_ledger_when_redis_loses_them
         let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    a.wait_ledger_rows(
-        "SELECT 1 FROM requests WHERE team = 'search'",
-        BEFORE as usize,
-    )
-    .await;
+    // In the ledger before Redis loses them: the rebuild can only count what is recorded.
+    assert_eq!(ledger.spend(&a, BEFORE).await, BEFORE * COST);
     assert_eq!(settled_spend(&a).await, BEFORE * COST);
     // Every key of this fleet gone, as FLUSHALL would leave them (the Redis is shared).
     redis.flush();
     assert!(redis.keys().is_empty());
     let after = fill(&[&b, &a], SEARCH_KEY).await;
-    let spent = ledger_spend(&a);
+    let spent = ledger.spend(&a, BEFORE + after).await;
     assert_eq!(
         spent,
         (BEFORE + after) * COST,
@@ -462,11 +501,6 @@ async fn a_running_fleet_rebuilds_counters_from_the_ledger_when_redis_loses_them
         "spent {spent}: more than one request's room left unused of {LIMIT}"
     );
     // `/admin/budgets` rebuilds too rather than show the fleet as having spent nothing.
-    a.wait_ledger_rows(
-        "SELECT 1 FROM requests WHERE team = 'search' AND http_status = 200",
-        (BEFORE + after) as usize,
-    )
-    .await;
     redis.flush();
     assert_eq!(
         settled_spend(&b).await,
@@ -480,6 +514,22 @@ async fn a_running_fleet_rebuilds_counters_from_the_ledger_when_redis_loses_them
     );
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_fleet_rebuilds_counters_from_the_ledger_when_redis_loses_them() {
+    // One ledger file for both replicas, standing in for the fleet's PostgreSQL.
+    let ledger = FleetLedger::Sqlite(temp_dir("fleet-reseed-live").join("tollgate.db"));
+    rebuilds_counters_lost_by_redis("a_running_fleet_rebuilds_counters (SQLite)", ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_fleet_on_postgres_rebuilds_counters_from_it_when_redis_loses_them() {
+    let Some(db) = pg::TestDb::new("fleet_reseed").await else {
+        return;
+    };
+    let ledger = FleetLedger::Postgres(db);
+    rebuilds_counters_lost_by_redis("a_running_fleet_rebuilds_counters (PostgreSQL)", ledger).await;
 }
 
 /// Two gateways on a Redis Cluster of three primaries (`store.redis_cluster`): teams whose

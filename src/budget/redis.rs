@@ -1047,7 +1047,7 @@ impl Inner {
                         return false;
                     }
                     Ok(Err(_)) | Err(_) => {
-                        tracing::error!(team = &*team.name, "Redis lost the team's budget counters and the ledger did not answer in time to rebuild them");
+                        tracing::error!(team = &*team.name, "Redis lost the team's budget counters and the ledger read to rebuild them did not finish in time");
                         return false;
                     }
                 }
