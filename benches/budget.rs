@@ -85,6 +85,7 @@ fn redis(c: &mut Criterion) {
     let store = RedisStore {
         url: tollgate::secret::Secret::new("redis://127.0.0.1:6379/0"),
         cluster: false,
+        ca_file: None,
         prefix: prefix.clone(),
         timeout: std::time::Duration::from_millis(200),
         lease: std::time::Duration::from_secs(60),

@@ -10,7 +10,7 @@ mod fleet;
 mod pg;
 
 use common::*;
-use fleet::{require_redis, Relay, TestCluster};
+use fleet::{require_redis, Relay, TestCluster, TestTlsRedis};
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate::budget::redis::RedisBook;
@@ -166,6 +166,7 @@ fn store(url: &str, prefix: &str, lease: Duration) -> RedisStore {
     RedisStore {
         url: tollgate::secret::Secret::new(url),
         cluster: false,
+        ca_file: None,
         prefix: prefix.into(),
         timeout: Duration::from_millis(100),
         lease,
@@ -697,6 +698,38 @@ async fn settlements_queued_while_redis_is_down_are_merged_and_counted_once() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let v = b.view(&[Arc::new(team(1_000_000, true))]).await.unwrap();
     assert_eq!((v[0].spent.tokens, v[0].reserved.tokens), (want, 0));
+}
+
+/// `rediss://` to a Redis whose certificate a private CA signed, named by
+/// `store.redis_ca_file`: budgets are held over TLS. Without the CA the public roots do not
+/// vouch for that server, so the store is unreachable and budgets fail closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_are_held_over_tls_with_a_private_certificate_authority() {
+    let Some(tls) = TestTlsRedis::require("budgets_are_held_over_tls") else {
+        return;
+    };
+    let start = |extra: String| {
+        Harness::new()
+            .backend(gpt())
+            .store(&format!(
+                "budgets = \"rediss://127.0.0.1:{}/0\"\nredis_timeout_ms = 1000\n{extra}",
+                tls.port
+            ))
+            .team_toml(
+                "search",
+                SEARCH_KEY,
+                "budgets = [{ window = \"day\", usd = 0.0015 }]",
+            )
+            .start()
+    };
+    let gw = start(format!("redis_ca_file = \"{}\"", tls.ca.display())).await;
+    assert_eq!(fill(&[&gw], SEARCH_KEY).await, 10, "ten fit in $0.0015");
+    assert_eq!(settled_spend(&gw).await, 10 * COST);
+    gw.shutdown().await;
+    let gw = start(String::new()).await;
+    let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
+    assert_eq!(r.error(503)["code"], "budget_store_unavailable");
+    gw.shutdown().await;
 }
 
 /// A replica killed mid-stream (SIGKILL: no settlement, no release) leaves its reservations

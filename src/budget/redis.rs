@@ -273,9 +273,21 @@ impl RedisBook {
         clock: Arc<dyn Clock>,
         tasks: Tasks,
     ) -> Result<Self, redis::RedisError> {
+        // Read once, at start: a rotated CA file takes a restart, as a rotated password does.
+        let certs = match &cfg.ca_file {
+            Some(path) => Some(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(path)?),
+            }),
+            None => None,
+        };
         let conn = if cfg.cluster {
             let seeds = cfg.url.expose().split(',').map(str::trim);
-            let client = redis::cluster::ClusterClientBuilder::new(seeds)
+            let mut builder = redis::cluster::ClusterClientBuilder::new(seeds);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder
                 .connection_timeout(cfg.timeout)
                 .response_timeout(cfg.timeout)
                 .retries(1)
@@ -288,7 +300,10 @@ impl RedisBook {
             // the cluster is down, as with one server.
             Conn::Cluster(client.get_pending_async_connection_with_config(conn_cfg))
         } else {
-            let client = redis::Client::open(cfg.url.expose())?;
+            let client = match certs {
+                Some(certs) => redis::Client::build_with_tls(cfg.url.expose(), certs)?,
+                None => redis::Client::open(cfg.url.expose())?,
+            };
             let conn_cfg = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(cfg.timeout))
                 .set_response_timeout(Some(cfg.timeout))

@@ -160,6 +160,9 @@ pub struct RawStore {
     pub budgets: String,
     /// `store.budgets` names nodes of a Redis (or Valkey) Cluster rather than one server.
     pub redis_cluster: bool,
+    /// PEM file of the certificate authority a `rediss://` server's certificate must chain to
+    /// (a private CA); empty: the public web roots.
+    pub redis_ca_file: String,
     /// Prefix of every Redis key the gateway writes, so fleets (or tests) can share one Redis.
     pub redis_prefix: String,
     /// How long one Redis command may take before the budget store counts as down.
@@ -181,6 +184,7 @@ impl Default for RawStore {
             spool: DEFAULT_SPOOL.into(),
             budgets: "local".into(),
             redis_cluster: false,
+            redis_ca_file: String::new(),
             redis_prefix: DEFAULT_REDIS_PREFIX.into(),
             redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
             lease_s: DEFAULT_LEASE_S,

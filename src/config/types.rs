@@ -406,6 +406,8 @@ pub struct RedisStore {
     pub url: crate::secret::Secret,
     /// A Redis Cluster: the client learns the slots and sends each script to its node.
     pub cluster: bool,
+    /// The CA that `rediss://` servers are checked against instead of the public roots.
+    pub ca_file: Option<std::path::PathBuf>,
     pub prefix: String,
     pub timeout: Duration,
     pub lease: Duration,

@@ -344,6 +344,30 @@ fn budget_store(s: &RawStore, c: &mut Checker) -> BudgetStore {
             Ok(_) => {}
         }
     }
+    let ca_file = (!s.redis_ca_file.is_empty()).then(|| std::path::PathBuf::from(&s.redis_ca_file));
+    if let Some(path) = &ca_file {
+        if !s
+            .budgets
+            .split(',')
+            .all(|u| u.trim().starts_with("rediss://"))
+        {
+            c.err(
+                "store.redis_ca_file",
+                "is for TLS only: store.budgets must then be rediss://…",
+            );
+        }
+        match std::fs::read_to_string(path) {
+            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {}
+            Ok(_) => c.err(
+                "store.redis_ca_file",
+                format!("`{}` holds no PEM certificate", path.display()),
+            ),
+            Err(e) => c.err(
+                "store.redis_ca_file",
+                format!("cannot read `{}`: {e}", path.display()),
+            ),
+        }
+    }
     if s.redis_timeout_ms == 0 || s.redis_timeout_ms > 5_000 {
         c.err("store.redis_timeout_ms", "must be in 1..=5000");
     }
@@ -365,6 +389,7 @@ fn budget_store(s: &RawStore, c: &mut Checker) -> BudgetStore {
     BudgetStore::Redis(RedisStore {
         url: Secret::new(s.budgets.as_str()),
         cluster: s.redis_cluster,
+        ca_file,
         prefix: s.redis_prefix.clone(),
         timeout: Duration::from_millis(s.redis_timeout_ms),
         lease: Duration::from_secs_f64(lease_s.clamp(1.0, 86_400.0)),

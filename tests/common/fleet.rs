@@ -305,3 +305,158 @@ impl Drop for TestCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Redis speaking only TLS (`rediss://`), its certificate signed by a certificate authority
+/// made for the test with `openssl`: what `store.redis_ca_file` is for. Started from the
+/// machine's `redis-server` in a temporary directory, stopped when dropped; skips with a
+/// printed reason where the tools are not installed, unless CI is set.
+pub struct TestTlsRedis {
+    pub port: u16,
+    /// The CA's certificate (PEM).
+    pub ca: std::path::PathBuf,
+    server: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl TestTlsRedis {
+    pub fn require(test: &str) -> Option<TestTlsRedis> {
+        let installed = [("redis-server", "--version"), ("openssl", "version")]
+            .iter()
+            .all(|(b, arg)| {
+                std::process::Command::new(b)
+                    .arg(arg)
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+        if !installed {
+            let why = "redis-server and openssl are not both installed";
+            if std::env::var_os("CI").is_none() {
+                eprintln!("SKIPPED {test}: {why}");
+                return None;
+            }
+            panic!("CI is set, so {test} may not be skipped: {why}");
+        }
+        let dir = std::env::temp_dir().join(format!("tollgate-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec_key = "ec_paramgen_curve:prime256v1";
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            ec_key,
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tollgate-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            ec_key,
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+            ])
+            .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+            .args(["--save", "", "--appendonly", "no"])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let tls = TestTlsRedis {
+            port,
+            ca: dir.join("ca.pem"),
+            server,
+            dir,
+        };
+        for _ in 0..200 {
+            let pong = std::process::Command::new("redis-cli")
+                .args(["--tls", "--cacert"])
+                .arg(&tls.ca)
+                .args(["-p", &port.to_string(), "PING"])
+                .output();
+            if pong.is_ok_and(|o| o.stdout.starts_with(b"PONG")) {
+                return Some(tls);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the TLS Redis on port {port} never answered");
+    }
+}
+
+impl Drop for TestTlsRedis {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

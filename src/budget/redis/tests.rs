@@ -41,6 +41,7 @@ async fn scratch(test: &str) -> Option<Scratch> {
     let cfg = RedisStore {
         url: Secret::new(url.as_str()),
         cluster: false,
+        ca_file: None,
         prefix: prefix.clone(),
         timeout: Duration::from_millis(500),
         lease: Duration::from_secs(60),

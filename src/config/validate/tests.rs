@@ -177,6 +177,43 @@ fn a_redis_cluster_is_named_by_comma_separated_nodes_each_checked() {
 }
 
 #[test]
+fn a_private_ca_for_redis_is_for_tls_urls_and_must_be_a_readable_pem_file() {
+    let dir = std::env::temp_dir().join(format!("tollgate-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, junk) = (dir.join("ca.pem"), dir.join("junk.pem"));
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let with = |url: &str, file: &std::path::Path| {
+        format!(
+            "[store]\nbudgets = \"{url}\"\nredis_ca_file = \"{}\"\n{MINIMAL}",
+            file.display()
+        )
+    };
+    let cfg = parse(&with("rediss://cache:6380/0", &ca), "t.toml", &no_env).unwrap();
+    let BudgetStore::Redis(r) = &cfg.budget_store else {
+        panic!("a Redis store")
+    };
+    assert_eq!(r.ca_file.as_deref(), Some(ca.as_path()));
+    let errs = errors_of(&with("redis://cache:6379/0", &ca));
+    assert_eq!(
+        errs,
+        vec!["store.redis_ca_file is for TLS only: store.budgets must then be rediss://…"]
+    );
+    let errs = errors_of(&with("rediss://cache:6380/0", &junk));
+    assert!(errs[0].contains("holds no PEM certificate"), "{errs:?}");
+    let errs = errors_of(&with("rediss://cache:6380/0", &dir.join("missing.pem")));
+    assert!(
+        errs[0].starts_with("store.redis_ca_file cannot read"),
+        "{errs:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn budgets_in_redis_are_accepted_and_a_bad_url_is_named_with_its_password_hidden() {
     for url in [
         "redis://127.0.0.1:6379/0",
