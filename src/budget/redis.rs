@@ -161,6 +161,9 @@ struct Reseed {
     gate: tokio::sync::Mutex<()>,
     /// Rebuilds done: a waiter that finds it moved on admits without reading the ledger again.
     done: AtomicU64,
+    /// Rebuilds tried: a waiter that finds it moved on, `done` not, gives up at once rather
+    /// than wait out another ledger read that will likely fail the same way.
+    tried: AtomicU64,
 }
 
 /// Settlements Redis has not confirmed. Those never sent are merged per team and set of
@@ -1039,11 +1042,27 @@ impl Inner {
             .entry(team.name.clone())
             .or_default()
             .clone();
-        let before = gate.done.load(Ordering::Acquire);
+        let (done, tried) = (
+            gate.done.load(Ordering::Acquire),
+            gate.tried.load(Ordering::Acquire),
+        );
         let _one = gate.gate.lock().await;
-        if gate.done.load(Ordering::Acquire) != before {
+        if gate.done.load(Ordering::Acquire) != done {
             return true;
         }
+        if gate.tried.load(Ordering::Acquire) != tried {
+            return false;
+        }
+        let rebuilt = self.rebuild(team).await;
+        if rebuilt {
+            gate.done.fetch_add(1, Ordering::AcqRel);
+        }
+        gate.tried.fetch_add(1, Ordering::AcqRel);
+        rebuilt
+    }
+
+    /// One rebuild of the team's counters from the ledger; whether Redis took it.
+    async fn rebuild(&self, team: &Team) -> bool {
         let now = self.clock.now_us();
         let seeds = match self.source.get() {
             None => Vec::new(),
@@ -1079,7 +1098,6 @@ impl Inner {
             .collect();
         match self.run_seed(&team.name, ops.iter()).await {
             Ok(_) => {
-                gate.done.fetch_add(1, Ordering::AcqRel);
                 metrics::counter!(m::BUDGET_RESEEDS_TOTAL, "team" => team.name.clone())
                     .increment(1);
                 tracing::warn!(

@@ -277,3 +277,143 @@ async fn renewal_pushes_out_running_leases_and_never_revives_a_settled_one() {
     assert_eq!(score(settled_id).await, None);
     drop(running);
 }
+
+/// The ledger as a rebuild sees it: a fixed spend per team-wide window, slowly.
+struct FixedLedger {
+    tokens: i64,
+    delay: Duration,
+    fails: bool,
+    reads: std::sync::atomic::AtomicU32,
+}
+
+impl SpendSource for FixedLedger {
+    fn spend(
+        &self,
+        _team: &str,
+        budgets: &[(Window, bool)],
+        now_us: i64,
+    ) -> Result<Vec<LedgerSeed>, super::super::SpendUnreadable> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        if self.fails {
+            return Err(super::super::SpendUnreadable("the ledger is down".into()));
+        }
+        Ok(budgets
+            .iter()
+            .filter(|(_, per_key)| !per_key)
+            .map(|&(window, _)| LedgerSeed {
+                window,
+                start_us: window::bounds(window, now_us).0,
+                key_id: None,
+                spent: Demand {
+                    nusd: 0,
+                    tokens: self.tokens,
+                },
+            })
+            .collect())
+    }
+}
+
+impl Scratch {
+    /// Every key of this test gone, as after FLUSHALL.
+    fn flush(&self) {
+        let mut conn = redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query(&mut conn)
+            .unwrap();
+        assert!(!keys.is_empty());
+        let _: () = redis::cmd("DEL").arg(keys).query(&mut conn).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_counters_are_rebuilt_once_however_many_admissions_find_them_gone() {
+    let Some(s) = scratch("lost_counters_are_rebuilt_once").await else {
+        return;
+    };
+    let ledger = Arc::new(FixedLedger {
+        tokens: 70,
+        delay: Duration::from_millis(200),
+        fails: false,
+        reads: Default::default(),
+    });
+    s.book.set_spend_source(ledger.clone());
+    let t = Arc::new(team(vec![budget(Window::Day, None, Some(100), false)]));
+    let k: Arc<str> = "k".into();
+    let five = Demand { nusd: 0, tokens: 5 };
+    // A new Redis: the first admission finds no marker and brings the ledger's 70 in.
+    let (r, room) = s.book.admit(&t, &k, five).await.unwrap();
+    assert_eq!(room.tokens, Some(25));
+    assert_eq!(ledger.reads.load(Ordering::SeqCst), 1);
+    drop(r);
+    s.flush();
+    let mut admissions = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (book, t, k) = (s.book.clone(), t.clone(), k.clone());
+        admissions.spawn(async move { book.admit(&t, &k, five).await.map(|(r, _)| r) });
+    }
+    let (mut admitted, mut refused, mut held) = (0, 0, Vec::new());
+    while let Some(a) = admissions.join_next().await {
+        match a.unwrap() {
+            Ok(r) => {
+                admitted += 1;
+                held.push(r);
+            }
+            Err(Refusal::Over(o)) => {
+                refused += 1;
+                assert_eq!(o.limit, 100);
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        (admitted, refused),
+        (6, 2),
+        "70 from the ledger + 6 x 5 = 100"
+    );
+    assert_eq!(
+        ledger.reads.load(Ordering::SeqCst),
+        2,
+        "one read for the eight"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_ledger_refuses_as_an_unavailable_store_and_waiters_do_not_queue_up() {
+    let Some(s) = scratch("an_unreadable_ledger_refuses").await else {
+        return;
+    };
+    let ledger = Arc::new(FixedLedger {
+        tokens: 0,
+        delay: Duration::from_millis(300),
+        fails: true,
+        reads: Default::default(),
+    });
+    s.book.set_spend_source(ledger.clone());
+    let t = Arc::new(team(vec![budget(Window::Day, None, Some(100), false)]));
+    let k: Arc<str> = "k".into();
+    let five = Demand { nusd: 0, tokens: 5 };
+    let asked = crate::clock::now();
+    let mut admissions = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (book, t, k) = (s.book.clone(), t.clone(), k.clone());
+        admissions.spawn(async move { book.admit(&t, &k, five).await.map(|_| ()) });
+    }
+    while let Some(a) = admissions.join_next().await {
+        assert!(matches!(a.unwrap(), Err(Refusal::StoreUnavailable)));
+    }
+    assert_eq!(
+        ledger.reads.load(Ordering::SeqCst),
+        1,
+        "the waiters gave up with it"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        asked.elapsed()
+    );
+}
