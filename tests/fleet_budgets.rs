@@ -700,6 +700,53 @@ async fn settlements_queued_while_redis_is_down_are_merged_and_counted_once() {
     assert_eq!((v[0].spent.tokens, v[0].reserved.tokens), (want, 0));
 }
 
+/// A replica whose cluster is not up yet when it starts still serves (budgets fail closed
+/// meanwhile), and uses the cluster once it is there: the client keeps trying its nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_before_its_redis_cluster_uses_it_once_it_is_up() {
+    let test = "a_replica_started_before_its_redis_cluster";
+    if !TestCluster::installed(test) {
+        return;
+    }
+    let ports = TestCluster::free_ports();
+    let gw = Harness::new()
+        .backend(gpt())
+        .store(&format!(
+            "{}\nredis_timeout_ms = 300",
+            TestCluster::store_on(&ports, "tgtest:")
+        ))
+        .team_toml(
+            "search",
+            SEARCH_KEY,
+            "budgets = [{ window = \"day\", usd = 0.0015 }]",
+        )
+        .start()
+        .await;
+    let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
+    assert_eq!(r.error(503)["code"], "budget_store_unavailable");
+    let _cluster = TestCluster::start(ports);
+    let up = std::time::Instant::now();
+    loop {
+        let r = gw.post("/v1/chat/completions", SEARCH_KEY, request()).await;
+        match r.status.as_u16() {
+            200 => break,
+            503 => assert!(
+                up.elapsed() < Duration::from_secs(20),
+                "still unavailable 20 s after the cluster came up"
+            ),
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("the cluster was in use {:?} after it came up", up.elapsed());
+    assert_eq!(
+        fill(&[&gw], SEARCH_KEY).await,
+        9,
+        "ten fit, one was admitted above"
+    );
+    gw.shutdown().await;
+}
+
 /// `rediss://` to a Redis whose certificate a private CA signed, named by
 /// `store.redis_ca_file`: budgets are held over TLS. Without the CA the public roots do not
 /// vouch for that server, so the store is unreachable and budgets fail closed.

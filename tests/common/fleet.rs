@@ -172,6 +172,11 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub fn require(test: &str) -> Option<TestCluster> {
+        Self::installed(test).then(|| Self::start(Self::free_ports()))
+    }
+
+    /// Whether redis-server and redis-cli are there (else the test skips, or fails in CI).
+    pub fn installed(test: &str) -> bool {
         let installed = ["redis-server", "redis-cli"].iter().all(|b| {
             std::process::Command::new(b)
                 .arg("--version")
@@ -183,30 +188,46 @@ impl TestCluster {
             let why = "redis-server and redis-cli are not both installed";
             if std::env::var_os("CI").is_none() {
                 eprintln!("SKIPPED {test}: {why}");
-                return None;
+                return false;
             }
             panic!("CI is set, so {test} may not be skipped: {why}");
         }
-        let dir = std::env::temp_dir().join(format!("tollgate-cluster-{}", std::process::id()));
+        true
+    }
+
+    /// Three ports free now, each with its cluster bus port (+ 10000) free too.
+    pub fn free_ports() -> Vec<u16> {
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if port <= 55_000
+                && !ports.contains(&port)
+                && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+            {
+                ports.push(port);
+            }
+        }
+        ports
+    }
+
+    /// Starts a node on each port and makes them one cluster.
+    pub fn start(ports: Vec<u16>) -> TestCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-cluster-{}-{}",
+            std::process::id(),
+            ports[0]
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         let mut cluster = TestCluster {
             ports: Vec::new(),
             servers: Vec::new(),
             dir,
         };
-        while cluster.ports.len() < 3 {
-            // The cluster bus listens on port + 10000: both must be free.
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if port > 55_000
-                || cluster.ports.contains(&port)
-                || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err()
-            {
-                continue;
-            }
+        for port in ports {
             let node_dir = cluster.dir.join(port.to_string());
             std::fs::create_dir_all(&node_dir).unwrap();
             let server = std::process::Command::new("redis-server")
@@ -248,7 +269,7 @@ impl TestCluster {
         for &port in &cluster.ports {
             cluster.wait(port, "CLUSTER INFO", |r| r.contains("cluster_state:ok"));
         }
-        Some(cluster)
+        cluster
     }
 
     /// Asks one node until its answer passes `ok` (10 s at most).
@@ -275,9 +296,14 @@ impl TestCluster {
 
     /// `store.budgets` naming two of the nodes (the client learns the third).
     pub fn store(&self, prefix: &str) -> String {
+        Self::store_on(&self.ports, prefix)
+    }
+
+    /// `[store]` lines for a cluster on these ports, started or not.
+    pub fn store_on(ports: &[u16], prefix: &str) -> String {
         format!(
             "budgets = \"redis://127.0.0.1:{},redis://127.0.0.1:{}\"\nredis_cluster = true\nredis_prefix = \"{prefix}\"",
-            self.ports[0], self.ports[1]
+            ports[0], ports[1]
         )
     }
 
@@ -337,7 +363,12 @@ impl TestTlsRedis {
             }
             panic!("CI is set, so {test} may not be skipped: {why}");
         }
-        let dir = std::env::temp_dir().join(format!("tollgate-tls-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-tls-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
