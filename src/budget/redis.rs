@@ -731,6 +731,11 @@ impl Inner {
         format!("{}{{{team}}}:seeded", self.cfg.prefix)
     }
 
+    /// The marker that makes a settlement count once.
+    fn done_key(&self, team: &str, settlement: &str) -> String {
+        format!("{}{{{team}}}:done:{settlement}", self.cfg.prefix)
+    }
+
     /// Seconds a counter of a window ending at `end_us` lives on.
     fn ttl_s(&self, end_us: i64) -> i64 {
         ((end_us - self.clock.now_us()) / 1_000_000).max(1) + KEY_MARGIN_S
@@ -1118,7 +1123,7 @@ impl Inner {
     /// One settlement; its spent-USD gauges updated from what Redis now holds.
     async fn run_settle(&self, op: &SettleOp) -> Result<(), StoreError> {
         let mut inv = self.settle.prepare_invoke();
-        inv.key(format!("{}{{{}}}:done:{}", self.cfg.prefix, op.team, op.id));
+        inv.key(self.done_key(&op.team, &op.id));
         for h in &op.held {
             inv.key(h).key(format!("{h}:leases"));
         }

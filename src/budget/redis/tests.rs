@@ -417,3 +417,44 @@ async fn an_unreadable_ledger_refuses_as_an_unavailable_store_and_waiters_do_not
         asked.elapsed()
     );
 }
+
+/// A Redis Cluster refuses a script whose keys sit in different slots: every key one call
+/// touches (marker, counters, leases, settlement markers) must hash like the team's marker,
+/// whatever the team is called (a name starting with `}` is refused by validation).
+#[tokio::test]
+async fn every_key_a_script_touches_hashes_to_its_teams_slot() {
+    use redis::cluster_routing::Slot;
+    let cfg = RedisStore {
+        url: Secret::new("redis://127.0.0.1:1/0"),
+        cluster: false,
+        ca_file: None,
+        prefix: "tollgate:".into(),
+        timeout: Duration::from_millis(10),
+        lease: Duration::from_secs(30),
+        fail_open_share: 0.0,
+    };
+    let book = RedisBook::new(cfg, Arc::new(ManualClock::new(T0)), Tasks::new()).unwrap();
+    let i = &book.inner;
+    for team in [
+        "search",
+        "a}b",
+        "{x",
+        "x{y}z",
+        "with spaces",
+        "ünï",
+        "t:day:team",
+    ] {
+        let slot = Slot::for_key(i.marker_key(team));
+        let day = i.counter_key(team, Window::Day, None, T0);
+        let month = i.counter_key(team, Window::Month, Some("{k}"), T0);
+        for key in [
+            format!("{day}:leases"),
+            format!("{month}:leases"),
+            day,
+            month,
+            i.done_key(team, "0a1b2c-3"),
+        ] {
+            assert_eq!(Slot::for_key(&key), slot, "team `{team}`: {key}");
+        }
+    }
+}

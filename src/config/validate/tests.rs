@@ -169,6 +169,14 @@ fn a_redis_cluster_is_named_by_comma_separated_nodes_each_checked() {
         assert!(errs[0].contains(why), "{errs:?}");
         assert!(!errs[0].contains("s3cret"), "{errs:?}");
     }
+    let errs = errors_of(
+        &format!("[store]\nbudgets = \"redis://h:7000\"\nredis_cluster = true\n{MINIMAL}")
+            .replace("name = \"search\"", "name = \"}search\""),
+    );
+    assert_eq!(
+        errs,
+        vec!["team[0].name must not start with `}` when budgets are in a Redis Cluster"]
+    );
     // Without `redis_cluster` the list is one (bad) URL, not several nodes.
     let errs = errors_of(&format!(
         "[store]\nbudgets = \"redis://10.0.0.5:7000,redis://10.0.0.6:7001\"\n{MINIMAL}"
