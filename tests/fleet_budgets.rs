@@ -77,13 +77,28 @@ async fn two_gateways_on_one_redis_hold_one_team_budget_under_concurrent_load() 
     let Some(redis) = require_redis("two_gateways_on_one_redis_hold_one_team_budget") else {
         return;
     };
+    hold_one_team_budget_under_concurrent_load(redis.store()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_a_redis_cluster_hold_one_team_budget_under_concurrent_load() {
+    let Some(cluster) = TestCluster::require("two_gateways_on_a_redis_cluster_hold_one_team")
+    else {
+        return;
+    };
+    hold_one_team_budget_under_concurrent_load(cluster.store("tgtest:")).await;
+}
+
+/// 200 concurrent requests over two gateways sharing `store`: the team's limit holds for the
+/// fleet, within one request's reservation, and every admitted request is billed once.
+async fn hold_one_team_budget_under_concurrent_load(store: String) {
     const LIMIT: i64 = 7_500_000;
     let start = || {
         Harness::new()
             .backend(gpt())
             // Two gateways, their backends and 200 clients share two cores in a debug build:
             // an answer may wait longer on the client's side than the production default.
-            .store(&format!("{}\nredis_timeout_ms = 1000", redis.store()))
+            .store(&format!("{store}\nredis_timeout_ms = 1000"))
             .team_toml(
                 "search",
                 SEARCH_KEY,
