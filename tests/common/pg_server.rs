@@ -85,12 +85,13 @@ impl OwnPg {
                 .status()
                 .unwrap();
             assert!(st.success());
-            let mut p = dir.parent();
-            while let Some(d) = p {
-                // /tmp is world-searchable already; a custom TMPDIR may not be.
-                let _ = Command::new("chmod").arg("o+x").arg(d).status();
-                p = d.parent();
-            }
+            // /tmp is; a TMPDIR under /root is not, and its modes are not the test's to change.
+            let reach = run_as_owner(Path::new("test"), &["-w", dir.to_str().unwrap()]);
+            assert!(
+                reach.status.success(),
+                "the postgres user cannot write {}: set TMPDIR to a dir it can reach",
+                dir.display()
+            );
         }
         let data = dir.join("data");
         let out = run_as_owner(
