@@ -2,12 +2,15 @@
 //! embedded ledger; an outage spools and drains; a killed gateway loses nothing.
 //!
 //! Needs the PostgreSQL this machine type runs (127.0.0.1:5432, trust auth). Each test makes
-//! a database of its own and drops it. Without a server the tests skip with the reason, except
+//! a database of its own and drops it. The TLS tests run a PostgreSQL of their own with
+//! `ssl=on` (PostgreSQL's server binaries and `openssl`). Without a server the tests skip with the reason, except
 //! under CI, where a missing server is a failure.
 
 mod common;
 #[path = "common/pg.rs"]
 mod pg;
+#[path = "common/pg_server.rs"]
+mod pg_server;
 
 use common::*;
 use pg::{Proxy, TestDb};
@@ -754,4 +757,234 @@ async fn drain_throughput() {
         drained.as_secs_f64(),
         f64::from(N) / drained.as_secs_f64()
     );
+}
+
+/// A test CA and a server certificate it signed for `localhost` only (not 127.0.0.1), in
+/// PEM: (ca.crt, server.crt, server.key). A CA apart from the server's certificate because
+/// webpki refuses a CA certificate as a server's own; the name is narrow so that verify-ca
+/// and verify-full can be told apart by connecting to 127.0.0.1.
+fn test_certificates(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=tollgate test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let read = |n: &str| std::fs::read(dir.join(n)).unwrap();
+    (read("ca.crt"), read("server.crt"), read("server.key"))
+}
+
+/// A PostgreSQL of the test's own with TLS on and TCP connections allowed over TLS only
+/// (`hostssl`; the test reads through the Unix socket), and its CA's file.
+async fn tls_only_postgres(test: &str) -> Option<(pg_server::OwnPg, std::path::PathBuf)> {
+    let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\n";
+    // The certificate and key in the data dir (the server's default file names), owned by
+    // the server's user, before `ssl=on` starts.
+    let mut pg = pg_server::OwnPg::init(test, Some(hba))?;
+    let certs = temp_dir("pg-certs");
+    let (ca, crt, key) = test_certificates(&certs);
+    pg.put("server.crt", &crt, 0o644);
+    pg.put("server.key", &key, 0o600);
+    pg.set("ssl=on");
+    pg.start_again().await;
+    let ca_file = certs.join("ca.crt");
+    std::fs::write(&ca_file, ca).unwrap();
+    Some((pg, ca_file))
+}
+
+/// `sslmode=require` against a server with a certificate no root vouches for: the gateway
+/// writes its ledger over TLS (the server's `pg_stat_ssl` says so for its sessions), as libpq
+/// would, without checking the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_writes_the_ledger_over_tls() {
+    let Some((pg, _ca)) = tls_only_postgres("sslmode_require_writes_the_ledger_over_tls").await
+    else {
+        return;
+    };
+    let url = pg.create_db("tollgate_tls").await;
+    let gw = Harness::new()
+        .backend(
+            Backend::sim("llama", "llama-3.1-8b")
+                .alias("chat-small")
+                .price(0.2, 0.2),
+        )
+        .team("search", SEARCH_KEY)
+        // A password the server does not ask for (trust): it must not show anywhere.
+        .ledger_url(&format!(
+            "{}?sslmode=require",
+            url.replace("postgres@", "postgres:s3cret@")
+        ))
+        .store(&format!(
+            "spool = \"sqlite://{}\"",
+            temp_dir("pg-tls").join("spool.db").display()
+        ))
+        .start()
+        .await;
+    for _ in 0..5 {
+        let r = gw
+            .post(
+                "/v1/chat/completions",
+                SEARCH_KEY,
+                chat("chat-small", false),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let db = pg.socket_client("tollgate_tls").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: i64 = db
+            .query_one("SELECT COUNT(*) FROM requests", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 5 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} rows of 5");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The gateway's sessions (application_name tollgate), as the server sees them.
+    let sessions = db
+        .query(
+            "SELECT s.ssl, s.version FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'tollgate'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!sessions.is_empty(), "no gateway session");
+    for s in &sessions {
+        let (ssl, version): (bool, Option<String>) = (s.get(0), s.get(1));
+        assert!(ssl, "a gateway session in plain text");
+        assert_eq!(version.as_deref(), Some("TLSv1.3"));
+    }
+    let m = gw.admin_get("/metrics").await.text();
+    assert!(!m.contains("s3cret"));
+    gw.shutdown().await;
+}
+
+/// `verify-full` checks the chain and the name, `verify-ca` the chain only; without the CA
+/// (`sslrootcert`) the certificate is refused, and `sslmode=disable` meets a server that
+/// takes TLS only: each refusal is a start error that says why and hides the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_checked_as_sslmode_says_and_plain_text_is_refused_by_a_tls_only_server() {
+    let Some((pg, ca)) = tls_only_postgres("certificates_are_checked_as_sslmode_says").await else {
+        return;
+    };
+    pg.create_db("tollgate_tls").await;
+    let ca = ca.display().to_string();
+    let url = |host: &str, query: &str| {
+        format!(
+            "postgres://postgres:s3cret@{host}:{}/tollgate_tls?{query}",
+            pg.port
+        )
+    };
+    let open = |url: String| async move {
+        let store = pg_store(&url, "pg-tls-verify");
+        tokio::task::spawn_blocking(move || {
+            Ledger::open(store, false, "t".into()).map(|l| l.close())
+        })
+        .await
+        .unwrap()
+        .map_err(|e| e.to_string())
+    };
+    for ok in [
+        url(
+            "localhost",
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        ),
+        // The certificate names localhost only: verify-ca does not look at the name.
+        url("127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={ca}")),
+        // libpq: a root file makes `require` check the chain.
+        url("127.0.0.1", &format!("sslmode=require&sslrootcert={ca}")),
+        url("127.0.0.1", "sslmode=prefer"),
+    ] {
+        open(ok.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", ok.split('@').nth(1).unwrap()));
+    }
+    for (bad, says) in [
+        (
+            url(
+                "127.0.0.1",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
+            "certificate not valid for name \"127.0.0.1\"",
+        ),
+        // The webpki roots do not know the test CA.
+        (url("localhost", "sslmode=verify-full"), "UnknownIssuer"),
+        (url("127.0.0.1", "sslmode=disable"), "no encryption"),
+    ] {
+        let e = open(bad.clone())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{} opened", bad.split('@').nth(1).unwrap()));
+        assert!(e.contains("store.ledger"), "{e}");
+        assert!(e.contains(says), "{says}: {e}");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
 }

@@ -271,15 +271,29 @@ fn server(s: &RawServer, env: EnvLookup<'_>, c: &mut Checker) -> Server {
 fn store(s: RawStore, c: &mut Checker) -> (Secret, std::path::PathBuf, bool) {
     let is_pg = s.ledger.starts_with("postgres://") || s.ledger.starts_with("postgresql://");
     if is_pg {
-        // Only the shape here: whether the server answers is the gateway's start's question.
-        if let Err(e) = <tokio_postgres::Config as std::str::FromStr>::from_str(&s.ledger) {
-            c.err(
+        // Only the shape here (and the sslrootcert file): whether the server answers is the
+        // gateway's start's question. libpq's TLS settings that the driver does not parse
+        // come out first.
+        match crate::ledger::pg_tls::take_tls_params(&s.ledger) {
+            Ok(t) => {
+                if let Err(e) = <tokio_postgres::Config as std::str::FromStr>::from_str(&t.url) {
+                    c.err(
+                        "store.ledger",
+                        format!(
+                            "not a valid PostgreSQL URL: {e} (got `{}`)",
+                            redact_url(&s.ledger)
+                        ),
+                    );
+                } else if let Err(e) =
+                    crate::ledger::pg_tls::MakeRustls::new(t.verify, t.root_cert.as_deref())
+                {
+                    c.err("store.ledger", e.to_string());
+                }
+            }
+            Err(e) => c.err(
                 "store.ledger",
-                format!(
-                    "not a valid PostgreSQL URL: {e} (got `{}`)",
-                    redact_url(&s.ledger)
-                ),
-            );
+                format!("{e} (got `{}`)", redact_url(&s.ledger)),
+            ),
         }
     } else if !s.ledger.starts_with("sqlite://") {
         c.err(

@@ -37,10 +37,10 @@ const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 type Connecting = JoinHandle<Result<(Client, Driver), PgError>>;
-type Driver = tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
+type Driver = postgres::Connection;
 
 pub(super) struct Writer {
-    cfg: tokio_postgres::Config,
+    target: postgres::Target,
     /// The URL with its password hidden, for log lines.
     shown: String,
     rt: tokio::runtime::Runtime,
@@ -81,7 +81,7 @@ impl Writer {
                 source,
             }
         };
-        let cfg = postgres::parse(url).map_err(&pg_err)?;
+        let target = postgres::parse(url).map_err(&pg_err)?;
         let spool = sqlite::open(spool_path, fsync).map_err(|source| LedgerError::Spool {
             path: spool_path.display().to_string(),
             source,
@@ -99,7 +99,7 @@ impl Writer {
             .build()
             .map_err(|e| pg_err(PgError::Runtime(e)))?;
         let mut w = Writer {
-            cfg,
+            target,
             shown,
             rt,
             conn: None,
@@ -111,7 +111,7 @@ impl Writer {
             spooled,
             healthy,
         };
-        let first = w.rt.block_on(postgres::connect(&w.cfg));
+        let first = w.rt.block_on(postgres::connect(&w.target));
         match first.and_then(|(client, driver)| w.set_up(client, driver)) {
             Ok(conn) => w.conn = Some(conn),
             Err(e) if e.is_permanent() => return Err(pg_err(e)),
@@ -327,8 +327,11 @@ impl Writer {
             }
         }
         if self.connecting.is_none() && crate::clock::now() >= self.next_try {
-            let cfg = self.cfg.clone();
-            self.connecting = Some(self.rt.spawn(async move { postgres::connect(&cfg).await }));
+            let target = self.target.clone();
+            self.connecting = Some(
+                self.rt
+                    .spawn(async move { postgres::connect(&target).await }),
+            );
         }
         false
     }

@@ -17,6 +17,7 @@
 //! while PostgreSQL cannot be reached, to a local SQLite spool; see `fleet.rs`.
 
 mod fleet;
+pub mod pg_tls;
 pub mod postgres;
 pub mod read;
 pub mod sqlite;

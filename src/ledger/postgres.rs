@@ -11,16 +11,18 @@
 //!   because PostgreSQL wants the partition key in every unique index; a record's start never
 //!   changes, and ids are unique by construction, so it is the request id in effect.
 //!
-//! No TLS in this build (`NoTls`): the ledger is expected on a private network or a local
-//! socket proxy; `sslmode=require` fails to connect rather than silently going plain.
+//! - TLS with rustls, as libpq's `sslmode` says (`prefer` by default: TLS when the server
+//!   offers it); `verify-ca`, `verify-full` and `sslrootcert` are read here, the driver knowing
+//!   only `disable`/`prefer`/`require`. See [`super::pg_tls`].
 
+use super::pg_tls::{self, MakeRustls, UrlTls};
 use super::Record;
 use crate::clock::days_from_civil;
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 /// How long a connection attempt may take before the writer spools instead.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -95,18 +97,43 @@ impl PgError {
         use tokio_postgres::error::SqlState;
         match self {
             PgError::Url(_) => true,
-            PgError::Db(e) => e.code().is_some_and(|c| {
-                [
-                    SqlState::INVALID_PASSWORD,
-                    SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-                    SqlState::INVALID_CATALOG_NAME,
-                    SqlState::INSUFFICIENT_PRIVILEGE,
-                ]
-                .contains(c)
-            }),
+            PgError::Db(e) => {
+                e.code().is_some_and(|c| {
+                    [
+                        SqlState::INVALID_PASSWORD,
+                        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                        SqlState::INVALID_CATALOG_NAME,
+                        SqlState::INSUFFICIENT_PRIVILEGE,
+                    ]
+                    .contains(c)
+                }) || tls_refused(e)
+            }
             PgError::Timeout(_) | PgError::Runtime(_) | PgError::Type(_) => false,
         }
     }
+}
+
+/// A TLS handshake that failed on what was said, not on the network: a certificate the
+/// `sslmode` does not accept, a TLS alert, or `require` meeting a server without TLS. Only a
+/// change of certificate or config cures it. (A connection reset mid-handshake is an I/O
+/// error, not a rustls one, and stays retryable.)
+fn tls_refused(e: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<rustls::Error>() || s.to_string() == "server does not support TLS" {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// The server's own words when it refused (`FATAL: database "x" does not exist`); the
@@ -124,23 +151,39 @@ pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// Where the ledger is and how to reach it: the driver's settings and the TLS it asks for.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub cfg: tokio_postgres::Config,
+    pub tls: MakeRustls,
+}
+
+/// The driver's connection to PostgreSQL, TLS or not (`sslmode=disable` and a `prefer` the
+/// server declined run plain inside the same type).
+pub type Connection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    pg_tls::RustlsStream<tokio_postgres::Socket>,
+>;
+
 /// The connection settings of `url`, with what it leaves out taken from the standard
 /// variables (`PGUSER`, `PGPASSWORD`, `PGHOST`, `PGPORT`, `PGDATABASE`), as `psql` does.
 /// The error never quotes the URL: it may hold a password.
-pub fn parse(url: &str) -> Result<tokio_postgres::Config, PgError> {
+pub fn parse(url: &str) -> Result<Target, PgError> {
     parse_with(url, &|k| std::env::var(k).ok())
 }
 
-pub fn parse_with(
-    url: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<tokio_postgres::Config, PgError> {
+pub fn parse_with(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Target, PgError> {
     if !is_postgres_url(url) {
         return Err(PgError::Url(
             "must start with postgres:// or postgresql://".into(),
         ));
     }
-    let mut cfg = tokio_postgres::Config::from_str(url)
+    let UrlTls {
+        url,
+        verify,
+        root_cert,
+    } = pg_tls::take_tls_params(url).map_err(PgError::Url)?;
+    let mut cfg = tokio_postgres::Config::from_str(&url)
         .map_err(|e| PgError::Url(format!("not a valid PostgreSQL URL: {e}")))?;
     if cfg.get_hosts().is_empty() {
         cfg.host(env("PGHOST").unwrap_or_else(|| "localhost".into()));
@@ -168,21 +211,16 @@ pub fn parse_with(
         cfg.connect_timeout(CONNECT_TIMEOUT);
     }
     cfg.application_name("tollgate");
-    Ok(cfg)
+    let tls =
+        MakeRustls::new(verify, root_cert.as_deref()).map_err(|e| PgError::Url(e.to_string()))?;
+    Ok(Target { cfg, tls })
 }
 
 /// Connects; the returned future drives the connection and must be polled (spawned on the
 /// runtime that owns the client).
-pub async fn connect(
-    cfg: &tokio_postgres::Config,
-) -> Result<
-    (
-        Client,
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-    ),
-    PgError,
-> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, cfg.connect(NoTls)).await {
+pub async fn connect(target: &Target) -> Result<(Client, Connection), PgError> {
+    let tls = target.tls.clone();
+    match tokio::time::timeout(CONNECT_TIMEOUT, target.cfg.connect(tls)).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(PgError::Timeout(CONNECT_TIMEOUT)),
     }
@@ -384,12 +422,12 @@ pub struct Blocking {
 
 impl Blocking {
     pub fn connect(url: &str) -> Result<Blocking, PgError> {
-        let cfg = parse(url)?;
+        let target = parse(url)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(PgError::Runtime)?;
-        let (client, conn) = rt.block_on(connect(&cfg))?;
+        let (client, conn) = rt.block_on(connect(&target))?;
         // The connection belongs to this client's runtime and ends with it; the gateway's
         // task tracker has nothing to wait for here.
         rt.spawn(async move {
@@ -492,17 +530,67 @@ mod tests {
             "PGDATABASE" => Some("ledger".to_string()),
             _ => None,
         };
-        let cfg = parse_with("postgres://app@db.internal:6543", &env).unwrap();
+        let cfg = parse_with("postgres://app@db.internal:6543", &env)
+            .unwrap()
+            .cfg;
         assert_eq!(cfg.get_user(), Some("app"));
         assert_eq!(cfg.get_password(), Some(&b"fromenv"[..]));
         assert_eq!(cfg.get_dbname(), Some("ledger"));
         assert_eq!(cfg.get_ports(), &[6543]);
-        let cfg = parse_with("postgresql://app:inurl@db/x", &env).unwrap();
+        let cfg = parse_with("postgresql://app:inurl@db/x", &env).unwrap().cfg;
         assert_eq!(cfg.get_password(), Some(&b"inurl"[..]));
         let e = parse_with("postgres://app:s3cret@db:notaport/x", &env)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("store.ledger:"), "{e}");
         assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn libpq_tls_settings_the_driver_refuses_are_read_here_and_the_rest_refused_by_name() {
+        use crate::ledger::pg_tls::{take_tls_params, Verify};
+        let t =
+            take_tls_params("postgres://a:pw@db/x?sslmode=verify-full&application_name=z").unwrap();
+        assert_eq!(t.verify, Verify::Full);
+        assert_eq!(
+            t.url,
+            "postgres://a:pw@db/x?application_name=z&sslmode=require"
+        );
+        let t = take_tls_params("postgres://db/x?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem")
+            .unwrap();
+        assert_eq!(t.verify, Verify::Chain);
+        assert_eq!(
+            t.root_cert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        let t = take_tls_params("postgres://db/x?sslmode=require&sslrootcert=system").unwrap();
+        assert_eq!((t.verify, t.root_cert), (Verify::Chain, None));
+        for (url, verify) in [
+            ("postgres://db/x", Verify::Nothing),
+            ("postgres://db/x?sslmode=require", Verify::Nothing),
+            ("postgres://db/x?sslmode=disable", Verify::Nothing),
+        ] {
+            let t = take_tls_params(url).unwrap();
+            assert_eq!((t.url.as_str(), t.verify), (url, verify));
+        }
+        let env = |_: &str| None;
+        for (url, says) in [
+            ("postgres://a:s3cret@db/x?sslmode=allow", "sslmode=allow"),
+            ("postgres://a:s3cret@db/x?sslmode=bogus", "sslmode must be"),
+            ("postgres://a:s3cret@db/x?sslcert=c.pem", "sslcert"),
+            (
+                "postgres://a:s3cret@db/x?sslmode=prefer&sslrootcert=ca.pem",
+                "sslrootcert needs",
+            ),
+            (
+                "postgres://a:s3cret@db/x?sslmode=verify-full&sslrootcert=/no/such/ca.pem",
+                "sslrootcert: cannot read /no/such/ca.pem",
+            ),
+        ] {
+            let e = parse_with(url, &env).unwrap_err().to_string();
+            assert!(e.starts_with("store.ledger:"), "{e}");
+            assert!(e.contains(says), "{url}: {e}");
+            assert!(!e.contains("s3cret"), "{e}");
+        }
     }
 }

@@ -108,6 +108,32 @@ fn a_store_this_build_cannot_keep_is_refused_and_its_password_not_shown() {
 }
 
 #[test]
+fn libpq_tls_settings_of_the_ledger_url_are_checked_with_the_config() {
+    // verify-full is libpq's and not the driver's: accepted all the same.
+    parse(
+        &format!("[store]\nledger = \"postgres://tg@db/ledger?sslmode=verify-full\"\n{MINIMAL}"),
+        "t.toml",
+        &no_env,
+    )
+    .unwrap();
+    for (query, says) in [
+        ("sslmode=allow", "sslmode=allow is not supported"),
+        (
+            "sslmode=verify-ca&sslrootcert=/no/such/ca.pem",
+            "sslrootcert: cannot read /no/such/ca.pem",
+        ),
+    ] {
+        let errs = errors_of(&format!(
+            "[store]\nledger = \"postgres://tg:s3cret@db/ledger?{query}\"\n{MINIMAL}"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("store.ledger"), "{errs:?}");
+        assert!(errs[0].contains(says), "{errs:?}");
+        assert!(!errs[0].contains("s3cret"), "{errs:?}");
+    }
+}
+
+#[test]
 fn a_postgres_ledger_is_accepted_with_its_spool_and_the_replica_named() {
     let c = parse(
         &format!(
