@@ -10,7 +10,8 @@
 //! start:  EVALSHA seed.lua   ── counters raised to the ledger's spend (a max: idempotent),
 //!                               and the team's `seeded` marker set
 //! admit finds no marker (Redis flushed, keys evicted, a new Redis):
-//!         ledger read off the runtime (one per team at a time) ─► seed.lua ─► admit once more
+//!         queued settlements pushed, 1.25 s for the other replicas' to land (their flush tick)
+//!         ─► ledger read off the runtime (one per team at a time) ─► seed.lua ─► admit again
 //! every lease/3: EVALSHA renew.lua ── leases of this replica's running requests pushed out
 //!
 //! Redis down (an error or no answer within store.redis_timeout_ms):
@@ -74,6 +75,11 @@ const SEEDED_MARKER_S: i64 = 7 * 86_400;
 /// How long requests wait for the ledger when Redis has lost a team's counters, before they
 /// are refused (or admitted on the fail-open allowance) as if Redis were down.
 const RESEED_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a rebuild waits before it reads the ledger: every replica pushes the settlements
+/// it queued while Redis was away on its next flush (at most `FLUSH_EVERY` apart). Landing
+/// before the seed, they are absorbed by its max; landing after it, they would be counted on
+/// top of a ledger that already holds their records.
+const RESEED_AFTER_FLUSHES: Duration = Duration::from_millis(1_250);
 /// What `admit.lua` answers when the team's marker is missing.
 const UNSEEDED: i64 = 2;
 
@@ -1068,6 +1074,10 @@ impl Inner {
 
     /// One rebuild of the team's counters from the ledger; whether Redis took it.
     async fn rebuild(&self, team: &Team) -> bool {
+        if self.source.get().is_some() {
+            self.flush().await;
+            tokio::time::sleep(RESEED_AFTER_FLUSHES).await;
+        }
         let now = self.clock.now_us();
         let seeds = match self.source.get() {
             None => Vec::new(),
