@@ -1114,10 +1114,10 @@ async fn redis_stopped_mid_load_refuses_fail_closed_budgets_bounds_fail_open_one
 /// the fleet would hand out the whole budget a second time. After the return the fleet runs
 /// the team into its limit, and Redis and the ledger agree on a spend within it.
 ///
-/// NEEDS the budget store to notice a Redis that lost its data and re-seed it from the ledger
-/// (flush detection in src/budget/redis.rs, another branch as of this commit): without it
-/// the two assertions marked FLUSH DETECTION fail, the ledger showing about one and a half
-/// budgets spent.
+/// Relies on the budget store noticing a Redis that lost its data (its teams' `seeded`
+/// markers gone) and re-seeding it from the ledger (src/budget/redis.rs): without that the two
+/// assertions marked FLUSH DETECTION fail, the ledger showing about one and a half budgets
+/// spent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_mid_load_is_reseeded_from_the_ledger_and_the_budget_holds() {
     const TEST: &str = "redis_restarted_empty_mid_load";
