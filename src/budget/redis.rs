@@ -28,13 +28,14 @@
 //! `store.lease_s`, the next admission touching the window purges them, and the team gets
 //! its room back.
 //! All of a team's keys carry the hash tag `{team}`, so each script's keys live on one node
-//! of a Redis Cluster.
+//! of a Redis Cluster (`store.redis_cluster`), and each call goes to that node alone.
 //!
 //! Keys (`tollgate:` is `store.redis_prefix`), each expiring an hour after its window:
 //! `tollgate:{team}:day:team:<window start s>` (team-wide), `…:day:k:<key id>:<start>` (per
 //! key), the same plus `:leases`, `tollgate:{team}:done:<settlement id>` markers, and
-//! `tollgate:{team}:seeded`, whose absence tells a running fleet that the team's counters lost
-//! their past: a counter that is merely missing cannot tell "nothing spent yet" from "flushed".
+//! `tollgate:{team}:seeded` (seven days, set again by each seed), whose absence tells a
+//! running fleet that the team's counters lost their past: a counter that is merely missing
+//! cannot tell "nothing spent yet" from "flushed".
 
 use super::{
     window, BudgetView, Demand, LedgerSeed, LimitKind, OverBudget, Refusal, Remaining, SpendSource,
