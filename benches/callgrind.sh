@@ -7,6 +7,9 @@
 #   BIN=/path/to/release SIZES="8192 stream" bash benches/callgrind.sh
 #
 # A size of `stream` sends the load test's streaming chat body (64-token SSE answers).
+# TOOL=dhat runs the gateway under DHAT instead and prints its allocation totals (blocks and
+# bytes for the whole process, start-up included); benches/stages.sh takes the difference of
+# two runs to get the figures per request.
 #
 # The simulator (unpaced, 64 tokens) runs natively; `tollgate serve` runs under callgrind;
 # tollgate-loadgen sends REQUESTS requests (default 1000) at 100 req/s on 4 connections. The
@@ -75,7 +78,12 @@ for size in $SIZES; do
             "$text" >"$WORK/body.json"
     fi
     rm -f "$WORK/tollgate.db"*
-    valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.$size.out" \
+    if [ "${TOOL:-callgrind}" = dhat ]; then
+        tool=(--tool=dhat --dhat-out-file="$OUT/dhat.$size.json")
+    else
+        tool=(--tool=callgrind --callgrind-out-file="$OUT/callgrind.$size.out")
+    fi
+    valgrind "${tool[@]}" \
         "$BIN/tollgate" serve --config "$WORK/tollgate.toml" 2>"$WORK/gateway.$size.log" &
     GW=$!
     PIDS+=("$GW")
@@ -87,8 +95,16 @@ for size in $SIZES; do
         --connections 4 "${stream[@]}" >"$WORK/loadgen.$size.json"
     kill -TERM "$GW"
     wait "$GW" 2>/dev/null || true
-    callgrind_annotate --inclusive=yes "$OUT/callgrind.$size.out" >"$OUT/inclusive.$size.txt" 2>/dev/null
     ok=$(sed -n 's/.*"requests":\([0-9]*\).*/\1/p' "$WORK/loadgen.$size.json")
+    if [ "${TOOL:-callgrind}" = dhat ]; then
+        # "==pid== Total:     123 bytes in 4 blocks"
+        read -r bytes blocks < <(sed -n 's/.*Total: *\([0-9,]*\) bytes in \([0-9,]*\) blocks.*/\1 \2/p' \
+            "$WORK/gateway.$size.log" | tr -d ,)
+        printf '%6s B body: %s requests ok; allocations %s blocks, %s bytes (process total)\n' \
+            "$size" "${ok:-?}" "${blocks:-?}" "${bytes:-?}"
+        continue
+    fi
+    callgrind_annotate --inclusive=yes "$OUT/callgrind.$size.out" >"$OUT/inclusive.$size.txt" 2>/dev/null
     path=$(awk '/Gateway.*call.*closure/ { gsub(",", "", $1); print $1; exit }' "$OUT/inclusive.$size.txt")
     total=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }' "$OUT/inclusive.$size.txt")
     printf '%6s B body: %s requests ok; request path %s instructions per request; process total %s\n' \
