@@ -94,7 +94,7 @@ fn redis(c: &mut Criterion) {
     let tasks = tollgate::tasks::Tasks::new();
     let book = rt.block_on(async {
         let book = RedisBook::new(store, Arc::new(SystemClock), tasks.clone()).unwrap();
-        book.start().await.then_some(book)
+        book.start().await.ok()?.then_some(book)
     });
     let Some(book) = book else {
         eprintln!("budget_redis skipped: no Redis answers on 127.0.0.1:6379");

@@ -136,7 +136,11 @@ pub async fn start_with_clock(
     if let BudgetBook::Redis(book) = &*budgets {
         book.set_spend_source(Arc::new(LedgerSpend(ledger.clone())));
         // Served all the same: budgets without fail_open refuse until Redis answers.
-        if !book.start().await {
+        let up = book
+            .start()
+            .await
+            .map_err(|e| StartError::BudgetStore(e.to_string()))?;
+        if !up {
             tracing::error!(
                 "store.budgets: Redis does not answer at start; requests under budgets without \
                  fail_open get 503 budget_store_unavailable until it does"

@@ -193,7 +193,7 @@ fn store(url: &str, prefix: &str, lease: Duration) -> RedisStore {
 async fn book(cfg: RedisStore) -> (BudgetBook, tollgate::tasks::Tasks) {
     let tasks = tollgate::tasks::Tasks::new();
     let b = RedisBook::new(cfg, Arc::new(SystemClock), tasks.clone()).unwrap();
-    b.start().await;
+    b.start().await.unwrap();
     (BudgetBook::Redis(b), tasks)
 }
 
@@ -879,4 +879,54 @@ async fn a_killed_replicas_reservations_come_back_after_the_lease() {
         "not before the lease"
     );
     survivor.shutdown().await;
+}
+
+/// Credentials Redis refuses are a config mistake no waiting mends: `serve` stops at start
+/// with an error naming the field, and the password shows nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refusing_the_credentials_stops_the_start_naming_the_field_and_hiding_the_password() {
+    let Some(redis) = require_redis("redis_refusing_the_credentials") else {
+        return;
+    };
+    let wrong = redis
+        .url
+        .replacen("redis://", "redis://no_such_user:s3cret@", 1);
+    let (text, _sims, _) = Harness::new()
+        .backend(gpt())
+        .store(&redis.store_via(&wrong))
+        .team_toml(
+            "search",
+            SEARCH_KEY,
+            "budgets = [{ window = \"day\", usd = 1.0 }]",
+        )
+        .render()
+        .await;
+    let path = temp_dir("fleet-wrongpass").join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve kept running with credentials Redis refuses");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("store.budgets"), "{all}");
+    assert!(all.contains("refused the credentials"), "{all}");
+    assert!(!all.contains("s3cret"), "leaked:\n{all}");
 }

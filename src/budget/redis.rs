@@ -273,6 +273,22 @@ impl std::fmt::Display for StoreError {
     }
 }
 
+/// Redis answered but refused the gateway's credentials (`store.budgets`' user and password).
+#[derive(Debug, thiserror::Error)]
+#[error("Redis refused the credentials in store.budgets: {0}")]
+pub struct CredentialsRefused(String);
+
+/// How long the start-up check waits for Redis's answer at least: a first connection (TLS,
+/// a cluster's slot map) takes longer than one command on a warm one.
+const START_CHECK: Duration = Duration::from_secs(2);
+
+/// `AUTH` refused (WRONGPASS and the like), a command refused for want of it (`NOAUTH`), or
+/// an ACL user not allowed to run what the gateway runs (`NOPERM`).
+fn is_credentials_error(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+}
+
 // === impl RedisBook ===
 
 impl RedisBook {
@@ -366,8 +382,13 @@ impl RedisBook {
     }
 
     /// Pushes the seeds (once, now, if Redis answers) and starts the loop that retries queued
-    /// settlements. Whether Redis answered.
-    pub async fn start(&self) -> bool {
+    /// settlements. Whether Redis answered; an error when it answered but refused this
+    /// gateway's credentials: a config mistake, which no waiting mends, stops the start
+    /// instead of refusing every budgeted request for ever.
+    pub async fn start(&self) -> Result<bool, CredentialsRefused> {
+        if let Some(refused) = self.inner.credentials_refused().await {
+            return Err(refused);
+        }
         let up = self.inner.flush().await;
         let inner = self.inner.clone();
         let tasks = self.inner.tasks.clone();
@@ -384,7 +405,7 @@ impl RedisBook {
             // Shutdown: one last try, so a clean stop leaves nothing unpushed.
             inner.flush().await;
         });
-        up
+        Ok(up)
     }
 
     /// Spend already in the ledger for the window starting at `start_us`: queued, and brought
@@ -1344,6 +1365,25 @@ impl Inner {
             }
         }
         all
+    }
+
+    /// Asks Redis once: `Some` when it answers but will not take this gateway's credentials
+    /// (a wrong password or user, none given where one is required, a user not allowed to
+    /// run scripts). Down, slow or fine: `None`, and the usual outage handling applies.
+    async fn credentials_refused(&self) -> Option<CredentialsRefused> {
+        let cmd = redis::cmd("PING");
+        let ping = async {
+            match self.conn.clone() {
+                Conn::Single(mut c) => cmd.query_async::<String>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<String>(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(self.cfg.timeout.max(START_CHECK), ping).await {
+            Ok(Err(e)) if is_credentials_error(&e) => Some(CredentialsRefused(
+                crate::secret::redact_urls(&e.to_string()).into_owned(),
+            )),
+            _ => None,
+        }
     }
 
     /// Whether Redis answers a PING in time.

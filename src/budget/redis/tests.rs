@@ -48,7 +48,7 @@ async fn scratch(test: &str) -> Option<Scratch> {
         fail_open_share: 0.1,
     };
     let book = RedisBook::new(cfg, Arc::new(ManualClock::new(T0)), Tasks::new()).unwrap();
-    if !book.start().await {
+    if !book.start().await.unwrap() {
         assert!(
             std::env::var_os("CI").is_none(),
             "CI is set, so {test} may not be skipped: no Redis at {url}"
