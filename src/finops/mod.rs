@@ -1,6 +1,6 @@
 //! The FinOps wing: what is read from the ledger and the live counters, away from the request
 //! path. Reports and unit economics (`report`, `backends`), the FOCUS export (`focus`), the
-//! monthly statement per team (`statement`), and
+//! monthly statement per team (`statement`), re-pricing under another config (`whatif`), and
 //! the GPU-economics exposition (`gpu`).
 
 pub mod backends;
@@ -10,3 +10,4 @@ pub mod focus;
 pub mod gpu;
 pub mod report;
 pub mod statement;
+pub mod whatif;
