@@ -411,3 +411,43 @@ fn check_never_prints_a_store_password_or_a_key() {
     assert!(all.contains("backend[1].api_key_env"), "{all}");
     assert!(all.contains("server.admin_key_env"), "{all}");
 }
+
+#[test]
+fn what_if_and_statement_name_bad_input_and_fail_without_panicking() {
+    let missing = temp_dir("what-if-missing").join("nowhere.toml");
+    let missing = missing.to_str().unwrap();
+    let cases: [(&[&str], &str); 7] = [
+        (&["--what-if", missing], "nowhere.toml"),
+        (
+            &["--statement", "--month", "2026-13"],
+            "`2026-13` as a month",
+        ),
+        (&["--statement"], "--month"),
+        (
+            &["--statement", "--month", "2026-11", "--what-if", "x.toml"],
+            "--what-if",
+        ),
+        (
+            &["--statement", "--month", "2026-11", "--format", "focus"],
+            "--format focus",
+        ),
+        (&["--chargeback"], "--statement"),
+        (
+            &["--month", "2026-11"],
+            "--month is for --statement or --what-if",
+        ),
+    ];
+    for (args, named) in cases {
+        let out = tollgate()
+            .args(["report", "--config", "config/tollgate.toml"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(named) && !stderr.contains("panicked"),
+            "{args:?} should name {named}: {stderr}"
+        );
+    }
+}

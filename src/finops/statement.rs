@@ -310,14 +310,14 @@ pub fn render(s: &Statement, format: Format) -> String {
                 }
                 let _ = writeln!(
                     out,
-                    "  {:<w$}  {:>63}",
+                    "  {:<w$}  {:>75}",
                     format!("total {}", t.team),
                     format_usd(t.total_nusd)
                 );
             }
             let _ = writeln!(
                 out,
-                "\n{:<w$}    {:>63}",
+                "\n{:<w$}    {:>75}",
                 "total, all teams",
                 format_usd(s.total_nusd)
             );
