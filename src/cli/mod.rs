@@ -458,7 +458,8 @@ fn report(
             return Ok(());
         }
         Some(Job::Statement(month, mode, format)) => {
-            let s = statement::query(&conn, &cfg, month, mode)?;
+            let mut s = statement::query(&conn, &cfg, month, mode)?;
+            statement::add_owned_gpu_idle(&mut s, &conn, &cfg, now)?;
             write!(out, "{}", statement::render(&s, format))?;
             return Ok(());
         }

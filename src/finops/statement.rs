@@ -58,6 +58,9 @@ pub struct Statement {
     pub total_nusd: i64,
     /// Every record of the month, billed or not.
     pub ledger_total_nusd: i64,
+    /// What the owned GPUs cost over the month (so far) beyond what their rate cards charged
+    /// the teams: paid by the operator, on no team's statement. `None`: no owned GPUs.
+    pub owned_gpu_idle_nusd: Option<i64>,
 }
 
 // === impl Month ===
@@ -177,7 +180,29 @@ pub fn query(
         total_nusd: teams.iter().map(|t| t.total_nusd).sum(),
         teams,
         ledger_total_nusd,
+        owned_gpu_idle_nusd: None,
     })
+}
+
+/// Fills in [`Statement::owned_gpu_idle_nusd`] from the GPU economics of the month up to
+/// `now_us` (hours still to come are not paid yet).
+pub fn add_owned_gpu_idle(
+    s: &mut Statement,
+    conn: &Reader,
+    config: &Config,
+    now_us: i64,
+) -> Result<(), ReportError> {
+    let (from, to) = s.month.range_us();
+    let rows = crate::finops::backends::economics(
+        conn,
+        config,
+        &crate::config::prices::Catalog::builtin(),
+        Some(from),
+        Some(to.min(now_us)),
+        now_us,
+    )?;
+    s.owned_gpu_idle_nusd = (!rows.is_empty()).then(|| rows.iter().map(|r| r.idle_nusd).sum());
+    Ok(())
 }
 
 fn hosting(l: &Line) -> &'static str {
@@ -226,6 +251,7 @@ pub fn render(s: &Statement, format: Format) -> String {
                 "teams": teams,
                 "total_usd": usd_number(s.total_nusd),
                 "ledger_total_usd": usd_number(s.ledger_total_nusd),
+                "owned_gpu_idle_usd": s.owned_gpu_idle_nusd.map(usd_number),
             });
             out = serde_json::to_string_pretty(&doc).unwrap_or_default();
             out.push('\n');
@@ -321,6 +347,13 @@ pub fn render(s: &Statement, format: Format) -> String {
                 "total, all teams",
                 format_usd(s.total_nusd)
             );
+            if let Some(idle) = s.owned_gpu_idle_nusd {
+                let _ = writeln!(
+                    out,
+                    "owned GPU hours paid beyond what their rate cards charged (idle cost, on no team; see --backends): {}",
+                    format_usd(idle)
+                );
+            }
             if s.ledger_total_nusd != s.total_nusd {
                 let _ = writeln!(
                     out,
@@ -418,6 +451,19 @@ mod tests {
         assert!(claude.cached_tokens > 0);
         assert_eq!(claude.hosting, Some(Hosting::Commercial));
 
+        // The owned GPU's 720 hours at $2.40, less what its rate card charged the teams.
+        let mut s = s;
+        add_owned_gpu_idle(&mut s, &l.conn, &cfg, to).unwrap();
+        let charged: i64 = s
+            .teams
+            .iter()
+            .flat_map(|t| &t.lines)
+            .filter(|l| l.backend == "llama")
+            .map(|l| l.cost_nusd)
+            .sum();
+        assert!(charged > 0);
+        assert_eq!(s.owned_gpu_idle_nusd, Some(1_728_000_000_000 - charged));
+
         // Every rendering carries the same total, exactly.
         let total = format_usd(s.total_nusd);
         let table = render(&s, Format::Table);
@@ -427,6 +473,10 @@ mod tests {
         );
         assert!(table.contains(&total), "{table}");
         assert!(!table.contains("not charged"), "{table}");
+        assert!(
+            table.contains(&format_usd(1_728_000_000_000 - charged)),
+            "{table}"
+        );
         let json: serde_json::Value = serde_json::from_str(&render(&s, Format::Json)).unwrap();
         assert_eq!(json["total_usd"].to_string(), total);
         assert_eq!(json["ledger_total_usd"].to_string(), total);
