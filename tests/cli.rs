@@ -411,3 +411,124 @@ fn check_never_prints_a_store_password_or_a_key() {
     assert!(all.contains("backend[1].api_key_env"), "{all}");
     assert!(all.contains("server.admin_key_env"), "{all}");
 }
+
+#[test]
+fn what_if_and_statement_name_bad_input_and_fail_without_panicking() {
+    let missing = temp_dir("what-if-missing").join("nowhere.toml");
+    let missing = missing.to_str().unwrap();
+    let cases: [(&[&str], &str); 7] = [
+        (&["--what-if", missing], "nowhere.toml"),
+        (
+            &["--statement", "--month", "2026-13"],
+            "`2026-13` as a month",
+        ),
+        (&["--statement"], "--month"),
+        (
+            &["--statement", "--month", "2026-11", "--what-if", "x.toml"],
+            "--what-if",
+        ),
+        (
+            &["--statement", "--month", "2026-11", "--format", "focus"],
+            "--format focus",
+        ),
+        (&["--chargeback"], "--statement"),
+        (
+            &["--month", "2026-11"],
+            "--month is for --statement or --what-if",
+        ),
+    ];
+    for (args, named) in cases {
+        let out = tollgate()
+            .args(["report", "--config", "config/tollgate.toml"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(named) && !stderr.contains("panicked"),
+            "{args:?} should name {named}: {stderr}"
+        );
+    }
+}
+
+/// `0.000123450` → 123450 nano-dollars.
+fn nusd(usd: &str) -> i64 {
+    let (whole, frac) = usd.split_once('.').unwrap_or((usd, "0"));
+    let frac = format!("{frac:0<9}");
+    whole.parse::<i64>().unwrap() * 1_000_000_000 + frac[..9].parse::<i64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statement_bills_what_the_focus_export_bills_and_a_config_against_itself_changes_nothing(
+) {
+    let month = tollgate::clock::format_time(tollgate::clock::unix_now_us())[..7].to_string();
+    let gw = Harness::new()
+        .backend(
+            Backend::sim("llama", "meta-llama/Llama-3.1-8B-Instruct")
+                .alias("chat-small")
+                .toml("gpu = { hourly_usd = 2.0, count = 1, tokens_per_second = 1000 }\n"),
+        )
+        .backend(Backend::sim("openai", "gpt-4o-mini").commercial())
+        .team("search", SEARCH_KEY)
+        .start()
+        .await;
+    for model in ["chat-small", "gpt-4o-mini", "gpt-4o-mini"] {
+        let r = gw
+            .post("/v1/chat/completions", SEARCH_KEY, chat(model, false))
+            .await;
+        assert_eq!(r.status, 200, "{model}");
+    }
+    let config = temp_dir("statement-cli").join("tollgate.toml");
+    std::fs::write(&config, &gw.config_text).unwrap();
+    gw.shutdown().await;
+    let run = |args: &[&str]| {
+        let out = tollgate()
+            .args(["report", "--config", config.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let statement: serde_json::Value = serde_json::from_str(&run(&[
+        "--statement",
+        "--month",
+        &month,
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    let total = nusd(&statement["total_usd"].to_string());
+    assert!(total > 0, "{statement}");
+    assert_eq!(nusd(&statement["ledger_total_usd"].to_string()), total);
+    let focus = run(&["--format", "focus", "--since", &format!("{month}-01")]);
+    let billed: i64 = focus
+        .lines()
+        .skip(1)
+        .map(|l| nusd(l.split(',').next().unwrap()))
+        .sum();
+    assert_eq!(billed, total, "{focus}");
+
+    let same: serde_json::Value = serde_json::from_str(&run(&[
+        "--what-if",
+        config.to_str().unwrap(),
+        "--month",
+        &month,
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(same["delta_usd"].as_f64(), Some(0.0), "{same}");
+    assert_eq!(same["now"], same["what_if"]);
+    assert!(
+        same["now"]["gpu_hours_usd"].as_f64().unwrap() > 0.0,
+        "{same}"
+    );
+    let table = run(&["--what-if", config.to_str().unwrap(), "--month", &month]);
+    assert!(table.contains("Owned GPUs"), "{table}");
+}

@@ -201,7 +201,7 @@ async fn records_come_back_equal_in_every_column_and_a_second_insert_adds_nothin
 
 #[tokio::test]
 async fn reports_from_postgres_equal_reports_from_sqlite() {
-    use tollgate::finops::{backends, focus, report};
+    use tollgate::finops::{backends, focus, report, statement, whatif};
     let Some(db) = TestDb::new("reports").await else {
         return;
     };
@@ -263,6 +263,20 @@ async fn reports_from_postgres_equal_reports_from_sqlite() {
             )
             .unwrap();
             figures.push(format!("{gpus:?}"));
+            let month: statement::Month = "2026-12".parse().unwrap();
+            let s = statement::query(&conn, &config, month, statement::Mode::Chargeback).unwrap();
+            figures.push(format!("{s:?}"));
+            let w = whatif::compare(
+                &conn,
+                &config,
+                &config,
+                &tollgate::config::prices::Catalog::builtin(),
+                Some(DEC_2026),
+                Some(DEC_2026 + 86_400_000_000),
+                DEC_2026,
+            )
+            .unwrap();
+            figures.push(format!("{w:?}"));
             for per_key in [false, true] {
                 let mut spend = read::spend_since(&conn, "search", DEC_2026, per_key).unwrap();
                 spend.sort();
@@ -276,6 +290,12 @@ async fn reports_from_postgres_equal_reports_from_sqlite() {
     .unwrap();
     let (sqlite, postgres) = (&results[0], &results[1]);
     assert!(sqlite[0].contains("search"), "{}", sqlite[0]);
+    assert!(
+        sqlite
+            .iter()
+            .any(|f| f.starts_with("Statement {") && f.contains("team: \"ads\"")),
+        "the statement has rows to compare"
+    );
     for (a, b) in sqlite.iter().zip(postgres) {
         assert_eq!(a, b);
     }

@@ -107,8 +107,22 @@ enum Command {
         format: String,
         /// Only the self-hosted backends' unit economics (GPU hours paid, utilization, idle
         /// cost, break-even against commercial models). The table and JSON show them anyway.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["what_if", "statement"])]
         backends: bool,
+        /// Re-price the ledger's traffic under another config (GPU costs, owned GPUs, prices)
+        /// and show the difference per team and model.
+        #[arg(long, value_name = "OTHER.toml", conflicts_with_all = ["statement", "by"])]
+        what_if: Option<PathBuf>,
+        /// A statement per team for one month (--month): showback, or with --chargeback
+        /// the bill.
+        #[arg(long, requires = "month", conflicts_with = "by")]
+        statement: bool,
+        /// A UTC calendar month, YYYY-MM, for --statement or --what-if.
+        #[arg(long, conflicts_with_all = ["since", "until"])]
+        month: Option<String>,
+        /// With --statement: a chargeback statement (billed to teams), not showback.
+        #[arg(long, requires = "statement")]
+        chargeback: bool,
     },
     /// Apply the PostgreSQL ledger's schema migrations (the gateway also does at start).
     Migrate {
@@ -191,9 +205,35 @@ fn run(command: Command) -> anyhow::Result<()> {
             until,
             format,
             backends,
+            what_if,
+            statement,
+            month,
+            chargeback,
         } => {
             let mut out = stdout::Stdout::lock();
-            report(&mut out, &config, &by, since, until, &format, backends)?;
+            let special = match (what_if, statement) {
+                (Some(other), _) => Some(Special::WhatIf(other)),
+                (None, true) => Some(Special::Statement { chargeback }),
+                (None, false) => None,
+            };
+            if month.is_some() && special.is_none() {
+                anyhow::bail!(
+                    "--month is for --statement or --what-if; use --since/--until for the report"
+                );
+            }
+            report(
+                &mut out,
+                &config,
+                &by,
+                Period {
+                    since,
+                    until,
+                    month,
+                },
+                &format,
+                backends,
+                special,
+            )?;
             Ok(out.flush()?)
         }
         Command::Demo {
@@ -286,21 +326,80 @@ fn migrate(out: &mut impl Write, config: &std::path::Path) -> anyhow::Result<()>
     Ok(())
 }
 
+/// A report that is not the grouped spend report.
+enum Special {
+    WhatIf(PathBuf),
+    Statement { chargeback: bool },
+}
+
+/// A special report, its inputs read and checked.
+enum Job {
+    WhatIf(PathBuf, Box<config::Config>, crate::finops::report::Format),
+    Statement(
+        crate::finops::statement::Month,
+        crate::finops::statement::Mode,
+        crate::finops::report::Format,
+    ),
+}
+
+/// The report's period as the command line gave it.
+struct Period {
+    since: Option<String>,
+    until: Option<String>,
+    month: Option<String>,
+}
+
 fn report(
     out: &mut impl Write,
     config: &std::path::Path,
     by: &str,
-    since: Option<String>,
-    until: Option<String>,
+    period: Period,
     format: &str,
     backends_only: bool,
+    special: Option<Special>,
 ) -> anyhow::Result<()> {
     use crate::finops::report::{self, Dim, Format};
+    use crate::finops::statement::{self, Month};
     let cfg = config::load(config, &config::process_env)?;
     let store = crate::ledger::Store::from_url(cfg.ledger_url.expose(), &cfg.ledger_spool)?;
     let now = crate::clock::unix_now_us();
-    let from = since.map(|s| report::parse_time(&s, now)).transpose()?;
-    let to = until.map(|s| report::parse_time(&s, now)).transpose()?;
+    let month = period.month.map(|m| m.parse::<Month>()).transpose()?;
+    let (mut from, mut to) = (
+        period
+            .since
+            .map(|s| report::parse_time(&s, now))
+            .transpose()?,
+        period
+            .until
+            .map(|s| report::parse_time(&s, now))
+            .transpose()?,
+    );
+    if let Some(m) = month {
+        let (f, t) = m.range_us();
+        // The month so far: owned GPUs have not been paid for the hours still to come.
+        (from, to) = (Some(f), Some(t.min(now.max(f))));
+    }
+    // Checked before the ledger is opened, so a bad combination is named, not a missing file.
+    let special = match special {
+        Some(_) if format == "focus" => anyhow::bail!(
+            "--format focus is the FOCUS export itself: use table, csv or json with --what-if or --statement"
+        ),
+        Some(Special::WhatIf(path)) => {
+            let other = config::load(&path, &config::process_env)
+                .with_context(|| format!("--what-if {}", path.display()))?;
+            Some(Job::WhatIf(path, Box::new(other), format.parse::<Format>()?))
+        }
+        Some(Special::Statement { chargeback }) => Some(Job::Statement(
+            month.context("--statement needs --month YYYY-MM")?,
+            if chargeback {
+                statement::Mode::Chargeback
+            } else {
+                statement::Mode::Showback
+            },
+            format.parse::<Format>()?,
+        )),
+        None => None,
+    };
     // FOCUS is not a rendering of the grouped report: its rows and columns are fixed.
     let report = if format == "focus" {
         None
@@ -338,6 +437,33 @@ fn report(
                 );
             }
         }
+    }
+    match special {
+        Some(Job::WhatIf(path, other, format)) => {
+            let w = crate::finops::whatif::compare(
+                &conn,
+                &cfg,
+                &other,
+                &crate::config::prices::Catalog::builtin(),
+                from,
+                to,
+                now,
+            )?;
+            let labels = (config.display().to_string(), path.display().to_string());
+            write!(
+                out,
+                "{}",
+                crate::finops::whatif::render(&w, (&labels.0, &labels.1), format)
+            )?;
+            return Ok(());
+        }
+        Some(Job::Statement(month, mode, format)) => {
+            let mut s = statement::query(&conn, &cfg, month, mode)?;
+            statement::add_owned_gpu_idle(&mut s, &conn, &cfg, now)?;
+            write!(out, "{}", statement::render(&s, format))?;
+            return Ok(());
+        }
+        None => {}
     }
     match report {
         None => write!(

@@ -289,7 +289,16 @@ fn default_protocol() -> Protocol {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawGpu {
-    pub hourly_usd: f64,
+    /// All-in cost of one GPU an hour; or leave it out and give the capex fields below.
+    pub hourly_usd: Option<f64>,
+    /// Capex: what one GPU cost to buy, spread evenly over `amortization_months`.
+    pub purchase_usd: Option<f64>,
+    pub amortization_months: Option<f64>,
+    /// Power drawn by one GPU (with its share of the server) at the wall, in watts.
+    pub power_watts: Option<f64>,
+    pub usd_per_kwh: Option<f64>,
+    /// Cooling as a share of the power bill: 0.3 is a datacenter with a PUE of 1.3.
+    pub cooling_overhead: Option<f64>,
     #[serde(default = "one_u32")]
     pub count: u32,
     #[serde(default = "one_f64")]

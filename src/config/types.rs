@@ -309,10 +309,30 @@ impl fmt::Display for Window {
 
 #[derive(Debug)]
 pub struct GpuCost {
+    /// One GPU an hour, all in: given, or the sum of `capex`'s parts.
     pub hourly_usd: f64,
+    /// The parts of `hourly_usd` when the config gives purchase and power rather than a rate.
+    pub capex: Option<GpuCapex>,
     pub count: u32,
     pub fraction: f64,
     pub tokens_per_second: Option<f64>,
+}
+
+/// One GPU's hourly cost from what owning it takes, in USD per GPU-hour.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuCapex {
+    pub amortized_usd_per_hour: f64,
+    pub power_usd_per_hour: f64,
+    pub cooling_usd_per_hour: f64,
+}
+
+/// 8760 hours a year over 12: the month purchases are amortized in.
+pub const HOURS_PER_MONTH: f64 = 730.0;
+
+impl GpuCapex {
+    pub fn usd_per_hour(&self) -> f64 {
+        self.amortized_usd_per_hour + self.power_usd_per_hour + self.cooling_usd_per_hour
+    }
 }
 
 impl GpuCost {

@@ -539,9 +539,31 @@ fn backend(p: &str, b: RawBackend, env: EnvLookup<'_>, c: &mut Checker) -> Backe
 }
 
 fn gpu(p: &str, g: RawGpu, c: &mut Checker) -> GpuCost {
-    if !(g.hourly_usd.is_finite() && g.hourly_usd >= 0.0) {
-        c.err(format!("{p}.gpu.hourly_usd"), "must be >= 0");
-    }
+    let capex = gpu_capex(p, &g, c);
+    let hourly_usd = match (g.hourly_usd, capex) {
+        (Some(h), None) => {
+            if !(h.is_finite() && h >= 0.0) {
+                c.err(format!("{p}.gpu.hourly_usd"), "must be >= 0");
+            }
+            h
+        }
+        (None, Some(capex)) => capex.usd_per_hour(),
+        // Two sources for one rate would disagree sooner or later; the reports need one.
+        (Some(_), Some(_)) => {
+            c.err(
+                format!("{p}.gpu.hourly_usd"),
+                "give hourly_usd or purchase_usd/amortization_months/power_watts/usd_per_kwh, not both",
+            );
+            0.0
+        }
+        (None, None) => {
+            c.err(
+                format!("{p}.gpu.hourly_usd"),
+                "missing: give hourly_usd, or purchase_usd and amortization_months (with power_watts and usd_per_kwh for power)",
+            );
+            0.0
+        }
+    };
     if g.count == 0 {
         c.err(format!("{p}.gpu.count"), "must be > 0");
     }
@@ -554,11 +576,94 @@ fn gpu(p: &str, g: RawGpu, c: &mut Checker) -> GpuCost {
         }
     }
     GpuCost {
-        hourly_usd: g.hourly_usd,
+        hourly_usd,
+        capex,
         count: g.count,
         fraction: g.fraction,
         tokens_per_second: g.tokens_per_second,
     }
+}
+
+/// The capex fields, all or nothing by pair: a purchase needs its amortization period, power
+/// needs its price; cooling is a share of power, so it needs power.
+fn gpu_capex(p: &str, g: &RawGpu, c: &mut Checker) -> Option<GpuCapex> {
+    let given = [
+        g.purchase_usd,
+        g.amortization_months,
+        g.power_watts,
+        g.usd_per_kwh,
+        g.cooling_overhead,
+    ]
+    .iter()
+    .any(Option::is_some);
+    if !given {
+        return None;
+    }
+    let mut field = |name: &str, v: Option<f64>, min_exclusive: bool| -> f64 {
+        match v {
+            Some(x) if x.is_finite() && (x > 0.0 || (!min_exclusive && x == 0.0)) => x,
+            Some(_) => {
+                c.err(
+                    format!("{p}.gpu.{name}"),
+                    if min_exclusive {
+                        "must be > 0"
+                    } else {
+                        "must be >= 0"
+                    },
+                );
+                0.0
+            }
+            None => 0.0,
+        }
+    };
+    let purchase = field("purchase_usd", g.purchase_usd, false);
+    let months = field("amortization_months", g.amortization_months, true);
+    let watts = field("power_watts", g.power_watts, false);
+    let per_kwh = field("usd_per_kwh", g.usd_per_kwh, false);
+    let cooling = field("cooling_overhead", g.cooling_overhead, false);
+    let pair = |c: &mut Checker, a: (&str, Option<f64>), b: (&str, Option<f64>)| {
+        if a.1.is_some() && b.1.is_none() {
+            c.err(
+                format!("{p}.gpu.{}", b.0),
+                format!("missing: {} needs it", a.0),
+            );
+        }
+    };
+    pair(
+        c,
+        ("purchase_usd", g.purchase_usd),
+        ("amortization_months", g.amortization_months),
+    );
+    pair(
+        c,
+        ("amortization_months", g.amortization_months),
+        ("purchase_usd", g.purchase_usd),
+    );
+    pair(
+        c,
+        ("power_watts", g.power_watts),
+        ("usd_per_kwh", g.usd_per_kwh),
+    );
+    pair(
+        c,
+        ("usd_per_kwh", g.usd_per_kwh),
+        ("power_watts", g.power_watts),
+    );
+    pair(
+        c,
+        ("cooling_overhead", g.cooling_overhead),
+        ("power_watts", g.power_watts),
+    );
+    let power = watts / 1000.0 * per_kwh;
+    Some(GpuCapex {
+        amortized_usd_per_hour: if months > 0.0 {
+            purchase / (months * HOURS_PER_MONTH)
+        } else {
+            0.0
+        },
+        power_usd_per_hour: power,
+        cooling_usd_per_hour: power * cooling,
+    })
 }
 
 fn health_check(

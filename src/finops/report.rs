@@ -28,6 +28,8 @@ pub enum ReportError {
     BadDim(String),
     #[error("cannot read `{0}` as a time: use 2026-11-22, 2026-11-22T10:00:00Z, or an age like 30m, 24h, 7d")]
     BadTime(String),
+    #[error("cannot read `{0}` as a month: use YYYY-MM, e.g. 2026-11")]
+    BadMonth(String),
     #[error("unknown format `{0}`: use table, csv, json or focus")]
     BadFormat(String),
     #[error(transparent)]

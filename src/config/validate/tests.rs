@@ -475,3 +475,52 @@ fn no_error_quotes_a_password_or_a_key() {
         vec!["backend[0].api_key_env must be the name of an environment variable (letters, digits, _) that holds the key, not the key itself"]
     );
 }
+
+#[test]
+fn a_gpu_cost_from_purchase_power_and_cooling_is_its_hourly_rate() {
+    let gpu = |fields: &str| {
+        MINIMAL.replace(
+            "hosting = \"self_hosted\"",
+            &format!("hosting = \"self_hosted\"\ngpu = {{ {fields} }}"),
+        )
+    };
+    // $29,200 over 40 months of 730 h is $1/h; 700 W at $0.20/kWh is $0.14/h, cooled at +50%.
+    let c = parse(
+        &gpu("purchase_usd = 29200, amortization_months = 40, power_watts = 700, usd_per_kwh = 0.20, cooling_overhead = 0.5"),
+        "t.toml",
+        &no_env,
+    )
+    .unwrap();
+    let g = c.backends[0].gpu.as_ref().unwrap();
+    let capex = g.capex.unwrap();
+    assert!((capex.amortized_usd_per_hour - 1.0).abs() < 1e-12);
+    assert!((capex.power_usd_per_hour - 0.14).abs() < 1e-12);
+    assert!((capex.cooling_usd_per_hour - 0.07).abs() < 1e-12);
+    assert_eq!(g.nusd_per_hour(), 1_210_000_000);
+
+    let errs = |fields: &str| errors_of(&gpu(fields)).join("\n");
+    let e = errs("hourly_usd = 2.0, purchase_usd = 1000, amortization_months = 12");
+    assert!(
+        e.contains("backend[0].gpu.hourly_usd") && e.contains("not both"),
+        "{e}"
+    );
+    let e = errs("purchase_usd = 1000");
+    assert!(
+        e.contains("backend[0].gpu.amortization_months missing"),
+        "{e}"
+    );
+    let e = errs("power_watts = 700, purchase_usd = 1, amortization_months = 1");
+    assert!(e.contains("backend[0].gpu.usd_per_kwh missing"), "{e}");
+    let e = errs("purchase_usd = 1000, amortization_months = 0");
+    assert!(
+        e.contains("backend[0].gpu.amortization_months must be > 0"),
+        "{e}"
+    );
+    let e = errs("purchase_usd = 1, amortization_months = 1, power_watts = 1, usd_per_kwh = 1, cooling_overhead = -0.1");
+    assert!(
+        e.contains("backend[0].gpu.cooling_overhead must be >= 0"),
+        "{e}"
+    );
+    let e = errs("count = 2");
+    assert!(e.contains("backend[0].gpu.hourly_usd missing"), "{e}");
+}
