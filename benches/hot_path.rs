@@ -3,16 +3,71 @@
 //! what `tollgate_overhead_seconds` will measure in production.
 //!
 //! Run: `cargo bench --bench hot_path`
+//!
+//! Before the timings it prints the heap allocations each measured step makes (a counting
+//! allocator wraps the system one for this bench): a count does not move with the machine's
+//! load, so it shows a change that timings on a busy 2-core machine would hide.
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tollgate::api::openai;
 use tollgate::live::LiveState;
 use tollgate::route::{Prompt, RouteRequest};
 
 const KEY: &str = "tg-bench-key";
+
+/// The system allocator, counting allocations (not frees: the figure is work done).
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        ALLOC_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        ALLOC_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        // SAFETY: as for `dealloc`, and `new_size` is the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations and bytes per call of `f`, over 100 calls after one warm-up call.
+fn allocations<R>(name: &str, mut f: impl FnMut() -> R) {
+    black_box(f());
+    let (n0, b0) = (
+        ALLOCS.load(Ordering::Relaxed),
+        ALLOC_BYTES.load(Ordering::Relaxed),
+    );
+    for _ in 0..100 {
+        black_box(f());
+    }
+    let (n1, b1) = (
+        ALLOCS.load(Ordering::Relaxed),
+        ALLOC_BYTES.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "allocations {name:<28} {:>6.1} per call, {:>8.0} bytes",
+        (n1 - n0) as f64 / 100.0,
+        (b1 - b0) as f64 / 100.0
+    );
+}
 
 fn config() -> tollgate::config::Config {
     let hash = tollgate::keys::hex(&tollgate::keys::hash_key(KEY));
@@ -66,6 +121,31 @@ fn route_request<'a>(
     }
 }
 
+/// Everything the gateway does to a request before sending it: authenticate, parse, rank the
+/// backends, rewrite the model, prepare the upstream headers.
+fn front(
+    live: &LiveState,
+    headers: &HeaderMap,
+    body: &Bytes,
+    id: &HeaderValue,
+) -> (Bytes, HeaderMap) {
+    let p = live.keys.authenticate(headers).unwrap();
+    let s = openai::parse(body).unwrap();
+    let plan = live
+        .router
+        .plan(&route_request(&s.model, &p, body.len()))
+        .unwrap();
+    let c = &plan.ranked[0].candidate;
+    let out = {
+        let mut e = openai::BodyEdits::default();
+        e.set_model(&s.model_span, &c.model);
+        e.apply(body)
+    };
+    let mut h = headers.clone();
+    tollgate::upstream::headers::to_upstream(&mut h, tollgate::config::Protocol::OpenAi, None, id);
+    (out, h)
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -81,6 +161,26 @@ fn bench(c: &mut Criterion) {
     headers.insert("content-type", HeaderValue::from_static("application/json"));
     headers.insert("user-agent", HeaderValue::from_static("OpenAI/Python 1.0"));
     let principal = live.keys.authenticate(&headers).unwrap();
+
+    let id = HeaderValue::from_static("req_0000000000000000");
+    allocations("auth", || live.keys.authenticate(&headers).unwrap());
+    allocations("route_among_50", || {
+        live.router
+            .plan(&route_request("chat-small", &principal, 1024))
+            .unwrap()
+    });
+    for size in [1024, 8 * 1024, 100 * 1024] {
+        let b = body(size);
+        allocations(&format!("parse/{size}"), || {
+            openai::parse(&b).unwrap().stream
+        });
+    }
+    for size in [1024, 8 * 1024] {
+        let b = body(size);
+        allocations(&format!("hot_path/{size}"), || {
+            front(&live, &headers, &b, &id)
+        });
+    }
 
     c.bench_function("auth", |b| {
         b.iter(|| live.keys.authenticate(black_box(&headers)).unwrap())
@@ -156,28 +256,7 @@ fn bench(c: &mut Criterion) {
         let body = body(size);
         group.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
             let id = HeaderValue::from_static("req_0000000000000000");
-            b.iter(|| {
-                let p = live.keys.authenticate(&headers).unwrap();
-                let s = openai::parse(body).unwrap();
-                let plan = live
-                    .router
-                    .plan(&route_request(&s.model, &p, body.len()))
-                    .unwrap();
-                let c = &plan.ranked[0].candidate;
-                let out = {
-                    let mut e = openai::BodyEdits::default();
-                    e.set_model(&s.model_span, &c.model);
-                    e.apply(body)
-                };
-                let mut h = headers.clone();
-                tollgate::upstream::headers::to_upstream(
-                    &mut h,
-                    tollgate::config::Protocol::OpenAi,
-                    None,
-                    &id,
-                );
-                (out, h)
-            })
+            b.iter(|| front(&live, &headers, body, &id))
         });
     }
     group.finish();
