@@ -60,19 +60,7 @@ impl TestDb {
 
     /// Every row's request id with its replica, HTTP status and ledger status.
     pub async fn rows(&self) -> Vec<Row> {
-        self.client()
-            .await
-            .query("SELECT id, replica, http_status, status FROM requests", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| Row {
-                id: r.get(0),
-                replica: r.get(1),
-                http_status: r.get(2),
-                status: r.get(3),
-            })
-            .collect()
+        rows_of(&self.client().await).await
     }
 
     /// Request ids with how often each is there.
@@ -83,6 +71,22 @@ impl TestDb {
         }
         out
     }
+}
+
+/// Every ledger row the client's database holds, as [`Row`]s.
+pub async fn rows_of(client: &tokio_postgres::Client) -> Vec<Row> {
+    client
+        .query("SELECT id, replica, http_status, status FROM requests", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| Row {
+            id: r.get(0),
+            replica: r.get(1),
+            http_status: r.get(2),
+            status: r.get(3),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]

@@ -245,19 +245,7 @@ impl OwnPg {
 
     /// Every ledger row of `db` (id, replica, statuses).
     pub async fn rows(&self, db: &str) -> Vec<Row> {
-        self.socket_client(db)
-            .await
-            .query("SELECT id, replica, http_status, status FROM requests", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| Row {
-                id: r.get(0),
-                replica: r.get(1),
-                http_status: r.get(2),
-                status: r.get(3),
-            })
-            .collect()
+        crate::pg::rows_of(&self.socket_client(db).await).await
     }
 }
 
