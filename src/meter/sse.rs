@@ -305,10 +305,24 @@ fn ends_first(b: &[u8], from: usize) -> (usize, usize) {
     (b.len(), b.len())
 }
 
+/// The event's lines, `\r` ends removed; as `split` on `\n` yields them (a last empty line
+/// after a final `\n`), found by `memchr` rather than a test per byte.
 fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
-    event
-        .split(|&c| c == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+    let mut rest = Some(event);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        let line = match memchr::memchr(b'\n', r) {
+            Some(nl) => {
+                rest = Some(&r[nl + 1..]);
+                &r[..nl]
+            }
+            None => {
+                rest = None;
+                r
+            }
+        };
+        Some(line.strip_suffix(b"\r").unwrap_or(line))
+    })
 }
 
 fn is_data_line(line: &[u8]) -> bool {
