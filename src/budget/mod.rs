@@ -169,8 +169,10 @@ impl BudgetBook {
                 .admit(team, key_id, demand)
                 .map(|(r, rem)| (Reservation::Local(r), rem))
                 .map_err(Refusal::Over),
-            BudgetBook::Redis(b) => b
-                .admit(team, key_id, demand)
+            // Boxed: the Redis client's future is kilobytes, and inline it would enlarge every
+            // request's future (allocated and copied per request) in local mode too. A Redis
+            // admission pays one allocation beside its round trip.
+            BudgetBook::Redis(b) => Box::pin(b.admit(team, key_id, demand))
                 .await
                 .map(|(r, rem)| (Reservation::Redis(r), rem)),
         }

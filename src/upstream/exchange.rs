@@ -139,7 +139,9 @@ impl Attempts {
             *waited += asked.elapsed();
             match retryable(&attempt) {
                 Some(why) if more && self.retry_on.allows(why, self.candidate()) => {
-                    match self.fall_back(why, req.request_id, hooks).await {
+                    // Boxed, as below: the fallback (a new budget reservation, perhaps over
+                    // Redis) is rare, and inline its future would enlarge every request's.
+                    match Box::pin(self.fall_back(why, req.request_id, hooks)).await {
                         Some(body) => req.body = body,
                         None => return attempt,
                     }
@@ -161,7 +163,7 @@ impl Attempts {
         if !more || !self.retry_on.allows(why, self.candidate()) {
             return None;
         }
-        self.fall_back(why, request_id, hooks).await
+        Box::pin(self.fall_back(why, request_id, hooks)).await
     }
 
     /// Moves to the next candidate that has a slot and takes the request; its body, or

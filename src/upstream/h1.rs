@@ -140,12 +140,17 @@ impl H1Pool {
                         || e.is_closed()
                         || (self.replay_after_close && e.is_incomplete_message()) =>
                 {
-                    return self.clone().send_on(self.connect().await?, retry).await;
+                    let conn = Box::pin(self.connect()).await?;
+                    return self.clone().send_on(conn, retry).await;
                 }
                 Err(e) => return Err(e),
             }
         }
-        self.clone().send_on(self.connect().await?, req).await
+        // Connecting is boxed: the TCP connect and HTTP/1 handshake futures are large and
+        // needed only for a new connection, while their room inline would be allocated and
+        // copied with every request's future.
+        let conn = Box::pin(self.connect()).await?;
+        self.clone().send_on(conn, req).await
     }
 
     async fn send_on(
