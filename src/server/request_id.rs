@@ -26,21 +26,27 @@ pub fn next_id() -> RequestId {
         u64::from_le_bytes(b)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    RequestId(HeaderValue::from_str(&uuid_text(prefix, n)).expect("hex is a valid header value"))
+    let text = uuid_text(prefix, n);
+    RequestId(HeaderValue::from_bytes(&text).expect("hex and dashes are a valid header value"))
 }
 
-/// `prefix` and `n` in a version-4, variant-1 UUID's text form.
-fn uuid_text(prefix: u64, n: u64) -> String {
+/// `prefix` and `n` in a version-4, variant-1 UUID's text form. Written digit by digit:
+/// `format!` cost about 3,000 instructions here, on every request (callgrind).
+fn uuid_text(prefix: u64, n: u64) -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let hi = (prefix & !0xF000) | 0x4000; // version 4 in bits 12-15
     let lo = (n & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000; // variant 10
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xFFFF,
-        hi & 0xFFFF,
-        lo >> 48,
-        lo & 0xFFFF_FFFF_FFFF
-    )
+    let value = (u128::from(hi) << 64) | u128::from(lo);
+    let mut out = [b'-'; 36];
+    let mut digit = 0;
+    for (i, c) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        *c = HEX[(value >> (124 - 4 * digit)) as usize & 0xF];
+        digit += 1;
+    }
+    out
 }
 
 #[derive(Debug, Clone, Default)]
@@ -114,9 +120,11 @@ mod tests {
     #[test]
     fn ids_are_version_4_uuids() {
         let s = uuid_text(u64::MAX, 0);
-        assert_eq!(s, "ffffffff-ffff-4fff-8000-000000000000");
+        assert_eq!(&s, b"ffffffff-ffff-4fff-8000-000000000000");
         let s = uuid_text(0, u64::MAX);
-        assert_eq!(s, "00000000-0000-4000-bfff-ffffffffffff");
+        assert_eq!(&s, b"00000000-0000-4000-bfff-ffffffffffff");
+        let s = uuid_text(0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
+        assert_eq!(&s, b"01234567-89ab-4def-bedc-ba9876543210");
         let a = next_id();
         let b = next_id();
         assert_ne!(a.as_str(), b.as_str());
