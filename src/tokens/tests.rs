@@ -87,3 +87,47 @@ fn the_estimate_never_undercounts() {
         assert!(estimate_prompt_tokens(body.len()) >= exact);
     }
 }
+
+/// Texts whose pieces take every path of the merge: whole tokens, short pieces merged by
+/// scanning, and pieces past `LARGE_PIECE` bytes merged with the heap (a long word, a long
+/// run of symbols, digits, mixed scripts, whitespace runs).
+fn varied_texts() -> Vec<String> {
+    let mut texts = vec![ENGLISH.to_string(), CODE.to_string(), CHAT.to_string()];
+    texts.push("supercalifragilisticexpialidocious".repeat(40));
+    texts.push("ünïcödé✓漢字かなカナ한국어".repeat(30));
+    texts.push("!@#$%^&*()_+-=[]{}|;':\",./<>?".repeat(20));
+    texts.push("0123456789".repeat(50));
+    texts.push(format!("a{}b\r\n\r\n  \t x", " ".repeat(700)));
+    // Pseudo-random printable ASCII with few spaces: long pieces of odd byte pairs.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let random: String = (0..6000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'!' + (x % 94) as u8) as char
+        })
+        .collect();
+    texts.push(random);
+    texts
+}
+
+#[test]
+fn counts_equal_tiktoken_rs_on_every_path() {
+    let t = Tokenizers::shared();
+    let reference = [
+        (Encoding::Cl100kBase, tiktoken_rs::cl100k_base().unwrap()),
+        (Encoding::O200kBase, tiktoken_rs::o200k_base().unwrap()),
+    ];
+    for text in varied_texts() {
+        for (enc, bpe) in &reference {
+            assert_eq!(
+                t.count(*enc, &text),
+                bpe.encode_ordinary(&text).len() as u64,
+                "{} on {:?}…",
+                enc.name(),
+                &text.chars().take(40).collect::<String>()
+            );
+        }
+    }
+}
