@@ -189,6 +189,7 @@ pub async fn start_with_clock(
         config_path,
         ledger: ledger.clone(),
         budgets: budgets.clone(),
+        forecast: Arc::new(crate::budget::forecast::Forecaster::new()),
         tasks: tasks.clone(),
     };
     let admin_service = {
