@@ -5,7 +5,8 @@
 #   scripts/dashboard-browser.sh URL KEY OUTDIR   check the page, screenshots into OUTDIR
 #   scripts/dashboard-browser.sh --setup          only install the pinned driver (CI does this)
 #
-# The driver is npm's `playwright-core` at the pinned version below, installed once into
+# The driver is npm's `playwright-core` at the pinned version below (the newest that runs on
+# Debian 12's Node 18), installed once into
 # ${TOLLGATE_CACHE:-$HOME/.cache/tollgate}/playwright-core-VERSION with scripts disabled:
 # playwright-core downloads no browser, and the check launches the Debian package's
 # /usr/bin/chromium (TOLLGATE_CHROMIUM overrides), never a downloaded one.
@@ -15,7 +16,7 @@
 # turns that into a skip unless CI is set).
 set -euo pipefail
 
-VERSION=1.65.2
+VERSION=1.60.0
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 dir="${TOLLGATE_CACHE:-$HOME/.cache/tollgate}/playwright-core-$VERSION"
 chromium="${TOLLGATE_CHROMIUM:-/usr/bin/chromium}"
