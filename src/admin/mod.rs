@@ -3,6 +3,7 @@
 //! It listens apart from the client API so that it can stay on a private address; when the
 //! admin key's variable is set, everything but the health probes requires that key.
 
+pub mod alerts;
 mod console;
 mod dashboard;
 
