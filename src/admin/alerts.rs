@@ -67,9 +67,7 @@ async fn check_loop(admin: Admin, tx: mpsc::Sender<serde_json::Value>) {
         }
         let mut now_true = gpu_conditions(&live);
         match admin.forecasts().await {
-            Ok((views, forecasts, now)) => {
-                now_true.extend(budget_conditions(&live, &views, &forecasts, now))
-            }
+            Ok(f) => now_true.extend(budget_conditions(&live, &f.views, &f.forecasts, f.now_us)),
             // The budget store's errors have their own counter; keep the budget episodes as
             // they were rather than re-alert when it answers again.
             Err(_) => now_true.extend(active.iter().filter(|id| id.starts_with("budget")).map(

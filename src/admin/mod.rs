@@ -24,6 +24,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// The budgets as they stand at one instant, each with its forecast (same order).
+struct Forecasts {
+    views: Vec<crate::budget::BudgetView>,
+    forecasts: Vec<crate::budget::forecast::Forecast>,
+    now_us: i64,
+}
+
 #[derive(Clone)]
 pub struct Admin {
     pub live: Live,
@@ -52,9 +59,7 @@ impl Admin {
         // A shared budget store is asked over the network, which `route` cannot wait for.
         if req.method() == Method::GET && path == "/admin/budgets" && self.authorized(&req) {
             return Ok(match self.forecasts().await {
-                Ok((views, forecasts, now)) => {
-                    json(StatusCode::OK, budgets(&views, &forecasts, now))
-                }
+                Ok(f) => json(StatusCode::OK, budgets(&f)),
                 Err(_) => error(&GatewayError::BudgetStoreUnavailable),
             });
         }
@@ -81,21 +86,16 @@ impl Admin {
     }
 
     /// Every budget with its forecast, sampled now.
-    async fn forecasts(
-        &self,
-    ) -> Result<
-        (
-            Vec<crate::budget::BudgetView>,
-            Vec<crate::budget::forecast::Forecast>,
-            i64,
-        ),
-        crate::budget::Refusal,
-    > {
+    async fn forecasts(&self) -> Result<Forecasts, crate::budget::Refusal> {
         let teams = self.live.load().config.teams.clone();
         let views = self.budgets.view(&teams).await?;
-        let now = self.budgets.now_us();
-        let forecasts = self.forecast.observe(&views, now);
-        Ok((views, forecasts, now))
+        let now_us = self.budgets.now_us();
+        let forecasts = self.forecast.observe(&views, now_us);
+        Ok(Forecasts {
+            views,
+            forecasts,
+            now_us,
+        })
     }
 
     /// `GET /dashboard`: the page, the sign-in form, or the redirect that signs in.
@@ -129,9 +129,7 @@ impl Admin {
         crate::metrics::usd().render(&mut more);
         crate::finops::gpu::render(&self.live.load(), &mut more);
         match self.forecasts().await {
-            Ok((views, forecasts, now)) => {
-                crate::budget::forecast::render(&views, &forecasts, now, &mut more)
-            }
+            Ok(f) => crate::budget::forecast::render(&f.views, &f.forecasts, f.now_us, &mut more),
             // The other families still answer; the store's errors have their own counter.
             Err(_) => {
                 tracing::warn!("/metrics: no budget forecast, the budget store did not answer")
@@ -155,7 +153,7 @@ impl Admin {
             Err(e) => return bad_query(e),
         };
         let budget_json = match self.forecasts().await {
-            Ok((views, forecasts, now)) => budgets(&views, &forecasts, now),
+            Ok(f) => budgets(&f),
             Err(_) => serde_json::json!({"error": "the budget store did not answer"}),
         };
         let backends_now = backends(&live);
@@ -480,16 +478,13 @@ fn percent_decode(v: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn budgets(
-    views: &[crate::budget::BudgetView],
-    forecasts: &[crate::budget::forecast::Forecast],
-    now_us: i64,
-) -> serde_json::Value {
+fn budgets(f: &Forecasts) -> serde_json::Value {
+    let now_us = f.now_us;
     let usd = |n: Option<i64>| n.map(|n| serde_json::Value::String(crate::meter::format_usd(n)));
     serde_json::Value::Array(
-        views
+        f.views
             .iter()
-            .zip(forecasts)
+            .zip(&f.forecasts)
             .map(|(v, f)| {
                 let used_nusd = v.spent.nusd + v.reserved.nusd;
                 let used_tokens = v.spent.tokens + v.reserved.tokens;
