@@ -151,7 +151,7 @@ function budgets(d) {
     if (!f.exhausts_at) return el('span', { class: 'forecast-none' }, f.burn_usd_per_hour > 0 || f.burn_tokens_per_hour > 0 ? 'lasts until the reset' : 'no burn: no date');
     return el('span', { class: 'forecast-date' }, when(f.exhausts_at));
   };
-  const rate = (b) => `${usd(b.forecast.burn_usd_per_hour)}/h, ${num(b.forecast.burn_tokens_per_hour)} tok/h over ${b.forecast.rate_window}`;
+  const rate = (b) => el('span', { class: 'rate' }, `${usd(b.forecast.burn_usd_per_hour)}/h, ${num(b.forecast.burn_tokens_per_hour)} tok/h over ${b.forecast.rate_window}`);
   const body = rows.length
     ? table(['team', 'key', 'window', 'spent', 'reserved', 'limit', 'soft limit', 'runs out at', 'burn rate (window)', 'resets'],
       rows.map((b) => [b.team, b.key_id || 'all keys', b.window, usd(Number(b.spent_usd)), usd(Number(b.reserved_usd)), lim(b), soft(b), fc(b), rate(b), when(b.resets_at)]))
