@@ -93,7 +93,8 @@ async fn each_condition_alerts_once_with_retries_and_no_secret() {
         .team_toml(
             "search",
             SEARCH_KEY,
-            "budgets = [{ window = \"day\", usd = 0.002, soft_ratio = 0.01 }]",
+            // Monthly: a day's window could reset before the forecast date near midnight.
+            "budgets = [{ window = \"month\", usd = 0.002, soft_ratio = 0.01 }]",
         )
         .team_toml("other", OTHER_KEY, "budgets = [{ window = \"day\", usd = 5.0, soft_ratio = 0.9 }]")
         .metrics("idle_after_s = 1")
@@ -136,7 +137,7 @@ async fn each_condition_alerts_once_with_retries_and_no_secret() {
     let soft = hook.delivered("budget_soft_limit");
     assert_eq!(soft.len(), 1, "{soft:?}");
     assert_eq!(soft[0]["team"], "search");
-    assert_eq!(soft[0]["window"], "day");
+    assert_eq!(soft[0]["window"], "month");
     assert_eq!(soft[0]["soft_ratio"], 0.01);
     let forecast = hook.delivered("budget_forecast");
     assert_eq!(forecast.len(), 1, "{forecast:?}");

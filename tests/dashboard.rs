@@ -17,7 +17,8 @@ const RESEARCH_KEY: &str = "tg-test-research";
 const LLAMA: &str = "meta-llama/Llama-3.1-8B-Instruct";
 
 /// Two teams spending on an owned GPU with one slot and a commercial twin it spills to, and
-/// a third team that spends nothing; `search` has a small daily budget its burn runs out.
+/// a third team that spends nothing; `search` has a small budget its burn runs out (monthly:
+/// a day's would reset before it runs out when the test runs just before midnight).
 async fn gateway() -> Gateway {
     Harness::new()
         .backend(
@@ -36,7 +37,7 @@ async fn gateway() -> Gateway {
         .team_toml(
             "search",
             SEARCH_KEY,
-            "request_tags = [\"project\"]\nbudgets = [{ window = \"day\", usd = 0.02, soft_ratio = 0.5 }]",
+            "request_tags = [\"project\"]\nbudgets = [{ window = \"month\", usd = 0.02, soft_ratio = 0.5 }]",
         )
         .team_toml(
             "support",
@@ -127,7 +128,7 @@ async fn budgets_and_metrics_carry_the_burn_rate_forecast() {
     let line = text
         .lines()
         .find(|l| {
-            l.starts_with("tollgate_budget_exhaustion_seconds{team=\"search\",window=\"day\"} ")
+            l.starts_with("tollgate_budget_exhaustion_seconds{team=\"search\",window=\"month\"} ")
         })
         .unwrap_or_else(|| panic!("no exhaustion series for search in:\n{text}"));
     let seconds: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
