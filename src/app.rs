@@ -189,8 +189,11 @@ pub async fn start_with_clock(
         config_path,
         ledger: ledger.clone(),
         budgets: budgets.clone(),
+        forecast: Arc::new(crate::budget::forecast::Forecaster::new()),
         tasks: tasks.clone(),
     };
+    // The alerts webhook's check and send loops (idle without `alerts.url`).
+    crate::admin::alerts::start(&admin);
     let admin_service = {
         let admin = admin.clone();
         hyper::service::service_fn(move |req| admin.clone().handle(req))

@@ -96,6 +96,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         (ephemeral, ephemeral)
     };
     let bind = |a| server::bind(a, 1024).with_context(|| format!("cannot listen on {a}"));
+    let admin_keyed = cfg.server.admin_key.is_some();
     let gw = app::start_on(cfg, None, bind(client_addr)?, bind(admin_addr)?).await?;
 
     println!("tollgate demo");
@@ -126,6 +127,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             "  curl -s http://{}/metrics | grep tollgate_",
             gw.admin_addr
         );
+        println!(
+            "\nThe FinOps console (spend, budgets and their forecasts, GPUs, routing, break-even):"
+        );
+        println!("  http://{}/dashboard", gw.admin_addr);
+        if admin_keyed {
+            println!(
+                "  sign in with the admin key once (the form, or /dashboard?key=KEY): it sets an \
+                 HttpOnly session cookie; scripts send `authorization: Bearer KEY` instead"
+            );
+        } else {
+            println!(
+                "  no admin key is set, so the admin port answers on loopback without one; set \
+                 one with server.admin_key_env before exposing it"
+            );
+        }
         app::terminate_signal().await;
     }
     gw.shutdown().await;

@@ -242,6 +242,7 @@ async fn reports_from_postgres_equal_reports_from_sqlite() {
                 "key,endpoint",
                 "day",
                 "hour,team",
+                "minute,model",
                 "project,env",
                 "requested_model",
                 "",
@@ -530,6 +531,15 @@ async fn the_admin_reports_read_the_postgres_ledger() {
     let focus = gw.admin_get("/admin/report/focus").await;
     assert_eq!(focus.status, 200);
     assert!(focus.text().starts_with("BilledCost,"));
+    // The console's JSON reads PostgreSQL as the report does (its minute buckets included).
+    let console = gw.admin_get("/admin/console?from=1h").await;
+    assert_eq!(console.status, 200, "{}", console.text());
+    let spend = &console.json()["ledger"]["spend"]["by_team"]["rows"];
+    assert_eq!(spend[0]["team"], "search", "{spend}");
+    assert!(
+        spend[0]["minute"].as_str().unwrap().ends_with('Z'),
+        "{spend}"
+    );
     let replicas = db
         .client()
         .await

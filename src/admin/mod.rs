@@ -3,6 +3,10 @@
 //! It listens apart from the client API so that it can stay on a private address; when the
 //! admin key's variable is set, everything but the health probes requires that key.
 
+pub mod alerts;
+mod console;
+mod dashboard;
+
 use crate::body::GatewayBody;
 use crate::config;
 use crate::error::GatewayError;
@@ -20,6 +24,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// The budgets as they stand at one instant, each with its forecast (same order).
+struct Forecasts {
+    views: Vec<crate::budget::BudgetView>,
+    forecasts: Vec<crate::budget::forecast::Forecast>,
+    now_us: i64,
+}
+
 #[derive(Clone)]
 pub struct Admin {
     pub live: Live,
@@ -29,33 +40,159 @@ pub struct Admin {
     pub config_path: Option<PathBuf>,
     pub ledger: Arc<Ledger>,
     pub budgets: Arc<crate::budget::BudgetBook>,
+    /// Samples of budget spend between looks, for the burn-rate forecast.
+    pub forecast: Arc<crate::budget::forecast::Forecaster>,
     pub tasks: crate::tasks::Tasks,
 }
 
 impl Admin {
     pub async fn handle<B>(self, req: Request<B>) -> Result<Response<GatewayBody>, Infallible> {
         let path = req.uri().path();
+        if req.method() == Method::GET {
+            if let Some(resp) = dashboard::asset(path) {
+                return Ok(resp);
+            }
+            if path == "/dashboard" {
+                return Ok(self.dashboard(&req));
+            }
+        }
         // A shared budget store is asked over the network, which `route` cannot wait for.
         if req.method() == Method::GET && path == "/admin/budgets" && self.authorized(&req) {
-            let teams = self.live.load().config.teams.clone();
-            return Ok(match self.budgets.view(&teams).await {
-                Ok(views) => json(StatusCode::OK, budgets(&views)),
+            return Ok(match self.forecasts().await {
+                Ok(f) => json(StatusCode::OK, budgets(&f)),
                 Err(_) => error(&GatewayError::BudgetStoreUnavailable),
             });
         }
+        // The forecast family asks the budget store too.
+        if req.method() == Method::GET && path == "/metrics" && self.authorized(&req) {
+            return Ok(self.metrics().await);
+        }
         // Reports read the ledger and must wait for it, which `route` cannot.
         if req.method() == Method::GET
-            && matches!(path, "/admin/usage" | "/admin/report/focus")
+            && matches!(
+                path,
+                "/admin/usage" | "/admin/report/focus" | "/admin/console"
+            )
             && self.authorized(&req)
         {
             let query = req.uri().query().unwrap_or("");
-            return Ok(if path == "/admin/usage" {
-                self.usage(query).await
-            } else {
-                self.focus(query).await
+            return Ok(match path {
+                "/admin/usage" => self.usage(query).await,
+                "/admin/console" => self.console(query).await,
+                _ => self.focus(query).await,
             });
         }
         Ok(self.route(&req))
+    }
+
+    /// Every budget with its forecast, sampled now.
+    async fn forecasts(&self) -> Result<Forecasts, crate::budget::Refusal> {
+        let teams = self.live.load().config.teams.clone();
+        let views = self.budgets.view(&teams).await?;
+        let now_us = self.budgets.now_us();
+        let forecasts = self.forecast.observe(&views, now_us);
+        Ok(Forecasts {
+            views,
+            forecasts,
+            now_us,
+        })
+    }
+
+    /// `GET /dashboard`: the page, the sign-in form, or the redirect that signs in.
+    fn dashboard<B>(&self, req: &Request<B>) -> Response<GatewayBody> {
+        let live = self.live.load();
+        let Some(admin_key) = &live.config.server.admin_key else {
+            return dashboard::page();
+        };
+        if let Some(key) = param(req.uri().query().unwrap_or(""), "key") {
+            return if hash_key(&key) == hash_key(admin_key.expose()) {
+                dashboard::signed_in(admin_key.expose())
+            } else {
+                dashboard::login(true)
+            };
+        }
+        if self.authorized(req) {
+            dashboard::page()
+        } else {
+            dashboard::login(false)
+        }
+    }
+
+    /// `GET /metrics`: the recorder's families, the dollar counters, GPU economics, and the
+    /// budgets' forecasts (computed now, from the counters: nothing per request).
+    async fn metrics(&self) -> Response<GatewayBody> {
+        let mut text = self.metrics.render();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        let mut more = crate::metrics::Exposition::new();
+        crate::metrics::usd().render(&mut more);
+        crate::finops::gpu::render(&self.live.load(), &mut more);
+        match self.forecasts().await {
+            Ok(f) => crate::budget::forecast::render(&f.views, &f.forecasts, f.now_us, &mut more),
+            // The other families still answer; the store's errors have their own counter.
+            Err(_) => {
+                tracing::warn!("/metrics: no budget forecast, the budget store did not answer")
+            }
+        }
+        text.push_str(&more.finish());
+        let mut resp = Response::new(GatewayBody::full(Bytes::from(text)));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        resp
+    }
+
+    /// `GET /admin/console?from=…&to=…&tag=…`: the dashboard's figures (see `console.rs`).
+    async fn console(&self, query: &str) -> Response<GatewayBody> {
+        let live = self.live.load_full();
+        let now = live.clock.now_us();
+        let q = match console::Query::parse(query, &live.config, now) {
+            Ok(q) => q,
+            Err(e) => return bad_query(e),
+        };
+        let budget_json = match self.forecasts().await {
+            Ok(f) => budgets(&f),
+            Err(_) => serde_json::json!({"error": "the budget store did not answer"}),
+        };
+        let backends_now = backends(&live);
+        let config = live.config.clone();
+        let q2 = q.clone();
+        let panels = self
+            .read_ledger("console", move |conn| {
+                let v = console::ledger_panels(
+                    conn,
+                    &config,
+                    &crate::config::prices::Catalog::builtin(),
+                    &q2,
+                    now,
+                )?;
+                Ok(serde_json::to_string(&v).unwrap_or_default())
+            })
+            .await;
+        let panels: serde_json::Value = match panels {
+            Ok(text) => serde_json::from_str(&text).unwrap_or_default(),
+            Err(resp) => return resp,
+        };
+        let teams: Vec<&str> = live.config.teams.iter().map(|t| &*t.name).collect();
+        json(
+            StatusCode::OK,
+            serde_json::json!({
+                "period": panels.get("period"),
+                "generated_at": crate::clock::format_time(now),
+                "teams": teams,
+                "budgets": {
+                    "rows": budget_json,
+                    "source": "budget counters, as GET /admin/budgets (current windows, not the period)",
+                },
+                "backends_now": {
+                    "rows": backends_now,
+                    "source": "live occupancy counters, as GET /admin/backends and the tollgate_backend_* metrics",
+                },
+                "ledger": panels,
+            }),
+        )
     }
 
     /// `GET /admin/usage?group_by=team,model&from=…&to=…`: the ledger report as JSON.
@@ -150,22 +287,6 @@ impl Admin {
             }
             (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
             _ if !self.authorized(req) => error(&GatewayError::AdminKey),
-            (&Method::GET, "/metrics") => {
-                let mut text = self.metrics.render();
-                if !text.is_empty() && !text.ends_with('\n') {
-                    text.push('\n');
-                }
-                let mut more = crate::metrics::Exposition::new();
-                crate::metrics::usd().render(&mut more);
-                crate::finops::gpu::render(&self.live.load(), &mut more);
-                text.push_str(&more.finish());
-                let mut resp = Response::new(GatewayBody::full(Bytes::from(text)));
-                resp.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                resp
-            }
             (&Method::GET, "/admin/backends") => json(StatusCode::OK, backends(&self.live.load())),
             (&Method::POST, "/admin/reload") => match self.reload() {
                 Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
@@ -189,6 +310,8 @@ impl Admin {
             .and_then(crate::auth::bearer_token);
         // Comparing hashes keeps the comparison's timing independent of the key's prefix.
         presented.is_some_and(|p| hash_key(p) == hash_key(expected.expose()))
+            // The console's cookie reads, never writes: GET only.
+            || (req.method() == Method::GET && dashboard::has_session(req, expected.expose()))
     }
 
     /// Re-reads the config file and swaps it in whole; a bad file keeps the running config.
@@ -355,12 +478,14 @@ fn percent_decode(v: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn budgets(views: &[crate::budget::BudgetView]) -> serde_json::Value {
+fn budgets(f: &Forecasts) -> serde_json::Value {
+    let now_us = f.now_us;
     let usd = |n: Option<i64>| n.map(|n| serde_json::Value::String(crate::meter::format_usd(n)));
     serde_json::Value::Array(
-        views
+        f.views
             .iter()
-            .map(|v| {
+            .zip(&f.forecasts)
+            .map(|(v, f)| {
                 let used_nusd = v.spent.nusd + v.reserved.nusd;
                 let used_tokens = v.spent.tokens + v.reserved.tokens;
                 serde_json::json!({
@@ -377,10 +502,34 @@ fn budgets(views: &[crate::budget::BudgetView]) -> serde_json::Value {
                     "remaining_tokens": v.limit_tokens.map(|l| (l - used_tokens).max(0)),
                     "soft_ratio": v.soft_ratio,
                     "resets_at": crate::clock::format_time(v.resets_at_us),
+                    "forecast": forecast_json(f, now_us),
                 })
             })
             .collect(),
     )
+}
+
+/// The burn-rate forecast of one budget: the rate, what it was measured over, and when the
+/// budget runs out at it (`null` when nothing burns or the window resets first).
+fn forecast_json(f: &crate::budget::forecast::Forecast, now_us: i64) -> serde_json::Value {
+    let round = |x: f64, places: i32| {
+        let p = 10f64.powi(places);
+        (x * p).round() / p
+    };
+    serde_json::json!({
+        "burn_usd_per_hour": round(f.nusd_per_hour / 1e9, 9),
+        "burn_tokens_per_hour": round(f.tokens_per_hour, 1),
+        "rate_basis": f.basis.as_str(),
+        "rate_window": f.describe_window(),
+        "rate_from": crate::clock::format_time(f.rate_from_us),
+        "rate_to": crate::clock::format_time(f.rate_to_us),
+        "exhausts_at": f.exhausts_at_us.map(crate::clock::format_time),
+        "seconds_left": f.seconds_left(now_us),
+        "runs_out_on": f.limit.map(|k| match k {
+            crate::budget::LimitKind::Usd => "usd",
+            crate::budget::LimitKind::Tokens => "tokens",
+        }),
+    })
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<GatewayBody> {

@@ -19,6 +19,7 @@
 //! trip per phase.
 
 pub mod admit;
+pub mod forecast;
 pub mod local;
 pub mod redis;
 pub mod window;

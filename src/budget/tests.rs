@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 const T0: i64 = 1_795_343_400_000_000; // 2026-11-22T10:30:00Z
 
-fn team(budgets: Vec<Budget>) -> Team {
+pub(super) fn team(budgets: Vec<Budget>) -> Team {
     Team {
         name: "search".into(),
         key_hashes: vec![],
@@ -17,7 +17,7 @@ fn team(budgets: Vec<Budget>) -> Team {
     }
 }
 
-fn budget(window: Window, usd: Option<f64>, tokens: Option<u64>) -> Budget {
+pub(super) fn budget(window: Window, usd: Option<f64>, tokens: Option<u64>) -> Budget {
     Budget {
         window,
         tokens,

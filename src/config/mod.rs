@@ -15,6 +15,12 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ALERTS_FORECAST_HOURS: f64 = 24.0;
+pub const DEFAULT_ALERTS_CHECK_INTERVAL_S: f64 = 10.0;
+pub const DEFAULT_ALERTS_TIMEOUT_S: f64 = 10.0;
+pub const DEFAULT_ALERTS_MAX_ATTEMPTS: u32 = 6;
+pub const DEFAULT_ALERTS_RETRY_INITIAL_S: f64 = 1.0;
+pub const DEFAULT_ALERTS_QUEUE: usize = 256;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_ADMIN_KEY_ENV: &str = "TOLLGATE_ADMIN_KEY";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
@@ -73,6 +79,8 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub focus: RawFocus,
+    #[serde(default)]
+    pub alerts: RawAlerts,
 }
 
 #[derive(Debug, Deserialize)]
@@ -439,6 +447,41 @@ impl Default for RawFocus {
             provider_name: DEFAULT_FOCUS_PROVIDER_NAME.into(),
             invoice_issuer_name: None,
             host_provider_name: None,
+        }
+    }
+}
+
+/// `[alerts]`: a webhook the gateway POSTs JSON to when a budget passes its soft limit, when a
+/// budget's forecast runs out within `forecast_hours`, and when a self-hosted backend has been
+/// idle for `metrics.idle_after_s`. One alert per condition and episode, retried with backoff.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAlerts {
+    /// `http(s)://…` to POST to; none (the default): no alerts.
+    pub url: Option<String>,
+    /// Alert when a budget runs out within this many hours at its current burn rate.
+    pub forecast_hours: f64,
+    /// How often the conditions are checked.
+    pub check_interval_s: f64,
+    /// One POST's time limit.
+    pub timeout_s: f64,
+    /// Tries per alert, the first included; waits double from `retry_initial_s` between them.
+    pub max_attempts: u32,
+    pub retry_initial_s: f64,
+    /// Alerts waiting to be sent; more are dropped (and logged) while the receiver is down.
+    pub queue: usize,
+}
+
+impl Default for RawAlerts {
+    fn default() -> Self {
+        Self {
+            url: None,
+            forecast_hours: DEFAULT_ALERTS_FORECAST_HOURS,
+            check_interval_s: DEFAULT_ALERTS_CHECK_INTERVAL_S,
+            timeout_s: DEFAULT_ALERTS_TIMEOUT_S,
+            max_attempts: DEFAULT_ALERTS_MAX_ATTEMPTS,
+            retry_initial_s: DEFAULT_ALERTS_RETRY_INITIAL_S,
+            queue: DEFAULT_ALERTS_QUEUE,
         }
     }
 }

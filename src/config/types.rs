@@ -24,6 +24,7 @@ pub struct Config {
     pub teams: Vec<Arc<Team>>,
     pub metrics: Metrics,
     pub focus: Focus,
+    pub alerts: Alerts,
     /// Things worth a log line that do not stop the gateway.
     pub warnings: Vec<String>,
     /// `api_key_env` variables that are not set: `serve` refuses to start, `check` warns.
@@ -515,6 +516,19 @@ pub struct Focus {
     pub provider_name: String,
     pub invoice_issuer_name: String,
     pub host_provider_name: String,
+}
+
+/// The alerts webhook (`[alerts]`), validated.
+#[derive(Debug, Clone)]
+pub struct Alerts {
+    /// A secret: webhook URLs often carry their token in the path or query.
+    pub url: Option<crate::secret::Secret>,
+    pub forecast: Duration,
+    pub check_interval: Duration,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub retry_initial: Duration,
+    pub queue: usize,
 }
 
 /// Inference server software, as far as metering cares: each has its own tokenize endpoint

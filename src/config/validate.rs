@@ -183,6 +183,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
     }
     let metrics = metrics(raw.metrics, &mut c);
     let focus = focus(raw.focus, &mut c);
+    let alerts = alerts(raw.alerts, &mut c);
     if !c.errors.is_empty() {
         return Err(c.errors);
     }
@@ -197,6 +198,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Vec<Config
         teams,
         metrics,
         focus,
+        alerts,
         warnings: c.warnings,
         missing_keys: c.missing_keys,
     })
@@ -905,6 +907,57 @@ fn focus(raw: RawFocus, c: &mut Checker) -> Focus {
         provider_name,
         invoice_issuer_name,
         host_provider_name,
+    }
+}
+
+fn alerts(raw: RawAlerts, c: &mut Checker) -> Alerts {
+    let url = raw.url.and_then(|url| {
+        // Quoted back redacted: the URL may be the receiver's secret.
+        let shown = redact_url(&url).into_owned();
+        let problem = match url.parse::<http::Uri>() {
+            Err(_) => Some(format!("`{shown}` is not a URL")),
+            Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => Some(
+                "must not carry credentials (user:password@); put a token in the path or query"
+                    .to_string(),
+            ),
+            Ok(u) if !matches!(u.scheme_str(), Some("http" | "https")) => {
+                Some("must start with http:// or https://".into())
+            }
+            Ok(u) if u.host().is_none_or(str::is_empty) => Some("has no host".into()),
+            Ok(_) => None,
+        };
+        match problem {
+            Some(p) => {
+                c.err("alerts.url", p);
+                None
+            }
+            None => Some(Secret::new(url)),
+        }
+    });
+    let hours = raw.forecast_hours;
+    let forecast = if hours.is_finite() && hours > 0.0 && hours <= 24.0 * 366.0 {
+        std::time::Duration::from_secs_f64(hours * 3600.0)
+    } else {
+        c.err(
+            "alerts.forecast_hours",
+            format!("must be a positive number of hours, at most a year, got {hours}"),
+        );
+        std::time::Duration::from_secs(3600)
+    };
+    if raw.max_attempts == 0 || raw.max_attempts > 100 {
+        c.err("alerts.max_attempts", "must be between 1 and 100");
+    }
+    if raw.queue == 0 || raw.queue > 1_000_000 {
+        c.err("alerts.queue", "must be between 1 and 1000000");
+    }
+    Alerts {
+        url,
+        forecast,
+        check_interval: c.seconds("alerts.check_interval_s", raw.check_interval_s),
+        timeout: c.seconds("alerts.timeout_s", raw.timeout_s),
+        max_attempts: raw.max_attempts.clamp(1, 100),
+        retry_initial: c.seconds("alerts.retry_initial_s", raw.retry_initial_s),
+        queue: raw.queue.clamp(1, 1_000_000),
     }
 }
 

@@ -18,13 +18,15 @@ pub enum Dim {
     Endpoint,
     Day,
     Hour,
+    /// The console's finest step: a short period still draws a curve.
+    Minute,
     /// A tag key, e.g. `project`.
     Tag(String),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("cannot group by `{0}`: use team, model, requested_model, backend, key, status, endpoint, day, hour or a tag key")]
+    #[error("cannot group by `{0}`: use team, model, requested_model, backend, key, status, endpoint, day, hour, minute or a tag key")]
     BadDim(String),
     #[error("cannot read `{0}` as a time: use 2026-11-22, 2026-11-22T10:00:00Z, or an age like 30m, 24h, 7d")]
     BadTime(String),
@@ -56,6 +58,7 @@ impl Dim {
             "endpoint" => Dim::Endpoint,
             "day" => Dim::Day,
             "hour" => Dim::Hour,
+            "minute" => Dim::Minute,
             tag if !tag.is_empty()
                 && tag.len() <= 64
                 && tag
@@ -79,6 +82,7 @@ impl Dim {
             Dim::Endpoint => "endpoint",
             Dim::Day => "day",
             Dim::Hour => "hour",
+            Dim::Minute => "minute",
             Dim::Tag(t) => t,
         }
     }
@@ -90,6 +94,9 @@ impl Dim {
             (Dim::Day, Dialect::Postgres) => return format!("to_char({pg}, 'YYYY-MM-DD')"),
             (Dim::Hour, Dialect::Postgres) => {
                 return format!("to_char({pg}, 'YYYY-MM-DD\"T\"HH24\":00Z\"')")
+            }
+            (Dim::Minute, Dialect::Postgres) => {
+                return format!("to_char({pg}, 'YYYY-MM-DD\"T\"HH24:MI\"Z\"')")
             }
             (Dim::Tag(t), Dialect::Postgres) => {
                 return format!("COALESCE(tags::jsonb ->> '{t}', '-')")
@@ -106,6 +113,9 @@ impl Dim {
             Dim::Endpoint => "endpoint".into(),
             Dim::Day => "strftime('%Y-%m-%d', started_at_us / 1000000, 'unixepoch')".into(),
             Dim::Hour => "strftime('%Y-%m-%dT%H:00Z', started_at_us / 1000000, 'unixepoch')".into(),
+            Dim::Minute => {
+                "strftime('%Y-%m-%dT%H:%MZ', started_at_us / 1000000, 'unixepoch')".into()
+            }
             Dim::Tag(t) => format!("COALESCE(json_extract(tags, '$.\"{t}\"'), '-')"),
         }
     }

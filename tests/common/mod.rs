@@ -148,6 +148,7 @@ pub struct Harness {
     ledger_url: Option<String>,
     metrics: String,
     focus: String,
+    alerts: String,
     admin_key: Option<String>,
 }
 
@@ -252,6 +253,13 @@ impl Harness {
         self
     }
 
+    /// Extra TOML lines for `[alerts]`.
+    pub fn alerts(mut self, lines: &str) -> Self {
+        self.alerts.push_str(lines);
+        self.alerts.push('\n');
+        self
+    }
+
     /// Guard the admin port with this key (through `admin_key_env`, as a user would).
     pub fn admin_key(mut self, key: &str) -> Self {
         self.admin_key = Some(key.into());
@@ -299,13 +307,14 @@ impl Harness {
             env.insert("TEST_ADMIN_KEY".to_string(), key);
         }
         let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"{}\"\n{}\n[routing]\n{}\n[metrics]\n{}\n[focus]\n{}\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[store]\nledger = \"{}\"\n{}\n[routing]\n{}\n[metrics]\n{}\n[focus]\n{}\n[alerts]\n{}\n",
             server,
             ledger,
             self.store,
             self.routing,
             self.metrics,
-            self.focus
+            self.focus,
+            self.alerts
         );
         let mut sims = HashMap::new();
         for b in self.backends {
