@@ -23,6 +23,7 @@ use crate::clock::format_time;
 use crate::config::Hosting;
 use crate::live::{Live, LiveState};
 use crate::meter::format_usd;
+use crate::upstream::client::UpstreamClient;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
 use http::Request;
@@ -225,7 +226,10 @@ async fn send_loop(
     mut rx: mpsc::Receiver<serde_json::Value>,
     tasks: crate::tasks::Tasks,
 ) {
-    let client = client();
+    // Connecting is bounded by the whole attempt's `alerts.timeout_s`; idle connections to the
+    // receiver are kept a minute, alerts being rare.
+    let client =
+        crate::upstream::client::https(live.load().config.alerts.timeout, Duration::from_secs(60));
     loop {
         let alert = tokio::select! {
             a = rx.recv() => match a {
@@ -241,24 +245,8 @@ async fn send_loop(
     }
 }
 
-type Client = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Full<Bytes>,
->;
-
-fn client() -> Client {
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
-}
-
 /// POSTs one alert, retrying what a retry may fix, with a doubling wait.
-async fn deliver(client: &Client, live: &Live, alert: &serde_json::Value) {
+async fn deliver(client: &UpstreamClient, live: &Live, alert: &serde_json::Value) {
     let cfg = live.load().config.alerts.clone();
     let Some(url) = cfg.url else { return };
     let Ok(uri) = url.expose().parse::<http::Uri>() else {

@@ -616,7 +616,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod control_tests {
+mod run_end_tests {
     use super::run_end;
 
     #[test]

@@ -139,8 +139,9 @@ impl Attempts {
             *waited += asked.elapsed();
             match retryable(&attempt) {
                 Some(why) if more && self.retry_on.allows(why, self.candidate()) => {
-                    // Boxed, as below: the fallback (a new budget reservation, perhaps over
-                    // Redis) is rare, and inline its future would enlarge every request's.
+                    // Boxed, here and in `move_on`: a fallback (a new budget reservation,
+                    // perhaps over Redis) is rare, and inline its future would enlarge every
+                    // request's.
                     match Box::pin(self.fall_back(why, req.request_id, hooks)).await {
                         Some(body) => req.body = body,
                         None => return attempt,

@@ -140,17 +140,12 @@ impl H1Pool {
                         || e.is_closed()
                         || (self.replay_after_close && e.is_incomplete_message()) =>
                 {
-                    let conn = Box::pin(self.connect()).await?;
-                    return self.clone().send_on(conn, retry).await;
+                    return self.clone().send_on(self.connect().await?, retry).await;
                 }
                 Err(e) => return Err(e),
             }
         }
-        // Connecting is boxed: the TCP connect and HTTP/1 handshake futures are large and
-        // needed only for a new connection, while their room inline would be allocated and
-        // copied with every request's future.
-        let conn = Box::pin(self.connect()).await?;
-        self.clone().send_on(conn, req).await
+        self.clone().send_on(self.connect().await?, req).await
     }
 
     async fn send_on(
@@ -169,7 +164,14 @@ impl H1Pool {
         Ok((resp, driver))
     }
 
-    async fn connect(&self) -> Result<H1Conn, H1Error> {
+    /// A new connection. Boxed: the TCP connect and HTTP/1 handshake futures are large and
+    /// only a new connection needs them; inline, their room would be allocated and copied
+    /// with every request's future.
+    fn connect(&self) -> Pin<Box<dyn Future<Output = Result<H1Conn, H1Error>> + Send + '_>> {
+        Box::pin(self.dial())
+    }
+
+    async fn dial(&self) -> Result<H1Conn, H1Error> {
         let stream =
             tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.authority))
                 .await
