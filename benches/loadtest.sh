@@ -17,6 +17,8 @@
 #               running beside the test takes less from it, equally for all three targets
 #   PORT_BASE   ports used: PORT_BASE+1, +2, +80, +82, +90, +91 (default 18000)
 #   KEEP_WORK=1 keep the temp dir (configs, bodies, logs)
+#   SECTIONS    which numbered sections below to run (default "1 2 3 4 5 6"), e.g. SECTIONS="2 3"
+#               to compare two builds on throughput and latency alone; the others' rows stay empty
 #   STORE=redis the gateway keeps its team's budgets in Redis (fleet mode): REDIS_URL, default
 #               redis://127.0.0.1:6379/0, under a key prefix of this run's own, deleted at exit;
 #               the team gets day and month budgets far above what the run spends, so every
@@ -49,6 +51,9 @@ CLK_TCK=$(getconf CLK_TCK)
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/tollgate-loadtest.XXXXXX)
 PIDS=()
+
+SECTIONS=" ${SECTIONS:-1 2 3 4 5 6} "
+want() { [[ $SECTIONS == *" $1 "* ]]; }
 
 log() { printf '[loadtest %s] %s\n' "$(date +%T)" "$*" >&2; }
 
@@ -302,6 +307,7 @@ rss_steady() {
     done
     echo "$b"
 }
+if want 1; then
 R[gateway.rss_idle]=$(rss_steady "$GW_PID")
 hold_rss() { # TARGET: R[TARGET.rss_hold] = RSS (KiB) of the proxy while 256 paced streams are open
     local t=$1 err=$WORK/hold-$1.err line rss=0 p
@@ -322,30 +328,31 @@ hold_rss() { # TARGET: R[TARGET.rss_hold] = RSS (KiB) of the proxy while 256 pac
 }
 hold_rss gateway
 hold_rss nginx
+fi
 
 # --- 2. throughput and CPU at 64 connections ----------------------------------------------
-for t in "${TARGETS[@]}"; do
+want 2 && for t in "${TARGETS[@]}"; do
     loadgen --url "${URL[$t]}" "${AUTH[@]}" --body "$WORK/chat-1k.json" --connections 64 \
         --duration "$WARMUP" --label "$t/warmup" >/dev/null
 done
-for size in 1k 8k; do
+want 2 && for size in 1k 8k; do
     for t in "${TARGETS[@]}"; do
         measure "$t" "chat$size" --body "$WORK/chat-$size.json" --connections 64 --duration "$DURATION"
     done
 done
 
 # --- 3. latency at a fixed 100 req/s --------------------------------------------------------
-for t in "${TARGETS[@]}"; do
+want 3 && for t in "${TARGETS[@]}"; do
     measure "$t" rate100 --body "$WORK/chat-1k.json" --rate 100 --connections 16 --duration "$DURATION"
 done
 
 # --- 4. streaming: unpaced 64-token streams at 64 connections -------------------------------
-for t in "${TARGETS[@]}"; do
+want 4 && for t in "${TARGETS[@]}"; do
     measure "$t" stream --body "$WORK/stream.json" --stream --connections 64 --duration "$DURATION"
 done
 
 # --- 5. bursts of 256 new connections (three each) -------------------------------------------
-for t in "${TARGETS[@]}"; do
+want 5 && for t in "${TARGETS[@]}"; do
     slowest=0 over=0 errs=0
     for _ in 1 2 3; do
         wait_quiet
@@ -364,7 +371,7 @@ R[gateway.rss_end]=$(rss_kib "$GW_PID")
 # --- 6. syscalls per request (strace -c), separate runs: strace slows everything down --------
 # Two loads: the unpaced streams at 64 connections (per-frame work shows here), and 1 KB
 # requests at 100 req/s (the hand-overs behind the added latency show here).
-if [ "${STRACE:-1}" = 1 ]; then
+if [ "${STRACE:-1}" = 1 ] && want 6; then
     strace_run() { # TARGET KEY LOADGEN-ARGS…: prints "TARGET KEY SYSCALL CALLS-PER-REQUEST" rows
         local t=$1 key=$2 summary=$WORK/strace-$1-$2.txt args=() p line n
         shift 2
@@ -396,6 +403,8 @@ if [ "${STRACE:-1}" = 1 ]; then
 fi
 
 # --- results -------------------------------------------------------------------------------
+# Rows of sections left out (SECTIONS) print empty.
+set +u
 f1() { calc "sprintf(\"%.1f\", $1)" 2>/dev/null || echo "$1"; }
 ratio() { calc "($2) > 0 ? sprintf(\"%.2f\", ($1) / ($2)) : \"-\""; }
 added() { calc "sprintf(\"%+.3f\", $1 - $2)"; }

@@ -395,6 +395,8 @@ impl SpendSource for LedgerSpend {
         budgets: &[(Window, bool)],
         now_us: i64,
     ) -> Result<Vec<LedgerSeed>, SpendUnreadable> {
+        // Records still in the journal count too (a short wait: this runs off the runtime).
+        self.0.flush(crate::ledger::FLUSH_WAIT);
         let readers = ledger_readers(&self.0.store).map_err(|e| SpendUnreadable(e.into()))?;
         team_spend(&readers, team, budgets, now_us).map_err(|e| SpendUnreadable(e.into()))
     }

@@ -311,10 +311,11 @@ async fn send(
 /// The ledger's view of this run: what each team spent, on which model and backend.
 async fn print_cost_report(gw: &app::Running, since_us: i64) -> anyhow::Result<()> {
     use crate::finops::report::{self, Dim, Format};
-    let store = gw.ledger.store.clone();
+    let ledger = gw.ledger.clone();
     let config = gw.live.load().config.clone();
     let table = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let conn = store.reader()?;
+        ledger.flush(crate::ledger::FLUSH_WAIT);
+        let conn = ledger.store.reader()?;
         let by = [Dim::Team, Dim::Model, Dim::Backend];
         let rows = report::query(&conn, &by, Some(since_us), None)?;
         let gpus = crate::finops::backends::economics(

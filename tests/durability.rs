@@ -105,12 +105,109 @@ async fn every_completed_response_survives_sigkill() {
         completed.len(),
         &lost[..lost.len().min(5)]
     );
+    // Most of them were loaded into SQLite before the kill; the last ones only reached the
+    // journal, and the restart loaded them (the log says how many).
+    let (_, log) = gw.stop("-TERM").await;
+    let from_journal = log
+        .lines()
+        .find(|l| l.contains("loaded the records a stopped process left in the journal"))
+        .unwrap_or("no record was left in the journal");
     eprintln!(
-        "{} completed responses, {} ledger records, none lost",
+        "{} completed responses, {} ledger records, none lost; at the restart: {from_journal}",
         completed.len(),
         ids.len()
     );
-    drop(gw);
+}
+
+/// Responses do not wait for SQLite: with the ledger file locked by another writer, requests
+/// are still answered (their records in the journal only); killed then, the gateway loads each
+/// of them exactly once when it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_only_in_the_journal_at_a_sigkill_are_loaded_once_at_the_restart() {
+    let (text, _sims, _) = Harness::new()
+        .backend(
+            Backend::sim("llama", "llama-3.1-8b")
+                .alias("chat-small")
+                .price(0.2, 0.2),
+        )
+        .team("search", SEARCH_KEY)
+        .render()
+        .await;
+    let path = temp_dir("journal-kill").join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let ledger = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ledger = \"sqlite://"))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    let gw = BinaryGateway::start(&path).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let post = |stream: bool| {
+        let req = http::Request::post(format!("http://{}/v1/chat/completions", gw.addr))
+            .header("authorization", format!("Bearer {SEARCH_KEY}"))
+            .body(http_body_util::Full::from(chat("chat-small", stream)))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let resp = client.request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let id = resp.headers()["x-tollgate-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert!(!body.is_empty());
+            id
+        }
+    };
+    let first = post(false).await;
+    // Wait until the first record is in SQLite, then take SQLite's write lock.
+    let count = |id: &str| -> i64 {
+        let conn = rusqlite::Connection::open(&ledger).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM requests WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    for _ in 0..200 {
+        if count(&first) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(count(&first), 1);
+    let lock = rusqlite::Connection::open(&ledger).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let started = std::time::Instant::now();
+    let mut answered = Vec::new();
+    for i in 0..20 {
+        answered.push(post(i % 2 == 0).await);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answers waited for the locked ledger: {:?}",
+        started.elapsed()
+    );
+    let (status, _) = gw.stop("-KILL").await;
+    assert!(!status.success(), "killed, not exited");
+    for id in &answered {
+        assert_eq!(count(id), 0, "{id} reached SQLite through its lock");
+    }
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+
+    let gw = BinaryGateway::start(&path).await;
+    for id in answered.iter().chain([&first]) {
+        assert_eq!(count(id), 1, "{id}: once in the ledger after the restart");
+    }
+    let (_, log) = gw.stop("-TERM").await;
+    assert!(
+        log.contains("loaded the records a stopped process left in the journal records=20")
+            || log.contains("records=20"),
+        "the restart says it loaded 20 records:\n{log}"
+    );
 }
 
 /// Records still on their way when SIGTERM arrives are written before the process exits:

@@ -418,18 +418,40 @@ async fn a_ledger_that_cannot_be_written_refuses_billable_requests_then_recovers
         .status,
         200
     );
-    // The ledger's directory becomes a plain file: nothing can be written there.
+    // The ledger's directory becomes a plain file: nothing can be written there. Records
+    // go to the journal (already open, so still mapped) until the ledger thread's next commit
+    // fails; from then on billable requests are refused.
     let dir = gw.ledger_path().parent().unwrap().to_path_buf();
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::write(&dir, b"not a directory").unwrap();
-    let r = gw
-        .post(
-            "/v1/chat/completions",
-            SEARCH_KEY,
-            chat("chat-large", false),
-        )
-        .await;
-    assert_eq!(r.error(503)["code"], "ledger_unavailable");
+    let mut answered = Vec::new();
+    let mut refused = false;
+    for _ in 0..100 {
+        let r = gw
+            .post(
+                "/v1/chat/completions",
+                SEARCH_KEY,
+                chat("chat-large", false),
+            )
+            .await;
+        if r.status == 200 {
+            answered.push(
+                r.headers["x-tollgate-request-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        assert_eq!(r.error(503)["code"], "ledger_unavailable");
+        refused = true;
+        break;
+    }
+    assert!(
+        refused,
+        "billable requests were still served after 100 tries"
+    );
     let r = gw
         .post(
             "/v1/chat/completions",
@@ -446,6 +468,7 @@ async fn a_ledger_that_cannot_be_written_refuses_billable_requests_then_recovers
     assert!(m.contains("tollgate_ledger_errors_total"), "loud: counted");
 
     std::fs::remove_file(&dir).unwrap();
+    let mut recovered = false;
     for _ in 0..100 {
         if gw
             .post(
@@ -457,11 +480,20 @@ async fn a_ledger_that_cannot_be_written_refuses_billable_requests_then_recovers
             .status
             == 200
         {
-            return;
+            recovered = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the ledger did not recover");
+    assert!(recovered, "the ledger did not recover");
+    // What was answered while the ledger could not be written is in it now.
+    let ids = gw.ledger("SELECT id FROM requests", |r| r.get::<_, String>(0));
+    for id in &answered {
+        assert!(
+            ids.contains(id),
+            "{id} was answered 200 but has no record: {ids:?}"
+        );
+    }
 }
 
 #[tokio::test]

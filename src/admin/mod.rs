@@ -263,9 +263,11 @@ impl Admin {
         what: &'static str,
         read: impl FnOnce(&Reader) -> Result<String, report::ReportError> + Send + 'static,
     ) -> Result<String, Response<GatewayBody>> {
-        let store = self.ledger.store.clone();
+        let ledger = self.ledger.clone();
         let out = tokio::task::spawn_blocking(move || {
-            let conn = store.reader()?;
+            // Every request that completed before this read is in it.
+            ledger.flush(crate::ledger::FLUSH_WAIT);
+            let conn = ledger.store.reader()?;
             read(&conn)
         })
         .await;

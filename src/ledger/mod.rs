@@ -1,22 +1,30 @@
-//! The ledger: one record per request, success or failure, written by one thread in
-//! group commits.
+//! The ledger: one record per request, success or failure.
 //!
 //! ```text
-//!  requests ──record + waiter──► channel ──► writer thread: drain all queued, one
-//!                                            transaction, commit, wake every waiter
-//!  response's last bytes ◄──────────────── waiter says committed
+//!  requests ──record──► journal (a mapped file): stored = safe from a killed process
+//!                          │                      └─► response's last bytes, at once
+//!                          ▼ behind the requests, in batches
+//!                       ledger thread: one transaction: the journal's records + how far
+//!                       it is loaded, commit
+//!  requests ──record + waiter──► queue ──► the same transaction, then wake every waiter
+//!  (journal full or gone, store.fsync, fleet mode)            └─► response's last bytes
 //! ```
 //!
-//! A response's last bytes leave only after its record is committed. With `store.fsync =
-//! false` (default) a commit is a `write()` into SQLite's WAL, which the kernel keeps when the
-//! process is killed; with `fsync = true` it also survives power loss, for the cost of one
-//! fsync per group commit. When a commit fails (disk full, directory gone), the ledger turns
-//! unhealthy and the gateway refuses billable requests with 503 until a retry succeeds.
+//! A response's last bytes leave only after its record is safe from a killed process: stored
+//! in the journal (`journal.rs`), or committed. With `store.fsync = false` (default) a commit
+//! is a `write()` into SQLite's WAL, which the kernel keeps when the process is killed; with
+//! `fsync = true` every record takes the queue and its commit fsyncs, which survives power loss.
+//! When a commit fails (disk full, directory gone), the ledger turns unhealthy and the gateway
+//! refuses billable requests with 503 until a retry succeeds; records stay in the journal (or
+//! the queue) meanwhile. Readers in this process call [`Ledger::flush`] first, so that they see
+//! every completed request; records a killed process left in the journal are loaded when the
+//! ledger opens again.
 //!
-//! With `store.ledger = "postgres://…"` (fleet mode) the same thread writes to PostgreSQL and,
+//! With `store.ledger = "postgres://…"` (fleet mode) the thread writes to PostgreSQL and,
 //! while PostgreSQL cannot be reached, to a local SQLite spool; see `fleet.rs`.
 
 mod fleet;
+pub mod journal;
 pub mod pg_tls;
 pub mod postgres;
 pub mod read;
@@ -36,6 +44,13 @@ use std::time::Duration;
 /// Records per transaction at most; a larger backlog is split.
 const MAX_BATCH: usize = 1024;
 const RETRY_AFTER_ERROR: Duration = Duration::from_millis(250);
+/// After a wake-up by the journal, how long the ledger thread lets records gather before its
+/// commit: at a low rate, several requests share one commit; readers flush instead of waiting.
+const GATHER: Duration = Duration::from_millis(50);
+/// Journal bytes loaded between two releases of their pages from RSS.
+const RELEASE_EVERY: u64 = 256 << 10;
+/// How long a reader waits for a flush before reading what is there (the store failing).
+pub const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// One request, as the ledger keeps it.
 #[derive(Debug, Clone)]
@@ -94,6 +109,13 @@ pub enum LedgerError {
     },
     #[error("cannot open the ledger spool at {path}: {source}")]
     Spool {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("cannot open the ledger's journal: {0}")]
+    Journal(#[from] journal::JournalError),
+    #[error("cannot load the journal into the ledger at {path}: {source}")]
+    Recover {
         path: String,
         source: rusqlite::Error,
     },
@@ -162,10 +184,34 @@ pub type Reply = Box<dyn FnOnce(bool) + Send>;
 
 type Msg = (Box<Record>, Option<Reply>);
 
+/// What the embedded ledger's thread is asked.
+enum Job {
+    /// A record that waits for its commit: the journal was full or gone, or `fsync` is on.
+    Write(Box<Record>, Option<Reply>),
+    /// Records are in the journal and the thread was idle.
+    Wake,
+    /// Told once everything stored in the journal before now is committed (false: the
+    /// store is failing).
+    Flush(Reply),
+}
+
+#[derive(Debug)]
+enum Queue {
+    Local(mpsc::Sender<Job>),
+    Fleet(mpsc::Sender<Msg>),
+}
+
+thread_local! {
+    /// A record's encoding for the journal, reused: no allocation per request.
+    static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Handle to the writer thread; cheap to share.
 #[derive(Debug)]
 pub struct Ledger {
-    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    queue: Mutex<Option<Queue>>,
+    /// The embedded ledger's journal; absent in fleet mode, or when another process has it.
+    journal: Option<Arc<journal::Journal>>,
     healthy: Arc<AtomicBool>,
     writer: Mutex<Option<JoinHandle<()>>>,
     pub store: Store,
@@ -180,18 +226,28 @@ impl Ledger {
     /// connects and migrates; PostgreSQL out of reach is not an error (records spool), a bad
     /// URL, a refused login or a missing database is.
     pub fn open(store: Store, fsync: bool, replica: Arc<str>) -> Result<Arc<Ledger>, LedgerError> {
-        let (tx, rx) = mpsc::channel();
         let healthy = Arc::new(AtomicBool::new(true));
         let spooled = Arc::new(AtomicU64::new(0));
         let thread = std::thread::Builder::new().name("tollgate-ledger".into());
-        let writer = match &store {
+        let (queue, journal, writer) = match &store {
             Store::Sqlite(path) => {
-                let conn = sqlite::open(path, fsync).map_err(|source| LedgerError::Open {
+                let open_error = |source| LedgerError::Open {
                     path: path.display().to_string(),
                     source,
-                })?;
-                let (healthy, path) = (healthy.clone(), path.clone());
-                thread.spawn(move || write_loop(conn, path, fsync, rx, healthy))
+                };
+                let mut conn = sqlite::open(path, fsync).map_err(open_error)?;
+                let journal = open_journal(path, &mut conn, fsync)?;
+                let (tx, rx) = mpsc::channel();
+                let loader = Loader {
+                    conn,
+                    path: path.clone(),
+                    fsync,
+                    released: journal.as_ref().map_or(0, |j| j.loaded()),
+                    journal: journal.clone(),
+                    healthy: healthy.clone(),
+                };
+                let writer = thread.spawn(move || loader.run(rx));
+                (Queue::Local(tx), journal, writer)
             }
             Store::Postgres { url, spool } => {
                 let w = fleet::Writer::open(
@@ -201,12 +257,14 @@ impl Ledger {
                     healthy.clone(),
                     spooled.clone(),
                 )?;
-                thread.spawn(move || w.run(rx))
+                let (tx, rx) = mpsc::channel();
+                (Queue::Fleet(tx), None, thread.spawn(move || w.run(rx)))
             }
-        }
-        .map_err(LedgerError::Thread)?;
+        };
+        let writer = writer.map_err(LedgerError::Thread)?;
         Ok(Arc::new(Ledger {
-            tx: Mutex::new(Some(tx)),
+            queue: Mutex::new(Some(queue)),
+            journal,
             healthy,
             writer: Mutex::new(Some(writer)),
             store,
@@ -225,16 +283,41 @@ impl Ledger {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Queues a record; `reply` (if any) is told whether it was committed.
+    /// Stores a record; `reply` (if any) is told whether it is safe: at once when the journal
+    /// took it, else once the queue's commit is done.
     pub fn submit(&self, record: Record, reply: Option<Reply>) {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let unsent = match tx.as_ref() {
-            Some(tx) => tx
-                .send((Box::new(record), reply))
-                .err()
-                .map(|mpsc::SendError((_, reply))| reply),
-            None => Some(reply),
-        };
+        if let Some(j) = self.journal.as_ref().filter(|j| j.usable()) {
+            let stored = ENCODED.with_borrow_mut(|buf| {
+                journal::encode(&record, buf);
+                j.append(buf)
+            });
+            if stored {
+                if let Some(reply) = reply {
+                    reply(true);
+                }
+                // SeqCst, paired with the thread's: it sets `idle`, then looks for records.
+                if j.idle.load(Ordering::SeqCst) && j.idle.swap(false, Ordering::SeqCst) {
+                    // Closed: what it stored is loaded at the next start.
+                    let _ = self.send(Job::Wake);
+                }
+                return;
+            }
+        }
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let unsent =
+            match queue.as_ref() {
+                Some(Queue::Local(tx)) => tx.send(Job::Write(Box::new(record), reply)).err().map(
+                    |mpsc::SendError(job)| match job {
+                        Job::Write(_, reply) => reply,
+                        _ => None,
+                    },
+                ),
+                Some(Queue::Fleet(tx)) => tx
+                    .send((Box::new(record), reply))
+                    .err()
+                    .map(|mpsc::SendError((_, reply))| reply),
+                None => Some(reply),
+            };
         if let Some(reply) = unsent {
             tracing::error!("the ledger is closed; a record was lost");
             if let Some(r) = reply {
@@ -243,60 +326,224 @@ impl Ledger {
         }
     }
 
+    /// False when the thread is gone (closed).
+    fn send(&self, job: Job) -> bool {
+        match self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(Queue::Local(tx)) => tx.send(job).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Waits (up to `wait`) until every record stored so far is in the ledger's tables, so
+    /// that a report read next sees every completed request; false when that did not happen
+    /// in time. Fleet mode commits before it answers: nothing to wait for. Blocks: call off
+    /// the runtime.
+    pub fn flush(&self, wait: Duration) -> bool {
+        if self.journal.is_none() {
+            return true;
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        let asked = self.send(Job::Flush(Box::new(move |ok| {
+            let _ = tx.send(ok);
+        })));
+        asked && rx.recv_timeout(wait).unwrap_or(false)
+    }
+
     /// Writes everything queued, then stops the writer. Blocks: call off the runtime.
     pub fn close(&self) {
-        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = w.join();
         }
     }
 }
 
-fn write_loop(
-    mut conn: rusqlite::Connection,
+/// Opens the journal beside `path` and loads what a stopped process left in it. `None` when
+/// another process has it (a second gateway on the same file): records then take the queue.
+fn open_journal(
+    path: &Path,
+    conn: &mut rusqlite::Connection,
+    fsync: bool,
+) -> Result<Option<Arc<journal::Journal>>, LedgerError> {
+    let jpath = journal::path_for(path);
+    let j = match journal::Journal::open(&jpath) {
+        Ok(j) => j,
+        Err(journal::JournalError::Busy(p)) => {
+            tracing::warn!(journal = %p, "another process has this ledger's journal: every record will wait for its commit");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let recover_error = |source| LedgerError::Recover {
+        path: path.display().to_string(),
+        source,
+    };
+    let from = sqlite::journal_position(conn, j.file_id).map_err(recover_error)?;
+    let (records, end) = j.recover(from);
+    sqlite::insert_batch_at(conn, records.iter(), Some((j.file_id, end))).map_err(recover_error)?;
+    j.mark_loaded(end);
+    // The scan read every page of the ring: none needs to stay mapped.
+    j.release_ring();
+    if !records.is_empty() {
+        tracing::info!(records = records.len(), journal = %jpath.display(), "loaded the records a stopped process left in the journal");
+    }
+    if fsync {
+        j.retire();
+    }
+    Ok(Some(Arc::new(j)))
+}
+
+/// The embedded ledger's thread: loads the journal and the queue into SQLite.
+struct Loader {
+    conn: rusqlite::Connection,
     path: PathBuf,
     fsync: bool,
-    rx: mpsc::Receiver<Msg>,
+    journal: Option<Arc<journal::Journal>>,
     healthy: Arc<AtomicBool>,
-) {
-    let mut batch: Vec<Msg> = Vec::new();
-    while let Ok(msg) = rx.recv() {
-        batch.push(msg);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(msg) => batch.push(msg),
-                Err(_) => break,
-            }
-        }
+    /// The journal's pages before this position are out of RSS.
+    released: u64,
+}
+
+impl Loader {
+    /// Ends when every sender is gone and everything stored is committed.
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut waiting: Vec<Msg> = Vec::new();
+        // Flushes, each with the journal position it waits for.
+        let mut flushes: Vec<(u64, Reply)> = Vec::new();
+        let mut from_journal: Vec<Record> = Vec::new();
+        let mut open = true;
+        let pending = |j: &Option<Arc<journal::Journal>>| j.as_ref().is_some_and(|j| j.pending());
         loop {
-            // SQLite keeps writing to a file that was unlinked; notice and start a new one.
-            if !path.exists() {
-                tracing::error!(path = %path.display(), "the ledger file was removed; creating a new one");
-                match sqlite::open(&path, fsync) {
-                    Ok(c) => conn = c,
-                    Err(e) => {
-                        fail(&healthy, &mut batch, &e);
-                        std::thread::sleep(RETRY_AFTER_ERROR);
-                        continue;
-                    }
+            let take = |job: Job, waiting: &mut Vec<Msg>, flushes: &mut Vec<(u64, Reply)>| match job
+            {
+                Job::Write(r, reply) => waiting.push((r, reply)),
+                Job::Wake => {}
+                Job::Flush(reply) => {
+                    let upto = self.journal.as_ref().map_or(0, |j| j.reserved());
+                    flushes.push((upto, reply));
                 }
-            }
-            match sqlite::insert_batch(&mut conn, batch.iter().map(|(r, _)| &**r)) {
-                Ok(()) => {
-                    if !healthy.swap(true, Ordering::Relaxed) {
-                        tracing::info!("ledger writes succeed again");
-                    }
-                    for (_, reply) in batch.drain(..) {
-                        if let Some(reply) = reply {
-                            reply(true);
-                        }
-                    }
+            };
+            if waiting.is_empty() && flushes.is_empty() && !pending(&self.journal) {
+                if !open {
                     break;
                 }
-                Err(e) => {
-                    fail(&healthy, &mut batch, &e);
-                    std::thread::sleep(RETRY_AFTER_ERROR);
+                if let Some(j) = &self.journal {
+                    j.idle.store(true, Ordering::SeqCst);
                 }
+                if !pending(&self.journal) {
+                    match rx.recv() {
+                        Ok(job) => take(job, &mut waiting, &mut flushes),
+                        Err(_) => open = false,
+                    }
+                }
+                if let Some(j) = &self.journal {
+                    j.idle.store(false, Ordering::SeqCst);
+                }
+                if waiting.is_empty() && flushes.is_empty() && open {
+                    match rx.recv_timeout(GATHER) {
+                        Ok(job) => take(job, &mut waiting, &mut flushes),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
+                    }
+                }
+            }
+            while waiting.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => take(job, &mut waiting, &mut flushes),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            from_journal.clear();
+            let upto = self.journal.as_ref().map(|j| {
+                if j.usable() && !j.path.exists() {
+                    tracing::error!(journal = %j.path.display(), "the ledger's journal was removed: every record will wait for its commit until the next start");
+                    j.retire();
+                }
+                (j.file_id, j.read_ready(&mut from_journal))
+            });
+            let moved =
+                upto.is_some_and(|(_, p)| Some(p) != self.journal.as_ref().map(|j| j.loaded()));
+            if waiting.is_empty() && !moved {
+                if !self.answer_flushes(&mut flushes) && pending(&self.journal) {
+                    // A writer is between reserving and publishing: moments.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                continue;
+            }
+            if self.commit(&from_journal, &mut waiting, upto) {
+                self.answer_flushes(&mut flushes);
+            } else {
+                for (_, reply) in flushes.drain(..) {
+                    reply(false);
+                }
+                std::thread::sleep(RETRY_AFTER_ERROR);
+            }
+        }
+    }
+
+    /// Tells the flushes whose records are all loaded; true when none is left waiting.
+    fn answer_flushes(&self, flushes: &mut Vec<(u64, Reply)>) -> bool {
+        let loaded = self.journal.as_ref().map_or(u64::MAX, |j| j.loaded());
+        let mut i = 0;
+        while i < flushes.len() {
+            if flushes[i].0 <= loaded {
+                (flushes.swap_remove(i).1)(true);
+            } else {
+                i += 1;
+            }
+        }
+        flushes.is_empty()
+    }
+
+    /// One transaction: the journal's records, the queue's, and how far the journal is loaded.
+    fn commit(
+        &mut self,
+        from_journal: &[Record],
+        waiting: &mut Vec<Msg>,
+        upto: Option<(u64, u64)>,
+    ) -> bool {
+        // SQLite keeps writing to a file that was unlinked; notice and start a new one.
+        if !self.path.exists() {
+            tracing::error!(path = %self.path.display(), "the ledger file was removed; creating a new one");
+            match sqlite::open(&self.path, self.fsync) {
+                Ok(c) => self.conn = c,
+                Err(e) => {
+                    fail(&self.healthy, waiting, &e);
+                    return false;
+                }
+            }
+        }
+        let records = from_journal.iter().chain(waiting.iter().map(|(r, _)| &**r));
+        match sqlite::insert_batch_at(&mut self.conn, records, upto) {
+            Ok(()) => {
+                if !self.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("ledger writes succeed again");
+                }
+                if let (Some(j), Some((_, pos))) = (&self.journal, upto) {
+                    j.mark_loaded(pos);
+                    if pos >= self.released + RELEASE_EVERY {
+                        self.released = j.release(self.released, pos);
+                    }
+                }
+                for (_, reply) in waiting.drain(..) {
+                    if let Some(reply) = reply {
+                        reply(true);
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                fail(&self.healthy, waiting, &e);
+                false
             }
         }
     }

@@ -42,6 +42,13 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_started ON requests (started_at_us);
 CREATE INDEX IF NOT EXISTS requests_team_started ON requests (team, started_at_us);
+-- How far the journal (`<file>.pending`, see ledger/journal.rs) is loaded into `requests`:
+-- written in the same transaction as the rows, so that each record is loaded once.
+CREATE TABLE IF NOT EXISTS journal (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    file_id INTEGER NOT NULL,
+    loaded  INTEGER NOT NULL
+);
 ";
 
 /// Opens the ledger for writing, creating the file, its directory and the table as needed.
@@ -92,7 +99,24 @@ pub fn insert_batch<'a>(
     conn: &mut Connection,
     records: impl Iterator<Item = &'a Record>,
 ) -> rusqlite::Result<()> {
+    insert_batch_at(conn, records, None)
+}
+
+/// Inserts `records` and, in the same transaction, that the journal `(file id, position)` is
+/// loaded up to there.
+pub fn insert_batch_at<'a>(
+    conn: &mut Connection,
+    records: impl Iterator<Item = &'a Record>,
+    journal: Option<(u64, u64)>,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
+    if let Some((file_id, loaded)) = journal {
+        tx.prepare_cached(
+            "INSERT INTO journal (id, file_id, loaded) VALUES (1, ?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET file_id = excluded.file_id, loaded = excluded.loaded",
+        )?
+        .execute(params![file_id as i64, loaded as i64])?;
+    }
     {
         let mut stmt = tx.prepare_cached(
             "INSERT INTO requests (id, started_at_us, ended_at_us, team, key_id, tags, endpoint,
@@ -145,6 +169,20 @@ pub const COLUMNS: &str = "id, started_at_us, ended_at_us, team, key_id, tags, e
     requested_model, backend, served_model, prompt_tokens, completion_tokens, cached_tokens,
     cache_write_tokens, reasoning_tokens, token_source, cost_nusd, priced, egress_bytes, status,
     http_status, attempts, latency_ms, ttft_ms, stream, resent, replica, cache_write_1h_tokens";
+
+/// How far this file loaded the journal `file_id`; `None` when it never saw that journal.
+pub fn journal_position(conn: &Connection, file_id: u64) -> rusqlite::Result<Option<u64>> {
+    conn.query_row(
+        "SELECT loaded FROM journal WHERE id = 1 AND file_id = ?1",
+        [file_id as i64],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| Some(n as u64))
+    .or_else(|e| match e {
+        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+        e => Err(e),
+    })
+}
 
 /// Records in the file (the spool's depth).
 pub fn count(conn: &Connection) -> rusqlite::Result<u64> {

@@ -421,12 +421,15 @@ impl Gateway {
         }
     }
 
-    /// Runs a query on the ledger file, as a report would.
+    /// Runs a query on the ledger file, as a report would: after a flush, so that every
+    /// request that completed is in it.
     pub fn ledger<T>(
         &self,
         sql: &str,
         row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
     ) -> Vec<T> {
+        let ledger = &self.running.as_ref().expect("running").ledger;
+        ledger.flush(tollgate::ledger::FLUSH_WAIT);
         let conn = rusqlite::Connection::open(self.ledger_path()).unwrap();
         let mut stmt = conn.prepare(sql).unwrap();
         stmt.query_map([], row)
