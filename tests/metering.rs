@@ -418,6 +418,8 @@ async fn a_ledger_that_cannot_be_written_refuses_billable_requests_then_recovers
         .status,
         200
     );
+    // Loaded, so the ledger thread is idle and healthy when the directory goes.
+    assert_eq!(gw.ledger("SELECT id FROM requests", |_| Ok(())).len(), 1);
     // The ledger's directory becomes a plain file: nothing can be written there. Records
     // go to the journal (already open, so still mapped) until the ledger thread's next commit
     // fails; from then on billable requests are refused.
@@ -451,6 +453,10 @@ async fn a_ledger_that_cannot_be_written_refuses_billable_requests_then_recovers
     assert!(
         refused,
         "billable requests were still served after 100 tries"
+    );
+    assert!(
+        !answered.is_empty(),
+        "the first request after the directory went was admitted while the ledger was healthy"
     );
     let r = gw
         .post(

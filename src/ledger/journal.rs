@@ -23,6 +23,7 @@ use super::read::{self, Value};
 use super::Record;
 use crate::meter::TokenSource;
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -31,6 +32,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// RSS once touched).
 pub const RING_BYTES: u64 = 2 << 20;
 const HEADER_PAGE: u64 = 4096;
+/// Names the payload's encoding too: a change to `encode` takes a new magic (and start-up then
+/// loads the old file's records before it makes a new one).
 const MAGIC: &[u8; 8] = b"TGJRNL01";
 const RECORD_HEAD: u64 = 24;
 const KIND_RECORD: u32 = 1;
@@ -55,8 +58,8 @@ pub enum JournalError {
 /// The mapped journal, shared by every request and the ledger thread.
 pub struct Journal {
     map: memmap2::MmapRaw,
-    /// Held for the lock: one process per journal.
-    _file: File,
+    /// Held for the lock (one process per journal), and to write the ring's zeros.
+    file: File,
     pub path: PathBuf,
     size: u64,
     pub file_id: u64,
@@ -112,14 +115,20 @@ impl Journal {
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
         let len = file.metadata().map_err(io)?.len();
-        let fresh = len == 0;
-        if fresh {
+        // A file whose making was cut short (killed before its header was written) is new.
+        let unwritten = len == HEADER_PAGE + RING_BYTES && {
+            let mut magic = [0u8; 8];
+            file.read_exact_at(&mut magic, 0).map_err(io)?;
+            magic == [0u8; 8]
+        };
+        let fresh = len == 0 || unwritten;
+        if len == 0 {
             file.set_len(HEADER_PAGE + RING_BYTES).map_err(io)?;
         }
         let map = memmap2::MmapRaw::map_raw(&file).map_err(io)?;
         let mut journal = Journal {
             map,
-            _file: file,
+            file,
             path: path.to_path_buf(),
             size: RING_BYTES,
             file_id: 0,
@@ -347,9 +356,21 @@ impl Journal {
         end
     }
 
-    /// The whole ring out of RSS: after start-up's scan read every page.
-    pub fn release_ring(&self) {
+    /// Writes zeros over the whole ring, once what `recover` found is in SQLite and before any
+    /// writer starts: no stamp of an earlier run is left for the ledger thread to mistake for
+    /// a new one, and every block of the file is allocated now, so that a store into the
+    /// mapping never meets a full disk (which would kill the process with SIGBUS: a full disk
+    /// must make the ledger unhealthy, not end the gateway). Then the pages leave RSS.
+    pub fn clear_ring(&self) -> std::io::Result<()> {
+        let zeros = vec![0u8; 256 << 10];
+        let mut offset = 0;
+        while offset < self.size {
+            let n = (self.size - offset).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], HEADER_PAGE + offset)?;
+            offset += n as u64;
+        }
         self.drop_pages(0, self.size);
+        Ok(())
     }
 
     fn drop_pages(&self, ring_offset: u64, len: u64) {
@@ -645,7 +666,6 @@ mod tests {
                 encode(&record(&format!("r{n}"), n), &mut buf);
                 assert!(j.append(&buf));
             }
-            j.release_ring();
             assert_eq!(j.release(0, j.reserved()) % 4096, 0);
             let mut out = Vec::new();
             j.read_ready(&mut out);
@@ -655,6 +675,66 @@ mod tests {
         let j = Journal::open(&path).unwrap();
         let (records, _) = j.recover(Some(0));
         assert_eq!(records.len(), 2000);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A kill between a lap's skip marker and the record after it, then a restart: the
+    /// cleared ring leaves no stale stamp, so the next records are all read back.
+    #[test]
+    fn a_skip_left_by_a_killed_process_does_not_hide_later_records() {
+        let d = dir("skip");
+        let path = d.join("j.pending");
+        let mut buf = Vec::new();
+        let from = {
+            let j = Journal::open(&path).unwrap();
+            j.recover(Some(0));
+            encode(&record("filler", 1), &mut buf);
+            while j.reserved() + 2 * buf.len() as u64 + 64 < RING_BYTES {
+                assert!(j.append(&buf));
+            }
+            let mut out = Vec::new();
+            let upto = j.read_ready(&mut out);
+            j.mark_loaded(upto);
+            // What `append` does when a record does not fit the lap, cut after the skip.
+            let at = j.reserved();
+            let room = RING_BYTES - at % RING_BYTES;
+            j.cursor.store(at + room + 4096, Ordering::SeqCst);
+            j.write_head(at, (room - RECORD_HEAD) as u32, KIND_SKIP, 0);
+            j.publish(at);
+            upto
+        };
+        let j = Journal::open(&path).unwrap();
+        let (records, end) = j.recover(Some(from));
+        assert!(records.is_empty());
+        j.mark_loaded(end);
+        j.clear_ring().unwrap();
+        let mut written = Vec::new();
+        for n in 0..50 {
+            encode(&record(&format!("n{n}"), 1), &mut buf);
+            assert!(j.append(&buf));
+            written.push(format!("n{n}"));
+        }
+        let mut out = Vec::new();
+        let upto = j.read_ready(&mut out);
+        assert_eq!(ids(&out), written);
+        assert_eq!(upto, j.reserved());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Killed between making the file and writing its header: the next start makes it anew.
+    #[test]
+    fn a_journal_whose_header_was_never_written_is_made_anew() {
+        let d = dir("unwritten");
+        let path = d.join("j.pending");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(HEADER_PAGE + RING_BYTES).unwrap();
+        drop(f);
+        let j = Journal::open(&path).unwrap();
+        assert_ne!(j.file_id, 0);
+        j.recover(Some(0));
+        let mut buf = Vec::new();
+        encode(&record("x", 1), &mut buf);
+        assert!(j.append(&buf));
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -703,7 +783,13 @@ mod tests {
                 });
             }
             let mut out = Vec::new();
+            let deadline = crate::clock::now() + std::time::Duration::from_secs(60);
             while seen.len() < 20_000 {
+                assert!(
+                    crate::clock::now() < deadline,
+                    "only {} of 20000 records read back",
+                    seen.len()
+                );
                 out.clear();
                 let upto = j.read_ready(&mut out);
                 j.mark_loaded(upto);

@@ -289,7 +289,12 @@ impl Ledger {
         if let Some(j) = self.journal.as_ref().filter(|j| j.usable()) {
             let stored = ENCODED.with_borrow_mut(|buf| {
                 journal::encode(&record, buf);
-                j.append(buf)
+                let stored = j.append(buf);
+                if buf.capacity() > 64 << 10 {
+                    // One huge record (tags at their limit) does not stay with the thread.
+                    *buf = Vec::new();
+                }
+                stored
             });
             if stored {
                 if let Some(reply) = reply {
@@ -371,13 +376,18 @@ fn open_journal(
     fsync: bool,
 ) -> Result<Option<Arc<journal::Journal>>, LedgerError> {
     let jpath = journal::path_for(path);
+    // Without a journal the ledger still works, each record waiting for its commit as in
+    // fleet mode: a journal that cannot be had is worth a warning, not a refusal to start.
     let j = match journal::Journal::open(&jpath) {
         Ok(j) => j,
         Err(journal::JournalError::Busy(p)) => {
             tracing::warn!(journal = %p, "another process has this ledger's journal: every record will wait for its commit");
             return Ok(None);
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            tracing::error!(error = %e, "no ledger journal: every record will wait for its commit");
+            return Ok(None);
+        }
     };
     let recover_error = |source| LedgerError::Recover {
         path: path.display().to_string(),
@@ -387,8 +397,10 @@ fn open_journal(
     let (records, end) = j.recover(from);
     sqlite::insert_batch_at(conn, records.iter(), Some((j.file_id, end))).map_err(recover_error)?;
     j.mark_loaded(end);
-    // The scan read every page of the ring: none needs to stay mapped.
-    j.release_ring();
+    if let Err(e) = j.clear_ring() {
+        tracing::error!(error = %e, journal = %jpath.display(), "cannot write the ledger journal (disk full?): every record will wait for its commit");
+        return Ok(None);
+    }
     if !records.is_empty() {
         tracing::info!(records = records.len(), journal = %jpath.display(), "loaded the records a stopped process left in the journal");
     }
@@ -484,6 +496,12 @@ impl Loader {
             } else {
                 for (_, reply) in flushes.drain(..) {
                     reply(false);
+                }
+                if !open && waiting.is_empty() {
+                    // Shutting down: what is left is safe in the journal; the next start
+                    // loads it. Waiting here would hold the exit for as long as the disk fails.
+                    tracing::error!("the ledger cannot be written at shutdown: records left in the journal load at the next start");
+                    break;
                 }
                 std::thread::sleep(RETRY_AFTER_ERROR);
             }
