@@ -9,8 +9,8 @@
 //!   ─ send, fall back (upstream) ──────────────────────────────────────────────┐
 //!                                                                              │
 //! client ◄── stream / body, x-tollgate-* headers ◄── answer, meter (usage, cost) ┘
-//!                     └─► record: settle the budget, ledger (committed before the
-//!                         last byte), metrics
+//!                     └─► record: settle the budget, ledger (stored in its journal
+//!                         or committed before the last byte), metrics
 //! ```
 //!
 //! Two departures from DESIGN.md's path, on purpose: tags come after the body is read (its

@@ -142,7 +142,8 @@ impl Completion {
         }
     }
 
-    /// Settles the request; the receiver resolves once its record is committed.
+    /// Settles the request; the receiver resolves once its record is safe from a killed
+    /// process (stored in the ledger's journal, or committed).
     pub fn finish(mut self, outcome: Outcome) -> oneshot::Receiver<Settled> {
         let (tx, rx) = oneshot::channel();
         self.settle(outcome, Some(tx));
