@@ -265,6 +265,17 @@ impl Journal {
             .store(pos + 1, Ordering::Release);
     }
 
+    /// Whether the path still names this file: not removed, not replaced by another (which
+    /// another process may have made its own). Records stored here would otherwise not be
+    /// found by the next start.
+    pub fn still_at_path(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(named), Ok(held)) => named.ino() == held.ino() && named.dev() == held.dev(),
+            _ => false,
+        }
+    }
+
     pub fn usable(&self) -> bool {
         self.usable.load(Ordering::Relaxed)
     }
@@ -799,6 +810,19 @@ mod tests {
                 }
             }
         });
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_journal_removed_or_replaced_is_noticed() {
+        let d = dir("moved");
+        let path = d.join("j.pending");
+        let j = Journal::open(&path).unwrap();
+        assert!(j.still_at_path());
+        std::fs::rename(&path, d.join("elsewhere")).unwrap();
+        assert!(!j.still_at_path(), "removed");
+        std::fs::write(&path, b"another file").unwrap();
+        assert!(!j.still_at_path(), "replaced");
         let _ = std::fs::remove_dir_all(&d);
     }
 

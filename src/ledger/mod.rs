@@ -476,8 +476,8 @@ impl Loader {
             }
             from_journal.clear();
             let upto = self.journal.as_ref().map(|j| {
-                if j.usable() && !j.path.exists() {
-                    tracing::error!(journal = %j.path.display(), "the ledger's journal was removed: every record will wait for its commit until the next start");
+                if j.usable() && !j.still_at_path() {
+                    tracing::error!(journal = %j.path.display(), "the ledger's journal was removed or replaced: every record will wait for its commit until the next start");
                     j.retire();
                 }
                 (j.file_id, j.read_ready(&mut from_journal))
