@@ -32,8 +32,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// RSS once touched).
 pub const RING_BYTES: u64 = 2 << 20;
 const HEADER_PAGE: u64 = 4096;
-/// Names the payload's encoding too: a change to `encode` takes a new magic (and start-up then
-/// loads the old file's records before it makes a new one).
+/// Names the payload's encoding too: a change to `encode` must take a new magic, with a reader
+/// for the old one (a file with an unknown magic is refused, and the ledger then commits each
+/// record instead).
 const MAGIC: &[u8; 8] = b"TGJRNL01";
 const RECORD_HEAD: u64 = 24;
 const KIND_RECORD: u32 = 1;
@@ -596,6 +597,13 @@ mod tests {
         d
     }
 
+    /// A journal opened with nothing to recover, as `Ledger::open` leaves it for writers.
+    fn started(path: &Path) -> Journal {
+        let j = Journal::open(path).unwrap();
+        j.recover(Some(0));
+        j
+    }
+
     fn ids(records: &[Record]) -> Vec<String> {
         records.iter().map(|r| r.id.clone()).collect()
     }
@@ -627,8 +635,7 @@ mod tests {
         let path = d.join("ledger.db.pending");
         let mut buf = Vec::new();
         let (loaded_at, written) = {
-            let j = Journal::open(&path).unwrap();
-            j.recover(Some(0));
+            let j = started(&path);
             let mut n = 0;
             // Fill most of a lap, load it, then go round the end.
             while j.reserved() < RING_BYTES - 4096 {
@@ -671,8 +678,7 @@ mod tests {
         let path = d.join("j.pending");
         let mut buf = Vec::new();
         {
-            let j = Journal::open(&path).unwrap();
-            j.recover(Some(0));
+            let j = started(&path);
             for n in 0..2000 {
                 encode(&record(&format!("r{n}"), n), &mut buf);
                 assert!(j.append(&buf));
@@ -697,8 +703,7 @@ mod tests {
         let path = d.join("j.pending");
         let mut buf = Vec::new();
         let from = {
-            let j = Journal::open(&path).unwrap();
-            j.recover(Some(0));
+            let j = started(&path);
             encode(&record("filler", 1), &mut buf);
             while j.reserved() + 2 * buf.len() as u64 + 64 < RING_BYTES {
                 assert!(j.append(&buf));
@@ -752,8 +757,7 @@ mod tests {
     #[test]
     fn a_full_ring_refuses_and_takes_records_again_once_loaded() {
         let d = dir("full");
-        let j = Journal::open(&d.join("j.pending")).unwrap();
-        j.recover(Some(0));
+        let j = started(&d.join("j.pending"));
         let mut buf = Vec::new();
         encode(&record("x", 1), &mut buf);
         let mut n = 0;
@@ -775,8 +779,7 @@ mod tests {
     #[test]
     fn concurrent_writers_lose_and_tear_nothing() {
         let d = dir("threads");
-        let j = Journal::open(&d.join("j.pending")).unwrap();
-        j.recover(Some(0));
+        let j = started(&d.join("j.pending"));
         let mut seen = std::collections::HashSet::new();
         std::thread::scope(|scope| {
             for t in 0..4 {
