@@ -488,7 +488,10 @@ impl RedisBook {
                 // Lost again at once: counted as a store that cannot be trusted right now.
                 Ok(reply) if reply.first() == Some(&UNSEEDED) => {}
                 Ok(reply) => return self.admitted(team, key_id, held, rid, demand, now, &reply),
-                Err(e) => i.failed(Op::Admit, &e),
+                Err(e) => {
+                    i.failed(Op::Admit, &e);
+                    i.release_later(&team.name, &held, rid);
+                }
             }
         }
         self.admit_open(team, key_id, held, demand, now)
@@ -1187,7 +1190,7 @@ impl Inner {
     fn submit(self: &Arc<Self>, op: SettleOp) {
         // Without a runtime (a process ending) the lease gives the room back; spend is queued.
         // Spend is not even tried while Redis fails: unanswered, it would leave an op that
-        // cannot be merged. A release alone is tried: lost, it only waits out its lease.
+        // cannot be merged. A release alone is tried: lost, it is queued with the others.
         let failing = self.failures.load(Ordering::Relaxed) != 0 && op.actual != Demand::default();
         if tokio::runtime::Handle::try_current().is_err() || self.is_down() || failing {
             self.queue(op, false);
@@ -1202,14 +1205,36 @@ impl Inner {
         });
     }
 
+    /// A reservation `admit.lua` may have made though its answer never came (a timeout, a
+    /// connection lost after the call was sent, Redis stopping with a save): given back once
+    /// Redis answers, so the team's room does not wait out the lease. Releasing a reservation
+    /// that was never made changes nothing, and the one connection keeps the release behind
+    /// the call it undoes.
+    fn release_later(&self, team: &Arc<str>, held: &[Held], rid: String) {
+        self.queue(
+            SettleOp {
+                team: team.clone(),
+                id: self.new_id(),
+                held: held.iter().map(|h| h.key.clone()).collect(),
+                rids: vec![rid],
+                charge: Vec::new(),
+                actual: Demand::default(),
+                gauges: Vec::new(),
+            },
+            false,
+        );
+    }
+
     /// Queues a settlement Redis has not confirmed; `sent` if it may have reached Redis.
     fn queue(&self, mut op: SettleOp, sent: bool) {
-        if op.actual == Demand::default() {
-            // Only leases to release: they run out by themselves.
+        if op.rids.is_empty() && op.actual == Demand::default() {
             return;
         }
         let mut q = lock(&self.pending);
-        if sent {
+        // A release alone counts nothing, so sending it twice is harmless: merged with the
+        // team's other releases (one op, at most MAX_MERGED_RIDS ids; leases beyond run out by
+        // themselves), however many an outage leaves.
+        if sent && op.actual != Demand::default() {
             q.unsure.push(op);
             return;
         }
@@ -1335,6 +1360,7 @@ impl Inner {
                 }
                 Err(e) => {
                     self.failed(Op::Admit, &e);
+                    self.release_later(&r.team, &r.held, rid);
                     return false;
                 }
             }
@@ -1362,6 +1388,7 @@ impl Inner {
             };
             if let Err(e) = self.run_settle(&release).await {
                 self.failed(Op::Settle, &e);
+                self.queue(release, true);
             }
         }
         all

@@ -29,9 +29,17 @@ impl Drop for Scratch {
     }
 }
 
+fn test_redis() -> String {
+    std::env::var("TOLLGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
 async fn scratch(test: &str) -> Option<Scratch> {
-    let url =
-        std::env::var("TOLLGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    scratch_via(test, &test_redis()).await
+}
+
+/// A scratch book that reaches Redis at `book_url` (a relay), cleaned up through Redis itself.
+async fn scratch_via(test: &str, book_url: &str) -> Option<Scratch> {
+    let url = test_redis();
     let mut id = [0u8; 6];
     getrandom::fill(&mut id).unwrap();
     let prefix = format!(
@@ -39,7 +47,7 @@ async fn scratch(test: &str) -> Option<Scratch> {
         id.iter().map(|b| format!("{b:02x}")).collect::<String>()
     );
     let cfg = RedisStore {
-        url: Secret::new(url.as_str()),
+        url: Secret::new(book_url),
         cluster: false,
         ca_file: None,
         prefix: prefix.clone(),
@@ -68,6 +76,10 @@ fn team(budgets: Vec<Budget>) -> Team {
         regions: vec![],
         budgets,
     }
+}
+
+fn tokens(n: i64) -> Demand {
+    Demand { nusd: 0, tokens: n }
 }
 
 fn budget(window: Window, nusd: Option<i64>, tokens: Option<u64>, per_key: bool) -> Budget {
@@ -144,18 +156,7 @@ async fn a_settlement_sent_twice_counts_once() {
     };
     let t = team(vec![budget(Window::Day, None, Some(100), false)]);
     let k: Arc<str> = "k".into();
-    let (r, _) = s
-        .book
-        .admit(
-            &t,
-            &k,
-            Demand {
-                nusd: 0,
-                tokens: 50,
-            },
-        )
-        .await
-        .unwrap();
+    let (r, _) = s.book.admit(&t, &k, tokens(50)).await.unwrap();
     let (inner, op) = r.into_settlement(
         Demand {
             nusd: 0,
@@ -455,4 +456,103 @@ async fn every_key_a_script_touches_hashes_to_its_teams_slot() {
             assert_eq!(Slot::for_key(&key), slot, "team `{team}`: {key}");
         }
     }
+}
+
+/// A TCP relay to the test Redis that, once `cut` is set, swallows the next reply and drops
+/// the connection: a call Redis ran whose answer never came back.
+struct Relay {
+    url: String,
+    cut: Arc<AtomicBool>,
+    _tasks: Tasks,
+}
+
+async fn relay() -> Relay {
+    let target = test_redis();
+    // redis://[user:pass@]host:port[/db]: the relay stands in for host:port.
+    let rest = target.strip_prefix("redis://").expect("a redis:// URL");
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((a, r)) => (format!("{a}@"), r),
+        None => (String::new(), rest),
+    };
+    let (hostport, db) = rest.split_once('/').unwrap_or((rest, "0"));
+    let upstream = hostport.to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{auth}{}/{db}", listener.local_addr().unwrap());
+    let cut = Arc::new(AtomicBool::new(false));
+    let tasks = Tasks::new();
+    let (cut2, tasks2) = (cut.clone(), tasks.clone());
+    tasks.spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let cut = cut2.clone();
+            tasks2.spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = tokio::io::copy(&mut cr, &mut sw);
+                let down = async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = sr.read(&mut buf).await?;
+                        if n == 0 || cut.swap(false, Ordering::SeqCst) {
+                            return Ok::<_, std::io::Error>(());
+                        }
+                        cw.write_all(&buf[..n]).await?;
+                    }
+                };
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    Relay {
+        url,
+        cut,
+        _tasks: tasks,
+    }
+}
+
+#[tokio::test]
+async fn a_reservation_whose_answer_was_lost_is_given_back_once_redis_answers() {
+    const TEST: &str = "a_reservation_whose_answer_was_lost_is_given_back";
+    let relay = relay().await;
+    let Some(s) = scratch_via(TEST, &relay.url).await else {
+        return;
+    };
+    let t = Arc::new(team(vec![budget(Window::Day, None, Some(100), false)]));
+    let k: Arc<str> = "k".into();
+    let d = tokens(40);
+    // Redis runs the admission; its answer is lost with the connection: refused (fail-closed),
+    // though Redis holds the reservation.
+    relay.cut.store(true, Ordering::SeqCst);
+    match s.book.admit(&t, &k, d).await {
+        Err(Refusal::StoreUnavailable) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.book.queued(), 1, "the release is queued");
+    // Once Redis answers (the flush loop, or this push), the reservation is given back
+    // rather than held for the whole lease (60 s here).
+    let deadline = crate::clock::now() + Duration::from_secs(10);
+    loop {
+        s.book.inner.flush().await;
+        let v = s.book.view(std::slice::from_ref(&t)).await;
+        if let Ok(v) = &v {
+            if v[0].reserved.tokens == 0 && s.book.queued() == 0 {
+                assert_eq!(v[0].spent.tokens, 0);
+                break;
+            }
+        }
+        assert!(
+            crate::clock::now() < deadline,
+            "the lost admission's reservation is still held: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The room is whole again: 100 tokens fit.
+    let (r, _) = s.book.admit(&t, &k, tokens(100)).await.unwrap();
+    drop(r);
 }
