@@ -1227,27 +1227,42 @@ impl Inner {
 
     /// Queues a settlement Redis has not confirmed; `sent` if it may have reached Redis.
     fn queue(&self, mut op: SettleOp, sent: bool) {
-        if op.rids.is_empty() && op.actual == Demand::default() {
+        let release_only = op.actual == Demand::default();
+        if op.rids.is_empty() && release_only {
             return;
         }
         let mut q = lock(&self.pending);
-        // A release alone counts nothing, so sending it twice is harmless: merged with the
-        // team's other releases (one op, at most MAX_MERGED_RIDS ids; leases beyond run out by
-        // themselves), however many an outage leaves.
-        if sent && op.actual != Demand::default() {
+        // A release alone counts nothing, so sending it twice is harmless: it joins any of
+        // the team's unsent settlements (at most MAX_MERGED_RIDS ids each; leases beyond run
+        // out by themselves), so an outage still leaves one op per set of counters.
+        if sent && !release_only {
             q.unsure.push(op);
             return;
         }
-        let same = |m: &&mut SettleOp| {
-            m.team == op.team
-                && m.charge.len() == op.charge.len()
+        let same_counters = |m: &SettleOp| {
+            m.charge.len() == op.charge.len()
                 && m.charge.iter().zip(&op.charge).all(|(a, b)| a.0 == b.0)
         };
-        let Some(m) = q.unsent.iter_mut().find(same) else {
+        let joins = |m: &&mut SettleOp| {
+            m.team == op.team && (release_only || m.actual == Demand::default() || same_counters(m))
+        };
+        let Some(m) = q.unsent.iter_mut().find(joins) else {
             q.unsent.push(op);
             return;
         };
         m.id = self.new_id();
+        if !release_only {
+            if m.actual == Demand::default() {
+                // Releases until now: they take this spend's counters.
+                m.charge = std::mem::take(&mut op.charge);
+                m.gauges = std::mem::take(&mut op.gauges);
+            } else {
+                // The longer lifetime of the two: the later settlement's counters may need it.
+                for (c, o) in m.charge.iter_mut().zip(&op.charge) {
+                    c.1 = c.1.max(o.1);
+                }
+            }
+        }
         m.actual.nusd = m.actual.nusd.saturating_add(op.actual.nusd);
         m.actual.tokens = m.actual.tokens.saturating_add(op.actual.tokens);
         for h in op.held.drain(..) {
@@ -1257,10 +1272,6 @@ impl Inner {
         }
         let room = MAX_MERGED_RIDS.saturating_sub(m.rids.len());
         m.rids.extend(op.rids.drain(..).take(room));
-        // The longer lifetime of the two: the later settlement's counters may need it.
-        for (c, o) in m.charge.iter_mut().zip(&op.charge) {
-            c.1 = c.1.max(o.1);
-        }
     }
 
     /// Pushes what is queued: seeds first (so a new Redis holds the ledger's spend before
