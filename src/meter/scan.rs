@@ -85,6 +85,29 @@ pub struct Scan {
     pub error: bool,
     /// Non-empty generated-text strings found.
     pub text_parts: u32,
+    /// The last non-empty generated-text string, its quotes included.
+    pub text_span: Option<Range<usize>>,
+}
+
+impl Scan {
+    /// The same answer for a document whose bytes from `at` on moved by `by`.
+    pub fn shifted(&self, at: usize, by: isize) -> Scan {
+        let move_range = |r: &Range<usize>| -> Range<usize> {
+            match r.start >= at {
+                true => r.start.wrapping_add_signed(by)..r.end.wrapping_add_signed(by),
+                false => r.clone(),
+            }
+        };
+        Scan {
+            usage: self.usage.as_ref().map(move_range),
+            usage_member: self.usage_member.as_ref().map(move_range),
+            timings: self.timings.as_ref().map(move_range),
+            choices_empty: self.choices_empty,
+            error: self.error,
+            text_parts: self.text_parts,
+            text_span: self.text_span.as_ref().map(move_range),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,27 +118,25 @@ pub fn scan(doc: &[u8], text: &mut String) -> Result<Scan, Invalid> {
     scan_into(doc, Some(text))
 }
 
+/// Checks that `token` is exactly one JSON string (quotes included) and appends its decoded
+/// text to `text`: what a document whose only change is that string needs scanned again.
+pub fn string_token(token: &[u8], text: &mut String) -> Result<(), Invalid> {
+    let mut s = Scanner::new(token, Some(text))?;
+    s.string(true)?;
+    s.at_end()
+}
+
 /// Scans `doc` without decoding its text: validation, usage, and whether there was any.
 pub fn scan_only(doc: &[u8]) -> Result<Scan, Invalid> {
     scan_into(doc, None)
 }
 
 fn scan_into(doc: &[u8], text: Option<&mut String>) -> Result<Scan, Invalid> {
-    let doc = std::str::from_utf8(doc).map_err(|_| Invalid)?;
-    let mut s = Scanner {
-        b: doc.as_bytes(),
-        s: doc,
-        i: 0,
-        depth: 0,
-        text,
-        out: Scan::default(),
-    };
+    let mut s = Scanner::new(doc, text)?;
     s.ws();
     s.value(Path::Root)?;
     s.ws();
-    if s.i != s.b.len() {
-        return Err(Invalid);
-    }
+    s.at_end()?;
     Ok(s.out)
 }
 
@@ -186,7 +207,27 @@ struct Scanner<'a, 't> {
     out: Scan,
 }
 
-impl<'a> Scanner<'a, '_> {
+impl<'a, 't> Scanner<'a, 't> {
+    fn new(doc: &'a [u8], text: Option<&'t mut String>) -> Result<Self, Invalid> {
+        let doc = std::str::from_utf8(doc).map_err(|_| Invalid)?;
+        Ok(Scanner {
+            b: doc.as_bytes(),
+            s: doc,
+            i: 0,
+            depth: 0,
+            text,
+            out: Scan::default(),
+        })
+    }
+
+    /// Nothing may follow what was scanned.
+    fn at_end(&self) -> Result<(), Invalid> {
+        match self.i == self.b.len() {
+            true => Ok(()),
+            false => Err(Invalid),
+        }
+    }
+
     fn ws(&mut self) {
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.i) {
             self.i += 1;
@@ -216,6 +257,7 @@ impl<'a> Scanner<'a, '_> {
                 // More than its two quotes: a non-empty string.
                 if path.is_text() && self.i - start > 2 {
                     self.out.text_parts += 1;
+                    self.out.text_span = Some(start..self.i);
                 }
                 Ok(())
             }

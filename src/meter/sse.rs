@@ -10,16 +10,20 @@
 //!
 //! Each event's JSON goes through [`scan`](super::scan): a validating one-pass scanner that
 //! gives a full parse's answer on any valid JSON (spacing, key order, escapes, multi-line
-//! `data:`), so every engine's dialect is metered alike. An event that is not valid JSON is a
-//! protocol violation: nothing from it on is forwarded, and the stream is ended by the gateway.
+//! `data:`), so every engine's dialect is metered alike; an event that repeats the last one's
+//! bytes around another text string has only that string scanned (`Shape`). An event that is
+//! not valid JSON is a protocol violation: nothing from it on is forwarded, and the stream is
+//! ended by the gateway.
 
-use super::scan::{scan, Scan};
+use super::scan::{scan, string_token, Scan};
 use super::{timings_json, usage_json, Usage};
 use bytes::{Bytes, BytesMut};
 use std::borrow::Cow;
 
 /// Generated text kept for a count, at most; past it, bytes are counted instead.
 const MAX_KEPT: usize = 4 << 20;
+/// Longest event kept as a [`Shape`]: content deltas are a few hundred bytes.
+const MAX_SHAPE_BYTES: usize = 4096;
 /// Longest event accepted. Engines send events of a few hundred bytes; one that never ends
 /// would otherwise grow without bound.
 pub const MAX_EVENT_BYTES: usize = 4 << 20;
@@ -70,6 +74,71 @@ pub struct SseObserver {
     pub bad_usage: bool,
     /// Set once the upstream broke the protocol; nothing more is forwarded.
     pub violation: Option<Violation>,
+    /// The last content delta's bytes around its text.
+    shape: Shape,
+}
+
+/// A scanned event's bytes before and after its one text string. Engines repeat the same
+/// chunk around each token (id, model, index, finish_reason null), so the next event usually
+/// differs from the last only in that string: when its bytes start and end the same, only the
+/// string between is scanned. JSON's grammar makes that exact: one string token put in place
+/// of another leaves the document as valid as it was and every other member where it was, so
+/// the answer is the full scan's (`tests::a_repeated_shape_gives_the_full_scans_answer`).
+#[derive(Debug, Default)]
+struct Shape {
+    prefix: Vec<u8>,
+    suffix: Vec<u8>,
+    /// The full scan's answer for the event the shape was taken from.
+    found: Scan,
+    /// Whether `found` belongs to the bytes above (empty until a content delta is seen).
+    set: bool,
+}
+
+impl Shape {
+    /// Remembers `data`'s bytes around its one text string, when it has exactly one.
+    fn take(&mut self, data: &[u8], found: &Scan) {
+        self.set = false;
+        let Some(span) = found.text_span.clone() else {
+            return;
+        };
+        if found.text_parts != 1 || data.len() > MAX_SHAPE_BYTES {
+            return;
+        }
+        self.prefix.clear();
+        self.prefix.extend_from_slice(&data[..span.start]);
+        self.suffix.clear();
+        self.suffix.extend_from_slice(&data[span.end..]);
+        self.found = found.clone();
+        self.set = true;
+    }
+
+    /// The scan of `data` if it is this shape around another string (its text appended to
+    /// `text`); `None` when a full scan must tell.
+    fn fit(&self, data: &[u8], text: &mut String) -> Option<Scan> {
+        let (p, s) = (self.prefix.len(), self.suffix.len());
+        if !self.set
+            || data.len() < p + s + 2
+            || !data.starts_with(&self.prefix)
+            || !data.ends_with(&self.suffix)
+        {
+            return None;
+        }
+        let token = &data[p..data.len() - s];
+        if string_token(token, text).is_err() {
+            text.clear();
+            return None;
+        }
+        let old_end = self.found.text_span.as_ref()?.end;
+        let by = token.len() as isize - (old_end - p) as isize;
+        let mut found = self.found.shifted(old_end, by);
+        if token.len() > 2 {
+            found.text_span = Some(p..p + token.len());
+        } else {
+            found.text_span = None;
+            found.text_parts = 0;
+        }
+        Some(found)
+    }
 }
 
 enum Verdict {
@@ -189,8 +258,15 @@ impl SseObserver {
             return Verdict::Keep;
         }
         self.scratch.clear();
-        let Ok(found) = scan(&data, &mut self.scratch) else {
-            return Verdict::Violation(Violation::MalformedEvent);
+        let found = match self.shape.fit(&data, &mut self.scratch) {
+            Some(found) => found,
+            None => {
+                let Ok(found) = scan(&data, &mut self.scratch) else {
+                    return Verdict::Violation(Violation::MalformedEvent);
+                };
+                self.shape.take(&data, &found);
+                found
+            }
         };
         if let Some(span) = &found.usage {
             match usage_json(&data[span.clone()]) {
@@ -361,6 +437,80 @@ mod tests {
     }
     const USAGE: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
+
+    /// Documents around one text string, and strings (raw bytes) to put in its place.
+    const SHAPES: [&str; 6] = [
+        r#"{"id":"c","choices":[{"index":0,"delta":{"content":@},"finish_reason":null}],"usage":null}"#,
+        r#"{"usage":null,"id":"c","choices":[{"index":0,"delta":{"content":@}}]}"#,
+        r#"{"id": "c", "choices": [{"delta": {"role": "assistant", "content": @}, "index": 0}], "usage": null}"#,
+        r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":@}}]}}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+        r#"{"choices":[{"delta":{"content":"","reasoning_content":@}}],"timings":{"prompt_n":1}}"#,
+        r#"{"choices":[{"text":@,"index":0}],"error":null}"#,
+    ];
+    const MIDDLES: [&[u8]; 16] = [
+        br#""Hello""#,
+        br#""""#,
+        br#""a much longer piece of text than the one the shape was taken from""#,
+        br#""a\"b\\c\n""#,
+        br#""\u00e9\ud83d\ude00 caf\u00e9""#,
+        "\"é😀\"".as_bytes(),
+        br#""a","content":"b""#,
+        br#""a"},"x":{"y":"b""#,
+        br#""a"#,
+        b"\"a\nb\"",
+        br#""\ud800""#,
+        br#""\x""#,
+        b"\"\xff\"",
+        br#"null"#,
+        br#""a" "b""#,
+        br#""#,
+    ];
+
+    #[test]
+    fn a_repeated_shape_gives_the_full_scans_answer() {
+        let mut fitted = 0;
+        for shape in SHAPES {
+            let (before, after) = shape.split_once('@').unwrap();
+            let of = |middle: &[u8]| [before.as_bytes(), middle, after.as_bytes()].concat();
+            let first = of(br#""Hi""#);
+            let mut text = String::new();
+            let found = scan(&first, &mut text).unwrap();
+            let mut s = Shape::default();
+            s.take(&first, &found);
+            assert!(s.set, "{shape}");
+            for middle in MIDDLES {
+                let doc = of(middle);
+                let (mut fast, mut full) = (String::new(), String::new());
+                let expected = scan(&doc, &mut full);
+                match s.fit(&doc, &mut fast) {
+                    Some(found) => {
+                        fitted += 1;
+                        assert_eq!(Ok(found), expected, "{}", String::from_utf8_lossy(&doc));
+                        assert_eq!(fast, full);
+                    }
+                    None => assert!(fast.is_empty()),
+                }
+                // Not one string: the full scan tells (valid or not), never the shape.
+                if middle.first() != Some(&b'"') || middle.len() < 2 {
+                    assert!(s.fit(&doc, &mut String::new()).is_none());
+                }
+            }
+        }
+        // Every valid string of the list fitted, in every shape.
+        assert_eq!(fitted, SHAPES.len() * 6);
+    }
+
+    #[test]
+    fn usage_is_cut_at_the_right_place_when_the_text_around_it_changes_length() {
+        let mut o = SseObserver::new(true);
+        for content in ["Hi", "a longer piece", "", "x\\\"y", "é"] {
+            let out = o.feed(Bytes::from(chunk(content))).unwrap();
+            let expected = format!("data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}}}}]}}\n\n");
+            assert_eq!(std::str::from_utf8(&out).unwrap(), expected);
+        }
+        assert_eq!(o.take_generated().0, "Hia longer piecex\"yé");
+        assert_eq!(o.content_events, 4);
+    }
 
     #[test]
     fn whole_events_pass_as_the_same_bytes_and_done_is_held_back() {
